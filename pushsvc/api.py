@@ -1,0 +1,296 @@
+"""The job endpoints of the v1 contract (streams live in sse.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+from redis.asyncio import Redis
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .auth import Authenticator
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ValidationFailed
+from .jobs import JobType, Registry
+from .models import JobSnapshot, JobStatus, SubmitRequest
+from .queue import Queue
+from .settings import Settings
+from .store import JobStore, Published, Rejected
+from .worker import new_arq_id
+
+
+@dataclass
+class Services:
+    """What the lifespan opens and the handlers share."""
+
+    settings: Settings
+    redis: Redis
+    store: JobStore
+    queue: Queue
+    auth: Authenticator
+    types: Registry
+
+
+def services(request: Request) -> Services:
+    svc: Services = request.app.state.services
+    return svc
+
+
+def job_json(snap: JobSnapshot) -> dict[str, Any]:
+    data = snap.model_dump(mode="json")
+    data["links"] = {"self": f"/v1/jobs/{snap.id}", "events": f"/v1/jobs/{snap.id}/events"}
+    return data
+
+
+def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    return [
+        {"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body as JSON, read no further than ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is over {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
+
+
+def parse_submit(raw: Any, types: Registry) -> tuple[SubmitRequest, JobType[Any], BaseModel]:
+    try:
+        req = SubmitRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            "the request body is invalid", details=validation_details(exc)
+        ) from exc
+    job_type = types.get(req.type)
+    if job_type is None:
+        raise ValidationFailed(
+            f"unknown job type {req.type!r}",
+            code="unknown_job_type",
+            details={"known": sorted(types.types)},
+        )
+    try:
+        payload = job_type.payload_model.model_validate(req.payload)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            f"the payload does not match the {req.type!r} job type",
+            details=validation_details(exc, ("payload",)),
+        ) from exc
+    return req, job_type, payload
+
+
+async def submit(request: Request) -> Response:
+    svc = services(request)
+    tenant = svc.auth.tenant(request)
+    req, job_type, payload = parse_submit(
+        await read_json(request, svc.settings.max_body_bytes), svc.types
+    )
+    job_id = str(uuid.uuid4())
+    arq_id = new_arq_id(job_id)
+    fields: dict[str, Any] = {
+        "id": job_id,
+        "type": job_type.name,
+        "tenant": tenant,
+        "status": "queued",
+        "payload": payload.model_dump(mode="json"),
+        "priority": req.priority.value,
+        "attempt": 1,
+        "max_attempts": job_type.max_attempts,
+        "run": 1,
+        "arq_id": arq_id,
+        "created_at": time.time(),
+        "output": "",
+    }
+    idem = _idempotency(request, svc, tenant, req)
+    found, earlier_fingerprint = await svc.store.create(tenant, job_id, fields, idem)
+    if earlier_fingerprint is not None:
+        assert idem is not None
+        if earlier_fingerprint != idem[1]:
+            raise Conflict(
+                "this Idempotency-Key was used with a different request",
+                code="idempotency_key_reused",
+            )
+        return await _job_response(svc, tenant, found, 202, {"Idempotent-Replayed": "true"})
+    try:
+        await svc.queue.enqueue(arq_id, job_id)
+    except BaseException:
+        await svc.store.discard(tenant, job_id, idem[0] if idem else None)
+        raise
+    return await _job_response(svc, tenant, job_id, 202, {})
+
+
+def _idempotency(
+    request: Request, svc: Services, tenant: str, req: SubmitRequest
+) -> tuple[str, str] | None:
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255:
+        raise BadRequest("Idempotency-Key must be 1 to 255 characters", code="bad_idempotency_key")
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    fingerprint = hashlib.sha256(req.model_dump_json().encode()).hexdigest()[:32]
+    return svc.store.keys.idempotency(tenant, digest), fingerprint
+
+
+async def _job_response(
+    svc: Services, tenant: str, job_id: str, status: int, headers: dict[str, str]
+) -> Response:
+    snap = await _get_job(svc, tenant, job_id)
+    headers = {"Location": f"/v1/jobs/{job_id}", **headers}
+    return JSONResponse(job_json(snap), status_code=status, headers=headers)
+
+
+async def _get_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
+    try:
+        valid = uuid.UUID(job_id).version == 4
+    except ValueError:
+        valid = False
+    snap = await svc.store.snapshot(job_id, tenant) if valid else None
+    if snap is None:  # unknown, expired, or another tenant's: never reveal which
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    return snap
+
+
+async def get_job(request: Request) -> Response:
+    svc = services(request)
+    snap = await _get_job(svc, svc.auth.tenant(request), request.path_params["job_id"])
+    etag = f'"{snap.seq}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if not snap.status.terminal:
+        headers["Retry-After"] = f"{svc.settings.poll_hint_s:g}"
+    if etag in _etags(request.headers.get("if-none-match", "")):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(job_json(snap), headers=headers)
+
+
+def _etags(header: str) -> set[str]:
+    return {t.strip().removeprefix("W/") for t in header.split(",") if t.strip()}
+
+
+class ListQuery(BaseModel):
+    status: JobStatus | None = None
+    type: str | None = None
+    limit: int = 50
+    cursor: str | None = None
+
+
+async def list_jobs(request: Request) -> Response:
+    svc = services(request)
+    tenant = svc.auth.tenant(request)
+    try:
+        q = ListQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise ValidationFailed(
+            "bad query parameters", details=validation_details(exc, ("query",))
+        ) from exc
+    if not 1 <= q.limit <= svc.settings.list_limit_max:
+        raise ValidationFailed(f"limit must be 1 to {svc.settings.list_limit_max}")
+    jobs, cursor = await svc.store.list_jobs(
+        tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
+    )
+    return JSONResponse({"jobs": [job_json(j) for j in jobs], "next_cursor": cursor})
+
+
+async def cancel_job(request: Request) -> Response:
+    svc = services(request)
+    tenant = svc.auth.tenant(request)
+    snap = await _get_job(svc, tenant, request.path_params["job_id"])
+    fields = await svc.store.load(snap.id)
+    assert fields is not None
+    now = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
+    reply = await svc.store.publish(
+        snap.id, tenant, "cancelled", {}, now, expect=(JobStatus.QUEUED,)
+    )
+    if isinstance(reply, Rejected) and reply.status == JobStatus.RUNNING:
+        # Flag it, tell subscribers, then have arq cancel the running task.
+        reply = await svc.store.publish(
+            snap.id,
+            tenant,
+            "status",
+            {"status": "running", "attempt": fields["attempt"], "cancel_requested": True},
+            {"cancel": "1"},
+            expect=(JobStatus.RUNNING,),
+        )
+    if not isinstance(reply, Published):
+        raise _wrong_state(reply.status if isinstance(reply, Rejected) else snap.status, "cancel")
+    await svc.queue.abort(fields["arq_id"])
+    code = 200 if reply.status == JobStatus.CANCELLED else 202
+    return await _job_response(svc, tenant, snap.id, code, {})
+
+
+async def retry_job(request: Request) -> Response:
+    svc = services(request)
+    tenant = svc.auth.tenant(request)
+    snap = await _get_job(svc, tenant, request.path_params["job_id"])
+    fields = await svc.store.load(snap.id)
+    assert fields is not None
+    arq_id, run = new_arq_id(snap.id), fields["run"] + 1
+    reset = {
+        "status": "queued",
+        "attempt": 1,
+        "run": run,
+        "arq_id": arq_id,
+        "cancel": "",
+        "progress": 0.0,
+        "stage": None,
+        "message": None,
+        "output": "",
+        "result": None,
+        "error": None,
+        "started_at": None,
+        "finished_at": None,
+        "eta_s": None,
+    }
+    reply = await svc.store.publish(
+        snap.id,
+        tenant,
+        "status",
+        {"status": "queued", "attempt": 1, "run": run},
+        reset,
+        expect=(JobStatus.FAILED, JobStatus.CANCELLED),
+    )
+    if not isinstance(reply, Published):
+        raise _wrong_state(reply.status if isinstance(reply, Rejected) else snap.status, "retry")
+    await svc.queue.enqueue(arq_id, snap.id)
+    return await _job_response(svc, tenant, snap.id, 202, {})
+
+
+def _wrong_state(status: JobStatus, action: str) -> Conflict:
+    return Conflict(
+        f"cannot {action} a job that is {status.value}",
+        code="invalid_state",
+        details={"status": status.value},
+    )
+
+
+async def job_types(request: Request) -> Response:
+    svc = services(request)
+    svc.auth.tenant(request)
+    return JSONResponse({"types": [t.describe() for t in svc.types.types.values()]})
+
+
+routes = [
+    Route("/v1/jobs", submit, methods=["POST"]),
+    Route("/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
+    Route("/v1/job-types", job_types, methods=["GET"]),
+]

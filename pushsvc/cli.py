@@ -1,0 +1,86 @@
+"""The ``pushsvc`` command: a thin shell that builds Settings and calls library functions.
+
+Every flag can also be given as a ``PUSHSVC_*`` environment variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import Annotated, Any
+
+import typer
+
+from .settings import Settings
+
+cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+logger = logging.getLogger("pushsvc")
+
+Host = Annotated[str | None, typer.Option(help="bind address [PUSHSVC_HOST]")]
+Port = Annotated[int | None, typer.Option(help="port [PUSHSVC_PORT]")]
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL [PUSHSVC_REDIS_URL]")]
+
+
+def build_settings(**overrides: Any) -> Settings:
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_auth(settings: Settings) -> None:
+    """No API keys: allowed on loopback only (one local tenant), refused elsewhere."""
+    if settings.auth_enabled:
+        return
+    if not is_loopback(settings.host):
+        raise typer.BadParameter(
+            f"refusing to serve {settings.host} without API keys: set PUSHSVC_API_KEYS"
+        )
+    logger.warning("no PUSHSVC_API_KEYS: serving one local tenant without auth on loopback")
+
+
+@cli.command()
+def api(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> None:
+    """Serve the HTTP API (uvicorn)."""
+    import uvicorn
+
+    from .app import create_app
+
+    _setup_logging()
+    settings = build_settings(host=host, port=port, redis_url=redis_url)
+    check_auth(settings)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@cli.command()
+def worker(redis_url: RedisUrl = None) -> None:
+    """Run a job worker (arq)."""
+    from .worker import run_worker
+
+    _setup_logging()
+    asyncio.run(run_worker(build_settings(redis_url=redis_url)))
+
+
+@cli.command()
+def dev(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> None:
+    """API + worker in one command, with an embedded Redis when none answers."""
+    from .dev import run_dev
+
+    settings = build_settings(host=host, port=port, redis_url=redis_url)
+    check_auth(settings)
+    raise typer.Exit(run_dev(settings))
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,204 @@
+"""Job types: the ``@job_type`` decorator, the registry, and the context a job function gets."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from .models import JobStatus
+from .store import JobStore, Published
+
+P = TypeVar("P", bound=BaseModel)
+JobFunc = Callable[["JobContext", Any], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, for retryable errors only."""
+
+    base_s: float = 1.0
+    max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class JobType(Generic[P]):
+    name: str
+    func: JobFunc
+    payload_model: type[P]
+    timeout_s: float
+    max_attempts: int
+    retry: RetryPolicy
+    description: str = ""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "timeout_s": self.timeout_s,
+            "max_attempts": self.max_attempts,
+            "payload_schema": self.payload_model.model_json_schema(),
+        }
+
+
+@dataclass
+class Registry:
+    types: dict[str, JobType[Any]] = field(default_factory=dict)
+
+    def add(self, job_type: JobType[Any]) -> None:
+        if job_type.name in self.types:
+            raise ValueError(f"job type {job_type.name!r} is registered twice")
+        self.types[job_type.name] = job_type
+
+    def get(self, name: str) -> JobType[Any] | None:
+        return self.types.get(name)
+
+
+# The registry decorated functions join; like a route table, it is filled at import time.
+registry = Registry()
+
+
+def job_type(
+    name: str,
+    *,
+    payload: type[BaseModel],
+    timeout_s: float = 300.0,
+    max_attempts: int = 3,
+    retry: RetryPolicy | None = None,
+    target: Registry | None = None,
+) -> Callable[[JobFunc], JobFunc]:
+    """Register ``async def fn(ctx, payload)`` as the job type ``name``."""
+
+    def decorate(func: JobFunc) -> JobFunc:
+        (target or registry).add(
+            JobType(
+                name=name,
+                func=func,
+                payload_model=payload,
+                timeout_s=timeout_s,
+                max_attempts=max_attempts,
+                retry=retry or RetryPolicy(),
+                description=(func.__doc__ or "").strip().split("\n")[0],
+            )
+        )
+        return func
+
+    return decorate
+
+
+class JobContext:
+    """What a job function uses to report: progress, stage, output, and cancellation.
+
+    Progress and output are throttled: at most ``rate_hz`` flushes a second, each flush
+    publishing the latest progress (merged) and the output written since (concatenated),
+    so a fast token stream cannot flood Redis and no text is lost.
+    """
+
+    def __init__(self, store: JobStore, fields: dict[str, Any], rate_hz: float) -> None:
+        self.job_id: str = fields["id"]
+        self.tenant: str = fields["tenant"]
+        self.attempt: int = fields["attempt"]
+        # Runs count POST /retry re-runs; attempts restart at 1 in each run.
+        self.run: int = fields.get("run", 1)
+        self._store = store
+        self._interval = 1.0 / rate_hz
+        self._started = time.monotonic()
+        self._progress = 0.0
+        self._stage: str | None = None
+        self._message: str | None = None
+        self._progress_dirty = False
+        self._output: list[str] = []
+        self._last_flush = 0.0
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._cancelled = False
+
+    @property
+    def is_cancelled(self) -> bool:
+        """True once a cancel was requested; long loops should check it and stop."""
+        return self._cancelled
+
+    async def progress(
+        self, pct: float, stage: str | None = None, message: str | None = None
+    ) -> None:
+        # Never decreasing within an attempt, always within 0..100.
+        self._progress = max(self._progress, min(100.0, max(0.0, float(pct))))
+        if stage is not None:
+            self._stage = stage
+        if message is not None:
+            self._message = message
+        self._progress_dirty = True
+        await self._maybe_flush()
+
+    async def stage(self, name: str, message: str | None = None) -> None:
+        await self.progress(self._progress, stage=name, message=message)
+
+    async def output(self, delta: str) -> None:
+        if delta:
+            self._output.append(delta)
+            await self._maybe_flush()
+
+    def eta_s(self) -> float | None:
+        if self._progress <= 0 or self._progress >= 100:
+            return None if self._progress <= 0 else 0.0
+        elapsed = time.monotonic() - self._started
+        return round(elapsed * (100 - self._progress) / self._progress, 2)
+
+    async def _maybe_flush(self) -> None:
+        wait = self._last_flush + self._interval - time.monotonic()
+        if wait <= 0:
+            await self.flush()
+        elif self._timer is None or self._timer.done():
+            self._timer = asyncio.create_task(self._flush_later(wait))
+
+    async def _flush_later(self, wait: float) -> None:
+        await asyncio.sleep(wait)
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Publish whatever is pending now (called before every terminal event)."""
+        async with self._lock:
+            self._last_flush = time.monotonic()
+            if self._progress_dirty:
+                self._progress_dirty = False
+                await self._send_progress()
+            if self._output:
+                delta, self._output = "".join(self._output), []
+                self._note(
+                    await self._store.publish(
+                        self.job_id,
+                        self.tenant,
+                        "output",
+                        {"delta": delta},
+                        delta=delta,
+                        expect=(JobStatus.RUNNING,),
+                    )
+                )
+
+    async def _send_progress(self) -> None:
+        data = {
+            "progress": round(self._progress, 2),
+            "stage": self._stage,
+            "message": self._message,
+            "eta_s": self.eta_s(),
+        }
+        self._note(
+            await self._store.publish(
+                self.job_id, self.tenant, "progress", data, data, expect=(JobStatus.RUNNING,)
+            )
+        )
+
+    def _note(self, reply: object) -> None:
+        if isinstance(reply, Published) and reply.cancel_requested:
+            self._cancelled = True
+
+    async def close(self) -> None:
+        """Stop the flush timer; pending updates are flushed by the caller first."""
+        if self._timer is not None and not self._timer.done():
+            self._timer.cancel()
+            # gather, not a bare await + except: a cancel aimed at *us* must propagate.
+            await asyncio.gather(self._timer, return_exceptions=True)

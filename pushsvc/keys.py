@@ -1,0 +1,50 @@
+"""Every Redis key and channel name pushsvc uses, in one place (like arq's constants.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one namespace, so deployments and test runs can share a Redis."""
+
+    ns: str = "pushsvc"
+
+    def job(self, job_id: str) -> str:
+        """Hash: the job's snapshot fields."""
+        return f"{self.ns}:job:{job_id}"
+
+    def job_log(self, job_id: str) -> str:
+        """Stream: the job's capped event log, entry id ``0-<seq>``."""
+        return f"{self.ns}:log:{job_id}"
+
+    def job_channel(self, job_id: str) -> str:
+        return f"{self.ns}:ev:{job_id}"
+
+    def tenant_index(self, tenant: str) -> str:
+        """Sorted set: the tenant's job ids, scored by creation time (ms)."""
+        return f"{self.ns}:jobs:{tenant}"
+
+    def tenant_seq(self, tenant: str) -> str:
+        return f"{self.ns}:tseq:{tenant}"
+
+    def tenant_log(self, tenant: str) -> str:
+        """Stream: every event of the tenant's jobs, entry id ``0-<tenant seq>``."""
+        return f"{self.ns}:tlog:{tenant}"
+
+    def tenant_channel(self, tenant: str) -> str:
+        return f"{self.ns}:tev:{tenant}"
+
+    def idempotency(self, tenant: str, key_digest: str) -> str:
+        return f"{self.ns}:idem:{tenant}:{key_digest}"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set: running job ids scored by lease deadline (ms); see worker.py."""
+        return f"{self.ns}:leases"
+
+    @property
+    def queue(self) -> str:
+        """The arq queue name."""
+        return f"{self.ns}:queue"

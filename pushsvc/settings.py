@@ -1,0 +1,69 @@
+"""The one settings object: every knob, read from ``PUSHSVC_*`` environment variables."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Built once by an entry point (CLI, tests) and passed down; nothing else reads the env."""
+
+    model_config = SettingsConfigDict(env_prefix="PUSHSVC_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # "key=tenant,key2=tenant2"; empty means one local tenant without auth (loopback only).
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    secret: SecretStr = SecretStr("")
+    job_ttl_s: int = Field(86400, ge=60)
+    max_body_bytes: int = Field(262144, ge=1024)
+    # Redis key prefix, so several deployments (or test runs) can share one Redis.
+    namespace: str = "pushsvc"
+
+    # Event log caps: per job, and per tenant (the multiplexed stream's log).
+    job_log_cap: int = Field(1000, ge=10)
+    tenant_log_cap: int = Field(10000, ge=100)
+
+    # Worker.
+    worker_concurrency: int = Field(64, ge=1)
+    # Worker-side flushes per job per second; each flush is at most one progress and one
+    # output event, so a job publishes at most 2x this many events a second.
+    publish_rate_hz: float = Field(10.0, gt=0)
+    lease_s: float = Field(15.0, gt=0)
+    poll_delay_s: float = Field(0.2, gt=0)
+    retry_base_s: float = Field(1.0, ge=0)
+    retry_max_s: float = Field(60.0, ge=0)
+    # Extra modules whose decorated functions register job types ("pkg.mod,pkg2.mod").
+    job_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # API.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    poll_hint_s: float = Field(2.0, gt=0)
+    list_limit_max: int = Field(200, ge=1)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        keys: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            key, sep, tenant = pair.partition("=")
+            if not sep or not key.strip() or not tenant.strip():
+                raise ValueError("PUSHSVC_API_KEYS must look like 'key=tenant,key2=tenant2'")
+            keys[key.strip()] = tenant.strip()
+        return keys
+
+    @field_validator("job_modules", mode="before")
+    @classmethod
+    def _parse_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(",") if m.strip()]
+        return value
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)

@@ -1,0 +1,246 @@
+"""Job state in Redis: the atomic publish path (Lua), snapshots, listing and event logs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+
+from .errors import BadRequest
+from .keys import Keys
+from .models import JobSnapshot, JobStatus
+from .settings import Settings
+
+# Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
+RAW_FIELDS = frozenset({"status", "tenant", "arq_id", "output", "cancel", "type", "priority"})
+INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run"})
+SNAPSHOT_FIELDS = frozenset(JobSnapshot.model_fields)
+
+
+def _lua(name: str) -> str:
+    return (resources.files(__package__) / "lua" / name).read_text()
+
+
+def encode_fields(fields: dict[str, Any]) -> list[str]:
+    """Flatten ``fields`` into HSET arguments, JSON-encoding all but the raw and int fields."""
+    flat: list[str] = []
+    for name, value in fields.items():
+        flat.append(name)
+        if name in RAW_FIELDS or name in INT_FIELDS:
+            flat.append(str(value))
+        else:
+            flat.append(json.dumps(value, separators=(",", ":")))
+    return flat
+
+
+def decode_fields(raw: dict[bytes, bytes]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key_b, value_b in raw.items():
+        key, value = key_b.decode(), value_b.decode()
+        if key in RAW_FIELDS:
+            out[key] = value
+        elif key in INT_FIELDS:
+            out[key] = int(value)
+        else:
+            out[key] = json.loads(value)
+    return out
+
+
+@dataclass(frozen=True)
+class Published:
+    seq: int
+    status: JobStatus
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A transition refused because the job was in another state."""
+
+    status: JobStatus
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    kind: str
+    data: str  # the JSON text, exactly as published
+
+
+class JobStore:
+    """Reads and writes job state; every write goes through one Lua publish path."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        fn = _lua("publish_fn.lua")
+        self._publish = redis.register_script(fn + _lua("publish.lua"))
+        self._create = redis.register_script(fn + _lua("create.lua"))
+
+    def _event_body(self, job_id: str, data: dict[str, Any]) -> str:
+        # The script prepends '{"seq":N,' so the stored and published JSON carries the seq.
+        body = json.dumps({"job_id": job_id, "ts": time.time(), **data}, separators=(",", ":"))
+        return body[1:]
+
+    def _common(self, job_id: str, tenant: str) -> tuple[list[str], list[Any]]:
+        k, s = self.keys, self.settings
+        keys = [k.job(job_id), k.job_log(job_id), k.tenant_log(tenant), k.tenant_seq(tenant)]
+        return keys, [s.job_ttl_s, s.job_log_cap, s.tenant_log_cap]
+
+    async def create(
+        self, tenant: str, job_id: str, fields: dict[str, Any], idem: tuple[str, str] | None
+    ) -> tuple[str, str | None]:
+        """Store a new job and publish its first event.
+
+        ``idem`` is (key, request fingerprint). Returns (job id, None) for a new job, or
+        (earlier job id, its fingerprint) when the idempotency key was used before.
+        """
+        keys, args = self._common(job_id, tenant)
+        index = self.keys.tenant_index(tenant)
+        keys += [index, idem[0] if idem else index]
+        created_ms = int(fields["created_at"] * 1000)
+        event = {"status": JobStatus.QUEUED.value, "attempt": fields["attempt"]}
+        args += ["status", self._event_body(job_id, event), created_ms, job_id]
+        args += [self.keys.job_channel(job_id), self.keys.tenant_channel(tenant)]
+        args += [idem[1] if idem else "", *encode_fields(fields)]
+        created, found = await self._create(keys=keys, args=args)
+        if created:
+            return job_id, None
+        earlier, _, fingerprint = found.decode().partition(" ")
+        return earlier, fingerprint
+
+    async def publish(
+        self,
+        job_id: str,
+        tenant: str,
+        kind: str,
+        data: dict[str, Any],
+        fields: dict[str, Any] | None = None,
+        *,
+        expect: tuple[JobStatus, ...] = (),
+        delta: str = "",
+    ) -> Published | Rejected | None:
+        """Apply ``fields``, append ``delta`` and publish one event, atomically.
+
+        With ``expect``, nothing happens unless the job's status is one of those.
+        Returns None for an unknown (or expired) job.
+        """
+        keys, args = self._common(job_id, tenant)
+        args += [kind, self._event_body(job_id, data), ",".join(expect), delta]
+        args += [self.keys.job_channel(job_id), self.keys.tenant_channel(tenant)]
+        args += encode_fields(fields or {})
+        reply = await self._publish(keys=keys, args=args)
+        if reply[0] == -1:
+            return None
+        if reply[0] == 0:
+            return Rejected(JobStatus(reply[1].decode()))
+        return Published(int(reply[0]), JobStatus(reply[1].decode()), reply[2] == b"1")
+
+    async def discard(self, tenant: str, job_id: str, idem_key: str | None) -> None:
+        """Remove a job whose enqueue failed, so no half-written job is left behind."""
+        k = self.keys
+        await self.redis.delete(k.job(job_id), k.job_log(job_id), *([idem_key] if idem_key else []))
+        await self.redis.zrem(k.tenant_index(tenant), job_id)
+
+    async def load(self, job_id: str) -> dict[str, Any] | None:
+        """All stored fields of a job (payload, tenant and arq id included), or None."""
+        raw = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
+        return decode_fields(raw) if raw else None
+
+    async def snapshot(self, job_id: str, tenant: str) -> JobSnapshot | None:
+        """The tenant's job, or None when it is unknown or belongs to another tenant."""
+        fields = await self.load(job_id)
+        if fields is None or fields.get("tenant") != tenant:
+            return None
+        return to_snapshot(fields)
+
+    async def list_jobs(
+        self,
+        tenant: str,
+        *,
+        limit: int,
+        cursor: str | None = None,
+        status: JobStatus | None = None,
+        type_: str | None = None,
+    ) -> tuple[list[JobSnapshot], str | None]:
+        """The tenant's jobs, newest first, filtered; returns the page and the next cursor."""
+        index = self.keys.tenant_index(tenant)
+        after = None if cursor is None else _decode_cursor(cursor)
+        # A fixed upper bound keeps offsets stable while newer jobs are being added.
+        max_score = int(time.time() * 1000) + 1 if after is None else after[0]
+        page: list[JobSnapshot] = []
+        stale: list[str] = []
+        offset, batch = 0, max(limit * 2, 50)
+        try:
+            while True:
+                rows = await self.redis.zrevrangebyscore(
+                    index, max_score, "-inf", start=offset, num=batch, withscores=True
+                )
+                if not rows:
+                    return page, None
+                offset += len(rows)
+                for member, score_f in rows:
+                    job_id, score = member.decode(), int(score_f)
+                    # Equal scores come in reverse id order: skip those already served.
+                    if after is not None and score == after[0] and job_id >= after[1]:
+                        continue
+                    fields = await self.load(job_id)
+                    if fields is None:
+                        stale.append(job_id)
+                    elif _matches(fields, status, type_):
+                        page.append(to_snapshot(fields))
+                        if len(page) == limit:
+                            return page, _encode_cursor(score, job_id)
+        finally:
+            if stale:  # expired jobs: prune the index lazily
+                await self.redis.zrem(index, *stale)
+
+    async def events_after(self, job_id: str, seq: int) -> list[StoredEvent] | None:
+        """The logged events with seq > ``seq``, or None when some are no longer kept."""
+        entries = await self.redis.xrange(self.keys.job_log(job_id), f"({_sid(seq)}", "+")
+        return _contiguous(entries, seq)
+
+
+def to_snapshot(fields: dict[str, Any]) -> JobSnapshot:
+    return JobSnapshot.model_validate({k: v for k, v in fields.items() if k in SNAPSHOT_FIELDS})
+
+
+def _matches(fields: dict[str, Any], status: JobStatus | None, type_: str | None) -> bool:
+    return (status is None or fields["status"] == status) and (
+        type_ is None or fields["type"] == type_
+    )
+
+
+def _encode_cursor(score: int, job_id: str) -> str:
+    raw = json.dumps([score, job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        score, job_id = json.loads(raw)
+        if not isinstance(score, int) or not isinstance(job_id, str):
+            raise ValueError(cursor)
+    except (ValueError, TypeError) as exc:
+        raise BadRequest("cursor is not one this API issued", code="bad_cursor") from exc
+    return score, job_id
+
+
+def _sid(seq: int) -> str:
+    return f"0-{seq}"
+
+
+def _seq_of(entry_id: bytes) -> int:
+    return int(entry_id.split(b"-", 1)[1])
+
+
+def _contiguous(entries: list[Any], after: int) -> list[StoredEvent] | None:
+    if entries and _seq_of(entries[0][0]) != after + 1:
+        return None
+    return [StoredEvent(f[b"k"].decode(), f[b"d"].decode()) for _, f in entries]

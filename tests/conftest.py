@@ -1,0 +1,146 @@
+"""Fixtures: a private Redis, a running API and worker, tenants, and event-driven waits."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from pushsvc.keys import Keys
+from pushsvc.models import TERMINAL
+from pushsvc.settings import Settings
+
+from .procs import Api, Proc, RedisServer
+
+TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefgh"}
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def stack_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
+    env = {
+        "PUSHSVC_REDIS_URL": redis_url,
+        "PUSHSVC_NAMESPACE": namespace,
+        "PUSHSVC_API_KEYS": ",".join(f"{k}={t}" for k, t in TENANTS.items()),
+        "PUSHSVC_SECRET": "test-secret-not-for-production",
+        "PUSHSVC_JOB_MODULES": "tests.jobtypes",
+        "PUSHSVC_RETRY_BASE_S": "0.02",
+        "PUSHSVC_LEASE_S": "2",
+        "PUSHSVC_POLL_DELAY_S": "0.05",
+    }
+    env.update({f"PUSHSVC_{k.upper()}": v for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def stack(redis_server: RedisServer) -> Iterator[dict[str, Any]]:
+    """One API and one worker process shared by the tests that need nothing special."""
+    env = stack_env(redis_server.url, f"t{secrets.token_hex(3)}")
+    worker = Proc(["worker"], env).start()
+    api = Api([], env).start()
+    yield {"api": api, "worker": worker, "env": env}
+    api.stop()
+    worker.stop()
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    return Settings(redis_url=env["PUSHSVC_REDIS_URL"], namespace=env["PUSHSVC_NAMESPACE"])
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+class Client:
+    """httpx against a running API, as one tenant, with event-driven waits."""
+
+    def __init__(self, http: httpx.AsyncClient, redis: Redis, namespace: str) -> None:
+        self.http, self.redis, self.keys = http, redis, Keys(namespace)
+
+    async def submit(self, type_: str, payload: dict[str, Any], **kw: Any) -> dict[str, Any]:
+        resp = await self.http.post("/v1/jobs", json={"type": type_, "payload": payload}, **kw)
+        assert resp.status_code == 202, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        resp = await self.http.get(f"/v1/jobs/{job_id}")
+        assert resp.status_code == 200, resp.text
+        body: dict[str, Any] = resp.json()
+        return body
+
+    async def wait(
+        self,
+        job_id: str,
+        until: Callable[[dict[str, Any]], bool] = lambda j: j["status"] in TERMINAL,
+        timeout: float = 20,
+    ) -> dict[str, Any]:
+        """Wait for a snapshot matching ``until``, woken by the job's pub/sub channel."""
+        async with asyncio.timeout(timeout), self.redis.pubsub() as pubsub:
+            await pubsub.subscribe(self.keys.job_channel(job_id))
+            while True:
+                job = await self.get(job_id)  # read after subscribing: no missed change
+                if until(job):
+                    return job
+                await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+
+    async def log(self, job_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """The job's stored event log as (kind, data) pairs."""
+        import json
+
+        entries = await self.redis.xrange(self.keys.job_log(job_id))
+        return [(f[b"k"].decode(), json.loads(f[b"d"])) for _, f in entries]
+
+
+def make_client(api_url: str, key: str | None, redis: Redis, namespace: str) -> Client:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    http = httpx.AsyncClient(base_url=api_url, headers=headers, timeout=10)
+    return Client(http, redis, namespace)
+
+
+@pytest.fixture
+async def client_factory(
+    stack: dict[str, Any], redis: Redis
+) -> AsyncIterator[Callable[..., Client]]:
+    made: list[Client] = []
+
+    def factory(key: str | None = "key-a", api: Api | None = None) -> Client:
+        target = api or stack["api"]
+        c = make_client(target.url, key, redis, target.env["PUSHSVC_NAMESPACE"])
+        made.append(c)
+        return c
+
+    yield factory
+    for c in made:
+        await c.http.aclose()
+
+
+@pytest.fixture
+async def client(client_factory: Callable[..., Client]) -> Client:
+    return client_factory("key-a")
+
+
+@pytest.fixture
+async def isolated(
+    redis_server: RedisServer, redis: Redis
+) -> AsyncIterator[tuple[Client, RedisServer, str]]:
+    """An API with its own namespace and no worker: the test brings (or withholds) workers."""
+    namespace = f"i{secrets.token_hex(3)}"
+    api = Api([], stack_env(redis_server.url, namespace)).start()
+    c = make_client(api.url, "key-a", redis, namespace)
+    yield c, redis_server, namespace
+    await c.http.aclose()
+    api.stop()

@@ -1,0 +1,153 @@
+"""Job lifecycle through real API and worker processes: runs, retries, timeouts, crashes."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from pushsvc.models import TERMINAL
+
+from .conftest import Client, stack_env
+from .procs import Proc, RedisServer
+
+
+async def test_ticker_runs_to_completed(client: Client) -> None:
+    job = await client.submit("ticker", {"steps": 5, "interval_ms": 20})
+    assert job["status"] == "queued" and job["attempt"] == 1 and job["seq"] == 1
+    done = await client.wait(job["id"])
+    assert done["status"] == "completed"
+    assert done["result"] == {"steps": 5}
+    assert done["progress"] == 100
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+    events = await client.log(job["id"])
+    seqs = [data["seq"] for _, data in events]
+    assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] == done["seq"]
+    kinds = [kind for kind, _ in events]
+    assert kinds[:2] == ["status", "status"] and kinds[-1] == "completed"
+    progress = [d["progress"] for k, d in events if k == "progress"]
+    assert progress == sorted(progress) and progress[-1] == 100
+
+
+async def test_retryable_error_retries_then_succeeds(client: Client) -> None:
+    payload = {
+        "steps": 3,
+        "interval_ms": 1,
+        "fail_at_step": 2,
+        "fail_retryable": True,
+        "fail_attempts": 1,
+    }
+    job = await client.submit("ticker", payload)
+    done = await client.wait(job["id"])
+    assert done["status"] == "completed" and done["attempt"] == 2
+    statuses = [d for k, d in await client.log(job["id"]) if k == "status"]
+    assert [(d["status"], d["attempt"]) for d in statuses] == [
+        ("queued", 1),
+        ("running", 1),
+        ("queued", 2),
+        ("running", 2),
+    ]
+    assert statuses[2]["error"]["code"] == "ticker_failure"
+    assert statuses[2]["retry_in_s"] >= 0
+
+
+async def test_retries_stop_after_max_attempts(client: Client) -> None:
+    payload = {"steps": 2, "interval_ms": 1, "fail_at_step": 1, "fail_retryable": True}
+    done = await client.wait((await client.submit("ticker", payload))["id"])
+    assert done["status"] == "failed"
+    assert done["attempt"] == done["max_attempts"] == 3
+    assert done["error"] == {
+        "code": "ticker_failure",
+        "retryable": True,
+        "message": "ticker failed at step 1 as asked",
+    }
+
+
+async def test_non_retryable_error_fails_at_once(client: Client) -> None:
+    payload = {"steps": 3, "interval_ms": 1, "fail_at_step": 2, "fail_retryable": False}
+    done = await client.wait((await client.submit("ticker", payload))["id"])
+    assert done["status"] == "failed" and done["attempt"] == 1
+    assert done["error"]["code"] == "ticker_failure" and done["error"]["retryable"] is False
+    assert done["progress"] < 100
+
+
+async def test_job_past_its_timeout_fails(client: Client) -> None:
+    done = await client.wait((await client.submit("sleepy", {"seconds": 30}))["id"])
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "timeout"
+    assert done["finished_at"] - done["started_at"] < 30
+
+
+async def test_cancel_running_job(client: Client) -> None:
+    job = await client.submit("ticker", {"steps": 1000, "interval_ms": 50})
+    await client.wait(job["id"], lambda j: j["progress"] > 0)
+    resp = await client.http.delete(f"/v1/jobs/{job['id']}")
+    assert resp.status_code == 202, resp.text
+    done = await client.wait(job["id"])
+    assert done["status"] == "cancelled" and done["progress"] < 100
+    events = await client.log(job["id"])
+    assert events[-1][0] == "cancelled"
+    assert any(d.get("cancel_requested") for k, d in events if k == "status")
+
+
+async def test_cancel_finished_job_is_409(client: Client) -> None:
+    done = await client.wait((await client.submit("ticker", {"steps": 1, "interval_ms": 0}))["id"])
+    resp = await client.http.delete(f"/v1/jobs/{done['id']}")
+    assert resp.status_code == 409
+    assert resp.json()["error"]["code"] == "invalid_state"
+    assert resp.json()["error"]["details"] == {"status": "completed"}
+
+
+async def test_retry_endpoint_reruns_a_failed_job(client: Client) -> None:
+    failed = await client.wait((await client.submit("first_run_fails", {}))["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "first_run"
+    resp = await client.http.post(f"/v1/jobs/{failed['id']}/retry")
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["status"] == "queued" and resp.json()["error"] is None
+    done = await client.wait(failed["id"])
+    assert done["status"] == "completed" and done["result"] == {"run": 2}
+
+
+async def test_retry_of_a_running_or_completed_job_is_409(client: Client) -> None:
+    job = await client.submit("ticker", {"steps": 1, "interval_ms": 0})
+    await client.wait(job["id"])
+    resp = await client.http.post(f"/v1/jobs/{job['id']}/retry")
+    assert resp.status_code == 409
+
+
+async def _kill_worker_mid_job(
+    client: Client, redis_server: RedisServer, namespace: str, type_: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    env = stack_env(redis_server.url, namespace, lease_s="1")
+    doomed = Proc(["worker"], env).start()
+    try:
+        job = await client.submit(type_, payload)
+        await client.wait(job["id"], lambda j: j["progress"] > 0)
+        doomed.signal(signal.SIGKILL)
+    finally:
+        doomed.stop()
+    rescuer = Proc(["worker"], env).start()
+    try:
+        return await client.wait(job["id"], lambda j: j["status"] in TERMINAL, timeout=30)
+    finally:
+        rescuer.stop()
+
+
+async def test_worker_sigkill_mid_job_reruns_it(
+    isolated: tuple[Client, RedisServer, str],
+) -> None:
+    client, server, ns = isolated
+    done = await _kill_worker_mid_job(
+        client, server, ns, "ticker", {"steps": 30, "interval_ms": 50}
+    )
+    assert done["status"] == "completed" and done["attempt"] == 2
+    statuses = [d for k, d in await client.log(done["id"]) if k == "status"]
+    assert statuses[2]["status"] == "queued" and statuses[2]["error"]["code"] == "worker_lost"
+
+
+async def test_worker_sigkill_with_no_attempts_left_fails_clearly(
+    isolated: tuple[Client, RedisServer, str],
+) -> None:
+    client, server, ns = isolated
+    done = await _kill_worker_mid_job(client, server, ns, "fragile", {"steps": 40})
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "worker_lost" and done["error"]["retryable"] is False
