@@ -21,7 +21,7 @@ from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
 from .queue import Queue
 from .settings import Settings
-from .store import JobStore, Published, Rejected
+from .store import JobStore, Published, Rejected, to_snapshot
 from .worker import new_arq_id
 
 
@@ -119,7 +119,9 @@ async def submit(request: Request) -> Response:
         "output": "",
     }
     idem = _idempotency(request, svc, tenant, req)
-    found, earlier_fingerprint = await svc.store.create(tenant, job_id, fields, idem)
+    enqueue = svc.queue.prepare(arq_id, job_id)
+    found, earlier_fingerprint = await svc.store.create(tenant, fields, enqueue, idem)
+    headers = {}
     if earlier_fingerprint is not None:
         assert idem is not None
         if earlier_fingerprint != idem[1]:
@@ -127,13 +129,8 @@ async def submit(request: Request) -> Response:
                 "this Idempotency-Key was used with a different request",
                 code="idempotency_key_reused",
             )
-        return await _job_response(svc, tenant, found, 202, {"Idempotent-Replayed": "true"})
-    try:
-        await svc.queue.enqueue(arq_id, job_id)
-    except BaseException:
-        await svc.store.discard(tenant, job_id, idem[0] if idem else None)
-        raise
-    return await _job_response(svc, tenant, job_id, 202, {})
+        headers["Idempotent-Replayed"] = "true"
+    return await _job_response(svc, tenant, found, 202, headers)
 
 
 def _idempotency(
@@ -211,41 +208,51 @@ async def list_jobs(request: Request) -> Response:
 async def cancel_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
-    snap = await _get_job(svc, tenant, request.path_params["job_id"])
-    fields = await svc.store.load(snap.id)
-    assert fields is not None
-    now = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
-    reply = await svc.store.publish(
-        snap.id, tenant, "cancelled", {}, now, expect=(JobStatus.QUEUED,)
-    )
-    if isinstance(reply, Rejected) and reply.status == JobStatus.RUNNING:
-        # Flag it, tell subscribers, then have arq cancel the running task.
-        reply = await svc.store.publish(
-            snap.id,
-            tenant,
-            "status",
-            {"status": "running", "attempt": fields["attempt"], "cancel_requested": True},
-            {"cancel": "1"},
-            expect=(JobStatus.RUNNING,),
+    job_id = (await _get_job(svc, tenant, request.path_params["job_id"])).id
+    # A job can move between queued and running (retries) while we act: try a few times.
+    for _ in range(3):
+        fields = await _load(svc, tenant, job_id)
+        reply = await _cancel_step(svc, fields)
+        if isinstance(reply, Published):
+            await svc.queue.abort(fields["arq_id"])
+            code = 200 if reply.status == JobStatus.CANCELLED else 202
+            return await _job_response(svc, tenant, job_id, code, {})
+        if reply is None or reply.status.terminal:
+            break
+    raise _wrong_state(JobStatus(fields["status"]) if reply is None else reply.status, "cancel")
+
+
+async def _cancel_step(svc: Services, fields: dict[str, Any]) -> Published | Rejected | None:
+    job_id, tenant = fields["id"], fields["tenant"]
+    if fields["status"] == JobStatus.QUEUED:
+        done = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
+        return await svc.store.publish(
+            job_id, tenant, "cancelled", {}, done, expect=(JobStatus.QUEUED,)
         )
-    if not isinstance(reply, Published):
-        raise _wrong_state(reply.status if isinstance(reply, Rejected) else snap.status, "cancel")
-    await svc.queue.abort(fields["arq_id"])
-    code = 200 if reply.status == JobStatus.CANCELLED else 202
-    return await _job_response(svc, tenant, snap.id, code, {})
+    # Running: flag it and tell subscribers; the abort then cancels the task.
+    note = {"status": "running", "attempt": fields["attempt"], "cancel_requested": True}
+    return await svc.store.publish(
+        job_id, tenant, "status", note, {"cancel": "1"}, expect=(JobStatus.RUNNING,)
+    )
+
+
+async def _load(svc: Services, tenant: str, job_id: str) -> dict[str, Any]:
+    fields = await svc.store.load(job_id)
+    if fields is None or fields["tenant"] != tenant:  # expired since the first read
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    return fields
 
 
 async def retry_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     snap = await _get_job(svc, tenant, request.path_params["job_id"])
-    fields = await svc.store.load(snap.id)
-    assert fields is not None
-    arq_id, run = new_arq_id(snap.id), fields["run"] + 1
+    fields = await _load(svc, tenant, snap.id)
+    arq_id = new_arq_id(snap.id)
     reset = {
         "status": "queued",
         "attempt": 1,
-        "run": run,
+        "run": fields["run"] + 1,
         "arq_id": arq_id,
         "cancel": "",
         "progress": 0.0,
@@ -258,17 +265,19 @@ async def retry_job(request: Request) -> Response:
         "finished_at": None,
         "eta_s": None,
     }
+    # A new run replaces the job's state, so subscribers get it whole, as a snapshot.
+    after = to_snapshot({**fields, **reset, "seq": 0}).model_dump(mode="json", exclude={"seq"})
     reply = await svc.store.publish(
         snap.id,
         tenant,
-        "status",
-        {"status": "queued", "attempt": 1, "run": run},
+        "snapshot",
+        after,
         reset,
         expect=(JobStatus.FAILED, JobStatus.CANCELLED),
+        enqueue=svc.queue.prepare(arq_id, snap.id),
     )
     if not isinstance(reply, Published):
         raise _wrong_state(reply.status if isinstance(reply, Rejected) else snap.status, "retry")
-    await svc.queue.enqueue(arq_id, snap.id)
     return await _job_response(svc, tenant, snap.id, 202, {})
 
 

@@ -6,8 +6,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -65,7 +64,7 @@ async def readyz(request: Request) -> Response:
     svc: Services = request.app.state.services
     try:
         await svc.redis.ping()
-    except (RedisConnectionError, RedisTimeoutError, OSError):
+    except (RedisError, OSError):
         return JSONResponse({"status": "unavailable", "redis": False}, status_code=503)
     return JSONResponse({"status": "ok", "redis": True})
 
@@ -99,8 +98,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
         ],
         exception_handlers={
             ApiError: api_error,
-            RedisConnectionError: redis_down,
-            RedisTimeoutError: redis_down,
+            RedisError: redis_down,
             HTTPException: http_error,
             Exception: internal_error,
         },

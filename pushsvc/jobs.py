@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .models import JobStatus
 from .store import JobStore, Published
 
+logger = logging.getLogger(__name__)
 P = TypeVar("P", bound=BaseModel)
 JobFunc = Callable[["JobContext", Any], Awaitable[Any]]
 
@@ -95,7 +99,8 @@ class JobContext:
 
     Progress and output are throttled: at most ``rate_hz`` flushes a second, each flush
     publishing the latest progress (merged) and the output written since (concatenated),
-    so a fast token stream cannot flood Redis and no text is lost.
+    so a fast token stream cannot flood Redis and no text is lost. Every write names the
+    attempt, so a superseded attempt cannot touch the job.
     """
 
     def __init__(self, store: JobStore, fields: dict[str, Any], rate_hz: float) -> None:
@@ -104,6 +109,7 @@ class JobContext:
         self.attempt: int = fields["attempt"]
         # Runs count POST /retry re-runs; attempts restart at 1 in each run.
         self.run: int = fields.get("run", 1)
+        self._arq_id: str = fields["arq_id"]
         self._store = store
         self._interval = 1.0 / rate_hz
         self._started = time.monotonic()
@@ -143,31 +149,64 @@ class JobContext:
             await self._maybe_flush()
 
     def eta_s(self) -> float | None:
-        if self._progress <= 0 or self._progress >= 100:
-            return None if self._progress <= 0 else 0.0
+        if self._progress <= 0:
+            return None
         elapsed = time.monotonic() - self._started
         return round(elapsed * (100 - self._progress) / self._progress, 2)
 
     async def _maybe_flush(self) -> None:
         wait = self._last_flush + self._interval - time.monotonic()
         if wait <= 0:
-            await self.flush()
+            await self.flush(final=False)
         elif self._timer is None or self._timer.done():
             self._timer = asyncio.create_task(self._flush_later(wait))
 
     async def _flush_later(self, wait: float) -> None:
         await asyncio.sleep(wait)
-        await self.flush()
+        await self.flush(final=False)
 
-    async def flush(self) -> None:
-        """Publish whatever is pending now (called before every terminal event)."""
+    async def flush(self, *, final: bool = True) -> None:
+        """Publish whatever is pending now.
+
+        A Redis error keeps everything pending for the next flush; only a ``final``
+        flush (the one before the terminal event) raises it.
+        """
         async with self._lock:
             self._last_flush = time.monotonic()
-            if self._progress_dirty:
-                self._progress_dirty = False
-                await self._send_progress()
-            if self._output:
-                delta, self._output = "".join(self._output), []
+            try:
+                await self._send_pending()
+            except (RedisConnectionError, RedisTimeoutError):
+                if final:
+                    raise
+                logger.warning("job %s: progress kept for the next flush", self.job_id)
+
+    async def _send_pending(self) -> None:
+        if self._progress_dirty:
+            self._progress_dirty = False
+            data = {
+                "progress": round(self._progress, 2),
+                "stage": self._stage,
+                "message": self._message,
+                "eta_s": self.eta_s(),
+            }
+            try:
+                self._note(
+                    await self._store.publish(
+                        self.job_id,
+                        self.tenant,
+                        "progress",
+                        data,
+                        data,
+                        expect=(JobStatus.RUNNING,),
+                        arq_id=self._arq_id,
+                    )
+                )
+            except BaseException:
+                self._progress_dirty = True
+                raise
+        if self._output:
+            delta, self._output = "".join(self._output), []
+            try:
                 self._note(
                     await self._store.publish(
                         self.job_id,
@@ -176,21 +215,12 @@ class JobContext:
                         {"delta": delta},
                         delta=delta,
                         expect=(JobStatus.RUNNING,),
+                        arq_id=self._arq_id,
                     )
                 )
-
-    async def _send_progress(self) -> None:
-        data = {
-            "progress": round(self._progress, 2),
-            "stage": self._stage,
-            "message": self._message,
-            "eta_s": self.eta_s(),
-        }
-        self._note(
-            await self._store.publish(
-                self.job_id, self.tenant, "progress", data, data, expect=(JobStatus.RUNNING,)
-            )
-        )
+            except BaseException:
+                self._output.insert(0, delta)  # not lost: sent with the next flush
+                raise
 
     def _note(self, reply: object) -> None:
         if isinstance(reply, Published) and reply.cancel_requested:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+from dataclasses import dataclass
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss
+from arq.constants import abort_jobs_ss, expires_extra_ms, job_key_prefix
+from arq.jobs import serialize_job
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.asyncio import ConnectionPool
 
@@ -21,6 +23,7 @@ from .keys import Keys
 from .settings import Settings
 
 RUN_FUNCTION = "pushsvc.run"
+ABORT_KEEP_MS = 3_600_000
 
 
 def _default(obj: Any) -> Any:
@@ -56,25 +59,41 @@ def connect(settings: Settings, **pool_kwargs: Any) -> ArqRedis:
     )
 
 
+@dataclass(frozen=True)
+class Enqueue:
+    """An arq job record, ready for the publish script to store with a state change."""
+
+    key: str
+    payload: bytes
+    px: int
+    queue: str
+    score: int
+    arq_id: str
+
+
 class Queue:
-    """Enqueue and abort attempts."""
+    """Prepares and aborts attempts; the Lua publish path stores what ``prepare`` makes."""
 
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self.redis = redis
         self.queue_name = Keys(settings.namespace).queue
 
-    async def enqueue(self, arq_id: str, job_id: str, defer_s: float = 0.0) -> None:
-        await self.redis.enqueue_job(
-            RUN_FUNCTION,
-            job_id,
-            _job_id=arq_id,
-            _queue_name=self.queue_name,
-            _defer_by=defer_s or None,
-        )
+    def prepare(self, arq_id: str, job_id: str, defer_s: float = 0.0) -> Enqueue:
+        """What ``ArqRedis.enqueue_job`` would write, so it can join an atomic transition."""
+        now_ms = timestamp_ms()
+        score = now_ms + int(defer_s * 1000)
+        payload = serialize_job(RUN_FUNCTION, (job_id,), {}, None, now_ms, serializer=serialize)
+        px = score - now_ms + expires_extra_ms
+        return Enqueue(job_key_prefix + arq_id, payload, px, self.queue_name, score, arq_id)
 
     async def abort(self, arq_id: str) -> None:
         """Ask arq to cancel the attempt: dropped before it starts, or its task cancelled."""
-        await self.redis.zadd(abort_jobs_ss, {arq_id: int(time.time() * 1000)})
+        now_ms = timestamp_ms()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(abort_jobs_ss, {arq_id: now_ms})
+            # arq removes entries only for attempts it sees; drop the ones it never will.
+            pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
+            await pipe.execute()
 
     async def depth(self) -> int:
         return int(await self.redis.zcard(self.queue_name))

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from .errors import BadRequest
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
+from .queue import Enqueue
 from .settings import Settings
 
 # Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
@@ -82,32 +83,80 @@ class JobStore:
         self._publish = redis.register_script(fn + _lua("publish.lua"))
         self._create = redis.register_script(fn + _lua("create.lua"))
 
-    def _event_body(self, job_id: str, data: dict[str, Any]) -> str:
-        # The script prepends '{"seq":N,' so the stored and published JSON carries the seq.
-        body = json.dumps({"job_id": job_id, "ts": time.time(), **data}, separators=(",", ":"))
-        return body[1:]
-
-    def _common(self, job_id: str, tenant: str) -> tuple[list[str], list[Any]]:
+    def _call(
+        self,
+        job_id: str,
+        tenant: str,
+        kind: str,
+        data: dict[str, Any],
+        fields: dict[str, Any] | None,
+        opts: dict[str, Any],
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV in the order lua/publish_fn.lua documents."""
         k, s = self.keys, self.settings
-        keys = [k.job(job_id), k.job_log(job_id), k.tenant_log(tenant), k.tenant_seq(tenant)]
-        return keys, [s.job_ttl_s, s.job_log_cap, s.tenant_log_cap]
+        enq: Enqueue | None = opts.get("enqueue")
+        keys = [
+            k.job(job_id),
+            k.job_log(job_id),
+            k.tenant_log(tenant),
+            k.tenant_seq(tenant),
+            k.leases,
+            enq.queue if enq else k.leases,
+            enq.key if enq else k.leases,
+        ]
+        # The script prepends '{"seq":N,' so stored and published JSON carry the seq.
+        body = json.dumps({"job_id": job_id, "ts": time.time(), **data}, separators=(",", ":"))
+        lease = opts.get("lease_until_ms")
+        args: list[Any] = [
+            s.job_ttl_s,
+            s.job_log_cap,
+            s.tenant_log_cap,
+            kind,
+            body[1:],
+            ",".join(opts.get("expect", ())),
+            opts.get("delta", ""),
+            k.job_channel(job_id),
+            k.tenant_channel(tenant),
+            opts.get("arq_id") or "",
+            "" if lease is None else int(lease),
+            job_id,
+            enq.payload if enq else "",
+            enq.px if enq else 0,
+            enq.score if enq else 0,
+            enq.arq_id if enq else "",
+            opts.get("fingerprint", ""),
+            opts.get("score", 0),
+            *encode_fields(fields or {}),
+        ]
+        return keys, args
 
     async def create(
-        self, tenant: str, job_id: str, fields: dict[str, Any], idem: tuple[str, str] | None
+        self,
+        tenant: str,
+        fields: dict[str, Any],
+        enqueue: Enqueue,
+        idem: tuple[str, str] | None,
     ) -> tuple[str, str | None]:
-        """Store a new job and publish its first event.
+        """Store a new job, publish its first event (a ``snapshot``) and enqueue it, at once.
 
         ``idem`` is (key, request fingerprint). Returns (job id, None) for a new job, or
         (earlier job id, its fingerprint) when the idempotency key was used before.
         """
-        keys, args = self._common(job_id, tenant)
+        job_id = fields["id"]
+        keys, args = self._call(
+            job_id,
+            tenant,
+            "snapshot",
+            to_snapshot(fields).model_dump(mode="json", exclude={"seq"}),
+            fields,
+            {
+                "enqueue": enqueue,
+                "fingerprint": idem[1] if idem else "",
+                "score": int(fields["created_at"] * 1000),
+            },
+        )
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index]
-        created_ms = int(fields["created_at"] * 1000)
-        event = {"status": JobStatus.QUEUED.value, "attempt": fields["attempt"]}
-        args += ["status", self._event_body(job_id, event), created_ms, job_id]
-        args += [self.keys.job_channel(job_id), self.keys.tenant_channel(tenant)]
-        args += [idem[1] if idem else "", *encode_fields(fields)]
         created, found = await self._create(keys=keys, args=args)
         if created:
             return job_id, None
@@ -124,28 +173,31 @@ class JobStore:
         *,
         expect: tuple[JobStatus, ...] = (),
         delta: str = "",
+        arq_id: str | None = None,
+        lease_until_ms: float | None = None,
+        enqueue: Enqueue | None = None,
     ) -> Published | Rejected | None:
         """Apply ``fields``, append ``delta`` and publish one event, atomically.
 
-        With ``expect``, nothing happens unless the job's status is one of those.
+        Nothing happens unless the job's status is in ``expect`` (when given) and its
+        current attempt is ``arq_id`` (when given). A ``lease_until_ms`` on a transition to
+        running takes the lease; leaving running drops it; ``enqueue`` queues an attempt.
         Returns None for an unknown (or expired) job.
         """
-        keys, args = self._common(job_id, tenant)
-        args += [kind, self._event_body(job_id, data), ",".join(expect), delta]
-        args += [self.keys.job_channel(job_id), self.keys.tenant_channel(tenant)]
-        args += encode_fields(fields or {})
+        opts = {
+            "expect": expect,
+            "delta": delta,
+            "arq_id": arq_id,
+            "lease_until_ms": lease_until_ms,
+            "enqueue": enqueue,
+        }
+        keys, args = self._call(job_id, tenant, kind, data, fields, opts)
         reply = await self._publish(keys=keys, args=args)
         if reply[0] == -1:
             return None
         if reply[0] == 0:
             return Rejected(JobStatus(reply[1].decode()))
         return Published(int(reply[0]), JobStatus(reply[1].decode()), reply[2] == b"1")
-
-    async def discard(self, tenant: str, job_id: str, idem_key: str | None) -> None:
-        """Remove a job whose enqueue failed, so no half-written job is left behind."""
-        k = self.keys
-        await self.redis.delete(k.job(job_id), k.job_log(job_id), *([idem_key] if idem_key else []))
-        await self.redis.zrem(k.tenant_index(tenant), job_id)
 
     async def load(self, job_id: str) -> dict[str, Any] | None:
         """All stored fields of a job (payload, tenant and arq id included), or None."""

@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import json
 import logging
 import random
 import secrets
 import time
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from arq.connections import ArqRedis
 from pydantic import ValidationError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import ticker as _ticker  # noqa: F401  (registers the built-in type)
 from .errors import JobError
@@ -58,7 +61,7 @@ class Runner:
         self.store = JobStore(redis, settings)
         self.queue = Queue(redis, settings)
         self.types = types
-        self.running: set[str] = set()
+        self.running: dict[str, str] = {}  # arq id -> job id, for lease renewal
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- arq hooks ---------------------------------------------------------
@@ -72,112 +75,136 @@ class Runner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def run(self, ctx: dict[str, Any], job_id: str) -> None:
+        arq_id: str = ctx["job_id"]
         fields = await self.store.load(job_id)
-        if fields is None or fields.get("arq_id") != ctx["job_id"]:
+        if fields is None or fields.get("arq_id") != arq_id:
             return  # expired, or a stale arq run of an attempt that was superseded
-        job_type = self.types.get(fields["type"])
+        if fields.get("cancel") == "1":  # cancel asked while an earlier attempt ran
+            await self._cancelled(fields, expect=(JobStatus.QUEUED,))
+            return
         tenant, attempt = fields["tenant"], fields["attempt"]
-        started = await self.store.publish(
-            job_id,
-            tenant,
-            "status",
-            {"status": "running", "attempt": attempt},
-            {
-                "status": "running",
-                "started_at": time.time(),
-                "progress": 0.0,
-                "stage": None,
-                "message": None,
-                "output": "",
-                "eta_s": None,
-            },
-            expect=(JobStatus.QUEUED,),
-        )
-        if not isinstance(started, Published):
-            return  # cancelled before it started, or already taken
-        self.running.add(job_id)
-        await self._renew([job_id])
+        # Renewal uses ZADD XX, so listing the attempt before it holds a lease is harmless.
+        self.running[arq_id] = job_id
         try:
-            await self._attempt(job_type, fields, attempt)
+            started = await self.store.publish(
+                job_id,
+                tenant,
+                "status",
+                {"status": "running", "attempt": attempt},
+                {
+                    "status": "running",
+                    "started_at": time.time(),
+                    "progress": 0.0,
+                    "stage": None,
+                    "message": None,
+                    "output": "",
+                    "eta_s": None,
+                },
+                expect=(JobStatus.QUEUED,),
+                arq_id=arq_id,
+                lease_until_ms=self._deadline(),
+            )
+            if isinstance(started, Published):
+                await self._attempt(self.types.get(fields["type"]), fields)
         finally:
-            self.running.discard(job_id)
-            await self.store.redis.zrem(self.store.keys.leases, job_id)
+            self.running.pop(arq_id, None)
 
     # -- one attempt ---------------------------------------------------------
 
-    async def _attempt(
-        self, job_type: JobType[Any] | None, fields: dict[str, Any], attempt: int
-    ) -> None:
-        job_id, tenant = fields["id"], fields["tenant"]
-        if job_type is None:
-            err = JobError(
-                f"no job type {fields['type']!r} in this worker", code="unknown_job_type"
-            )
-            await self._fail(fields, err)
-            return
+    async def _attempt(self, job_type: JobType[Any] | None, fields: dict[str, Any]) -> None:
         ctx = JobContext(self.store, fields, self.settings.publish_rate_hz)
+        if job_type is None:
+            missing = f"no job type {fields['type']!r} in this worker"
+            await self._settle(ctx, fields, None, JobError(missing, code="unknown_job_type"))
+            return
         try:
             payload = job_type.payload_model.model_validate(fields["payload"])
-            async with asyncio.timeout(job_type.timeout_s):
-                result = await job_type.func(ctx, payload)
-        except asyncio.CancelledError:
-            await self._on_cancelled(ctx, fields)
-            raise
-        except TimeoutError:
-            await self._finish_failed(
-                ctx,
-                job_type,
-                fields,
-                JobError(f"the job ran past its {job_type.timeout_s:g} s timeout", code="timeout"),
-            )
         except ValidationError as exc:
-            await self._finish_failed(
-                ctx,
-                job_type,
-                fields,
-                JobError(
-                    f"stored payload is invalid: {exc.error_count()} errors", code="invalid_payload"
-                ),
-            )
-        except JobError as exc:
-            await self._finish_failed(ctx, job_type, fields, exc)
-        except Exception as exc:
-            logger.exception("job %s (%s) raised", job_id, fields["type"])
-            await self._finish_failed(
-                ctx,
-                job_type,
-                fields,
-                JobError(f"{type(exc).__name__}: {exc}", code="internal_error"),
-            )
-        else:
-            await ctx.flush()
-            await ctx.close()
-            await self.store.publish(
-                job_id,
-                tenant,
-                "completed",
-                {"result": result},
-                {
-                    "status": "completed",
-                    "result": result,
-                    "progress": 100.0,
-                    "eta_s": 0.0,
-                    "finished_at": time.time(),
-                },
-                expect=RUNNING,
-            )
+            bad = f"stored payload is invalid: {exc.error_count()} errors"
+            await self._settle(ctx, fields, job_type, JobError(bad, code="invalid_payload"))
+            return
+        result, error = await self._call(ctx, job_type, payload, fields)
+        # Shielded: the outcome must be recorded even if an abort lands right now.
+        await asyncio.shield(self._settle(ctx, fields, job_type, error, result))
 
-    async def _finish_failed(
-        self, ctx: JobContext, job_type: JobType[Any], fields: dict[str, Any], exc: JobError
+    async def _call(
+        self, ctx: JobContext, job_type: JobType[Any], payload: Any, fields: dict[str, Any]
+    ) -> tuple[Any, JobError | None]:
+        deadline = asyncio.timeout(job_type.timeout_s)
+        try:
+            async with deadline:
+                result = await job_type.func(ctx, payload)
+            return json.loads(json.dumps(result)), None
+        except asyncio.CancelledError:
+            await asyncio.shield(self._settle_cancelled(ctx, fields))
+            raise
+        except TimeoutError as exc:
+            if deadline.expired():
+                limit = f"the job ran past its {job_type.timeout_s:g} s timeout"
+                return None, JobError(limit, code="timeout")
+            return None, JobError(f"timed out: {exc}", code="upstream_timeout", retryable=True)
+        except JobError as exc:
+            return None, exc
+        except (TypeError, ValueError) as exc:
+            if "JSON serializable" not in str(exc):
+                return None, self._internal(fields, exc)
+            return None, JobError(f"the job's result is not JSON: {exc}", code="invalid_result")
+        except Exception as exc:
+            return None, self._internal(fields, exc)
+
+    def _internal(self, fields: dict[str, Any], exc: Exception) -> JobError:
+        logger.exception("job %s (%s) raised", fields["id"], fields["type"], exc_info=exc)
+        return JobError(f"{type(exc).__name__}: {exc}", code="internal_error")
+
+    async def _settle(
+        self,
+        ctx: JobContext,
+        fields: dict[str, Any],
+        job_type: JobType[Any] | None,
+        error: JobError | None,
+        result: Any = None,
     ) -> None:
-        await ctx.flush()
+        """Record the attempt's outcome: completed, a retry, or failed."""
         await ctx.close()
-        attempt = fields["attempt"]
-        if exc.retryable and attempt < fields["max_attempts"]:
-            delay = backoff_s(job_type, attempt, self.settings, exc.retry_after_s or 0)
-            await self._requeue(fields, exc, delay)
+        await self._reliably(ctx.flush)
+        if error is None:
+            done = {
+                "status": "completed",
+                "result": result,
+                "progress": 100.0,
+                "eta_s": 0.0,
+                "finished_at": time.time(),
+            }
+            await self._reliably(
+                lambda: self.store.publish(
+                    fields["id"],
+                    fields["tenant"],
+                    "completed",
+                    {"result": result},
+                    done,
+                    expect=RUNNING,
+                    arq_id=fields["arq_id"],
+                )
+            )
+        elif error.retryable and job_type and fields["attempt"] < fields["max_attempts"]:
+            delay = backoff_s(job_type, fields["attempt"], self.settings, error.retry_after_s or 0)
+            await self._reliably(lambda: self._requeue(fields, error, delay, next_attempt=True))
         else:
-            await self._fail(fields, exc)
+            await self._reliably(lambda: self._fail(fields, error))
+
+    async def _reliably(self, call: Callable[[], Awaitable[Any]]) -> None:
+        """Retry a write through a Redis outage for up to two lease periods."""
+        give_up = time.monotonic() + 2 * self.settings.lease_s
+        delay = 0.05
+        while True:
+            try:
+                await call()
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                if time.monotonic() > give_up:
+                    raise  # the lease lapses and a reaper takes the job over
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _fail(self, fields: dict[str, Any], exc: JobError) -> None:
         error = exc.info()
@@ -188,13 +215,37 @@ class Runner:
             {"error": error},
             {"status": "failed", "error": error, "eta_s": None, "finished_at": time.time()},
             expect=RUNNING,
+            arq_id=fields["arq_id"],
         )
 
-    async def _requeue(self, fields: dict[str, Any], exc: JobError, delay: float) -> None:
-        """Make the next attempt: visible as a ``status`` event, then enqueued with a delay."""
-        job_id, arq_id, attempt = fields["id"], new_arq_id(fields["id"]), fields["attempt"] + 1
+    async def _cancelled(
+        self, fields: dict[str, Any], expect: tuple[JobStatus, ...] = RUNNING
+    ) -> None:
+        await self.store.publish(
+            fields["id"],
+            fields["tenant"],
+            "cancelled",
+            {},
+            {"status": "cancelled", "eta_s": None, "finished_at": time.time()},
+            expect=expect,
+            arq_id=fields["arq_id"],
+        )
+
+    async def _requeue(
+        self, fields: dict[str, Any], exc: JobError, delay: float, *, next_attempt: bool
+    ) -> None:
+        """Hand the job to a new arq job, visible as a ``status`` event; one atomic write.
+
+        A cancel asked during this attempt wins over the retry.
+        """
+        current = await self.store.load(fields["id"])
+        if current is not None and current.get("cancel") == "1":
+            await self._cancelled(fields)
+            return
+        job_id, arq_id = fields["id"], new_arq_id(fields["id"])
+        attempt = fields["attempt"] + (1 if next_attempt else 0)
         error = exc.info()
-        reply = await self.store.publish(
+        await self.store.publish(
             job_id,
             fields["tenant"],
             "status",
@@ -207,66 +258,62 @@ class Runner:
                 "eta_s": None,
             },
             expect=RUNNING,
+            arq_id=fields["arq_id"],
+            enqueue=self.queue.prepare(arq_id, job_id, defer_s=delay),
         )
-        if isinstance(reply, Published):
-            await self.queue.enqueue(arq_id, job_id, defer_s=delay)
-
-    async def _on_cancelled(self, ctx: JobContext, fields: dict[str, Any]) -> None:
-        # Shielded: the publish must land even though this task is being cancelled.
-        await asyncio.shield(self._settle_cancelled(ctx, fields))
 
     async def _settle_cancelled(self, ctx: JobContext, fields: dict[str, Any]) -> None:
         await ctx.close()
         current = await self.store.load(fields["id"])
         if current is not None and current.get("cancel") == "1":
-            await self.store.publish(
-                fields["id"],
-                fields["tenant"],
-                "cancelled",
-                {},
-                {"status": "cancelled", "eta_s": None, "finished_at": time.time()},
-                expect=RUNNING,
+            await ctx.flush()
+            await self._cancelled(fields)
+        else:  # the worker is shutting down: another worker takes the same attempt over
+            exc = JobError(
+                "the worker stopped during the job", code="worker_shutdown", retryable=True
             )
-        else:  # the worker is shutting down: hand the job to another attempt
-            await self.recover(fields, "worker_shutdown", "the worker stopped during the job")
+            await self._requeue(fields, exc, 0.0, next_attempt=False)
 
     # -- leases and crash recovery --------------------------------------------
 
-    async def _renew(self, job_ids: list[str]) -> None:
-        deadline = (time.time() + self.settings.lease_s) * 1000
-        await self.store.redis.zadd(self.store.keys.leases, dict.fromkeys(job_ids, deadline))
+    def _deadline(self) -> float:
+        return (time.time() + self.settings.lease_s) * 1000
 
     async def _lease_loop(self) -> None:
         period = self.settings.lease_s / 3
         while True:
             try:
                 if self.running:
-                    await self._renew(list(self.running))
+                    mapping = dict.fromkeys(self.running, self._deadline())
+                    await self.store.redis.zadd(self.store.keys.leases, mapping, xx=True)
                 await self.reap()
-            except Exception:  # Redis blips must not end the loop
-                logger.warning("lease renewal or reaping failed", exc_info=True)
+            except (RedisConnectionError, RedisTimeoutError):
+                logger.warning("lease renewal or reaping failed; retrying", exc_info=True)
             await asyncio.sleep(period)
 
     async def reap(self) -> int:
-        """Recover jobs whose worker stopped renewing their lease; returns how many."""
+        """Recover jobs whose worker stopped renewing their lease; returns how many.
+
+        Every worker reaps; the transition names the lapsed attempt, so exactly one
+        reaper's write lands and the lease goes with it, atomically.
+        """
         leases = self.store.keys.leases
-        now_ms = time.time() * 1000
-        expired = await self.store.redis.zrangebyscore(leases, "-inf", now_ms)
+        lapsed = await self.store.redis.zrangebyscore(leases, "-inf", time.time() * 1000)
         recovered = 0
-        for member in expired:
-            # ZREM returns 1 for exactly one reaper, whichever worker gets there first.
-            if await self.store.redis.zrem(leases, member) != 1:
+        for member in lapsed:
+            arq_id = member.decode()
+            fields = await self.store.load(arq_id.rsplit(".", 1)[0])
+            if fields is None or fields.get("arq_id") != arq_id or fields["status"] != "running":
+                await self.store.redis.zrem(leases, member)  # nothing left to recover
                 continue
-            fields = await self.store.load(member.decode())
-            if fields is not None and fields["status"] == JobStatus.RUNNING:
-                await self.recover(fields, "worker_lost", "the worker running this job stopped")
-                recovered += 1
+            await self.recover(fields)
+            recovered += 1
         return recovered
 
-    async def recover(self, fields: dict[str, Any], code: str, message: str) -> None:
-        exc = JobError(message, code=code, retryable=True)
+    async def recover(self, fields: dict[str, Any]) -> None:
+        exc = JobError("the worker running this job stopped", code="worker_lost", retryable=True)
         if fields["attempt"] < fields["max_attempts"]:
-            await self._requeue(fields, exc, 0.0)
+            await self._requeue(fields, exc, 0.0, next_attempt=True)
         else:
             exc.retryable = False
             await self._fail(fields, exc)

@@ -46,3 +46,17 @@ async def fragile(ctx: JobContext, payload: SlowPayload) -> dict[str, int]:
         await asyncio.sleep(payload.interval_ms / 1000)
         await ctx.progress(100 * (step + 1) / payload.steps)
     return {"steps": payload.steps}
+
+
+@job_type("bad_result", payload=Empty, max_attempts=1)
+async def bad_result(ctx: JobContext, payload: Empty) -> object:
+    """Returns something JSON cannot hold."""
+    return {"when": object()}
+
+
+@job_type("inner_timeout", payload=Empty, max_attempts=2)
+async def inner_timeout(ctx: JobContext, payload: Empty) -> dict[str, int]:
+    """An upstream call times out in the first attempt (not the job's own timeout)."""
+    if ctx.attempt == 1:
+        raise TimeoutError("upstream took too long")
+    return {"attempt": ctx.attempt}

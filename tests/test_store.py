@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ from redis.asyncio import Redis
 
 from pushsvc.jobs import JobContext
 from pushsvc.models import JobStatus
+from pushsvc.queue import Queue
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore, Published, Rejected
 
@@ -46,7 +48,8 @@ async def new_job(store: JobStore, status: str = "running") -> dict[str, Any]:
         "output": "",
         "created_at": time.time(),
     }
-    assert (await store.create("t", job_id, fields, None)) == (job_id, None)
+    enqueue = Queue(store.redis, store.settings).prepare(fields["arq_id"], job_id)
+    assert (await store.create("t", fields, enqueue, None)) == (job_id, None)
     return fields
 
 
@@ -57,7 +60,7 @@ async def test_publish_bumps_seq_applies_fields_and_logs(store: JobStore) -> Non
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.seq == 2 and snap.progress == 5
     events = await store.events_after(job["id"], 0)
-    assert events is not None and [e.kind for e in events] == ["status", "progress"]
+    assert events is not None and [e.kind for e in events] == ["snapshot", "progress"]
     assert '"seq":2,' in events[1].data and '"job_id"' in events[1].data
 
 
@@ -134,3 +137,52 @@ async def test_progress_never_decreases_within_an_attempt(store: JobStore) -> No
     await ctx.flush()
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.progress == 100
+
+
+async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
+    job = await new_job(store)
+    reply = await store.publish(
+        job["id"],
+        "t",
+        "progress",
+        {"progress": 9},
+        {"progress": 9.0},
+        expect=(JobStatus.RUNNING,),
+        arq_id="someone-else",
+    )
+    assert reply == Rejected(JobStatus.RUNNING)
+    snap = await store.snapshot(job["id"], "t")
+    assert snap is not None and snap.progress == 0
+
+
+async def test_lease_is_taken_on_start_and_dropped_on_leaving_running(store: JobStore) -> None:
+    job = await new_job(store, "queued")
+    leases, arq_id = store.keys.leases, job["arq_id"]
+    await store.publish(
+        job["id"],
+        "t",
+        "status",
+        {"status": "running"},
+        {"status": "running"},
+        expect=(JobStatus.QUEUED,),
+        arq_id=arq_id,
+        lease_until_ms=123456,
+    )
+    assert await store.redis.zscore(leases, arq_id) == 123456
+    await store.publish(
+        job["id"],
+        "t",
+        "completed",
+        {},
+        {"status": "completed"},
+        expect=(JobStatus.RUNNING,),
+        arq_id=arq_id,
+    )
+    assert await store.redis.zscore(leases, arq_id) is None
+
+
+async def test_create_enqueues_in_the_same_write(store: JobStore) -> None:
+    job = await new_job(store, "queued")
+    queue = Queue(store.redis, store.settings)
+    assert await store.redis.zscore(queue.queue_name, job["arq_id"]) is not None
+    assert json.loads(await store.redis.get(f"arq:job:{job['arq_id']}"))["a"] == [job["id"]]

@@ -23,7 +23,7 @@ async def test_ticker_runs_to_completed(client: Client) -> None:
     seqs = [data["seq"] for _, data in events]
     assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] == done["seq"]
     kinds = [kind for kind, _ in events]
-    assert kinds[:2] == ["status", "status"] and kinds[-1] == "completed"
+    assert kinds[:2] == ["snapshot", "status"] and kinds[-1] == "completed"
     progress = [d["progress"] for k, d in events if k == "progress"]
     assert progress == sorted(progress) and progress[-1] == 100
 
@@ -41,13 +41,12 @@ async def test_retryable_error_retries_then_succeeds(client: Client) -> None:
     assert done["status"] == "completed" and done["attempt"] == 2
     statuses = [d for k, d in await client.log(job["id"]) if k == "status"]
     assert [(d["status"], d["attempt"]) for d in statuses] == [
-        ("queued", 1),
         ("running", 1),
         ("queued", 2),
         ("running", 2),
     ]
-    assert statuses[2]["error"]["code"] == "ticker_failure"
-    assert statuses[2]["retry_in_s"] >= 0
+    assert statuses[1]["error"]["code"] == "ticker_failure"
+    assert statuses[1]["retry_in_s"] >= 0
 
 
 async def test_retries_stop_after_max_attempts(client: Client) -> None:
@@ -141,7 +140,7 @@ async def test_worker_sigkill_mid_job_reruns_it(
     )
     assert done["status"] == "completed" and done["attempt"] == 2
     statuses = [d for k, d in await client.log(done["id"]) if k == "status"]
-    assert statuses[2]["status"] == "queued" and statuses[2]["error"]["code"] == "worker_lost"
+    assert statuses[1]["status"] == "queued" and statuses[1]["error"]["code"] == "worker_lost"
 
 
 async def test_worker_sigkill_with_no_attempts_left_fails_clearly(
@@ -151,3 +150,37 @@ async def test_worker_sigkill_with_no_attempts_left_fails_clearly(
     done = await _kill_worker_mid_job(client, server, ns, "fragile", {"steps": 40})
     assert done["status"] == "failed"
     assert done["error"]["code"] == "worker_lost" and done["error"]["retryable"] is False
+
+
+async def test_result_that_is_not_json_fails_clearly(client: Client) -> None:
+    """Regression: a non-JSON result used to leave the job running with no lease."""
+    done = await client.wait((await client.submit("bad_result", {}))["id"])
+    assert done["status"] == "failed" and done["error"]["code"] == "invalid_result"
+
+
+async def test_timeout_inside_the_job_is_retryable_not_the_job_timeout(client: Client) -> None:
+    """Regression: any TimeoutError raised by job code was reported as the job's timeout."""
+    done = await client.wait((await client.submit("inner_timeout", {}))["id"])
+    assert done["status"] == "completed" and done["result"] == {"attempt": 2}
+    statuses = [d for k, d in await client.log(done["id"]) if k == "status"]
+    assert statuses[1]["error"]["code"] == "upstream_timeout"
+
+
+async def test_worker_sigterm_hands_the_job_on_without_using_an_attempt(
+    isolated: tuple[Client, RedisServer, str],
+) -> None:
+    """Regression: a deploy (SIGTERM) consumed an attempt, failing single-attempt jobs."""
+    client, server, ns = isolated
+    env = stack_env(server.url, ns)
+    first = Proc(["worker"], env).start()
+    job = await client.submit("fragile", {"steps": 30, "interval_ms": 50})
+    await client.wait(job["id"], lambda j: j["progress"] > 0)
+    first.stop()  # SIGTERM
+    second = Proc(["worker"], env).start()
+    try:
+        done = await client.wait(job["id"], timeout=30)
+    finally:
+        second.stop()
+    assert done["status"] == "completed" and done["attempt"] == 1
+    statuses = [d for k, d in await client.log(job["id"]) if k == "status"]
+    assert statuses[1]["error"]["code"] == "worker_shutdown"

@@ -1,26 +1,45 @@
--- Shared by every script: bump the job's seq and the tenant's seq, apply fields,
--- append output, log the event (job log and tenant log, both capped) and PUBLISH it.
--- One call of a script is one Redis round trip and atomic, so subscribers and the
--- stored state never disagree about the order of events.
-local function publish(job, log, tlog, tseqk, ttl, cap, tcap, kind, body, delta, jchan, tchan, fields)
+-- Shared by every script. One call of a script is one atomic Redis round trip, so
+-- subscribers, the stored snapshot, the lease and the arq queue never disagree.
+--
+-- KEYS: 1 job hash, 2 job log, 3 tenant log, 4 tenant seq, 5 leases, 6 arq queue,
+--       7 arq job key (or any key when not enqueueing)
+-- ARGV: 1 ttl, 2 job log cap, 3 tenant log cap, 4 kind, 5 event body (JSON without
+--       its leading '{'), 6 expected statuses ("a,b" or ""), 7 output delta,
+--       8 job channel, 9 tenant channel, 10 expected arq id (""), 11 lease deadline
+--       ms (""), 12 job id, 13 arq job payload ("" = no enqueue), 14 its PX,
+--       15 its queue score, 16 its arq id, 17 idempotency fingerprint (create),
+--       18 index score (create), 19..n field/value pairs to HSET
+local function apply()
+  local job = KEYS[1]
+  local before = redis.call('HGET', job, 'status')
+  local arq_before = redis.call('HGET', job, 'arq_id')
   local seq = redis.call('HINCRBY', job, 'seq', 1)
-  if #fields > 0 then
-    redis.call('HSET', job, unpack(fields))
+  if #ARGV >= 19 then
+    redis.call('HSET', job, unpack(ARGV, 19))
   end
-  if delta ~= '' then
+  if ARGV[7] ~= '' then
     local out = redis.call('HGET', job, 'output') or ''
-    redis.call('HSET', job, 'output', out .. delta)
+    redis.call('HSET', job, 'output', out .. ARGV[7])
   end
-  local data = '{"seq":' .. seq .. ',' .. body
-  local tseq = redis.call('INCR', tseqk)
-  redis.call('XADD', log, 'MAXLEN', '~', cap, '0-' .. seq, 'k', kind, 'd', data)
-  redis.call('XADD', tlog, 'MAXLEN', '~', tcap, '0-' .. tseq, 'k', kind, 'd', data)
-  redis.call('EXPIRE', job, ttl)
-  redis.call('EXPIRE', log, ttl)
-  redis.call('EXPIRE', tlog, ttl)
-  redis.call('EXPIRE', tseqk, ttl)
-  local msg = tseq .. ' ' .. kind .. ' ' .. data
-  redis.call('PUBLISH', jchan, msg)
-  redis.call('PUBLISH', tchan, msg)
-  return seq
+  local status = redis.call('HGET', job, 'status')
+  -- Leases follow the state: held while running, keyed by the attempt's arq id.
+  if before == 'running' and status ~= 'running' and arq_before then
+    redis.call('ZREM', KEYS[5], arq_before)
+  end
+  if status == 'running' and ARGV[11] ~= '' then
+    redis.call('ZADD', KEYS[5], ARGV[11], redis.call('HGET', job, 'arq_id'))
+  end
+  if ARGV[13] ~= '' then
+    redis.call('SET', KEYS[7], ARGV[13], 'PX', ARGV[14])
+    redis.call('ZADD', KEYS[6], ARGV[15], ARGV[16])
+  end
+  local data = '{"seq":' .. seq .. ',' .. ARGV[5]
+  local tseq = redis.call('INCR', KEYS[4])
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'k', ARGV[4], 'd', data)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '0-' .. tseq, 'k', ARGV[4], 'd', data)
+  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  local msg = tseq .. ' ' .. seq .. ' ' .. ARGV[4] .. ' ' .. ARGV[12] .. ' ' .. data
+  redis.call('PUBLISH', ARGV[8], msg)
+  redis.call('PUBLISH', ARGV[9], msg)
+  return {seq, status, redis.call('HGET', job, 'cancel') or ''}
 end
