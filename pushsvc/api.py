@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .auth import Authenticator
+from .auth import Authenticator, job_scope
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ValidationFailed
+from .events import EventBus
 from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
 from .queue import Queue
@@ -35,6 +36,7 @@ class Services:
     queue: Queue
     auth: Authenticator
     types: Registry
+    bus: EventBus
 
 
 def services(request: Request) -> Services:
@@ -42,9 +44,15 @@ def services(request: Request) -> Services:
     return svc
 
 
-def job_json(snap: JobSnapshot) -> dict[str, Any]:
+def job_json(svc: Services, tenant: str, snap: JobSnapshot) -> dict[str, Any]:
+    """The snapshot plus links; ``events`` carries a job-scoped token for EventSource."""
     data = snap.model_dump(mode="json")
-    data["links"] = {"self": f"/v1/jobs/{snap.id}", "events": f"/v1/jobs/{snap.id}/events"}
+    token, expires = svc.auth.issue(tenant, job_scope(snap.id))
+    data["links"] = {
+        "self": f"/v1/jobs/{snap.id}",
+        "events": f"/v1/jobs/{snap.id}/events?token={token}",
+        "events_expires_at": expires,
+    }
     return data
 
 
@@ -149,12 +157,12 @@ def _idempotency(
 async def _job_response(
     svc: Services, tenant: str, job_id: str, status: int, headers: dict[str, str]
 ) -> Response:
-    snap = await _get_job(svc, tenant, job_id)
+    snap = await get_owned_job(svc, tenant, job_id)
     headers = {"Location": f"/v1/jobs/{job_id}", **headers}
-    return JSONResponse(job_json(snap), status_code=status, headers=headers)
+    return JSONResponse(job_json(svc, tenant, snap), status_code=status, headers=headers)
 
 
-async def _get_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
+async def get_owned_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
     try:
         valid = uuid.UUID(job_id).version == 4
     except ValueError:
@@ -167,14 +175,15 @@ async def _get_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
 
 async def get_job(request: Request) -> Response:
     svc = services(request)
-    snap = await _get_job(svc, svc.auth.tenant(request), request.path_params["job_id"])
+    tenant = svc.auth.tenant(request)
+    snap = await get_owned_job(svc, tenant, request.path_params["job_id"])
     etag = f'"{snap.seq}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not snap.status.terminal:
         headers["Retry-After"] = f"{svc.settings.poll_hint_s:g}"
     if etag in _etags(request.headers.get("if-none-match", "")):
         return Response(status_code=304, headers=headers)
-    return JSONResponse(job_json(snap), headers=headers)
+    return JSONResponse(job_json(svc, tenant, snap), headers=headers)
 
 
 def _etags(header: str) -> set[str]:
@@ -202,13 +211,13 @@ async def list_jobs(request: Request) -> Response:
     jobs, cursor = await svc.store.list_jobs(
         tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
     )
-    return JSONResponse({"jobs": [job_json(j) for j in jobs], "next_cursor": cursor})
+    return JSONResponse({"jobs": [job_json(svc, tenant, j) for j in jobs], "next_cursor": cursor})
 
 
 async def cancel_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
-    job_id = (await _get_job(svc, tenant, request.path_params["job_id"])).id
+    job_id = (await get_owned_job(svc, tenant, request.path_params["job_id"])).id
     # A job can move between queued and running (retries) while we act: try a few times.
     for _ in range(3):
         fields = await _load(svc, tenant, job_id)
@@ -246,7 +255,7 @@ async def _load(svc: Services, tenant: str, job_id: str) -> dict[str, Any]:
 async def retry_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
-    snap = await _get_job(svc, tenant, request.path_params["job_id"])
+    snap = await get_owned_job(svc, tenant, request.path_params["job_id"])
     fields = await _load(svc, tenant, snap.id)
     arq_id = new_arq_id(snap.id)
     reset = {

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Mapping
 
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api
+from . import api, metrics, sse
 from . import ticker as _ticker  # noqa: F401  (registers the built-in type)
 from .api import Services
 from .auth import Authenticator
 from .errors import ApiError, PushsvcError
+from .events import EventBus
 from .jobs import Registry, registry
 from .queue import Queue, connect
 from .settings import Settings
@@ -25,6 +29,7 @@ from .store import JobStore
 from .worker import load_job_modules
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("pushsvc.access")
 
 
 def error_response(
@@ -75,26 +80,31 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        redis = connect(settings, socket_connect_timeout=2, socket_timeout=10)
-        store = JobStore(redis, settings)
-        app.state.services = Services(
-            settings,
-            redis,
-            store,
-            Queue(redis, settings),
-            Authenticator(settings),
-            types or registry,
+        redis = connect(
+            settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
         try:
-            yield
+            async with EventBus(settings) as bus:
+                app.state.services = Services(
+                    settings,
+                    redis,
+                    JobStore(redis, settings),
+                    Queue(redis, settings),
+                    Authenticator(settings),
+                    types or registry,
+                    bus,
+                )
+                yield
         finally:
             await redis.aclose()
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
+            Route("/metrics", metrics.metrics),
             *api.routes,
+            *sse.routes,
         ],
         exception_handlers={
             ApiError: api_error,
@@ -103,4 +113,39 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             Exception: internal_error,
         },
         lifespan=lifespan,
+        middleware=[Middleware(AccessLog)],
     )
+    app.state.metrics = metrics.make_registry(app)
+    return app
+
+
+class AccessLog:
+    """Access lines without query strings: stream tokens travel in ``?token=``.
+
+    uvicorn's own access log prints the query string, so the CLI turns it off.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), [0]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            access_logger.info(
+                '"%s %s" %d %.1fms',
+                scope["method"],
+                scope["path"],
+                status[0],
+                (time.perf_counter() - started) * 1000,
+            )

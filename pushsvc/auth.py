@@ -1,8 +1,17 @@
-"""Who is asking: API keys map to tenants (stream tokens join in sse.py's issue)."""
+"""Who is asking: API keys map to tenants; signed, short-lived stream tokens for browsers.
+
+EventSource cannot send headers, so stream URLs carry ``?token=``: HMAC-SHA256 over
+``{tenant, scope, expiry}`` with ``PUSHSVC_SECRET``, scoped to one job or to the tenant.
+"""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import json
+import secrets
+import time
 
 from starlette.requests import HTTPConnection
 
@@ -10,18 +19,35 @@ from .errors import Unauthorized
 from .settings import Settings
 
 LOCAL_TENANT = "local"
+TENANT_SCOPE = "tenant"
 
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def job_scope(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
 class Authenticator:
-    """Resolves a request's tenant from ``Authorization: Bearer <key>``."""
+    """Resolves a request's tenant from an API key, or a stream token where allowed."""
 
     def __init__(self, settings: Settings) -> None:
         # Looked up by digest: no key is compared character by character.
         self._tenants = {_digest(k): t for k, t in settings.api_keys.items()}
+        # Without a configured secret, tokens are valid only in this process (dev).
+        secret = settings.secret.get_secret_value() or secrets.token_hex(32)
+        self._secret = secret.encode()
+        self._ttl = settings.stream_token_ttl_s
 
     @property
     def enabled(self) -> bool:
@@ -37,3 +63,31 @@ class Authenticator:
         if tenant is None:
             raise Unauthorized("the API key is not valid", code="invalid_credentials")
         return tenant
+
+    def stream_tenant(self, conn: HTTPConnection, scopes: set[str]) -> str:
+        """The tenant of a stream request: a ``?token=`` with one of ``scopes``, or a key."""
+        token = conn.query_params.get("token")
+        if token is None:
+            return self.tenant(conn)
+        tenant, scope = self.verify(token)
+        if scope not in scopes:
+            raise Unauthorized("the token is not for this stream", code="invalid_token")
+        return tenant
+
+    def issue(self, tenant: str, scope: str) -> tuple[str, int]:
+        """A token and its expiry (epoch seconds)."""
+        expires = int(time.time()) + self._ttl
+        body = _b64(json.dumps([tenant, scope, expires], separators=(",", ":")).encode())
+        return f"{body}.{self._sign(body)}", expires
+
+    def verify(self, token: str) -> tuple[str, str]:
+        body, _, signature = token.partition(".")
+        if not hmac.compare_digest(signature, self._sign(body)):
+            raise Unauthorized("the token is not valid", code="invalid_token")
+        tenant, scope, expires = json.loads(_unb64(body))
+        if expires < time.time():
+            raise Unauthorized("the token has expired", code="token_expired")
+        return str(tenant), str(scope)
+
+    def _sign(self, body: str) -> str:
+        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest()[:24])

@@ -60,7 +60,13 @@ def api(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> Non
     _setup_logging()
     settings = build_settings(host=host, port=port, redis_url=redis_url)
     check_auth(settings)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,  # ours (app.AccessLog) leaves out query strings, and so tokens
+    )
 
 
 @cli.command()

@@ -17,7 +17,7 @@ from arq.constants import abort_jobs_ss, expires_extra_ms, job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
-from redis.asyncio import ConnectionPool
+from redis.asyncio import BlockingConnectionPool, ConnectionPool
 
 from .keys import Keys
 from .settings import Settings
@@ -48,9 +48,18 @@ def deserialize(data: bytes) -> Any:
     return json.loads(data, object_hook=_object_hook)
 
 
-def connect(settings: Settings, **pool_kwargs: Any) -> ArqRedis:
-    """A lazily connecting client (arq's enqueue on top of redis-py's asyncio client)."""
-    pool = ConnectionPool.from_url(settings.redis_url, **pool_kwargs)
+def connect(settings: Settings, max_connections: int | None = None, **pool_kwargs: Any) -> ArqRedis:
+    """A lazily connecting client (arq's enqueue on top of redis-py's asyncio client).
+
+    With ``max_connections`` the pool is a blocking one: commands wait for a free
+    connection, so a process's Redis connections stay fixed however busy it is.
+    """
+    if max_connections is None:
+        pool = ConnectionPool.from_url(settings.redis_url, **pool_kwargs)
+    else:
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=max_connections, timeout=5, **pool_kwargs
+        )
     return ArqRedis(
         pool,
         job_serializer=serialize,

@@ -39,6 +39,18 @@ class Settings(BaseSettings):
     job_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # API.
+    # Redis connections of one API process besides its one pub/sub connection.
+    redis_pool_size: int = Field(2, ge=1)
+    stream_token_ttl_s: int = Field(900, ge=10)
+    heartbeat_s: float = Field(15.0, gt=0)
+    retry_ms: int = Field(2000, ge=0)  # the SSE ``retry:`` hint for reconnecting clients
+    stream_subscribe_timeout_s: float = Field(3.0, gt=0)
+    # Per-stream buffer: merge progress/output past this many frames, resync past the caps.
+    stream_coalesce_after: int = Field(32, ge=1)
+    stream_max_frames: int = Field(256, ge=2)
+    stream_max_bytes: int = Field(1_048_576, ge=1024)
+    # How many recent jobs an all-jobs stream scans for active ones when it starts.
+    stream_recent_jobs: int = Field(500, ge=1)
     host: str = "127.0.0.1"
     port: int = 8000
     poll_hint_s: float = Field(2.0, gt=0)

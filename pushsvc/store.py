@@ -12,6 +12,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .errors import BadRequest
+from .events import Frame
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
 from .queue import Enqueue
@@ -66,12 +67,6 @@ class Rejected:
     status: JobStatus
 
 
-@dataclass(frozen=True)
-class StoredEvent:
-    kind: str
-    data: str  # the JSON text, exactly as published
-
-
 class JobStore:
     """Reads and writes job state; every write goes through one Lua publish path."""
 
@@ -82,6 +77,7 @@ class JobStore:
         fn = _lua("publish_fn.lua")
         self._publish = redis.register_script(fn + _lua("publish.lua"))
         self._create = redis.register_script(fn + _lua("create.lua"))
+        self._read = redis.register_script(_lua("read.lua"))
 
     def _call(
         self,
@@ -252,10 +248,55 @@ class JobStore:
             if stale:  # expired jobs: prune the index lazily
                 await self.redis.zrem(index, *stale)
 
-    async def events_after(self, job_id: str, seq: int) -> list[StoredEvent] | None:
-        """The logged events with seq > ``seq``, or None when some are no longer kept."""
+    async def events_after(self, job_id: str, seq: int) -> list[Frame] | None:
+        """The job's logged events with seq > ``seq``, or None when some are gone."""
         entries = await self.redis.xrange(self.keys.job_log(job_id), f"({_sid(seq)}", "+")
-        return _contiguous(entries, seq)
+        current = await self._current_seq(job_id)
+        if seq > current or (not entries and seq < current):
+            return None  # an id from the future, or a log that expired while the job lives
+        if entries and _seq_of(entries[0][0]) != seq + 1:
+            return None
+        return [
+            Frame(int(f[b"t"]), _seq_of(eid), f[b"k"].decode(), job_id, f[b"d"].decode())
+            for eid, f in entries
+        ]
+
+    async def tenant_events_after(self, tenant: str, tseq: int) -> list[Frame] | None:
+        """The tenant's logged events with tenant seq > ``tseq``, or None when some are gone."""
+        key = self.keys.tenant_log(tenant)
+        entries = await self.redis.xrange(key, f"({_sid(tseq)}", "+")
+        current = int(await self.redis.get(self.keys.tenant_seq(tenant)) or 0)
+        if tseq > current or (not entries and tseq < current):
+            return None
+        if entries and _seq_of(entries[0][0]) != tseq + 1:
+            return None
+        return [
+            Frame(_seq_of(eid), int(f[b"s"]), f[b"k"].decode(), f[b"j"].decode(), f[b"d"].decode())
+            for eid, f in entries
+        ]
+
+    async def last_event(self, job_id: str) -> Frame | None:
+        entries = await self.redis.xrevrange(self.keys.job_log(job_id), "+", "-", count=1)
+        if not entries:
+            return None
+        eid, f = entries[0]
+        return Frame(int(f[b"t"]), _seq_of(eid), f[b"k"].decode(), job_id, f[b"d"].decode())
+
+    async def _current_seq(self, job_id: str) -> int:
+        return int(await self.redis.hget(self.keys.job(job_id), "seq") or 0)  # type: ignore[misc]
+
+    async def read_view(
+        self, tenant: str, job_ids: list[str], recent: int
+    ) -> tuple[int, dict[str, dict[str, Any] | None]]:
+        """Atomically: the tenant seq and the named jobs (or the recent active ones)."""
+        keys = [self.keys.tenant_seq(tenant), self.keys.tenant_index(tenant)]
+        reply = await self._read(keys=keys, args=[self.keys.job(""), recent, *job_ids])
+        view: dict[str, dict[str, Any] | None] = {}
+        for i in range(1, len(reply), 2):
+            flat = reply[i + 1]
+            raw = dict(zip(flat[::2], flat[1::2], strict=True))
+            view[reply[i].decode()] = decode_fields(raw) if raw else None
+        return int(reply[0]), view
 
 
 def to_snapshot(fields: dict[str, Any]) -> JobSnapshot:
@@ -290,9 +331,3 @@ def _sid(seq: int) -> str:
 
 def _seq_of(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[1])
-
-
-def _contiguous(entries: list[Any], after: int) -> list[StoredEvent] | None:
-    if entries and _seq_of(entries[0][0]) != after + 1:
-        return None
-    return [StoredEvent(f[b"k"].decode(), f[b"d"].decode()) for _, f in entries]

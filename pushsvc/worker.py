@@ -67,7 +67,9 @@ class Runner:
     # -- arq hooks ---------------------------------------------------------
 
     async def start(self, _ctx: dict[str, Any]) -> None:
-        self._tasks = [asyncio.create_task(self._lease_loop(), name="pushsvc-leases")]
+        # arq calls this again each time run_worker re-enters its loop after an outage.
+        if not any(not t.done() for t in self._tasks):
+            self._tasks = [asyncio.create_task(self._lease_loop(), name="pushsvc-leases")]
 
     async def stop(self, _ctx: dict[str, Any]) -> None:
         for task in self._tasks:
@@ -349,5 +351,18 @@ async def worker_session(
 
 
 async def run_worker(settings: Settings) -> None:
+    """Run a worker until signalled, riding out Redis outages.
+
+    arq's poll loop ends at the first Redis error; running jobs live on as tasks, so
+    the loop is simply entered again once Redis answers.
+    """
     async with worker_session(settings) as worker:
-        await worker.async_run()
+        delay = 0.1
+        while True:
+            try:
+                await worker.async_run()
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("Redis unavailable (%s); polling again in %.1fs", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

@@ -35,8 +35,11 @@ local function apply()
   end
   local data = '{"seq":' .. seq .. ',' .. ARGV[5]
   local tseq = redis.call('INCR', KEYS[4])
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'k', ARGV[4], 'd', data)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '0-' .. tseq, 'k', ARGV[4], 'd', data)
+  -- Each log entry knows both sequences, so either stream can resume from either log.
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'k', ARGV[4], 't', tseq,
+    'd', data)
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '0-' .. tseq, 'k', ARGV[4], 's', seq,
+    'j', ARGV[12], 'd', data)
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
   local msg = tseq .. ' ' .. seq .. ' ' .. ARGV[4] .. ' ' .. ARGV[12] .. ' ' .. data
   redis.call('PUBLISH', ARGV[8], msg)

@@ -1,0 +1,286 @@
+"""The API side of pub/sub: one connection per process, fanned out to bounded queues.
+
+Channels are subscribed by reference count as streams come and go, and a stream reads
+stored state only after Redis has *confirmed* its subscription, so nothing published
+in between is lost. When the connection drops, the bus reconnects with backoff,
+resubscribes, and tells every queue to refill from the stored logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .keys import Keys
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+TERMINAL_KINDS = frozenset({"completed", "failed", "cancelled"})
+MERGEABLE = frozenset({"progress", "output"})
+
+
+@dataclass(slots=True)
+class Frame:
+    """One event as published: both sequences, the kind, and the JSON text."""
+
+    tseq: int
+    seq: int
+    kind: str
+    job_id: str
+    data: str
+    first_seq: int = 0  # lowest job seq this frame covers (merged frames cover several)
+    _by_seq: bytes | None = field(default=None, repr=False)
+    _by_tseq: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.first_seq:
+            self.first_seq = self.seq
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Frame:
+        tseq, seq, kind, job_id, data = raw.decode().split(" ", 4)
+        return cls(int(tseq), int(seq), kind, job_id, data)
+
+    def sse(self, by_tseq: bool) -> bytes:
+        """The SSE frame, ``id:`` being the job seq or the tenant seq; encoded once."""
+        if by_tseq:
+            if self._by_tseq is None:
+                self._by_tseq = _encode(self.tseq, self.kind, self.data)
+            return self._by_tseq
+        if self._by_seq is None:
+            self._by_seq = _encode(self.seq, self.kind, self.data)
+        return self._by_seq
+
+    def merge(self, newer: Frame) -> Frame:
+        """Coalesce two frames of one job and kind: latest progress wins, output joins."""
+        data = newer.data
+        if self.kind == "output":
+            merged = json.loads(newer.data)
+            merged["delta"] = json.loads(self.data)["delta"] + merged["delta"]
+            data = json.dumps(merged, separators=(",", ":"))
+        return Frame(newer.tseq, newer.seq, self.kind, self.job_id, data, self.first_seq)
+
+
+def _encode(event_id: int, kind: str, data: str) -> bytes:
+    return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
+
+
+class StreamQueue:
+    """A stream's bounded buffer between the bus and a slow or fast reader.
+
+    Past ``coalesce_after`` frames, progress and output frames merge into the job's
+    latest pending frame of the same kind. Past ``max_frames`` or ``max_bytes`` the
+    buffer is dropped and the reader is told to resync from stored state. Status and
+    terminal frames are never merged.
+    """
+
+    def __init__(self, coalesce_after: int, max_frames: int, max_bytes: int) -> None:
+        self._pending: OrderedDict[int, Frame] = OrderedDict()
+        self._last_of_job: dict[str, int] = {}
+        self._next = 0
+        self._bytes = 0
+        self._limits = (coalesce_after, max_frames, max_bytes)
+        self._wake = asyncio.Event()
+        self.resync = False  # set by overflow or a bus reconnect; the reader clears it
+        self.overflowed = False
+        self.merged = 0
+
+    def put(self, frame: Frame) -> None:
+        coalesce_after, max_frames, max_bytes = self._limits
+        last = self._last_of_job.get(frame.job_id)
+        if len(self._pending) >= coalesce_after and last is not None and frame.kind in MERGEABLE:
+            older = self._pending[last]
+            if older.kind == frame.kind:
+                del self._pending[last]
+                self._bytes -= len(older.data)
+                frame = older.merge(frame)
+                self.merged += 1
+        self._pending[self._next] = frame
+        self._last_of_job[frame.job_id] = self._next
+        self._next += 1
+        self._bytes += len(frame.data)
+        if len(self._pending) > max_frames or self._bytes > max_bytes:
+            self.clear()
+            self.resync = self.overflowed = True
+        self._wake.set()
+
+    def mark_resync(self) -> None:
+        self.resync = True
+        self._wake.set()
+
+    def clear(self) -> None:
+        self._pending.clear()
+        self._last_of_job.clear()
+        self._bytes = 0
+
+    async def get(self) -> list[Frame]:
+        """Everything pending, oldest first (empty when only a resync is due)."""
+        while not self._pending and not self.resync:
+            self._wake.clear()
+            await self._wake.wait()
+        frames = list(self._pending.values())
+        self.clear()
+        return frames
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
+@dataclass
+class _Channel:
+    queues: set[StreamQueue] = field(default_factory=set)
+    confirmed: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class EventBus:
+    """One pub/sub connection for the whole process; owns its reader task."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.namespace)
+        self._redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        self._pubsub: PubSub | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._stale_confirms: dict[str, int] = {}
+        self._reader: asyncio.Task[None] | None = None
+        # Keeps the connection subscribed (and readable) while no stream is open.
+        self._control = f"{self.keys.ns}:bus:{secrets.token_hex(6)}"
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self.delivered = 0
+
+    async def __aenter__(self) -> EventBus:
+        self._reader = asyncio.create_task(self._run(), name="pushsvc-bus")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        await self._redis.aclose()
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    @property
+    def stream_count(self) -> int:
+        return sum(len(c.queues) for c in self._channels.values())
+
+    @contextlib.asynccontextmanager
+    async def subscription(self, channel: str, queue: StreamQueue) -> AsyncIterator[None]:
+        """Route ``channel`` to ``queue`` while inside; returns once Redis confirmed it."""
+        entry = self._channels.get(channel)
+        if entry is None:
+            entry = self._channels[channel] = _Channel()
+            if self._pubsub is not None and self.connected.is_set():
+                await self._send_subscribe(channel, entry)
+        entry.queues.add(queue)
+        try:
+            await self._wait_confirmed(entry)
+            yield
+        finally:
+            entry.queues.discard(queue)
+            if not entry.queues and self._channels.get(channel) is entry:
+                del self._channels[channel]
+                if not entry.confirmed.done():
+                    entry.confirmed.cancel()
+                    self._stale_confirms[channel] = self._stale_confirms.get(channel, 0) + 1
+                await self._send_unsubscribe(channel)
+
+    async def _wait_confirmed(self, entry: _Channel) -> None:
+        timeout = self.settings.stream_subscribe_timeout_s
+        try:
+            await asyncio.wait_for(asyncio.shield(entry.confirmed), timeout)
+        except TimeoutError as exc:
+            raise RedisConnectionError("pub/sub subscription was not confirmed") from exc
+
+    async def _send_subscribe(self, channel: str, entry: _Channel) -> None:
+        assert self._pubsub is not None
+        try:
+            await self._pubsub.subscribe(channel)
+        except (RedisConnectionError, RedisTimeoutError, OSError):
+            pass  # the reader reconnects and subscribes every channel again
+
+    async def _send_unsubscribe(self, channel: str) -> None:
+        if self._pubsub is None or not self.connected.is_set():
+            return
+        with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+            await self._pubsub.unsubscribe(channel)
+
+    # -- the reader ------------------------------------------------------------
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while True:
+            try:
+                await self._connect()
+                delay = 0.05
+                await self._read()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
+            self.connected.clear()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _connect(self) -> None:
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        self._stale_confirms.clear()
+        for name, entry in list(self._channels.items()):
+            if entry.confirmed.done():  # confirmed on the old connection: confirm again
+                self._channels[name] = _Channel(entry.queues)
+        self._pubsub = self._redis.pubsub()
+        await self._pubsub.subscribe(self._control, *self._channels)
+        self.connected.set()
+        if self.reconnects or any(self._channels):
+            for entry in self._channels.values():
+                for queue in entry.queues:
+                    queue.mark_resync()  # whatever was published meanwhile is in the logs
+        self.reconnects += 1
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        while True:
+            msg = await self._pubsub.get_message(timeout=None)
+            if msg is None:
+                continue
+            kind, channel = msg["type"], msg["channel"].decode()
+            if kind == "message":
+                self._route(channel, msg["data"])
+            elif kind == "subscribe":
+                self._confirm(channel)
+
+    def _confirm(self, channel: str) -> None:
+        stale = self._stale_confirms.get(channel, 0)
+        if stale:  # an answer to a subscribe whose streams have already gone
+            self._stale_confirms[channel] = stale - 1
+            return
+        entry = self._channels.get(channel)
+        if entry is not None and not entry.confirmed.done():
+            entry.confirmed.set_result(None)
+
+    def _route(self, channel: str, raw: bytes) -> None:
+        entry = self._channels.get(channel)
+        if entry is None or not entry.queues:
+            return
+        frame = Frame.parse(raw)
+        for queue in entry.queues:
+            queue.put(frame)
+        self.delivered += len(entry.queues)

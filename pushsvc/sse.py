@@ -1,0 +1,99 @@
+"""The stream endpoints: one job's events, many jobs' events, and stream tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .api import Services, get_owned_job, services
+from .auth import TENANT_SCOPE, job_scope
+from .errors import BadRequest, NotFound, Unavailable, ValidationFailed
+from .streams import JobStream, MuxStream, _Stream
+
+MAX_NAMED_JOBS = 100
+
+
+def last_event_id(request: Request) -> int | None:
+    """``Last-Event-ID`` (header, as EventSource sends it) or ``?last_event_id=``."""
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 18:
+        raise BadRequest("Last-Event-ID must be an event id this API sent", code="bad_event_id")
+    return int(raw)
+
+
+async def _bus_ready(svc: Services) -> None:
+    try:
+        await asyncio.wait_for(svc.bus.connected.wait(), svc.settings.stream_subscribe_timeout_s)
+    except TimeoutError as exc:
+        raise Unavailable(
+            "event delivery is unavailable (Redis)", code="redis_unavailable"
+        ) from exc
+
+
+def _respond(svc: Services, stream: _Stream) -> Response:
+    return EventSourceResponse(
+        stream.frames(), ping=svc.settings.heartbeat_s, headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def job_events(request: Request) -> Response:
+    svc = services(request)
+    job_id = request.path_params["job_id"]
+    tenant = svc.auth.stream_tenant(request, {job_scope(job_id), TENANT_SCOPE})
+    last_id = last_event_id(request)
+    snap = await get_owned_job(svc, tenant, job_id)
+    await _bus_ready(svc)
+    if last_id is not None and snap.status.terminal and last_id >= snap.seq:
+        return Response(status_code=204)  # nothing more will come: EventSource stops here
+    return _respond(svc, JobStream(svc.store, svc.bus, svc.settings, tenant, job_id, last_id))
+
+
+async def many_events(request: Request) -> Response:
+    svc = services(request)
+    job_ids = list(dict.fromkeys(request.query_params.getlist("job")))
+    scopes = {TENANT_SCOPE} | ({job_scope(job_ids[0])} if len(job_ids) == 1 else set())
+    tenant = svc.auth.stream_tenant(request, scopes)
+    last_id = last_event_id(request)
+    if len(job_ids) > MAX_NAMED_JOBS:
+        raise ValidationFailed(f"name at most {MAX_NAMED_JOBS} jobs", code="too_many_jobs")
+    for job_id in job_ids:
+        _valid_id(job_id)
+    _, view = await svc.store.read_view(tenant, job_ids, 1) if job_ids else (0, {})
+    for job_id, fields in view.items():
+        if fields is None or fields.get("tenant") != tenant:
+            raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    await _bus_ready(svc)
+    stream = MuxStream(svc.store, svc.bus, svc.settings, tenant, job_ids, last_id)
+    return _respond(svc, stream)
+
+
+def _valid_id(job_id: str) -> None:
+    try:
+        uuid.UUID(job_id)
+    except ValueError as exc:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found") from exc
+
+
+async def stream_token(request: Request) -> Response:
+    """A tenant-scoped token for ``GET /v1/events?token=`` (EventSource sends no headers)."""
+    svc = services(request)
+    tenant = svc.auth.tenant(request)
+    token, expires = svc.auth.issue(tenant, TENANT_SCOPE)
+    return JSONResponse(
+        {"token": token, "expires_at": expires, "events_url": f"/v1/events?token={token}"},
+        status_code=201,
+    )
+
+
+routes = [
+    Route("/v1/jobs/{job_id}/events", job_events, methods=["GET"]),
+    Route("/v1/events", many_events, methods=["GET"]),
+    Route("/v1/stream-tokens", stream_token, methods=["POST"]),
+]
