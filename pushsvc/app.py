@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -43,8 +43,14 @@ async def api_error(_request: Request, exc: Exception) -> Response:
     return error_response(exc, exc.status_code, exc.headers)
 
 
-async def redis_down(_request: Request, exc: Exception) -> Response:
-    logger.warning("Redis unreachable: %s", exc)
+# Redis answers these while it cannot serve (loading, failover, out of memory): a 503.
+UNAVAILABLE_REPLIES = ("LOADING", "READONLY", "MASTERDOWN", "OOM", "BUSY", "TRYAGAIN")
+
+
+async def redis_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ResponseError) and not str(exc).startswith(UNAVAILABLE_REPLIES):
+        return await internal_error(request, exc)  # a bug of ours, not an outage
+    logger.warning("Redis unavailable: %s", exc)
     err = PushsvcError("the job store (Redis) is unreachable; try again", code="redis_unavailable")
     return error_response(err, 503, {"Retry-After": "1"})
 
@@ -108,7 +114,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
         ],
         exception_handlers={
             ApiError: api_error,
-            RedisError: redis_down,
+            RedisError: redis_error,
             HTTPException: http_error,
             Exception: internal_error,
         },

@@ -82,7 +82,9 @@ class Authenticator:
 
     def verify(self, token: str) -> tuple[str, str]:
         body, _, signature = token.partition(".")
-        if not hmac.compare_digest(signature, self._sign(body)):
+        # Bytes, not str: compare_digest refuses non-ASCII text (a 500 on a forged token).
+        expected = self._sign(body).encode()
+        if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
             raise Unauthorized("the token is not valid", code="invalid_token")
         tenant, scope, expires = json.loads(_unb64(body))
         if expires < time.time():

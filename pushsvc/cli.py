@@ -40,8 +40,14 @@ def is_loopback(host: str) -> bool:
 
 
 def check_auth(settings: Settings) -> None:
-    """No API keys: allowed on loopback only (one local tenant), refused elsewhere."""
+    """No API keys: allowed on loopback only (one local tenant), refused elsewhere.
+
+    With keys, a secret is required: every API process must verify the stream tokens
+    any other one issued, or a client resuming on another process would be refused.
+    """
     if settings.auth_enabled:
+        if not settings.secret.get_secret_value():
+            raise typer.BadParameter("PUSHSVC_API_KEYS is set: set PUSHSVC_SECRET too")
         return
     if not is_loopback(settings.host):
         raise typer.BadParameter(

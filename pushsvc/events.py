@@ -76,44 +76,72 @@ def _encode(event_id: int, kind: str, data: str) -> bytes:
     return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
+@dataclass
+class QueueStats:
+    """Totals across every stream queue of a process (read by /metrics)."""
+
+    merged: int = 0
+    resyncs: int = 0
+    buffered_bytes: int = 0
+
+
 class StreamQueue:
     """A stream's bounded buffer between the bus and a slow or fast reader.
 
-    Past ``coalesce_after`` frames, progress and output frames merge into the job's
+    Past ``coalesce_after`` frames, progress and output frames merge with the job's
     latest pending frame of the same kind. Past ``max_frames`` or ``max_bytes`` the
     buffer is dropped and the reader is told to resync from stored state. Status and
     terminal frames are never merged.
     """
 
-    def __init__(self, coalesce_after: int, max_frames: int, max_bytes: int) -> None:
+    def __init__(
+        self, coalesce_after: int, max_frames: int, max_bytes: int, stats: QueueStats
+    ) -> None:
+        self.stats = stats
         self._pending: OrderedDict[int, Frame] = OrderedDict()
-        self._last_of_job: dict[str, int] = {}
+        self._last_of: dict[tuple[str, str], int] = {}  # (job, kind) -> pending position
+        self._barrier: dict[str, int] = {}  # job -> position of its last unmergeable frame
         self._next = 0
         self._bytes = 0
         self._limits = (coalesce_after, max_frames, max_bytes)
         self._wake = asyncio.Event()
         self.resync = False  # set by overflow or a bus reconnect; the reader clears it
         self.overflowed = False
-        self.merged = 0
 
     def put(self, frame: Frame) -> None:
         coalesce_after, max_frames, max_bytes = self._limits
-        last = self._last_of_job.get(frame.job_id)
-        if len(self._pending) >= coalesce_after and last is not None and frame.kind in MERGEABLE:
-            older = self._pending[last]
-            if older.kind == frame.kind:
-                del self._pending[last]
-                self._bytes -= len(older.data)
-                frame = older.merge(frame)
-                self.merged += 1
+        if len(self._pending) >= coalesce_after and frame.kind in MERGEABLE:
+            frame = self._merge_into_latest(frame)
         self._pending[self._next] = frame
-        self._last_of_job[frame.job_id] = self._next
+        if frame.kind in MERGEABLE:
+            self._last_of[(frame.job_id, frame.kind)] = self._next
+        else:
+            self._barrier[frame.job_id] = self._next
         self._next += 1
-        self._bytes += len(frame.data)
+        self._add_bytes(len(frame.data))
         if len(self._pending) > max_frames or self._bytes > max_bytes:
             self.clear()
             self.resync = self.overflowed = True
+            self.stats.resyncs += 1
         self._wake.set()
+
+    def _merge_into_latest(self, frame: Frame) -> Frame:
+        """Fold the job's latest pending frame of this kind into ``frame``.
+
+        Only past the job's last status/snapshot/terminal frame: progress and output
+        may be reordered with each other, never across a change of state.
+        """
+        older_at = self._last_of.get((frame.job_id, frame.kind))
+        if older_at is None or older_at < self._barrier.get(frame.job_id, -1):
+            return frame
+        older = self._pending.pop(older_at)
+        self._add_bytes(-len(older.data))
+        self.stats.merged += 1
+        return older.merge(frame)
+
+    def _add_bytes(self, n: int) -> None:
+        self._bytes += n
+        self.stats.buffered_bytes += n
 
     def mark_resync(self) -> None:
         self.resync = True
@@ -121,8 +149,9 @@ class StreamQueue:
 
     def clear(self) -> None:
         self._pending.clear()
-        self._last_of_job.clear()
-        self._bytes = 0
+        self._last_of.clear()
+        self._barrier.clear()
+        self._add_bytes(-self._bytes)
 
     async def get(self) -> list[Frame]:
         """Everything pending, oldest first (empty when only a resync is due)."""
@@ -161,6 +190,7 @@ class EventBus:
         self.connected = asyncio.Event()
         self.reconnects = 0
         self.delivered = 0
+        self.stats = QueueStats()
 
     async def __aenter__(self) -> EventBus:
         self._reader = asyncio.create_task(self._run(), name="pushsvc-bus")

@@ -15,6 +15,10 @@ class Keys:
         """Hash: the job's snapshot fields."""
         return f"{self.ns}:job:{job_id}"
 
+    def job_output(self, job_id: str) -> str:
+        """String: the job's streamed output so far (APPENDed)."""
+        return f"{self.ns}:out:{job_id}"
+
     def job_log(self, job_id: str) -> str:
         """Stream: the job's capped event log, entry id ``0-<seq>``."""
         return f"{self.ns}:log:{job_id}"

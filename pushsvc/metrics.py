@@ -38,24 +38,33 @@ class ApiCollector(Collector):
                 "Redis connections held (pool + the one pub/sub connection)",
                 redis_connections(bus, in_use, idle),
             ),
-            "pushsvc_process_max_rss_bytes": ("peak resident memory", _max_rss()),
+            "pushsvc_process_rss_bytes": ("resident memory now", _rss()),
+            "pushsvc_stream_buffered_bytes": (
+                "event bytes waiting in stream queues",
+                bus.stats.buffered_bytes,
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily(
             "pushsvc_events_delivered", "events routed to stream queues", value=bus.delivered
         )
-        yield CounterMetricFamily(
-            "pushsvc_redis_reconnects", "pub/sub reconnects", value=max(0, bus.reconnects - 1)
-        )
+        counters = {
+            "pushsvc_redis_reconnects": ("pub/sub reconnects", max(0, bus.reconnects - 1)),
+            "pushsvc_frames_merged": ("frames coalesced for slow readers", bus.stats.merged),
+            "pushsvc_stream_resyncs": ("slow readers resynced", bus.stats.resyncs),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
 
 
 def _tasks() -> int:
     return len(asyncio.all_tasks())
 
 
-def _max_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 async def metrics(request: Request) -> Response:

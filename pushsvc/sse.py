@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
@@ -13,6 +14,7 @@ from starlette.routing import Route
 from .api import Services, get_owned_job, services
 from .auth import TENANT_SCOPE, job_scope
 from .errors import BadRequest, NotFound, Unavailable, ValidationFailed
+from .models import TERMINAL
 from .streams import JobStream, MuxStream, _Stream
 
 MAX_NAMED_JOBS = 100
@@ -50,7 +52,7 @@ async def job_events(request: Request) -> Response:
     last_id = last_event_id(request)
     snap = await get_owned_job(svc, tenant, job_id)
     await _bus_ready(svc)
-    if last_id is not None and snap.status.terminal and last_id >= snap.seq:
+    if last_id is not None and snap.status.terminal and last_id == snap.seq:
         return Response(status_code=204)  # nothing more will come: EventSource stops here
     return _respond(svc, JobStream(svc.store, svc.bus, svc.settings, tenant, job_id, last_id))
 
@@ -70,8 +72,21 @@ async def many_events(request: Request) -> Response:
         if fields is None or fields.get("tenant") != tenant:
             raise NotFound(f"no job {job_id!r}", code="job_not_found")
     await _bus_ready(svc)
+    if last_id is not None and view and await _all_ended_before(svc, view, last_id):
+        return Response(status_code=204)  # the named jobs are over: EventSource stops
     stream = MuxStream(svc.store, svc.bus, svc.settings, tenant, job_ids, last_id)
     return _respond(svc, stream)
+
+
+async def _all_ended_before(svc: Services, view: dict[str, Any], cursor: int) -> bool:
+    """Did every named job end, and did the client see each terminal event already?"""
+    for job_id, fields in view.items():
+        if fields["status"] not in TERMINAL:
+            return False
+        last = await svc.store.last_event(job_id)
+        if last is None or last.tseq > cursor:
+            return False
+    return True
 
 
 def _valid_id(job_id: str) -> None:

@@ -19,7 +19,7 @@ from .queue import Enqueue
 from .settings import Settings
 
 # Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
-RAW_FIELDS = frozenset({"status", "tenant", "arq_id", "output", "cancel", "type", "priority"})
+RAW_FIELDS = frozenset({"status", "tenant", "arq_id", "cancel", "type", "priority"})
 INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run"})
 SNAPSHOT_FIELDS = frozenset(JobSnapshot.model_fields)
 
@@ -40,8 +40,8 @@ def encode_fields(fields: dict[str, Any]) -> list[str]:
     return flat
 
 
-def decode_fields(raw: dict[bytes, bytes]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def decode_fields(raw: dict[bytes, bytes], output: bytes | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"output": (output or b"").decode()}
     for key_b, value_b in raw.items():
         key, value = key_b.decode(), value_b.decode()
         if key in RAW_FIELDS:
@@ -99,7 +99,10 @@ class JobStore:
             k.leases,
             enq.queue if enq else k.leases,
             enq.key if enq else k.leases,
+            k.job_output(job_id),
         ]
+        fields = dict(fields or {})
+        reset_output = fields.pop("output", None) is not None
         # The script prepends '{"seq":N,' so stored and published JSON carry the seq.
         body = json.dumps({"job_id": job_id, "ts": time.time(), **data}, separators=(",", ":"))
         lease = opts.get("lease_until_ms")
@@ -122,7 +125,8 @@ class JobStore:
             enq.arq_id if enq else "",
             opts.get("fingerprint", ""),
             opts.get("score", 0),
-            *encode_fields(fields or {}),
+            "1" if reset_output else "",
+            *encode_fields(fields),
         ]
         return keys, args
 
@@ -197,8 +201,11 @@ class JobStore:
 
     async def load(self, job_id: str) -> dict[str, Any] | None:
         """All stored fields of a job (payload, tenant and arq id included), or None."""
-        raw = await self.redis.hgetall(self.keys.job(job_id))  # type: ignore[misc]
-        return decode_fields(raw) if raw else None
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.get(self.keys.job_output(job_id))
+            raw, output = await pipe.execute()
+        return decode_fields(raw, output) if raw else None
 
     async def snapshot(self, job_id: str, tenant: str) -> JobSnapshot | None:
         """The tenant's job, or None when it is unknown or belongs to another tenant."""
@@ -290,12 +297,13 @@ class JobStore:
     ) -> tuple[int, dict[str, dict[str, Any] | None]]:
         """Atomically: the tenant seq and the named jobs (or the recent active ones)."""
         keys = [self.keys.tenant_seq(tenant), self.keys.tenant_index(tenant)]
-        reply = await self._read(keys=keys, args=[self.keys.job(""), recent, *job_ids])
+        prefixes: list[str | int] = [self.keys.job(""), recent, self.keys.job_output("")]
+        reply = await self._read(keys=keys, args=[*prefixes, *job_ids])
         view: dict[str, dict[str, Any] | None] = {}
-        for i in range(1, len(reply), 2):
+        for i in range(1, len(reply), 3):
             flat = reply[i + 1]
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
-            view[reply[i].decode()] = decode_fields(raw) if raw else None
+            view[reply[i].decode()] = decode_fields(raw, reply[i + 2]) if raw else None
         return int(reply[0]), view
 
 

@@ -47,7 +47,10 @@ class _Stream:
         self.store, self.bus, self.settings, self.tenant = store, bus, settings, tenant
         self.done = False
         self.queue = StreamQueue(
-            settings.stream_coalesce_after, settings.stream_max_frames, settings.stream_max_bytes
+            settings.stream_coalesce_after,
+            settings.stream_max_frames,
+            settings.stream_max_bytes,
+            bus.stats,
         )
 
     def channel(self) -> str:
@@ -179,8 +182,18 @@ class MuxStream(_Stream):
         if self.cursor is not None:
             events = await self.store.tenant_events_after(self.tenant, self.cursor)
             if events is not None:
+                await self._note_finished()
                 return self._emit(events)
         return await self._view(sorted(self.named), reset=self.cursor is not None)
+
+    async def _note_finished(self) -> None:
+        """On resume: named jobs that ended before the cursor count as ended already."""
+        if not self.named:
+            return
+        _, view = await self.store.read_view(self.tenant, sorted(self.named), 1)
+        for job_id, fields in view.items():
+            if fields is not None and to_snapshot(fields).status.terminal:
+                self.finished.add(job_id)
 
     async def _view(self, job_ids: list[str], reset: bool) -> list[Frame]:
         """Snapshots of ``job_ids`` (all recent active ones when empty), read atomically."""

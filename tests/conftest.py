@@ -17,7 +17,7 @@ from pushsvc.settings import Settings
 
 from .procs import Api, Proc, RedisServer
 
-TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefgh"}
+TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefghijklmnop"}
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +37,8 @@ def stack_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
         "PUSHSVC_RETRY_BASE_S": "0.02",
         "PUSHSVC_LEASE_S": "2",
         "PUSHSVC_POLL_DELAY_S": "0.05",
+        # Every step its own event, so tests can count on seqs; the throttle has its own test.
+        "PUSHSVC_PUBLISH_RATE_HZ": "1000",
     }
     env.update({f"PUSHSVC_{k.upper()}": v for k, v in extra.items()})
     return env

@@ -60,3 +60,17 @@ async def inner_timeout(ctx: JobContext, payload: Empty) -> dict[str, int]:
     if ctx.attempt == 1:
         raise TimeoutError("upstream took too long")
     return {"attempt": ctx.attempt}
+
+
+class ChattyPayload(BaseModel):
+    chunks: int = 100
+    size: int = 100
+
+
+@job_type("chatty", payload=ChattyPayload, max_attempts=1)
+async def chatty(ctx: JobContext, payload: ChattyPayload) -> dict[str, int]:
+    """Streams numbered output chunks as fast as it can (the worker's throttle decides)."""
+    for i in range(payload.chunks):
+        await ctx.output(f"<{i}>".ljust(payload.size, "."))
+        await ctx.progress(100 * (i + 1) / payload.chunks)
+    return {"chunks": payload.chunks}

@@ -78,6 +78,7 @@ class RedisServer:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -142,3 +143,52 @@ class Api(Proc):
             return httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200
         except httpx.HTTPError:
             return False
+
+
+class DurableRedis(RedisServer):
+    """A private redis-server whose data survives a restart on the same port and dir.
+
+    Every write is fsynced to the append-only file, so a graceful stop (SIGTERM) and a
+    restart lose nothing: the outage clients see, without the amnesia.
+    """
+
+    def start(self) -> DurableRedis:
+        exe = shutil.which("redis-server") or "redis-server"
+        args = [
+            exe,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--dir",
+            self.dir,
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # PING answers LOADING (an error) until the append-only file is read back.
+        wait_until(self.answers, 10, "redis-server")
+        return self
+
+    def shutdown(self) -> None:
+        """Stop gracefully: Redis closes its clients, syncs the AOF and exits."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def restart(self) -> DurableRedis:
+        self.shutdown()
+        return self.start()
+
+    def stop(self) -> None:
+        super().stop()
+        shutil.rmtree(self.dir, ignore_errors=True)

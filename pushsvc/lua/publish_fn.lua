@@ -2,24 +2,27 @@
 -- subscribers, the stored snapshot, the lease and the arq queue never disagree.
 --
 -- KEYS: 1 job hash, 2 job log, 3 tenant log, 4 tenant seq, 5 leases, 6 arq queue,
---       7 arq job key (or any key when not enqueueing)
+--       7 arq job key (or any key when not enqueueing), 8 the job's output text
 -- ARGV: 1 ttl, 2 job log cap, 3 tenant log cap, 4 kind, 5 event body (JSON without
 --       its leading '{'), 6 expected statuses ("a,b" or ""), 7 output delta,
 --       8 job channel, 9 tenant channel, 10 expected arq id (""), 11 lease deadline
 --       ms (""), 12 job id, 13 arq job payload ("" = no enqueue), 14 its PX,
 --       15 its queue score, 16 its arq id, 17 idempotency fingerprint (create),
---       18 index score (create), 19..n field/value pairs to HSET
+--       18 index score (create), 19 "1" to empty the output, 20..n field/value pairs
 local function apply()
   local job = KEYS[1]
   local before = redis.call('HGET', job, 'status')
   local arq_before = redis.call('HGET', job, 'arq_id')
   local seq = redis.call('HINCRBY', job, 'seq', 1)
-  if #ARGV >= 19 then
-    redis.call('HSET', job, unpack(ARGV, 19))
+  if #ARGV >= 20 then
+    redis.call('HSET', job, unpack(ARGV, 20))
+  end
+  -- Output lives in its own string: APPEND is amortised O(1) however long the text.
+  if ARGV[19] == '1' then
+    redis.call('SET', KEYS[8], '')
   end
   if ARGV[7] ~= '' then
-    local out = redis.call('HGET', job, 'output') or ''
-    redis.call('HSET', job, 'output', out .. ARGV[7])
+    redis.call('APPEND', KEYS[8], ARGV[7])
   end
   local status = redis.call('HGET', job, 'status')
   -- Leases follow the state: held while running, keyed by the attempt's arq id.
@@ -40,7 +43,7 @@ local function apply()
     'd', data)
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '0-' .. tseq, 'k', ARGV[4], 's', seq,
     'j', ARGV[12], 'd', data)
-  for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  for _, i in ipairs({1, 2, 3, 4, 8}) do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
   local msg = tseq .. ' ' .. seq .. ' ' .. ARGV[4] .. ' ' .. ARGV[12] .. ' ' .. data
   redis.call('PUBLISH', ARGV[8], msg)
   redis.call('PUBLISH', ARGV[9], msg)

@@ -1,0 +1,80 @@
+"""A small SSE test client over real sockets (httpx + httpx-sse)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+@dataclass
+class Event:
+    id: int
+    kind: str
+    data: dict[str, Any]
+
+
+@dataclass
+class Stream:
+    """Events read so far from one stream, and whether the server ended it."""
+
+    events: list[Event] = field(default_factory=list)
+    closed: bool = False
+    status: int = 0
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def of(self, job_id: str) -> list[Event]:
+        return [e for e in self.events if e.data.get("job_id") == job_id]
+
+    @property
+    def last_id(self) -> int:
+        return self.events[-1].id
+
+
+async def events(
+    http: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None
+) -> AsyncIterator[Event]:
+    async with aconnect_sse(http, "GET", url, headers=headers or {}) as source:
+        source.response.raise_for_status()
+        async for sse in source.aiter_sse():
+            if sse.event == "message" and sse.data == "":
+                continue  # httpx-sse 0.4.3 turns heartbeat comments into these
+            yield Event(int(sse.id), sse.event, json.loads(sse.data))
+
+
+async def read(
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    stop: Callable[[Stream], bool] | None = None,
+    timeout: float = 20,
+) -> Stream:
+    """Read until the server closes the stream, or ``stop`` says enough."""
+    out = Stream()
+    async with asyncio.timeout(timeout):
+        async for event in events(http, url, headers=headers):
+            out.events.append(event)
+            if stop is not None and stop(out):
+                return out
+    out.closed = True
+    return out
+
+
+def assert_gap_free(stream: Stream, job_id: str) -> None:
+    """A snapshot (or a resume), then each later event once, in seq order."""
+    evs = stream.of(job_id)
+    assert evs, "no events for the job"
+    seqs = [e.data["seq"] for e in evs]
+    body = seqs[1:] if evs[0].kind == "snapshot" else seqs
+    start = seqs[0] if evs[0].kind == "snapshot" else body[0] - 1
+    terminal_echo = evs[0].kind == "snapshot" and len(evs) == 2 and evs[1].kind in TERMINAL
+    if not terminal_echo:  # a late joiner gets the terminal event with the snapshot's seq
+        assert body == list(range(start + 1, start + 1 + len(body))), seqs
