@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -16,7 +17,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import Authenticator, job_scope
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ValidationFailed
+from .errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    ValidationFailed,
+)
 from .events import EventBus
 from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
@@ -37,6 +45,7 @@ class Services:
     auth: Authenticator
     types: Registry
     bus: EventBus
+    open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
 
 
 def services(request: Request) -> Services:
@@ -104,9 +113,27 @@ def parse_submit(raw: Any, types: Registry) -> tuple[SubmitRequest, JobType[Any]
     return req, job_type, payload
 
 
+async def _check_rate(svc: Services, tenant: str) -> None:
+    """A fixed one-minute window per tenant: cheap, shared by every API process."""
+    limit = svc.settings.tenant_submits_per_minute
+    if not limit:
+        return
+    now = time.time()
+    key = svc.store.keys.submit_window(tenant, int(now // 60))
+    async with svc.redis.pipeline(transaction=True) as pipe:
+        pipe.incr(key)
+        pipe.expire(key, 61)
+        count, _ = await pipe.execute()
+    if count > limit:
+        raise RateLimited(
+            f"more than {limit} submissions a minute", retry_after_s=math.ceil(60 - now % 60)
+        )
+
+
 async def submit(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
+    await _check_rate(svc, tenant)
     req, job_type, payload = parse_submit(
         await read_json(request, svc.settings.max_body_bytes), svc.types
     )
@@ -127,7 +154,7 @@ async def submit(request: Request) -> Response:
         "output": "",
     }
     idem = _idempotency(request, svc, tenant, req)
-    enqueue = svc.queue.prepare(arq_id, job_id)
+    enqueue = svc.queue.prepare(arq_id, job_id, priority=req.priority.value)
     found, earlier_fingerprint = await svc.store.create(tenant, fields, enqueue, idem)
     headers = {}
     if earlier_fingerprint is not None:
@@ -138,6 +165,8 @@ async def submit(request: Request) -> Response:
                 code="idempotency_key_reused",
             )
         headers["Idempotent-Replayed"] = "true"
+    else:
+        request.app.state.metrics.submitted.labels(job_type.name).inc()
     return await _job_response(svc, tenant, found, 202, headers)
 
 
@@ -226,12 +255,13 @@ async def cancel_job(request: Request) -> Response:
             await svc.queue.abort(fields["arq_id"])
             code = 200 if reply.status == JobStatus.CANCELLED else 202
             return await _job_response(svc, tenant, job_id, code, {})
-        if reply is None or reply.status.terminal:
+        if not isinstance(reply, Rejected) or reply.status.terminal:
             break
-    raise _wrong_state(JobStatus(fields["status"]) if reply is None else reply.status, "cancel")
+    status = reply.status if isinstance(reply, Rejected) else JobStatus(fields["status"])
+    raise _wrong_state(status, "cancel")
 
 
-async def _cancel_step(svc: Services, fields: dict[str, Any]) -> Published | Rejected | None:
+async def _cancel_step(svc: Services, fields: dict[str, Any]) -> object:
     job_id, tenant = fields["id"], fields["tenant"]
     if fields["status"] == JobStatus.QUEUED:
         done = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
@@ -283,10 +313,11 @@ async def retry_job(request: Request) -> Response:
         after,
         reset,
         expect=(JobStatus.FAILED, JobStatus.CANCELLED),
-        enqueue=svc.queue.prepare(arq_id, snap.id),
+        enqueue=svc.queue.prepare(arq_id, snap.id, priority=fields["priority"]),
     )
     if not isinstance(reply, Published):
-        raise _wrong_state(reply.status if isinstance(reply, Rejected) else snap.status, "retry")
+        status = reply.status if isinstance(reply, Rejected) else snap.status
+        raise _wrong_state(status, "retry")
     return await _job_response(svc, tenant, snap.id, 202, {})
 
 

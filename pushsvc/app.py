@@ -11,13 +11,15 @@ from redis.exceptions import RedisError, ResponseError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api, metrics, sse
-from . import ticker as _ticker  # noqa: F401  (registers the built-in type)
+from . import api, metrics, sse, stats, web
+from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
+from . import ticker as _ticker  # noqa: F401
 from .api import Services
 from .auth import Authenticator
 from .errors import ApiError, PushsvcError
@@ -25,6 +27,7 @@ from .events import EventBus
 from .jobs import Registry, registry
 from .queue import Queue, connect
 from .settings import Settings
+from .stats import Stats
 from .store import JobStore
 from .worker import load_job_modules
 
@@ -90,7 +93,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
         try:
-            async with EventBus(settings) as bus:
+            async with EventBus(settings, app.state.metrics.observe_event) as bus:
                 app.state.services = Services(
                     settings,
                     redis,
@@ -100,6 +103,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
                     types or registry,
                     bus,
                 )
+                app.state.stats = Stats(redis, settings)
                 yield
         finally:
             await redis.aclose()
@@ -111,6 +115,8 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             Route("/metrics", metrics.metrics),
             *api.routes,
             *sse.routes,
+            *stats.routes,
+            *web.routes,
         ],
         exception_handlers={
             ApiError: api_error,
@@ -119,10 +125,30 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             Exception: internal_error,
         },
         lifespan=lifespan,
-        middleware=[Middleware(AccessLog)],
+        middleware=[Middleware(AccessLog), *_cors(settings)],
     )
-    app.state.metrics = metrics.make_registry(app)
+    app.state.metrics = metrics.make_api_metrics(app)
     return app
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    if not settings.cors_origins:
+        return []  # off by default
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Last-Event-ID",
+                "If-None-Match",
+            ],
+            expose_headers=["ETag", "Location", "Retry-After", "Idempotent-Replayed"],
+        )
+    ]
 
 
 class AccessLog:

@@ -94,5 +94,34 @@ def dev(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> Non
     raise typer.Exit(run_dev(settings))
 
 
+@cli.command("fake-llm")
+def fake_llm(
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8001,
+    tokens_per_s: Annotated[float, typer.Option(help="how fast it writes")] = 50.0,
+) -> None:
+    """An offline OpenAI-compatible model: deterministic text, faults on request."""
+    from .fakellm import run_fake_llm
+
+    _setup_logging()
+    run_fake_llm(host, port, tokens_per_s)
+
+
+@cli.command()
+def submit(
+    type_: Annotated[str, typer.Argument(metavar="TYPE", help="job type")],
+    payload: Annotated[str, typer.Option(help="the payload, as JSON")] = "{}",
+    follow: Annotated[bool, typer.Option(help="stream progress and text until the end")] = False,
+    url: Annotated[str, typer.Option(envvar="PUSHSVC_URL", help="API base URL")] = (
+        "http://127.0.0.1:8000"
+    ),
+    api_key: Annotated[str | None, typer.Option(envvar="PUSHSVC_API_KEY", help="API key")] = None,
+) -> None:
+    """Submit a job; with --follow, show its progress bar and streamed text."""
+    from .client import submit_command
+
+    raise typer.Exit(submit_command(type_, payload, follow, url, api_key))
+
+
 def main() -> None:
     cli()

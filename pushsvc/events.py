@@ -14,7 +14,7 @@ import json
 import logging
 import secrets
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -177,8 +177,9 @@ class _Channel:
 class EventBus:
     """One pub/sub connection for the whole process; owns its reader task."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_event: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        self._on_event = on_event  # sees each routed event once (latency metrics)
         self.keys = Keys(settings.namespace)
         self._redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
         self._pubsub: PubSub | None = None
@@ -311,6 +312,8 @@ class EventBus:
         if entry is None or not entry.queues:
             return
         frame = Frame.parse(raw)
+        if self._on_event is not None:
+            self._on_event(frame.data)
         for queue in entry.queues:
             queue.put(frame)
         self.delivered += len(entry.queues)

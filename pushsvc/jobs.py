@@ -13,7 +13,9 @@ from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .llm import LLM
 from .models import JobStatus
+from .settings import Settings
 from .store import JobStore, Published
 
 logger = logging.getLogger(__name__)
@@ -94,6 +96,24 @@ def job_type(
     return decorate
 
 
+class Resources:
+    """Clients a worker's job functions share, made on first use and closed with it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._llm: LLM | None = None
+
+    @property
+    def llm(self) -> LLM:
+        if self._llm is None:
+            self._llm = LLM(self.settings)
+        return self._llm
+
+    async def aclose(self) -> None:
+        if self._llm is not None:
+            await self._llm.aclose()
+
+
 class JobContext:
     """What a job function uses to report: progress, stage, output, and cancellation.
 
@@ -103,7 +123,14 @@ class JobContext:
     attempt, so a superseded attempt cannot touch the job.
     """
 
-    def __init__(self, store: JobStore, fields: dict[str, Any], rate_hz: float) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        fields: dict[str, Any],
+        rate_hz: float,
+        resources: Resources | None = None,
+    ) -> None:
+        self.resources = resources or Resources(store.settings)
         self.job_id: str = fields["id"]
         self.tenant: str = fields["tenant"]
         self.attempt: int = fields["attempt"]
@@ -122,6 +149,11 @@ class JobContext:
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._cancelled = False
+
+    @property
+    def llm(self) -> LLM:
+        """The worker's model client (``pushsvc.llm.LLM``)."""
+        return self.resources.llm
 
     @property
     def is_cancelled(self) -> bool:

@@ -48,6 +48,29 @@ class Keys:
         """Sorted set: running job ids scored by lease deadline (ms); see worker.py."""
         return f"{self.ns}:leases"
 
+    def submit_window(self, tenant: str, minute: int) -> str:
+        """Counter: the tenant's submissions in one clock minute (rate limit)."""
+        return f"{self.ns}:rate:{tenant}:{minute}"
+
+    def tenant_running(self, tenant: str) -> str:
+        """Set: the tenant's running job ids (kept by the publish script)."""
+        return f"{self.ns}:trun:{tenant}"
+
+    @property
+    def stats(self) -> str:
+        """Stream: one row per finished or retried attempt, for /v1/stats."""
+        return f"{self.ns}:stats"
+
+    @property
+    def delayed(self) -> str:
+        """Sorted set: attempts waiting for their backoff, "<offset>|<arq id>" by due ms."""
+        return f"{self.ns}:delayed"
+
+    @property
+    def workers(self) -> str:
+        """Sorted set: worker ids by last heartbeat (ms)."""
+        return f"{self.ns}:workers"
+
     @property
     def queue(self) -> str:
         """The arq queue name."""

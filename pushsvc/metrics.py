@@ -1,12 +1,22 @@
-"""Prometheus metrics of one API process (each process exposes its own ``/metrics``)."""
+"""Prometheus metrics. Every process exposes its own: API processes at ``/metrics``,
+workers on ``PUSHSVC_WORKER_METRICS_PORT``; scrape them all and sum by job type.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import resource
+import time
 from collections.abc import Iterator
+from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.requests import Request
@@ -14,20 +24,51 @@ from starlette.responses import Response
 
 from .events import EventBus
 
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
 
 def redis_connections(bus: EventBus, pool_in_use: int, pool_idle: int) -> int:
     return pool_in_use + pool_idle + (1 if bus.connected.is_set() else 0)
 
 
-class ApiCollector(Collector):
-    """Reads live counts at scrape time: nothing to keep in step."""
+class ApiMetrics:
+    """An API process's instruments, on a registry of its own."""
 
-    def __init__(self, request_app: object) -> None:
-        self._app = request_app
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.submitted = Counter("pushsvc_jobs_submitted", "jobs accepted", ["type"], registry=r)
+        self.latency = Histogram(
+            "pushsvc_publish_to_delivery_seconds",
+            "from the publish script's PUBLISH to the API routing the event",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = 0
+        self.running = 0
+
+    def observe_event(self, data: str) -> None:
+        """Publish-to-delivery latency from the event's ``ts`` (read without a JSON parse)."""
+        at = data.find('"ts":')
+        if at >= 0:
+            end = data.find(",", at)
+            try:
+                self.latency.observe(max(0.0, time.time() - float(data[at + 5 : end])))
+            except ValueError:
+                pass
+
+
+class ApiCollector(Collector):
+    """Counts read live at scrape time: nothing to keep in step."""
+
+    def __init__(self, app: Any) -> None:
+        self._app = app
 
     def collect(self) -> Iterator[Metric]:
-        svc = self._app.state.services  # type: ignore[attr-defined]
+        svc = self._app.state.services
         bus: EventBus = svc.bus
+        api: ApiMetrics = self._app.state.metrics
         pool = svc.redis.connection_pool
         in_use, idle = len(pool._in_use_connections), len(pool._available_connections)
         gauges = {
@@ -43,13 +84,13 @@ class ApiCollector(Collector):
                 "event bytes waiting in stream queues",
                 bus.stats.buffered_bytes,
             ),
+            "pushsvc_queue_depth": ("attempts waiting (ready + in backoff)", api.queue_depth),
+            "pushsvc_running_jobs": ("attempts running on any worker", api.running),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
-        yield CounterMetricFamily(
-            "pushsvc_events_delivered", "events routed to stream queues", value=bus.delivered
-        )
         counters = {
+            "pushsvc_events_delivered": ("events routed to stream queues", bus.delivered),
             "pushsvc_redis_reconnects": ("pub/sub reconnects", max(0, bus.reconnects - 1)),
             "pushsvc_frames_merged": ("frames coalesced for slow readers", bus.stats.merged),
             "pushsvc_stream_resyncs": ("slow readers resynced", bus.stats.resyncs),
@@ -67,12 +108,63 @@ def _rss() -> int:
         return int(statm.read().split()[1]) * resource.getpagesize()
 
 
+def make_api_metrics(app: Any) -> ApiMetrics:
+    api = ApiMetrics()
+    api.registry.register(ApiCollector(app))
+    return api
+
+
 async def metrics(request: Request) -> Response:
-    registry: CollectorRegistry = request.app.state.metrics
-    return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+    api: ApiMetrics = request.app.state.metrics
+    svc = request.app.state.services
+    keys = svc.store.keys
+    async with svc.redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.queue)
+        pipe.zcard(keys.delayed)
+        pipe.zcard(keys.leases)
+        ready, delayed, api.running = await pipe.execute()
+    api.queue_depth = ready + delayed
+    return Response(generate_latest(api.registry), media_type="text/plain; version=0.0.4")
 
 
-def make_registry(app: object) -> CollectorRegistry:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ApiCollector(app))
-    return registry
+class WorkerMetrics:
+    """A worker process's instruments (served by prometheus_client's own HTTP server)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        r = self.registry
+        self.outcomes = Counter(
+            "pushsvc_jobs",
+            "attempt outcomes: completed, failed, cancelled, retried",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "pushsvc_job_duration_seconds",
+            "running time of completed jobs",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "pushsvc_job_queue_wait_seconds",
+            "from submit (or retry) to start",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+
+    def serve(self, port: int, published: Any) -> None:
+        """prometheus_client's own HTTP server (a thread), plus the live publish count."""
+        self.registry.register(_PublishedCollector(published))
+        start_http_server(port, registry=self.registry)
+
+
+class _PublishedCollector(Collector):
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "pushsvc_events_published", "events this worker published", value=self._store.published
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 from arq.connections import ArqRedis
@@ -70,14 +71,24 @@ def connect(settings: Settings, max_connections: int | None = None, **pool_kwarg
 
 @dataclass(frozen=True)
 class Enqueue:
-    """An arq job record, ready for the publish script to store with a state change."""
+    """An arq job record, ready for the publish script to store with a state change.
+
+    ``target`` is arq's queue (``member`` the arq id, ``score`` its place) or, for an
+    attempt that must wait, pushsvc's delayed set (``score`` the due time).
+    """
 
     key: str
     payload: bytes
     px: int
-    queue: str
+    target: str
     score: int
+    member: str
     arq_id: str
+
+
+# Priorities are offsets in arq's queue (ordered by score): every ready high job comes
+# before every ready normal one, and so on; within a class, first in first out.
+PRIORITY_OFFSET_MS = {"high": 2 * 10**12, "normal": 10**12, "low": 0}
 
 
 class Queue:
@@ -85,15 +96,34 @@ class Queue:
 
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self.redis = redis
-        self.queue_name = Keys(settings.namespace).queue
+        self.keys = Keys(settings.namespace)
+        self.queue_name = self.keys.queue
+        self._move = redis.register_script(
+            (resources.files(__package__) / "lua" / "move.lua").read_text()
+        )
 
-    def prepare(self, arq_id: str, job_id: str, defer_s: float = 0.0) -> Enqueue:
-        """What ``ArqRedis.enqueue_job`` would write, so it can join an atomic transition."""
+    def prepare(
+        self, arq_id: str, job_id: str, defer_s: float = 0.0, priority: str = "normal"
+    ) -> Enqueue:
+        """What ``ArqRedis.enqueue_job`` would write, so it can join an atomic transition.
+
+        A deferred attempt goes to the delayed set, not to arq: a score in the future
+        would mix badly with the priority offsets; :meth:`move_due` moves it when due.
+        """
         now_ms = timestamp_ms()
-        score = now_ms + int(defer_s * 1000)
+        defer_ms = int(defer_s * 1000)
+        offset = PRIORITY_OFFSET_MS[priority]
         payload = serialize_job(RUN_FUNCTION, (job_id,), {}, None, now_ms, serializer=serialize)
-        px = score - now_ms + expires_extra_ms
-        return Enqueue(job_key_prefix + arq_id, payload, px, self.queue_name, score, arq_id)
+        key, px = job_key_prefix + arq_id, defer_ms + expires_extra_ms
+        if defer_ms > 0:
+            member = f"{offset}|{arq_id}"
+            return Enqueue(key, payload, px, self.keys.delayed, now_ms + defer_ms, member, arq_id)
+        return Enqueue(key, payload, px, self.queue_name, now_ms - offset, arq_id, arq_id)
+
+    async def move_due(self, limit: int = 500) -> int:
+        """Hand attempts whose backoff is over to arq, at their priority."""
+        keys = [self.keys.delayed, self.queue_name]
+        return int(await self._move(keys=keys, args=[timestamp_ms(), limit]))
 
     async def abort(self, arq_id: str) -> None:
         """Ask arq to cancel the attempt: dropped before it starts, or its task cancelled."""

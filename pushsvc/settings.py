@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -35,10 +35,44 @@ class Settings(BaseSettings):
     poll_delay_s: float = Field(0.2, gt=0)
     retry_base_s: float = Field(1.0, ge=0)
     retry_max_s: float = Field(60.0, ge=0)
+    # A worker's /metrics port (0: none). Each worker process needs its own port.
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
+    # Per-tenant limits (0: none). Submissions per minute answer 429 + Retry-After past
+    # the limit; open streams are counted per API process.
+    tenant_submits_per_minute: int = Field(0, ge=0)
+    tenant_max_streams: int = Field(0, ge=0)
+    # Browser origins allowed to call the API from other sites (empty: CORS off).
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Jobs one tenant may run at once (0: no limit); the rest wait queued, retried this
+    # often (with jitter) while other tenants' jobs go first.
+    tenant_max_running: int = Field(0, ge=0)
+    throttle_delay_s: float = Field(1.0, gt=0)
     # Extra modules whose decorated functions register job types ("pkg.mod,pkg2.mod").
     job_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # The model. OPENAI_API_KEY / OPENAI_BASE_URL work too (PUSHSVC_ names win).
+    llm_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("PUSHSVC_LLM_API_KEY", "OPENAI_API_KEY")
+    )
+    llm_base_url: str | None = Field(
+        None, validation_alias=AliasChoices("PUSHSVC_LLM_BASE_URL", "OPENAI_BASE_URL")
+    )
+    llm_model: str = "gpt-4o-mini"
+    llm_timeout_s: float = Field(60.0, gt=0)
+    llm_parallel: int = Field(4, ge=1, le=64)
+
+    # Stats and alerts (/v1/stats).
+    stats_window_s: float = Field(300.0, gt=0)
+    stats_push_s: float = Field(2.0, gt=0)
+    alert_queue_depth: int = Field(1000, ge=0)
+    alert_failure_rate: float = Field(0.10, ge=0, le=1)
+    alert_min_jobs: int = Field(5, ge=1)  # no failure-rate alert on fewer decided jobs
+    alert_stuck_s: float = Field(120.0, gt=0)  # a running job silent this long is stuck
+    alert_workers_absent_s: float = Field(30.0, gt=0)
+
     # API.
+    # Off: stream endpoints answer 503 and clients fall back to polling (also for tests).
+    streams_enabled: bool = True
     # Redis connections of one API process besides its one pub/sub connection.
     redis_pool_size: int = Field(2, ge=1)
     stream_token_ttl_s: int = Field(900, ge=10)
@@ -69,7 +103,7 @@ class Settings(BaseSettings):
             keys[key.strip()] = tenant.strip()
         return keys
 
-    @field_validator("job_modules", mode="before")
+    @field_validator("job_modules", "cors_origins", mode="before")
     @classmethod
     def _parse_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from sse_starlette import EventSourceResponse
@@ -13,7 +14,7 @@ from starlette.routing import Route
 
 from .api import Services, get_owned_job, services
 from .auth import TENANT_SCOPE, job_scope
-from .errors import BadRequest, NotFound, Unavailable, ValidationFailed
+from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
 from .models import TERMINAL
 from .streams import JobStream, MuxStream, _Stream
 
@@ -31,6 +32,10 @@ def last_event_id(request: Request) -> int | None:
 
 
 async def _bus_ready(svc: Services) -> None:
+    if not svc.settings.streams_enabled:
+        raise Unavailable(
+            "streaming is turned off here; poll GET /v1/jobs/{id}", code="streams_disabled"
+        )
     try:
         await asyncio.wait_for(svc.bus.connected.wait(), svc.settings.stream_subscribe_timeout_s)
     except TimeoutError as exc:
@@ -39,10 +44,29 @@ async def _bus_ready(svc: Services) -> None:
         ) from exc
 
 
-def _respond(svc: Services, stream: _Stream) -> Response:
+def _respond(svc: Services, stream: _Stream, tenant: str) -> Response:
+    limit = svc.settings.tenant_max_streams
+    if limit and svc.open_streams.get(tenant, 0) >= limit:
+        raise RateLimited(f"at most {limit} open streams per tenant", retry_after_s=5)
     return EventSourceResponse(
-        stream.frames(), ping=svc.settings.heartbeat_s, headers={"Cache-Control": "no-cache"}
+        _counted(svc.open_streams, tenant, stream.frames()),
+        ping=svc.settings.heartbeat_s,
+        headers={"Cache-Control": "no-cache"},
     )
+
+
+async def _counted(
+    counts: dict[str, int], tenant: str, frames: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """Count the tenant's open streams while ``frames`` runs (per API process)."""
+    counts[tenant] = counts.get(tenant, 0) + 1
+    try:
+        async for chunk in frames:
+            yield chunk
+    finally:
+        counts[tenant] -= 1
+        if not counts[tenant]:
+            del counts[tenant]
 
 
 async def job_events(request: Request) -> Response:
@@ -54,7 +78,9 @@ async def job_events(request: Request) -> Response:
     await _bus_ready(svc)
     if last_id is not None and snap.status.terminal and last_id == snap.seq:
         return Response(status_code=204)  # nothing more will come: EventSource stops here
-    return _respond(svc, JobStream(svc.store, svc.bus, svc.settings, tenant, job_id, last_id))
+    return _respond(
+        svc, JobStream(svc.store, svc.bus, svc.settings, tenant, job_id, last_id), tenant
+    )
 
 
 async def many_events(request: Request) -> Response:
@@ -75,7 +101,7 @@ async def many_events(request: Request) -> Response:
     if last_id is not None and view and await _all_ended_before(svc, view, last_id):
         return Response(status_code=204)  # the named jobs are over: EventSource stops
     stream = MuxStream(svc.store, svc.bus, svc.settings, tenant, job_ids, last_id)
-    return _respond(svc, stream)
+    return _respond(svc, stream, tenant)
 
 
 async def _all_ended_before(svc: Services, view: dict[str, Any], cursor: int) -> bool:

@@ -20,7 +20,7 @@ from .settings import Settings
 
 # Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
 RAW_FIELDS = frozenset({"status", "tenant", "arq_id", "cancel", "type", "priority"})
-INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run"})
+INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run", "updated_at"})
 SNAPSHOT_FIELDS = frozenset(JobSnapshot.model_fields)
 
 
@@ -67,6 +67,11 @@ class Rejected:
     status: JobStatus
 
 
+@dataclass(frozen=True)
+class Throttled:
+    """A start refused because the tenant is at its running limit; it was re-queued."""
+
+
 class JobStore:
     """Reads and writes job state; every write goes through one Lua publish path."""
 
@@ -78,6 +83,7 @@ class JobStore:
         self._publish = redis.register_script(fn + _lua("publish.lua"))
         self._create = redis.register_script(fn + _lua("create.lua"))
         self._read = redis.register_script(_lua("read.lua"))
+        self.published = 0  # events this process published (a worker's metric)
 
     def _call(
         self,
@@ -97,9 +103,11 @@ class JobStore:
             k.tenant_log(tenant),
             k.tenant_seq(tenant),
             k.leases,
-            enq.queue if enq else k.leases,
+            enq.target if enq else k.leases,
             enq.key if enq else k.leases,
             k.job_output(job_id),
+            k.tenant_running(tenant),
+            k.stats,
         ]
         fields = dict(fields or {})
         reset_output = fields.pop("output", None) is not None
@@ -122,10 +130,11 @@ class JobStore:
             enq.payload if enq else "",
             enq.px if enq else 0,
             enq.score if enq else 0,
-            enq.arq_id if enq else "",
+            enq.member if enq else "",
             opts.get("fingerprint", ""),
             opts.get("score", 0),
             "1" if reset_output else "",
+            opts.get("max_running") or "",
             *encode_fields(fields),
         ]
         return keys, args
@@ -176,12 +185,15 @@ class JobStore:
         arq_id: str | None = None,
         lease_until_ms: float | None = None,
         enqueue: Enqueue | None = None,
-    ) -> Published | Rejected | None:
+        max_running: int | None = None,
+    ) -> Published | Rejected | Throttled | None:
         """Apply ``fields``, append ``delta`` and publish one event, atomically.
 
         Nothing happens unless the job's status is in ``expect`` (when given) and its
         current attempt is ``arq_id`` (when given). A ``lease_until_ms`` on a transition to
         running takes the lease; leaving running drops it; ``enqueue`` queues an attempt.
+        With ``max_running``, a tenant already running that many jobs gets ``Throttled``
+        and ``enqueue`` (the attempt's later slot) is stored instead of any change.
         Returns None for an unknown (or expired) job.
         """
         opts = {
@@ -190,11 +202,16 @@ class JobStore:
             "arq_id": arq_id,
             "lease_until_ms": lease_until_ms,
             "enqueue": enqueue,
+            "max_running": max_running,
         }
         keys, args = self._call(job_id, tenant, kind, data, fields, opts)
         reply = await self._publish(keys=keys, args=args)
+        if reply[0] > 0:
+            self.published += 1
         if reply[0] == -1:
             return None
+        if reply[0] == -2:
+            return Throttled()
         if reply[0] == 0:
             return Rejected(JobStatus(reply[1].decode()))
         return Published(int(reply[0]), JobStatus(reply[1].decode()), reply[2] == b"1")

@@ -13,8 +13,10 @@ import contextlib
 import importlib
 import json
 import logging
+import os
 import random
 import secrets
+import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,9 +27,11 @@ from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import ticker as _ticker  # noqa: F401  (registers the built-in type)
+from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
+from . import ticker as _ticker  # noqa: F401
 from .errors import JobError
-from .jobs import JobContext, JobType, Registry, registry
+from .jobs import JobContext, JobType, Registry, Resources, registry
+from .metrics import WorkerMetrics
 from .models import JobStatus
 from .queue import Queue, connect, make_worker
 from .settings import Settings
@@ -62,6 +66,9 @@ class Runner:
         self.queue = Queue(redis, settings)
         self.types = types
         self.running: dict[str, str] = {}  # arq id -> job id, for lease renewal
+        self.resources = Resources(settings)
+        self.metrics = WorkerMetrics()
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- arq hooks ---------------------------------------------------------
@@ -69,12 +76,25 @@ class Runner:
     async def start(self, _ctx: dict[str, Any]) -> None:
         # arq calls this again each time run_worker re-enters its loop after an outage.
         if not any(not t.done() for t in self._tasks):
-            self._tasks = [asyncio.create_task(self._lease_loop(), name="pushsvc-leases")]
+            self._tasks = [
+                asyncio.create_task(self._lease_loop(), name="pushsvc-leases"),
+                asyncio.create_task(self._move_loop(), name="pushsvc-delayed"),
+            ]
+
+    async def _move_loop(self) -> None:
+        """Hand attempts whose backoff is over to arq (see Queue.prepare)."""
+        while True:
+            try:
+                await self.queue.move_due()
+            except (RedisConnectionError, RedisTimeoutError):
+                logger.warning("moving delayed attempts failed; retrying", exc_info=True)
+            await asyncio.sleep(self.settings.poll_delay_s)
 
     async def stop(self, _ctx: dict[str, Any]) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.resources.aclose()
 
     async def run(self, ctx: dict[str, Any], job_id: str) -> None:
         arq_id: str = ctx["job_id"]
@@ -84,37 +104,54 @@ class Runner:
         if fields.get("cancel") == "1":  # cancel asked while an earlier attempt ran
             await self._cancelled(fields, expect=(JobStatus.QUEUED,))
             return
-        tenant, attempt = fields["tenant"], fields["attempt"]
         # Renewal uses ZADD XX, so listing the attempt before it holds a lease is harmless.
         self.running[arq_id] = job_id
         try:
-            started = await self.store.publish(
-                job_id,
-                tenant,
-                "status",
-                {"status": "running", "attempt": attempt},
-                {
-                    "status": "running",
-                    "started_at": time.time(),
-                    "progress": 0.0,
-                    "stage": None,
-                    "message": None,
-                    "output": "",
-                    "eta_s": None,
-                },
-                expect=(JobStatus.QUEUED,),
-                arq_id=arq_id,
-                lease_until_ms=self._deadline(),
-            )
-            if isinstance(started, Published):
+            if await self._start(fields, arq_id):
                 await self._attempt(self.types.get(fields["type"]), fields)
         finally:
             self.running.pop(arq_id, None)
 
+    async def _start(self, fields: dict[str, Any], arq_id: str) -> bool:
+        """queued -> running, unless the tenant is at its running limit (then: later)."""
+        limit = self.settings.tenant_max_running or None
+        now = time.time()
+        later = new_arq_id(fields["id"])
+        delay = random.uniform(0.5, 1.0) * self.settings.throttle_delay_s
+        started = await self.store.publish(
+            fields["id"],
+            fields["tenant"],
+            "status",
+            {"status": "running", "attempt": fields["attempt"]},
+            {
+                "status": "running",
+                "started_at": now,
+                "progress": 0.0,
+                "stage": None,
+                "message": None,
+                "output": "",
+                "eta_s": None,
+            },
+            expect=(JobStatus.QUEUED,),
+            arq_id=arq_id,
+            lease_until_ms=self._deadline(),
+            max_running=limit,
+            enqueue=self.queue.prepare(later, fields["id"], delay, fields.get("priority", "normal"))
+            if limit
+            else None,
+        )
+        if not isinstance(started, Published):
+            return False
+        fields["started_at"] = now
+        if fields["attempt"] == 1:
+            wait = now - fields["created_at"]
+            self.metrics.queue_wait.labels(fields["type"]).observe(max(0.0, wait))
+        return True
+
     # -- one attempt ---------------------------------------------------------
 
     async def _attempt(self, job_type: JobType[Any] | None, fields: dict[str, Any]) -> None:
-        ctx = JobContext(self.store, fields, self.settings.publish_rate_hz)
+        ctx = JobContext(self.store, fields, self.settings.publish_rate_hz, self.resources)
         if job_type is None:
             missing = f"no job type {fields['type']!r} in this worker"
             await self._settle(ctx, fields, None, JobError(missing, code="unknown_job_type"))
@@ -169,6 +206,7 @@ class Runner:
         """Record the attempt's outcome: completed, a retry, or failed."""
         await ctx.close()
         await self._reliably(ctx.flush)
+        self._count(fields, error, job_type)
         if error is None:
             done = {
                 "status": "completed",
@@ -194,6 +232,19 @@ class Runner:
         else:
             await self._reliably(lambda: self._fail(fields, error))
 
+    def _count(
+        self, fields: dict[str, Any], error: JobError | None, job_type: JobType[Any] | None
+    ) -> None:
+        type_ = fields["type"]
+        if error is None:
+            self.metrics.outcomes.labels(type_, "completed").inc()
+            started = fields.get("started_at") or time.time()
+            self.metrics.duration.labels(type_).observe(max(0.0, time.time() - started))
+        elif error.retryable and job_type and fields["attempt"] < fields["max_attempts"]:
+            self.metrics.outcomes.labels(type_, "retried").inc()
+        else:
+            self.metrics.outcomes.labels(type_, "failed").inc()
+
     async def _reliably(self, call: Callable[[], Awaitable[Any]]) -> None:
         """Retry a write through a Redis outage for up to two lease periods."""
         give_up = time.monotonic() + 2 * self.settings.lease_s
@@ -210,12 +261,19 @@ class Runner:
 
     async def _fail(self, fields: dict[str, Any], exc: JobError) -> None:
         error = exc.info()
+        result = json.loads(json.dumps(exc.result, default=str))
         await self.store.publish(
             fields["id"],
             fields["tenant"],
             "failed",
-            {"error": error},
-            {"status": "failed", "error": error, "eta_s": None, "finished_at": time.time()},
+            {"error": error, "result": result},
+            {
+                "status": "failed",
+                "error": error,
+                "result": result,
+                "eta_s": None,
+                "finished_at": time.time(),
+            },
             expect=RUNNING,
             arq_id=fields["arq_id"],
         )
@@ -223,6 +281,7 @@ class Runner:
     async def _cancelled(
         self, fields: dict[str, Any], expect: tuple[JobStatus, ...] = RUNNING
     ) -> None:
+        self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
         await self.store.publish(
             fields["id"],
             fields["tenant"],
@@ -261,7 +320,7 @@ class Runner:
             },
             expect=RUNNING,
             arq_id=fields["arq_id"],
-            enqueue=self.queue.prepare(arq_id, job_id, defer_s=delay),
+            enqueue=self.queue.prepare(arq_id, job_id, delay, fields.get("priority", "normal")),
         )
 
     async def _settle_cancelled(self, ctx: JobContext, fields: dict[str, Any]) -> None:
@@ -288,6 +347,9 @@ class Runner:
                 if self.running:
                     mapping = dict.fromkeys(self.running, self._deadline())
                     await self.store.redis.zadd(self.store.keys.leases, mapping, xx=True)
+                await self.store.redis.zadd(
+                    self.store.keys.workers, {self.worker_id: time.time() * 1000}
+                )
                 await self.reap()
             except (RedisConnectionError, RedisTimeoutError):
                 logger.warning("lease renewal or reaping failed; retrying", exc_info=True)
@@ -329,6 +391,8 @@ async def worker_session(
     load_job_modules(settings)
     redis = connect(settings)
     runner = Runner(settings, redis, registry)
+    if settings.worker_metrics_port:
+        runner.metrics.serve(settings.worker_metrics_port, runner.store)
     max_timeout = max((t.timeout_s for t in registry.types.values()), default=300.0)
     worker = make_worker(
         settings,

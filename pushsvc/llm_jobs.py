@@ -1,0 +1,200 @@
+"""The LLM job types: ``generate`` (one streamed answer), ``generate_items`` and ``batch``
+(many calls under a parallel limit, with per-item progress and partial success).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from .errors import JobError
+from .jobs import JobContext, job_type
+
+ITEM_TRIES = 3  # per item, for malformed output and retryable upstream errors
+FIELD_NAME = r"^[a-z_][a-z0-9_]{0,39}$"
+
+
+class GeneratePayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    system: str | None = Field(None, max_length=20_000)
+    model: str | None = Field(None, max_length=200, description="default: PUSHSVC_LLM_MODEL")
+    max_tokens: int = Field(512, ge=1, le=32_768)
+    expected_tokens: int | None = Field(
+        None, ge=1, le=32_768, description="how long the answer is likely to be (progress)"
+    )
+    temperature: float | None = Field(None, ge=0, le=2)
+
+
+@job_type("generate", payload=GeneratePayload, timeout_s=600, max_attempts=3)
+async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
+    """Streams the model's answer to a prompt as output, with token-based progress."""
+    expected = p.expected_tokens or p.max_tokens
+    received = 0
+
+    async def on_delta(text: str) -> None:
+        nonlocal received
+        received += 1
+        await ctx.output(text)
+        # Real progress: tokens received against the expected length, never a timer.
+        await ctx.progress(min(99.0, 100 * received / expected), "generating")
+
+    await ctx.stage("generating")
+    messages = ([{"role": "system", "content": p.system}] if p.system else []) + [
+        {"role": "user", "content": p.prompt}
+    ]
+    done = await ctx.llm.complete(
+        messages,
+        model=p.model,
+        max_tokens=p.max_tokens,
+        temperature=p.temperature,
+        on_delta=on_delta,
+    )
+    await ctx.stage("finalizing")
+    return {"text": done.text, "model": done.model, "usage": dataclasses.asdict(done.usage)}
+
+
+class ItemsPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(min_length=1, max_length=100, description="e.g. persona, faction")
+    theme: str = Field(min_length=1, max_length=2_000)
+    count: int = Field(5, ge=1, le=50)
+    fields: list[Annotated[str, Field(pattern=FIELD_NAME)]] = Field(
+        default_factory=list, max_length=20, description="extra string fields per item"
+    )
+    failure_tolerance: float = Field(0.2, ge=0, le=1)
+    parallel: int | None = Field(None, ge=1, le=16)
+    model: str | None = Field(None, max_length=200)
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(["name", "description", *self.fields]))
+
+
+@job_type("generate_items", payload=ItemsPayload, timeout_s=900, max_attempts=2)
+async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
+    """Generates `count` validated JSON items concurrently; each is published as it lands."""
+    keys = p.keys()
+    item_model = create_model(  # type: ignore[call-overload]
+        "Item",
+        __config__=ConfigDict(extra="ignore"),
+        **{k: (str, Field(min_length=1)) for k in keys},
+    )
+
+    async def make(i: int) -> dict[str, Any]:
+        prompt = (
+            f"Create {p.kind} number {i + 1} of {p.count} for this theme: {p.theme}\n"
+            f"Answer with one JSON object.\nJSON keys: {', '.join(keys)}"
+        )
+        done = await ctx.llm.complete(
+            [{"role": "user", "content": prompt}], model=p.model, json_mode=True
+        )
+        try:
+            item: dict[str, Any] = item_model.model_validate(json.loads(done.text)).model_dump()
+        except (ValueError, ValidationError) as exc:
+            raise JobError(
+                f"item {i + 1} is not valid: {exc}"[:300], code="malformed_item", retryable=True
+            ) from exc
+        return item
+
+    return await run_items(ctx, p.count, make, p.parallel, p.failure_tolerance, "items")
+
+
+class BatchPayload(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    template: str = Field(
+        min_length=1,
+        max_length=20_000,
+        pattern=r"\{input\}",
+        description="the prompt; {input} is replaced by each input",
+    )
+    inputs: list[str] = Field(min_length=1, max_length=1000)
+    parallel: int | None = Field(None, ge=1, le=16)
+    failure_tolerance: float = Field(0.2, ge=0, le=1)
+    model: str | None = Field(None, max_length=200)
+    max_tokens: int = Field(256, ge=1, le=32_768)
+
+
+@job_type("batch", payload=BatchPayload, timeout_s=3600, max_attempts=2)
+async def batch(ctx: JobContext, p: BatchPayload) -> dict[str, Any]:
+    """Applies a prompt template to every input; partial success within a tolerance."""
+
+    async def make(i: int) -> dict[str, Any]:
+        prompt = p.template.replace("{input}", p.inputs[i])
+        done = await ctx.llm.complete(
+            [{"role": "user", "content": prompt}], model=p.model, max_tokens=p.max_tokens
+        )
+        return {"input": p.inputs[i], "output": done.text}
+
+    return await run_items(ctx, len(p.inputs), make, p.parallel, p.failure_tolerance, "outputs")
+
+
+async def run_items(
+    ctx: JobContext,
+    count: int,
+    make: Callable[[int], Awaitable[dict[str, Any]]],
+    parallel: int | None,
+    tolerance: float,
+    name: str,
+) -> dict[str, Any]:
+    """Run ``make(i)`` for every item under a parallel limit, publishing each as it lands.
+
+    A retryable error or malformed item is tried again (up to ``ITEM_TRIES``), then
+    counted as failed; a fatal error (e.g. bad credentials) fails the job at once.
+    """
+    gate = asyncio.Semaphore(parallel or ctx.resources.settings.llm_parallel)
+    results: list[dict[str, Any] | None] = [None] * count
+    errors: list[dict[str, Any]] = []
+
+    async def one(i: int) -> None:
+        async with gate:
+            results[i], error = await _with_retries(make, i)
+        if error is not None:
+            errors.append({"index": i, **error})
+        else:
+            await ctx.output(json.dumps({"index": i, **results[i]}) + "\n")  # type: ignore[dict-item]
+        done = count - results.count(None) + len(errors)
+        await ctx.progress(100 * done / count, "generating", f"{done}/{count} {name}")
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for i in range(count):
+                group.create_task(one(i))
+    except BaseExceptionGroup as group_error:  # a fatal error: surface it, not the group
+        raise group_error.exceptions[0] from None
+    await ctx.stage("finalizing")
+    outcome = {
+        name: [r for r in results if r is not None],
+        "failed": len(errors),
+        "errors": sorted(errors, key=lambda e: e["index"]),
+    }
+    if len(errors) > tolerance * count:
+        raise JobError(
+            f"{len(errors)} of {count} {name} failed (tolerance {tolerance:g})",
+            code="too_many_failures",
+            result=outcome,
+        )
+    return outcome
+
+
+async def _with_retries(
+    make: Callable[[int], Awaitable[dict[str, Any]]], i: int
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    for attempt in range(1, ITEM_TRIES + 1):
+        try:
+            return await make(i), None
+        except JobError as exc:
+            if not exc.retryable:
+                raise
+            error = {"code": exc.code, "message": exc.message}
+            if attempt < ITEM_TRIES:  # backoff with jitter, at least the server's Retry-After
+                await asyncio.sleep(max(exc.retry_after_s or 0, random.uniform(0, 0.2 * attempt)))
+    return None, error
