@@ -103,6 +103,11 @@ def parse_submit(raw: Any, types: Registry) -> tuple[SubmitRequest, JobType[Any]
             code="unknown_job_type",
             details={"known": sorted(types.types)},
         )
+    schema_errors = job_type.schema_errors(req.payload)
+    if schema_errors:  # held to the published schema: no silent coercion ("3" -> 3)
+        raise ValidationFailed(
+            f"the payload does not match the {req.type!r} job type", details=schema_errors
+        )
     try:
         payload = job_type.payload_model.model_validate(req.payload)
     except ValidationError as exc:
@@ -235,6 +240,7 @@ async def list_jobs(request: Request) -> Response:
         raise ValidationFailed(
             "bad query parameters", details=validation_details(exc, ("query",))
         ) from exc
+    q.cursor = q.cursor or None  # an empty cursor means the first page
     if not 1 <= q.limit <= svc.settings.list_limit_max:
         raise ValidationFailed(f"limit must be 1 to {svc.settings.list_limit_max}")
     jobs, cursor = await svc.store.list_jobs(
@@ -335,11 +341,18 @@ async def job_types(request: Request) -> Response:
     return JSONResponse({"types": [t.describe() for t in svc.types.types.values()]})
 
 
+async def jobs(request: Request) -> Response:
+    return await (submit if request.method == "POST" else list_jobs)(request)
+
+
+async def job(request: Request) -> Response:
+    return await (cancel_job if request.method == "DELETE" else get_job)(request)
+
+
+# One route per path (dispatching on the method), so a 405's Allow header lists them all.
 routes = [
-    Route("/v1/jobs", submit, methods=["POST"]),
-    Route("/v1/jobs", list_jobs, methods=["GET"]),
-    Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
-    Route("/v1/jobs/{job_id}", cancel_job, methods=["DELETE"]),
+    Route("/v1/jobs", jobs, methods=["GET", "POST"]),
+    Route("/v1/jobs/{job_id}", job, methods=["GET", "DELETE"]),
     Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
     Route("/v1/job-types", job_types, methods=["GET"]),
 ]

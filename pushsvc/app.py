@@ -17,7 +17,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api, metrics, sse, stats, web
+from . import api, metrics, openapi, sse, stats, web
 from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
 from . import ticker as _ticker  # noqa: F401
 from .api import Services
@@ -116,6 +116,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             *api.routes,
             *sse.routes,
             *stats.routes,
+            *openapi.routes,
             *web.routes,
         ],
         exception_handlers={

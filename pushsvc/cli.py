@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .logs import configure_logging, settings_secrets
 from .settings import Settings
 
 cli = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -26,8 +27,8 @@ def build_settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _setup_logging(settings: Settings) -> None:
+    configure_logging(settings.log_level, settings.log_json, settings_secrets(settings))
 
 
 def is_loopback(host: str) -> bool:
@@ -63,14 +64,15 @@ def api(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> Non
 
     from .app import create_app
 
-    _setup_logging()
     settings = build_settings(host=host, port=port, redis_url=redis_url)
+    _setup_logging(settings)
     check_auth(settings)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=None,  # keep our structured, redacting handler
         access_log=False,  # ours (app.AccessLog) leaves out query strings, and so tokens
     )
 
@@ -80,8 +82,9 @@ def worker(redis_url: RedisUrl = None) -> None:
     """Run a job worker (arq)."""
     from .worker import run_worker
 
-    _setup_logging()
-    asyncio.run(run_worker(build_settings(redis_url=redis_url)))
+    settings = build_settings(redis_url=redis_url)
+    _setup_logging(settings)
+    asyncio.run(run_worker(settings))
 
 
 @cli.command()
@@ -103,7 +106,7 @@ def fake_llm(
     """An offline OpenAI-compatible model: deterministic text, faults on request."""
     from .fakellm import run_fake_llm
 
-    _setup_logging()
+    _setup_logging(build_settings())
     run_fake_llm(host, port, tokens_per_s)
 
 
@@ -121,6 +124,38 @@ def submit(
     from .client import submit_command
 
     raise typer.Exit(submit_command(type_, payload, follow, url, api_key))
+
+
+@cli.command()
+def bench(
+    scenario: Annotated[str, typer.Argument(help="fanout | push-vs-poll | throughput | scaleout")],
+    url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PUSHSVC_BENCH_URL",
+            help="API URL(s), comma-separated; default: start a private stack",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    streams: Annotated[int | None, typer.Option(help="open streams (fanout)")] = None,
+    jobs: Annotated[int | None, typer.Option(help="jobs")] = None,
+    workers: Annotated[int | None, typer.Option(help="worker processes")] = None,
+    clients: Annotated[int | None, typer.Option(help="clients or submitters")] = None,
+    duration: Annotated[float | None, typer.Option(help="seconds measured")] = None,
+    rate: Annotated[float | None, typer.Option(help="events per second per job")] = None,
+) -> None:
+    """Load-test a stack (its own, unless given --url) and print the figures."""
+    from .bench import bench_command
+
+    options = {
+        "streams": streams,
+        "jobs": jobs,
+        "workers": workers,
+        "clients": clients,
+        "duration_s": duration,
+        "rate": rate,
+    }
+    raise typer.Exit(bench_command(scenario, url, as_json, options))
 
 
 def main() -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import secrets
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -72,6 +71,11 @@ class Frame:
         return Frame(newer.tseq, newer.seq, self.kind, self.job_id, data, self.first_seq)
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 def _encode(event_id: int, kind: str, data: str) -> bytes:
     return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
 
@@ -85,7 +89,7 @@ class QueueStats:
     buffered_bytes: int = 0
 
 
-class StreamQueue:
+class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
     """A stream's bounded buffer between the bus and a slow or fast reader.
 
     Past ``coalesce_after`` frames, progress and output frames merge with the job's
@@ -94,17 +98,32 @@ class StreamQueue:
     terminal frames are never merged.
     """
 
+    __slots__ = (
+        "stats",
+        "_pending",
+        "_last_of",
+        "_barrier",
+        "_next",
+        "_bytes",
+        "_limits",
+        "_waiter",
+        "resync",
+        "overflowed",
+    )
+
     def __init__(
         self, coalesce_after: int, max_frames: int, max_bytes: int, stats: QueueStats
     ) -> None:
         self.stats = stats
-        self._pending: OrderedDict[int, Frame] = OrderedDict()
+        # Insertion-ordered; merged frames are re-inserted under a new, larger key.
+        self._pending: dict[int, Frame] = {}
         self._last_of: dict[tuple[str, str], int] = {}  # (job, kind) -> pending position
         self._barrier: dict[str, int] = {}  # job -> position of its last unmergeable frame
         self._next = 0
         self._bytes = 0
         self._limits = (coalesce_after, max_frames, max_bytes)
-        self._wake = asyncio.Event()
+        # A bare future, not asyncio.Event: this is the hot path of every delivery.
+        self._waiter: asyncio.Future[None] | None = None
         self.resync = False  # set by overflow or a bus reconnect; the reader clears it
         self.overflowed = False
 
@@ -123,7 +142,11 @@ class StreamQueue:
             self.clear()
             self.resync = self.overflowed = True
             self.stats.resyncs += 1
-        self._wake.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
     def _merge_into_latest(self, frame: Frame) -> Frame:
         """Fold the job's latest pending frame of this kind into ``frame``.
@@ -145,7 +168,7 @@ class StreamQueue:
 
     def mark_resync(self) -> None:
         self.resync = True
-        self._wake.set()
+        self._wake()
 
     def clear(self) -> None:
         self._pending.clear()
@@ -153,11 +176,19 @@ class StreamQueue:
         self._barrier.clear()
         self._add_bytes(-self._bytes)
 
-    async def get(self) -> list[Frame]:
-        """Everything pending, oldest first (empty when only a resync is due)."""
-        while not self._pending and not self.resync:
-            self._wake.clear()
-            await self._wake.wait()
+    async def get(self, timeout: float) -> list[Frame]:
+        """Everything pending, oldest first; empty after ``timeout`` s of silence (time for
+        a heartbeat) or when only a resync is due."""
+        if not self._pending and not self.resync:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            # A timer handle, not wait_for: no extra task on every delivery.
+            timer = loop.call_later(timeout, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         frames = list(self._pending.values())
         self.clear()
         return frames
@@ -168,7 +199,8 @@ class StreamQueue:
 
 @dataclass
 class _Channel:
-    queues: set[StreamQueue] = field(default_factory=set)
+    queues: set[StreamQueue] = field(default_factory=set)  # every frame of the channel
+    by_job: dict[str, set[StreamQueue]] = field(default_factory=dict)  # only these jobs
     confirmed: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -186,6 +218,7 @@ class EventBus:
         self._channels: dict[str, _Channel] = {}
         self._stale_confirms: dict[str, int] = {}
         self._reader: asyncio.Task[None] | None = None
+        self._streams: set[StreamQueue] = set()
         # Keeps the connection subscribed (and readable) while no stream is open.
         self._control = f"{self.keys.ns}:bus:{secrets.token_hex(6)}"
         self.connected = asyncio.Event()
@@ -211,23 +244,31 @@ class EventBus:
 
     @property
     def stream_count(self) -> int:
-        return sum(len(c.queues) for c in self._channels.values())
+        return len(self._streams)
 
     @contextlib.asynccontextmanager
-    async def subscription(self, channel: str, queue: StreamQueue) -> AsyncIterator[None]:
-        """Route ``channel`` to ``queue`` while inside; returns once Redis confirmed it."""
+    async def subscription(
+        self, channel: str, queue: StreamQueue, jobs: set[str] | None = None
+    ) -> AsyncIterator[None]:
+        """Route ``channel`` (only ``jobs``' frames, when given) to ``queue`` while inside.
+
+        Returns once Redis confirmed the subscription, so state read afterwards is not
+        older than the first frame routed.
+        """
         entry = self._channels.get(channel)
         if entry is None:
             entry = self._channels[channel] = _Channel()
             if self._pubsub is not None and self.connected.is_set():
                 await self._send_subscribe(channel, entry)
-        entry.queues.add(queue)
+        _add(entry, queue, jobs)
+        self._streams.add(queue)
         try:
             await self._wait_confirmed(entry)
             yield
         finally:
-            entry.queues.discard(queue)
-            if not entry.queues and self._channels.get(channel) is entry:
+            self._streams.discard(queue)
+            _remove(entry, queue, jobs)
+            if not (entry.queues or entry.by_job) and self._channels.get(channel) is entry:
                 del self._channels[channel]
                 if not entry.confirmed.done():
                     entry.confirmed.cancel()
@@ -276,14 +317,13 @@ class EventBus:
         self._stale_confirms.clear()
         for name, entry in list(self._channels.items()):
             if entry.confirmed.done():  # confirmed on the old connection: confirm again
-                self._channels[name] = _Channel(entry.queues)
+                self._channels[name] = _Channel(entry.queues, entry.by_job)
         self._pubsub = self._redis.pubsub()
         await self._pubsub.subscribe(self._control, *self._channels)
         self.connected.set()
-        if self.reconnects or any(self._channels):
-            for entry in self._channels.values():
-                for queue in entry.queues:
-                    queue.mark_resync()  # whatever was published meanwhile is in the logs
+        if self.reconnects:
+            for queue in self._streams:
+                queue.mark_resync()  # whatever was published meanwhile is in the logs
         self.reconnects += 1
 
     async def _read(self) -> None:
@@ -309,11 +349,36 @@ class EventBus:
 
     def _route(self, channel: str, raw: bytes) -> None:
         entry = self._channels.get(channel)
-        if entry is None or not entry.queues:
+        if entry is None:
             return
         frame = Frame.parse(raw)
+        targets = entry.by_job.get(frame.job_id)
+        if not entry.queues and not targets:
+            return
         if self._on_event is not None:
             self._on_event(frame.data)
         for queue in entry.queues:
             queue.put(frame)
-        self.delivered += len(entry.queues)
+        for queue in targets or ():
+            queue.put(frame)
+        self.delivered += len(entry.queues) + len(targets or ())
+
+
+def _add(entry: _Channel, queue: StreamQueue, jobs: set[str] | None) -> None:
+    if jobs is None:
+        entry.queues.add(queue)
+        return
+    for job_id in jobs:
+        entry.by_job.setdefault(job_id, set()).add(queue)
+
+
+def _remove(entry: _Channel, queue: StreamQueue, jobs: set[str] | None) -> None:
+    if jobs is None:
+        entry.queues.discard(queue)
+        return
+    for job_id in jobs:
+        targets = entry.by_job.get(job_id)
+        if targets is not None:
+            targets.discard(queue)
+            if not targets:
+                del entry.by_job[job_id]

@@ -431,6 +431,7 @@ def run_fake_llm(host: str, port: int, tokens_per_s: float) -> None:
     # A stalled stream whose client never leaves would otherwise hold shutdown for an hour.
     uvicorn.run(
         create_fake_llm_app(tokens_per_s),
+        log_config=None,  # logging is configured by the CLI (structured, redacted)
         host=host,
         port=port,
         log_level="info",

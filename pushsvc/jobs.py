@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from jsonschema import Draft202012Validator
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -32,7 +34,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class JobType(Generic[P]):
+class JobType(Generic[P]):  # noqa: B903
     name: str
     func: JobFunc
     payload_model: type[P]
@@ -40,6 +42,17 @@ class JobType(Generic[P]):
     max_attempts: int
     retry: RetryPolicy
     description: str = ""
+
+    @functools.cached_property
+    def _validator(self) -> Draft202012Validator:
+        return Draft202012Validator(self.payload_model.model_json_schema())
+
+    def schema_errors(self, payload: Any) -> list[dict[str, Any]]:
+        """Where ``payload`` breaks the type's published JSON Schema (empty: it fits)."""
+        return [
+            {"loc": ["payload", *map(str, e.absolute_path)], "msg": e.message, "type": e.validator}
+            for e in self._validator.iter_errors(payload)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     port: int = 8000
     poll_hint_s: float = Field(2.0, gt=0)
     list_limit_max: int = Field(200, ge=1)
+    # Logs: JSON lines, or a console view when unset and stderr is a terminal.
+    log_level: str = "INFO"
+    log_json: bool | None = None
 
     @field_validator("api_keys", mode="before")
     @classmethod

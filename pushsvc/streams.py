@@ -56,6 +56,10 @@ class _Stream:
     def channel(self) -> str:
         raise NotImplementedError
 
+    def jobs(self) -> set[str] | None:
+        """The jobs whose frames this stream wants from its channel (None: all)."""
+        return None
+
     async def start(self) -> list[Frame]:
         raise NotImplementedError
 
@@ -68,14 +72,17 @@ class _Stream:
     async def frames(self) -> AsyncIterator[bytes]:
         """The stream's bytes; unsubscribes when the client goes (generator closed)."""
         yield f"retry: {self.settings.retry_ms}\n\n".encode()
-        async with self.bus.subscription(self.channel(), self.queue):
+        async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
             out = await self.start()
             while True:
                 if out:
                     yield b"".join(f.sse(self.by_tseq) for f in out)
                 if self.done:
                     return
-                live = await self.queue.get()
+                live = await self.queue.get(self.settings.heartbeat_s)
+                if not live and not self.queue.resync:
+                    yield b": ping\n\n"  # keeps proxies from cutting an idle stream
+                    continue
                 out = []
                 if self.queue.resync:
                     overflowed = self.queue.overflowed
@@ -177,6 +184,9 @@ class MuxStream(_Stream):
 
     def channel(self) -> str:
         return self.store.keys.tenant_channel(self.tenant)
+
+    def jobs(self) -> set[str] | None:
+        return self.named or None
 
     async def start(self) -> list[Frame]:
         if self.cursor is not None:

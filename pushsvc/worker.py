@@ -31,6 +31,7 @@ from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types
 from . import ticker as _ticker  # noqa: F401
 from .errors import JobError
 from .jobs import JobContext, JobType, Registry, Resources, registry
+from .logs import bind_job
 from .metrics import WorkerMetrics
 from .models import JobStatus
 from .queue import Queue, connect, make_worker
@@ -107,8 +108,9 @@ class Runner:
         # Renewal uses ZADD XX, so listing the attempt before it holds a lease is harmless.
         self.running[arq_id] = job_id
         try:
-            if await self._start(fields, arq_id):
-                await self._attempt(self.types.get(fields["type"]), fields)
+            with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
+                if await self._start(fields, arq_id):
+                    await self._attempt(self.types.get(fields["type"]), fields)
         finally:
             self.running.pop(arq_id, None)
 
@@ -426,6 +428,8 @@ async def run_worker(settings: Settings) -> None:
             try:
                 await worker.async_run()
                 return
+            except asyncio.CancelledError:
+                return  # arq's SIGTERM/SIGINT handler cancelled its loop: a clean stop
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning("Redis unavailable (%s); polling again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)

