@@ -170,9 +170,12 @@ async def submit(request: Request) -> Response:
                 code="idempotency_key_reused",
             )
         headers["Idempotent-Replayed"] = "true"
-    else:
-        request.app.state.metrics.submitted.labels(job_type.name).inc()
-    return await _job_response(svc, tenant, found, 202, headers)
+        return await _job_response(svc, tenant, found, 202, headers)
+    request.app.state.metrics.submitted.labels(job_type.name).inc()
+    # The job is what was just written (its first event is seq 1): no need to read it back.
+    snap = to_snapshot({**fields, "seq": 1})
+    headers["Location"] = f"/v1/jobs/{job_id}"
+    return JSONResponse(job_json(svc, tenant, snap), status_code=202, headers=headers)
 
 
 def _idempotency(

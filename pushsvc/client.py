@@ -1,0 +1,434 @@
+"""A Python client for the v1 API (httpx + httpx-sse), and ``pushsvc submit``.
+
+``Client.follow()`` streams one job's events: it resumes with ``Last-Event-ID`` after
+a dropped connection (an API restart loses nothing), polls ``GET /v1/jobs/{id}`` when
+the stream endpoint answers 503, and ends after the terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sys
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import httpx
+from httpx_sse import SSEError, aconnect_sse
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+from .errors import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthorized,
+    Unavailable,
+    ValidationFailed,
+)
+
+TERMINAL_KINDS = frozenset({"completed", "failed", "cancelled"})
+PROGRESS_FIELDS = ("progress", "stage", "message", "eta_s")
+_ERRORS = (BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, ValidationFailed)
+_BY_STATUS: dict[int, type[ApiError]] = {e.status_code: e for e in (*_ERRORS, Unavailable)}
+
+
+@dataclass(frozen=True)
+class Event:
+    """One job event: ``id`` (the job's seq), ``kind`` and its JSON ``data``.
+
+    ``source`` is ``"stream"``, or ``"poll"`` for events made from polled snapshots.
+    """
+
+    id: int
+    kind: str
+    data: dict[str, Any]
+    source: str = "stream"
+
+
+def retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(resp.headers["retry-after"]))
+    except (KeyError, ValueError):
+        return None
+
+
+def api_error(resp: httpx.Response) -> ApiError:
+    """The API's error answer as the exception the server raised (``errors.py``)."""
+    try:
+        body = resp.json().get("error") or {}
+    except (ValueError, AttributeError):
+        body = {}
+    message = str(body.get("message") or f"HTTP {resp.status_code}")
+    code, details = body.get("code"), body.get("details")
+    err: ApiError
+    if resp.status_code == 429:
+        err = RateLimited(message, retry_after_s=int(retry_after(resp) or 1), details=details)
+    else:
+        err = _BY_STATUS.get(resp.status_code, ApiError)(message, details=details)
+    if code:
+        err.code = str(code)
+    err.status_code = resp.status_code
+    return err
+
+
+def apply_event(job: dict[str, Any], kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The job after one event, changed as the server's snapshot changes with it."""
+    fields = {k: v for k, v in data.items() if k not in ("job_id", "ts", "reset")}
+    if kind == "snapshot":
+        return {**fields, "id": data["job_id"]}
+    after = {**job, "id": data["job_id"], "seq": data["seq"]}
+    if kind == "status":
+        # A new attempt starts afresh: the worker resets these with its `running` event.
+        if fields.get("status") == "running" and job.get("status") != "running":
+            if not fields.get("cancel_requested"):
+                after.update(progress=0.0, stage=None, message=None, output="", eta_s=None)
+        after.update(fields)
+    elif kind == "progress":
+        after.update({k: data.get(k) for k in PROGRESS_FIELDS})
+    elif kind == "output":
+        after["output"] = (job.get("output") or "") + data["delta"]
+    elif kind == "completed":
+        after.update(status=kind, result=data.get("result"), progress=100.0, eta_s=0.0)
+    elif kind == "failed":
+        after.update(status=kind, error=data.get("error"), eta_s=None)
+    elif kind == "cancelled":
+        after.update(status=kind, eta_s=None)
+    return after
+
+
+def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Event]:
+    """The events that turn snapshot ``prev`` into ``job`` (for pollers)."""
+    seq = job["seq"]
+    base = {"job_id": job["id"], "seq": seq, "ts": time.time()}
+    status, output = job["status"], job.get("output") or ""
+    ended = status in TERMINAL_KINDS
+    if prev is None or _rewound(prev, job):
+        snapshot = {k: v for k, v in job.items() if k not in ("id", "links")}
+        events = [Event(seq, "snapshot", {**base, **snapshot}, "poll")]
+    else:
+        events = []
+        if status != prev.get("status") and not ended:
+            data = {**base, "status": status, "attempt": job.get("attempt")}
+            events.append(Event(seq, "status", data, "poll"))
+        shown = prev.get("output") or ""
+        if len(output) > len(shown):
+            events.append(Event(seq, "output", {**base, "delta": output[len(shown) :]}, "poll"))
+        if any(job.get(k) != prev.get(k) for k in PROGRESS_FIELDS):
+            data = {**base, **{k: job.get(k) for k in PROGRESS_FIELDS}}
+            events.append(Event(seq, "progress", data, "poll"))
+    if ended:
+        extra = {"completed": {"result": job.get("result")}, "failed": {"error": job.get("error")}}
+        events.append(Event(seq, status, {**base, **extra.get(status, {})}, "poll"))
+    return events
+
+
+def _rewound(prev: dict[str, Any], job: dict[str, Any]) -> bool:
+    """A change events cannot express: a new attempt or run, or text that shrank."""
+    return (
+        job.get("attempt") != prev.get("attempt")
+        or (job.get("progress") or 0) < (prev.get("progress") or 0)
+        or not (job.get("output") or "").startswith(prev.get("output") or "")
+        or (prev.get("status") in TERMINAL_KINDS and job["status"] not in TERMINAL_KINDS)
+    )
+
+
+class _Tracker:
+    """One job as seen so far: dedupes by seq and knows when it ended."""
+
+    def __init__(self) -> None:
+        self.job: dict[str, Any] | None = None
+        self.seq = 0
+        self.ended = False
+
+    def accept(self, event: Event) -> bool:
+        seq = int(event.data.get("seq", event.id))
+        # A finished job's stream repeats its terminal event with the snapshot's seq.
+        echo = event.kind in TERMINAL_KINDS and not self.ended and seq == self.seq
+        if self.job is not None and seq <= self.seq and not echo:
+            return False
+        self.apply(event)
+        return True
+
+    def accept_snapshot(self, job: dict[str, Any]) -> list[Event]:
+        """The events a polled snapshot brings (they share its seq: checked once, here)."""
+        unseen_end = job["status"] in TERMINAL_KINDS and not self.ended
+        if self.job is not None and job["seq"] <= self.seq and not unseen_end:
+            return []
+        events = diff_snapshots(self.job, job)
+        for event in events:
+            self.apply(event)
+        return events
+
+    def apply(self, event: Event) -> None:
+        seq = int(event.data.get("seq", event.id))
+        self.job = apply_event(self.job or {}, event.kind, event.data)
+        self.seq = seq
+        self.ended = event.kind in TERMINAL_KINDS
+
+
+class _StreamsOff(Exception):
+    """The stream endpoint answered 503: poll instead."""
+
+
+class Client:
+    """The v1 API over httpx, as one tenant (``api_key``), or none on a keyless server."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: float = 10.0,
+        stream_read_timeout: float = 60.0,
+        reconnect_for: float = 60.0,
+        poll_min: float = 0.5,
+        poll_max: float = 10.0,
+        stream_retry: float = 30.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.AsyncClient(base_url=base_url, headers=headers, timeout=timeout)
+        # Heartbeats arrive every PUSHSVC_HEARTBEAT_S; a longer silence is a dead connection.
+        self.stream_timeout = httpx.Timeout(timeout, read=stream_read_timeout)
+        self.reconnect_for = reconnect_for
+        self.poll_min, self.poll_max, self.stream_retry = poll_min, poll_max, stream_retry
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        resp = await self.http.request(method, path, **kwargs)
+        if resp.is_error:
+            raise api_error(resp)
+        body: dict[str, Any] = resp.json()
+        return body
+
+    async def submit(
+        self,
+        type: str,
+        payload: dict[str, Any],
+        priority: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Any]:
+        """Submit a job; the answer is its snapshot with ``links``."""
+        body: dict[str, Any] = {"type": type, "payload": payload}
+        if priority is not None:
+            body["priority"] = priority
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return await self._call("POST", "/v1/jobs", json=body, headers=headers)
+
+    async def get(self, job_id: str) -> dict[str, Any]:
+        return await self._call("GET", f"/v1/jobs/{job_id}")
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        return await self._call("DELETE", f"/v1/jobs/{job_id}")
+
+    async def retry(self, job_id: str) -> dict[str, Any]:
+        return await self._call("POST", f"/v1/jobs/{job_id}/retry")
+
+    async def follow(self, job_id: str) -> AsyncGenerator[Event, None]:
+        """The job's events once each, in order, until its terminal event."""
+        seen = _Tracker()
+        failing_since: float | None = None
+        failures = 0
+        while not seen.ended:
+            try:
+                async with contextlib.aclosing(self._stream(job_id, seen.seq or None)) as events:
+                    async for event in events:
+                        failing_since, failures = None, 0
+                        if seen.accept(event):
+                            yield event
+                        if seen.ended:
+                            return
+                # The server ended the stream early (shutting down): resume after a pause.
+            except _StreamsOff:
+                async with contextlib.aclosing(self._poll(job_id, seen)) as polled:
+                    async for event in polled:
+                        yield event
+                continue
+            except (httpx.TransportError, SSEError) as exc:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > self.reconnect_for:
+                    raise ConnectionError(f"the stream of job {job_id} is gone") from exc
+            failures += 1
+            await asyncio.sleep(min(2.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
+
+    async def _stream(self, job_id: str, last_id: int | None) -> AsyncGenerator[Event, None]:
+        headers = {"Accept": "text/event-stream"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = str(last_id)
+        url = f"/v1/jobs/{job_id}/events"
+        async with aconnect_sse(
+            self.http, "GET", url, headers=headers, timeout=self.stream_timeout
+        ) as source:
+            resp = source.response
+            if resp.status_code == 204:
+                raise _StreamsOff  # resumed after the end: one poll shows how it ended
+            if resp.is_error:
+                await resp.aread()
+                if resp.status_code == 503:
+                    raise _StreamsOff
+                if resp.status_code >= 500:  # a proxy's 502 while the API restarts
+                    raise httpx.RemoteProtocolError(f"HTTP {resp.status_code}")
+                raise api_error(resp)
+            async for sse in source.aiter_sse():
+                if sse.event == "message" and sse.data == "":
+                    continue  # httpx-sse turns heartbeat comments into these
+                yield Event(int(sse.id), sse.event, json.loads(sse.data))
+
+    async def _poll(self, job_id: str, seen: _Tracker) -> AsyncGenerator[Event, None]:
+        """Poll with If-None-Match and backoff until the end, or until streams may be back."""
+        etag: str | None = None
+        delay = self.poll_min
+        retry_stream_at = time.monotonic() + self.stream_retry
+        while not seen.ended and time.monotonic() < retry_stream_at:
+            changed, hint = False, None
+            try:
+                resp = await self.http.get(
+                    f"/v1/jobs/{job_id}", headers={"If-None-Match": etag} if etag else {}
+                )
+                hint = retry_after(resp)
+            except httpx.TransportError:
+                resp = None
+            if resp is not None and resp.status_code == 200:
+                etag = resp.headers.get("etag")
+                for event in seen.accept_snapshot(resp.json()):
+                    changed = True
+                    yield event
+            elif resp is not None and resp.status_code < 500 and resp.status_code not in (304, 429):
+                raise api_error(resp)
+            if seen.ended:
+                return
+            delay = self.poll_min if changed else min(delay * 2, self.poll_max)
+            await asyncio.sleep(max(hint or 0.0, delay * random.uniform(0.75, 1.25)))
+
+
+# ---- pushsvc submit ----
+
+
+def submit_command(
+    type_: str, payload: str, follow: bool, url: str, api_key: str | None
+) -> int:
+    """``pushsvc submit``: print the job id; with ``follow``, its progress and text.
+
+    Returns the exit code: 0 when the job was submitted (and, followed, completed).
+    """
+    err = Console(stderr=True)
+    try:
+        body = json.loads(payload)
+    except ValueError as exc:
+        err.print(f"[red]--payload is not JSON:[/] {exc}", highlight=False)
+        return 2
+    if not isinstance(body, dict):
+        err.print("[red]--payload must be a JSON object[/]")
+        return 2
+    try:
+        return asyncio.run(_submit(type_, body, follow, url, api_key))
+    except KeyboardInterrupt:
+        err.print("stopped following; the job goes on")
+        return 130
+
+
+async def _submit(
+    type_: str, payload: dict[str, Any], follow: bool, url: str, api_key: str | None
+) -> int:
+    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    async with Client(url, api_key) as client:
+        try:
+            job = await client.submit(type_, payload)
+            print(job["id"], flush=True)  # plain: `id=$(pushsvc submit ...)` works
+            if not follow:
+                return 0
+            status = await _follow(client, job, out)
+        except ApiError as exc:
+            err.print(f"[red]error:[/] {exc.message} ({exc.code})")
+            if exc.details:
+                err.print(json.dumps(exc.details, indent=2), markup=False)
+            return 1
+        except (httpx.HTTPError, ConnectionError) as exc:
+            err.print(f"[red]cannot reach {url}:[/] {exc}")
+            return 1
+    return 0 if status == "completed" else 1
+
+
+class _TextPane:
+    """Prints streamed text above the progress bar, whole lines at a time."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.text = ""  # everything received
+        self.pending = ""  # received, not yet printed (no newline yet)
+
+    def show(self, output: str) -> None:
+        if not output.startswith(self.text):  # a new attempt starts its text again
+            self.flush()
+            self.console.rule("output restarted", style="dim")
+            self.text = ""
+        self.pending += output[len(self.text) :]
+        self.text = output
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.console.print(self.pending, markup=False, highlight=False, soft_wrap=True)
+            self.pending = ""
+
+
+async def _follow(client: Client, job: dict[str, Any], out: Console) -> str:
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("[dim]{task.fields[note]}"),
+    )
+    status = job["status"]
+    with Progress(*columns, console=out) as bar:
+        task = bar.add_task(job["type"], total=100, note=status)
+        pane = _TextPane(bar.console)
+        async for event in client.follow(job["id"]):
+            state = apply_event(job, event.kind, event.data)
+            job, status = state, state["status"]
+            pane.show(job.get("output") or "")
+            eta = job.get("eta_s")
+            note = job.get("stage") or status
+            if status == "running" and eta:
+                note = f"{note} · {eta:.0f}s left"
+            bar.update(task, completed=job.get("progress") or 0, note=note)
+        pane.flush()
+        bar.update(task, note=status)
+    _report_end(job, out)
+    return str(status)
+
+
+def _report_end(job: dict[str, Any], out: Console) -> None:
+    status = job["status"]
+    if status == "completed":
+        out.print(f"[green]completed[/] {json.dumps(job.get('result'))}", highlight=False)
+    elif status == "failed":
+        error = job.get("error") or {}
+        out.print(f"[red]failed:[/] {error.get('message')} ({error.get('code')})")
+    else:
+        out.print(f"[yellow]{status}[/]")
+    sys.stdout.flush()

@@ -1,0 +1,181 @@
+"""``pushsvc.client``: follow() against real API processes (in order, across an API
+restart, by polling when streams are off) and ``pushsvc submit`` end to end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from pushsvc.client import Client, Event, submit_command
+from pushsvc.errors import NotFound
+
+from . import conftest
+from .procs import ROOT, Api
+
+TICKER = "ticker"
+
+
+async def collect(client: Client, job_id: str) -> list[Event]:
+    async with asyncio.timeout(30):
+        return [event async for event in client.follow(job_id)]
+
+
+def assert_complete_and_gap_free(events: list[Event], stored: list[tuple[str, Any]]) -> None:
+    """A snapshot, then exactly the stored events after it, in order, ending in the end."""
+    assert events[0].kind == "snapshot", events[0]
+    after = events[0].data["seq"]
+    rest = events[1:]
+    assert [e.id for e in rest] == list(range(after + 1, after + 1 + len(rest)))
+    assert [(e.kind, e.data) for e in rest] == [s for s in stored if s[1]["seq"] > after]
+    assert rest[-1].kind == "completed"
+
+
+async def test_follow_gets_every_event_in_order(
+    stack: dict[str, Any], client: conftest.Client
+) -> None:
+    async with Client(stack["api"].url, "key-a") as pc:
+        job = await pc.submit(TICKER, {"steps": 12, "interval_ms": 30})
+        events = await collect(pc, job["id"])
+        assert_complete_and_gap_free(events, await client.log(job["id"]))
+        assert {e.source for e in events} == {"stream"}
+        assert events[-1].data["result"] == {"steps": 12}
+        progress = [e.data["progress"] for e in events if e.kind == "progress"]
+        assert progress == sorted(progress) and progress[-1] == 100
+
+        # A late joiner: the finished job's snapshot and its terminal event, then the end.
+        late = await collect(pc, job["id"])
+        assert [e.kind for e in late] == ["snapshot", "completed"]
+        assert late[0].data["status"] == "completed"
+        assert late[1] == events[-1]
+
+
+async def test_follow_reports_api_errors(stack: dict[str, Any]) -> None:
+    async with Client(stack["api"].url, "key-a") as pc:
+        job = await pc.submit(TICKER, {"steps": 1, "interval_ms": 0})
+    async with Client(stack["api"].url, "key-b") as other:  # another tenant: never yours
+        with pytest.raises(NotFound) as caught:
+            await collect(other, job["id"])
+        assert caught.value.status_code == 404 and caught.value.code == "job_not_found"
+
+
+async def test_submit_get_cancel_and_idempotency(stack: dict[str, Any]) -> None:
+    async with Client(stack["api"].url, "key-a") as pc:
+        payload = {"steps": 200, "interval_ms": 50}
+        job = await pc.submit(TICKER, payload, priority="high", idempotency_key="k-1")
+        again = await pc.submit(TICKER, payload, priority="high", idempotency_key="k-1")
+        assert again["id"] == job["id"] and job["priority"] == "high"
+        events = pc.follow(job["id"])
+        async with asyncio.timeout(30):
+            async for event in events:
+                if event.kind == "progress":
+                    break
+            await pc.cancel(job["id"])
+            rest = [event async for event in events]
+        assert rest[-1].kind == "cancelled"
+        assert (await pc.get(job["id"]))["status"] == "cancelled"
+
+
+@pytest.mark.timeout(90)
+async def test_follow_survives_an_api_restart(
+    stack: dict[str, Any], client: conftest.Client
+) -> None:
+    """Stop the API mid-job, start a new one on the same port: resume, no gap, no repeat."""
+    first = Api([], stack["env"]).start()
+    second: Api | None = None
+    try:
+        async with Client(first.url, "key-a") as pc:
+            job = await pc.submit(TICKER, {"steps": 40, "interval_ms": 100})
+            events: list[Event] = []
+            async with asyncio.timeout(60):
+                stream = pc.follow(job["id"])
+                async for event in stream:
+                    events.append(event)
+                    if event.kind == "progress" and event.data["progress"] >= 20:
+                        break
+                # The API goes away while we hold the stream open, and comes back.
+                await asyncio.to_thread(first.stop)
+                before_restart = len(events)
+                second = Api([], stack["env"], port=first.port)
+                await asyncio.to_thread(second.start)
+                events += [event async for event in stream]
+        assert events[before_restart - 1].data["progress"] < 100
+        assert len(events) > before_restart + 1  # live events from the new process
+        assert_complete_and_gap_free(events, await client.log(job["id"]))
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+async def test_follow_polls_when_streams_are_disabled(
+    stack: dict[str, Any], client: conftest.Client
+) -> None:
+    api = Api([], {**stack["env"], "PUSHSVC_STREAMS_ENABLED": "false"}).start()
+    try:
+        async with Client(api.url, "key-a", poll_min=0.1) as pc:
+            job = await pc.submit(TICKER, {"steps": 15, "interval_ms": 200})
+            events = await collect(pc, job["id"])
+    finally:
+        api.stop()
+    assert {e.source for e in events} == {"poll"}
+    assert events[0].kind == "snapshot"
+    assert events[-1].kind == "completed" and events[-1].data["result"] == {"steps": 15}
+    assert [e.kind for e in events].count("completed") == 1
+    progress = [e.data["progress"] for e in events if e.kind == "progress"]
+    assert len(progress) >= 2 and progress == sorted(progress), progress
+    seqs = [e.id for e in events]
+    assert seqs == sorted(seqs)
+    assert seqs[-1] == (await client.get(job["id"]))["seq"]
+
+
+def test_submit_command_follows_to_the_end(
+    stack: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = stack["api"].url
+    code = submit_command("chatty", '{"chunks": 6, "size": 12}', True, url, "key-a")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.match(r"^[0-9a-f-]{36}\n", out), out
+    text = "".join(f"<{i}>".ljust(12, ".") for i in range(6))
+    assert text in out.replace("\n", "")  # the streamed text, whole
+    assert "completed" in out and '{"chunks": 6}' in out
+
+    # Without --follow: the id only, at once.
+    assert submit_command(TICKER, '{"steps": 1}', False, url, "key-a") == 0
+    assert re.fullmatch(r"[0-9a-f-]{36}\n", capsys.readouterr().out)
+
+
+def test_submit_command_exit_codes(
+    stack: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = stack["api"].url
+    failing = '{"steps": 3, "interval_ms": 10, "fail_at_step": 2}'
+    assert submit_command(TICKER, failing, True, url, "key-a") == 1
+    assert "ticker failed at step 2" in capsys.readouterr().out
+    assert submit_command(TICKER, "{not json", True, url, "key-a") == 2
+    assert submit_command(TICKER, '{"steps": 0}', False, url, "key-a") == 1
+    assert "payload" in capsys.readouterr().err
+    assert submit_command(TICKER, "{}", False, url, "wrong-key") == 1
+    assert "invalid_credentials" in capsys.readouterr().err
+
+
+def test_pushsvc_submit_cli(stack: dict[str, Any]) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PUSHSVC_API_KEY": "key-a"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pushsvc", "submit", TICKER, "--payload", '{"steps": 3}',
+         "--follow", "--url", stack["api"].url],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "completed" in proc.stdout

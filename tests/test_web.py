@@ -1,0 +1,567 @@
+"""The job console and pushsvc.js in a real browser (Chromium via Playwright) against real
+API and worker processes: submit, live progress, reload mid-job, cancel, polling fallback.
+
+Also defines ``typewriter``, a job type that streams text at a steady pace (``chatty``
+finishes before a page could reload); API and worker load it via PUSHSVC_JOB_MODULES.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from pushsvc.jobs import JobContext, job_type
+from pushsvc.web import make_routes, web_dir
+
+from .conftest import stack_env
+from .procs import ROOT, Api, Proc, RedisServer
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "artifacts"
+expect.set_options(timeout=20_000)  # jobs take seconds; a shared 2-core machine, more
+WIDE = {"width": 1280, "height": 860}
+NARROW = {"width": 390, "height": 844}
+
+
+class TypewriterPayload(BaseModel):
+    words: int = Field(40, ge=1, le=5000, description="how many words to write")
+    interval_ms: int = Field(60, ge=0, le=5000, description="pause before each word")
+
+
+@job_type("typewriter", payload=TypewriterPayload, max_attempts=1)
+async def typewriter(ctx: JobContext, payload: TypewriterPayload) -> dict[str, int]:
+    """Writes numbered words at a steady pace, eight to a line."""
+    for i in range(payload.words):
+        await asyncio.sleep(payload.interval_ms / 1000)
+        await ctx.output(typewriter_word(i))
+        await ctx.progress(100 * (i + 1) / payload.words, "writing", f"word {i + 1}")
+    return {"words": payload.words}
+
+
+def typewriter_word(i: int) -> str:
+    return f"word{i:03d}" + ("\n" if i % 8 == 7 else " ")
+
+
+def typewriter_text(words: int) -> str:
+    return "".join(typewriter_word(i) for i in range(words))
+
+
+# ---- fixtures ----
+
+
+def console_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
+    """No API keys (loopback allows it): the console needs no key."""
+    env = stack_env(redis_url, namespace, **extra)
+    del env["PUSHSVC_API_KEYS"], env["PUSHSVC_SECRET"]
+    env["PUSHSVC_JOB_MODULES"] = "tests.jobtypes,tests.test_web"
+    env["PUSHSVC_PUBLISH_RATE_HZ"] = "20"  # what a real deployment would use
+    return env
+
+
+@pytest.fixture(scope="module")
+def web(redis_server: RedisServer) -> Iterator[dict[str, Api]]:
+    """A keyless API, one with streams turned off, and a worker, sharing a namespace."""
+    env = console_env(redis_server.url, f"w{secrets.token_hex(3)}")
+    procs: list[Proc] = []
+    try:
+        procs.append(Proc(["worker"], env).start())
+        live = Api([], env).start()
+        procs.append(live)
+        polling = Api([], {**env, "PUSHSVC_STREAMS_ENABLED": "false"}).start()
+        procs.append(polling)
+        yield {"live": live, "polling": polling}
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.fail("browser tests need Debian's chromium: apt-get install -y chromium")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page (empty localStorage); fails the test on any uncaught page error."""
+    context = browser.new_context(viewport=WIDE)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.set_default_timeout(20_000)
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+def shoot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True, animations="disabled")
+
+
+def submit_in_console(page: Page, type_: str, **fields: int) -> str:
+    """Fill the form for ``type_``, submit, and return the new card's job id."""
+    expect(page.locator("#job-type")).to_be_enabled()
+    page.select_option("#job-type", type_)
+    for name, value in fields.items():
+        page.fill(f"#f-{name}", str(value))
+    before = page.locator(".card").count()
+    page.get_by_role("button", name="Submit job").click()
+    expect(page.locator(".card")).to_have_count(before + 1)
+    job_id = page.locator(".card").first.get_attribute("data-job-id")
+    assert job_id
+    return job_id
+
+
+def card(page: Page, job_id: str) -> Locator:
+    return page.locator(f'.card[data-job-id="{job_id}"]')
+
+
+def progress_at_least(page: Page, job_id: str, pct: int) -> None:
+    page.wait_for_function(
+        """([id, pct]) => {
+            const bar = document.querySelector(`.card[data-job-id="${id}"] [role=progressbar]`);
+            return bar && Number(bar.getAttribute("aria-valuenow")) >= pct;
+        }""",
+        arg=[job_id, pct],
+    )
+
+
+def get_job(api: Api, job_id: str) -> dict[str, Any]:
+    resp = httpx.get(f"{api.url}/v1/jobs/{job_id}", timeout=10)
+    assert resp.status_code == 200, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+# ---- serving ----
+
+
+def test_pages_and_assets_are_served(web: dict[str, Api]) -> None:
+    base = web["live"].url
+    page = httpx.get(f"{base}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert '<script type="module" src="/static/console.js">' in page.text
+    lib = httpx.get(f"{base}/static/pushsvc.js")
+    assert lib.status_code == 200
+    assert "javascript" in lib.headers["content-type"]
+    assert lib.headers["cache-control"] == "no-cache" and "export function watchJob" in lib.text
+    again = httpx.get(f"{base}/static/pushsvc.js", headers={"If-None-Match": lib.headers["etag"]})
+    assert again.status_code == 304
+    missing = httpx.get(f"{base}/static/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert httpx.get(f"{base}/static/%2e%2e/pushsvc/web.py").status_code == 404  # no escape
+
+
+def test_routes_serve_the_directory_they_are_given(tmp_path: Path) -> None:
+    """Wheels ship web/ as pushsvc/_web; the routes serve whichever directory is found."""
+    (tmp_path / "index.html").write_text("<!doctype html><title>packaged</title>")
+    (tmp_path / "pushsvc.js").write_text("export {};")
+    app = Starlette(routes=make_routes(tmp_path))
+    with TestClient(app) as http:
+        assert "packaged" in http.get("/").text
+        assert http.get("/static/pushsvc.js").text == "export {};"
+    assert web_dir() == ROOT / "web"  # a checkout: the top-level web/ (no _web here)
+
+
+# ---- the console ----
+
+
+def test_console_runs_a_ticker_job_to_a_completed_toast(web: dict[str, Api], page: Page) -> None:
+    page.goto(web["live"].url)
+    expect(page.locator("#job-type")).to_be_enabled()
+    page.select_option("#job-type", "ticker")
+    # The form comes from the type's JSON Schema: constraints and defaults included.
+    steps = page.get_by_label("Steps")
+    expect(steps).to_have_attribute("min", "1")
+    expect(steps).to_have_attribute("max", "10000")
+    expect(page.get_by_label("Fail retryable")).not_to_be_checked()
+    job_id = submit_in_console(page, "ticker", steps=16, interval_ms=150)
+    bar = card(page, job_id).get_by_role("progressbar")
+
+    progress_at_least(page, job_id, 30)
+    expect(card(page, job_id).locator(".stage")).to_contain_text("ticking")
+    expect(card(page, job_id).locator(".badge")).to_have_text("running")
+    shoot(page, "console-running.png")
+
+    expect(bar).to_have_attribute("aria-valuenow", "100")
+    expect(card(page, job_id).locator(".badge")).to_have_text("completed")
+    expect(page.locator("#toasts")).to_have_attribute("role", "status")
+    expect(page.locator("#toasts .toast")).to_contain_text(f"ticker {job_id[:8]} completed")
+    expect(page.locator("#conn")).to_have_attribute("data-mode", "stream")
+    expect(card(page, job_id)).to_have_attribute("data-via", "stream")
+    expect(card(page, job_id).locator(".outcome")).to_have_text('Result: {"steps":16}')
+    assert get_job(web["live"], job_id)["status"] == "completed"
+    shoot(page, "console-completed.png")
+
+
+@pytest.mark.timeout(90)
+def test_reload_mid_job_resumes_the_card_without_losing_text(
+    web: dict[str, Api], page: Page
+) -> None:
+    page.goto(web["live"].url)
+    words = 70
+    job_id = submit_in_console(page, "typewriter", words=words, interval_ms=70)
+    progress_at_least(page, job_id, 20)
+    before_reload = card(page, job_id).locator(".output").text_content() or ""
+    assert before_reload and typewriter_text(words).startswith(before_reload)
+
+    page.reload()
+    # Resumed from localStorage while still running: the snapshot brings the text so far.
+    expect(card(page, job_id).locator(".badge")).to_have_text("running")
+    expect(card(page, job_id).locator(".output")).to_contain_text(before_reload.strip())
+    progress_at_least(page, job_id, 60)
+    shoot(page, "console-streaming.png")
+
+    expect(card(page, job_id).locator(".badge")).to_have_text("completed", timeout=30_000)
+    expect(page.locator(".toast").filter(has_text="completed")).to_have_count(1)
+    shown = card(page, job_id).locator(".output").text_content()
+    job = get_job(web["live"], job_id)
+    assert job["output"] == typewriter_text(words)  # the worker wrote it all, once
+    assert shown == job["output"]  # the page shows exactly that: no gap, no repeat
+
+    # Finished cards come back after a reload too, without a second toast.
+    page.reload()
+    expect(card(page, job_id).locator(".badge")).to_have_text("completed")
+    assert card(page, job_id).locator(".output").text_content() == job["output"]
+    expect(page.locator(".toast")).to_have_count(0)
+
+
+@pytest.mark.timeout(90)
+def test_cancel_and_retry_from_the_page(web: dict[str, Api], page: Page) -> None:
+    page.goto(web["live"].url)
+    job_id = submit_in_console(page, "ticker", steps=30, interval_ms=100)
+    the_card = card(page, job_id)
+    progress_at_least(page, job_id, 10)
+    the_card.get_by_role("button", name="Cancel").click()
+
+    expect(the_card.locator(".badge")).to_have_text("cancelled")
+    expect(page.locator(".toast").filter(has_text="was cancelled")).to_have_count(1)
+    assert get_job(web["live"], job_id)["status"] == "cancelled"
+    progress = int(the_card.get_by_role("progressbar").get_attribute("aria-valuenow") or 0)
+    assert 10 <= progress < 100
+    expect(the_card.get_by_role("button", name="Cancel")).to_be_hidden()
+    shoot(page, "console-cancelled.png")
+
+    # Retry runs it again from the start, on the same card, to the end.
+    the_card.get_by_role("button", name="Retry").click()
+    expect(the_card.locator(".badge")).not_to_have_text("cancelled")
+    expect(the_card.locator(".badge")).to_have_text("completed", timeout=30_000)
+    expect(the_card.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    assert get_job(web["live"], job_id)["status"] == "completed"
+
+
+def test_console_polls_when_streams_are_disabled(web: dict[str, Api], page: Page) -> None:
+    page.goto(web["polling"].url)
+    job_id = submit_in_console(page, "typewriter", words=40, interval_ms=150)
+
+    expect(page.locator("#conn")).to_have_attribute("data-mode", "polling")
+    expect(page.locator("#conn-label")).to_contain_text("Polling")
+    expect(card(page, job_id)).to_have_attribute("data-via", "polling")
+    progress_at_least(page, job_id, 40)
+    shoot(page, "console-polling.png")
+    expect(card(page, job_id).locator(".badge")).to_have_text("completed", timeout=30_000)
+    expect(card(page, job_id).get_by_role("progressbar")).to_have_attribute("aria-valuenow", "100")
+    expect(page.locator(".toast").filter(has_text="completed")).to_have_count(1)
+    shown = card(page, job_id).locator(".output").text_content()
+    assert shown == get_job(web["polling"], job_id)["output"] == typewriter_text(40)
+
+
+@pytest.mark.timeout(90)
+def test_page_rides_out_an_api_restart(web: dict[str, Api], page: Page) -> None:
+    """EventSource reconnects to the new process with Last-Event-ID: the text stays whole."""
+    first = Api([], web["live"].env).start()
+    second: Api | None = None
+    try:
+        page.goto(first.url)
+        words = 60
+        job_id = submit_in_console(page, "typewriter", words=words, interval_ms=80)
+        progress_at_least(page, job_id, 15)
+        first.stop()
+        second = Api([], web["live"].env, port=first.port).start()
+        expect(card(page, job_id).locator(".badge")).to_have_text("completed", timeout=40_000)
+        shown = card(page, job_id).locator(".output").text_content()
+        assert shown == get_job(second, job_id)["output"] == typewriter_text(words)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+@pytest.mark.timeout(90)
+def test_polling_goes_back_to_streaming_when_it_works_again(
+    web: dict[str, Api], page: Page
+) -> None:
+    """Streams off, then the API comes back with streams on: the watcher streams again."""
+    env = web["polling"].env
+    first = Api([], env).start()
+    second: Api | None = None
+    try:
+        page.goto(first.url)
+        page.evaluate(
+            """async () => {
+              const lib = await import("/static/pushsvc.js");
+              const payload = {words: 80, interval_ms: 100};
+              const job = await lib.createClient().submit("typewriter", payload);
+              window.got = {modes: [], output: "", done: null, id: job.id};
+              const keep = ({output, progress}) => Object.assign(window.got, {output, progress});
+              lib.watchJob(job.id, {
+                mode: (m) => window.got.modes.push(m),
+                snapshot: keep, status: keep, progress: keep, output: keep,
+                done: (j) => { keep(j); window.got.done = j.status; },
+              }, {storageKey: false, streamRetryMs: 1000, pollMinMs: 200});
+            }"""
+        )
+        page.wait_for_function("() => window.got.modes[0] === 'polling' && window.got.progress > 0")
+        first.stop()
+        stream_env = {**env, "PUSHSVC_STREAMS_ENABLED": "true"}
+        second = Api([], stream_env, port=first.port).start()
+        page.wait_for_function("() => window.got.done !== null", timeout=30_000)
+        got = page.evaluate("() => window.got")
+        assert got["modes"] == ["polling", "stream"], got["modes"]
+        assert got["done"] == "completed"
+        assert got["output"] == get_job(second, got["id"])["output"] == typewriter_text(80)
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_console_asks_for_an_api_key_and_uses_it(stack: dict[str, Any], page: Page) -> None:
+    page.goto(stack["api"].url)
+    key_field = page.get_by_label("API key")
+    expect(key_field).to_be_visible()  # the server answered 401: the key panel opened
+    expect(page.locator("#conn")).to_have_attribute("data-mode", "offline")
+    key_field.fill("key-d")
+    page.get_by_role("button", name="Save").click()
+    expect(page.locator("#job-type")).to_be_enabled()
+    page.select_option("#job-type", "ticker")
+    job_id = submit_in_console(page, "ticker", steps=5, interval_ms=60)
+    expect(card(page, job_id).locator(".badge")).to_have_text("completed")
+    expect(page.locator("#conn")).to_have_attribute("data-mode", "stream")
+    resp = httpx.get(
+        f"{stack['api'].url}/v1/jobs/{job_id}", headers={"Authorization": "Bearer key-d"}
+    )
+    assert resp.json()["status"] == "completed"  # submitted as that key's tenant
+    page.reload()  # the key is remembered
+    expect(card(page, job_id).locator(".badge")).to_have_text("completed")
+
+
+def test_console_on_a_narrow_screen_and_by_keyboard(web: dict[str, Api], browser: Browser) -> None:
+    context = browser.new_context(viewport=NARROW, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(web["live"].url)
+        expect(page.locator("#job-type")).to_be_enabled()
+        page.select_option("#job-type", "typewriter")
+        # From the keyboard: type into a field and submit with Enter.
+        page.locator("#f-words").focus()
+        page.keyboard.press("Control+A")
+        page.keyboard.type("12")
+        page.keyboard.press("Enter")
+        the_card = page.locator(".card").first
+        expect(the_card.locator(".badge")).to_have_text("completed", timeout=30_000)
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= NARROW["width"], "the page scrolls sideways on a phone"
+        shoot(page, "console-narrow.png")
+    finally:
+        context.close()
+
+
+# ---- pushsvc.js on its own, with API keys ----
+
+WATCH = """
+async ([apiKey, ids, mode, eventsUrl]) => {
+  const lib = await import("/static/pushsvc.js");
+  const seen = [];
+  const modes = [];
+  return await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("timed out: " + JSON.stringify(seen))), 25000);
+    const left = new Set(ids);
+    const handlers = { mode: (m) => modes.push(m), error: (e) => seen.push(["error", e.code]) };
+    let handle;
+    const end = (job) => {
+      left.delete(job.id);
+      if (left.size === 0) {
+        clearTimeout(timer);
+        handle.close();
+        resolve({ seen, modes, jobs: ids.map((id) => handle.job(id)) });
+      }
+    };
+    for (const kind of ["snapshot", "status", "progress", "output"]) {
+      handlers[kind] = (job, ev) => seen.push([kind, ev.job_id, ev.seq]);
+    }
+    for (const kind of ["done", "failed", "cancelled"]) {
+      handlers[kind] = (job, ev) => { seen.push([kind, ev.job_id, ev.seq]); end(job); };
+    }
+    const options = { apiKey, eventsUrl, storageKey: false };
+    handle = mode === "one" ? lib.watchJob(ids[0], handlers, options)
+                            : lib.watchJobs(ids, handlers, options);
+  });
+}
+"""
+
+
+def _submit(api: Api, key: str, type_: str, payload: dict[str, Any]) -> dict[str, Any]:
+    resp = httpx.post(
+        f"{api.url}/v1/jobs",
+        json={"type": type_, "payload": payload},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert resp.status_code == 202, resp.text
+    body: dict[str, Any] = resp.json()
+    return body
+
+
+def _check_gap_free(seen: list[list[Any]], job_id: str, final: dict[str, Any]) -> None:
+    mine = [e for e in seen if e[1] == job_id]
+    assert mine[0][0] == "snapshot", mine
+    seqs = [e[2] for e in mine]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), seqs
+    assert mine[-1] == ["done", job_id, final["seq"]]
+
+
+def test_watch_job_and_jobs_with_api_keys_and_tokens(
+    stack: dict[str, Any], page: Page
+) -> None:
+    """Keys on the server: job-scoped links, tenant stream tokens, a refused token renewed."""
+    api: Api = stack["api"]
+    page.goto(api.url)
+    key = "key-b"
+    one = _submit(api, key, "ticker", {"steps": 8, "interval_ms": 40})
+    got = page.evaluate(WATCH, [key, [one["id"]], "one", one["links"]["events"]])
+    final = httpx.get(
+        f"{api.url}/v1/jobs/{one['id']}", headers={"Authorization": f"Bearer {key}"}
+    ).json()
+    _check_gap_free(got["seen"], one["id"], final)
+    assert got["modes"] == ["stream"]
+    for field in ("status", "progress", "stage", "message", "result", "seq", "output"):
+        assert got["jobs"][0][field] == final[field], field
+
+    # A stale token (here: a forged one) is refused with 401: the library gets a new link.
+    forged = f"/v1/jobs/{one['id']}/events?token=expired.token"
+    two = _submit(api, key, "ticker", {"steps": 6, "interval_ms": 40})
+    got = page.evaluate(WATCH, [key, [two["id"]], "one", forged.replace(one["id"], two["id"])])
+    assert got["seen"][-1][0] == "done" and got["modes"] == ["stream"], got
+
+    # Many jobs over one multiplexed stream, with a tenant token from /v1/stream-tokens.
+    jobs = [_submit(api, key, "ticker", {"steps": 5, "interval_ms": 50}) for _ in range(3)]
+    ids = [j["id"] for j in jobs]
+    got = page.evaluate(WATCH, [key, ids, "many", None])
+    assert got["modes"] == ["stream"]
+    for job_id in ids:
+        final = httpx.get(
+            f"{api.url}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"}
+        ).json()
+        _check_gap_free(got["seen"], job_id, final)
+
+
+ALL = """
+async ([apiKey, count, payload]) => {
+  const lib = await import("/static/pushsvc.js");
+  const client = lib.createClient({apiKey});
+  const done = new Map();
+  const modes = [];
+  let submitted = [];
+  await new Promise((resolve, reject) => {
+    setTimeout(() => reject(new Error("timed out: " + JSON.stringify([...done]))), 25000);
+    const end = (kind) => (job) => {
+      done.set(job.id, [kind, job.progress]);
+      if (submitted.length === count && submitted.every((id) => done.has(id))) resolve();
+    };
+    const handle = lib.watchJobs("all", {
+      mode: (m) => modes.push(m), done: end("done"), failed: end("failed"),
+    }, {apiKey, storageKey: false, pollMinMs: 200});
+    window.closeAll = () => handle.close();
+    (async () => {
+      for (let i = 0; i < count; i++) submitted.push((await client.submit("ticker", payload)).id);
+    })();
+  });
+  window.closeAll();
+  return {modes, done: submitted.map((id) => done.get(id))};
+}
+"""
+
+
+def test_watch_all_jobs_of_a_tenant(stack: dict[str, Any], web: dict[str, Api], page: Page) -> None:
+    """watchJobs("all"): jobs created later announce themselves; polled from the list too."""
+    payload = {"steps": 4, "interval_ms": 100}
+    page.goto(stack["api"].url)
+    got = page.evaluate(ALL, ["key-e", 3, payload])
+    assert got == {"modes": ["stream"], "done": [["done", 100]] * 3}
+
+    page.goto(web["polling"].url)  # no keys, streams off: GET /v1/jobs?limit= instead
+    got = page.evaluate(ALL, [None, 2, payload])
+    assert got == {"modes": ["polling"], "done": [["done", 100]] * 2}
+
+
+def test_jobs_added_while_a_stream_opens_are_all_watched(
+    stack: dict[str, Any], page: Page
+) -> None:
+    """add() while the stream for earlier jobs is still opening (awaiting its token)."""
+    api: Api = stack["api"]
+    page.goto(api.url)
+    jobs = [_submit(api, "key-f", "ticker", {"steps": 5, "interval_ms": 60}) for _ in range(2)]
+    got = page.evaluate(
+        """async ([a, b]) => {
+          const lib = await import("/static/pushsvc.js");
+          const done = new Set();
+          const modes = [];
+          return await new Promise((resolve, reject) => {
+            setTimeout(() => reject(new Error("timed out: " + [...done])), 20000);
+            const h = lib.watchJobs([], {mode: (m) => modes.push(m), done: (job) => {
+              done.add(job.id);
+              if (done.size === 2) { h.close(); resolve({modes, done: [...done].sort()}); }
+            }}, {apiKey: "key-f", storageKey: false});
+            h.add(a);
+            setTimeout(() => h.add(b), 0);  // while the first open awaits its token
+          });
+        }""",
+        [j["id"] for j in jobs],
+    )
+    assert got == {"modes": ["stream"], "done": sorted(j["id"] for j in jobs)}
+
+
+def test_a_wrong_api_key_is_reported_not_retried_forever(
+    stack: dict[str, Any], page: Page
+) -> None:
+    api: Api = stack["api"]
+    page.goto(api.url)
+    job = _submit(api, "key-c", "ticker", {"steps": 200, "interval_ms": 50})
+    got = page.evaluate(
+        """async ([id]) => {
+          const lib = await import("/static/pushsvc.js");
+          return await new Promise((resolve) => {
+            const h = lib.watchJob(id, {error: (e) => { h.close(); resolve([e.status, e.code]); }},
+                                   {apiKey: "not-a-key", storageKey: false});
+          });
+        }""",
+        [job["id"]],
+    )
+    assert got == [401, "invalid_credentials"]
+    httpx.delete(f"{api.url}/v1/jobs/{job['id']}", headers={"Authorization": "Bearer key-c"})
