@@ -267,6 +267,7 @@ class EventBus:
             yield
         finally:
             self._streams.discard(queue)
+            queue.clear()  # what it still held is gone with it (and off the byte gauge)
             _remove(entry, queue, jobs)
             if not (entry.queues or entry.by_job) and self._channels.get(channel) is entry:
                 del self._channels[channel]

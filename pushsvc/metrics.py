@@ -122,8 +122,9 @@ async def metrics(request: Request) -> Response:
         pipe.zcard(keys.queue)
         pipe.zcard(keys.delayed)
         pipe.zcard(keys.leases)
-        ready, delayed, api.running = await pipe.execute()
-    api.queue_depth = ready + delayed
+        in_queue, delayed, api.running = await pipe.execute()
+    # arq keeps a running attempt in its queue until it ends: those are not waiting.
+    api.queue_depth = max(0, in_queue - api.running) + delayed
     return Response(generate_latest(api.registry), media_type="text/plain; version=0.0.4")
 
 

@@ -14,7 +14,13 @@ from importlib import resources
 from typing import Any
 
 from arq.connections import ArqRedis
-from arq.constants import abort_jobs_ss, expires_extra_ms, job_key_prefix
+from arq.constants import (
+    abort_jobs_ss,
+    expires_extra_ms,
+    in_progress_key_prefix,
+    job_key_prefix,
+    retry_key_prefix,
+)
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
@@ -134,8 +140,17 @@ class Queue:
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
 
-    async def depth(self) -> int:
-        return int(await self.redis.zcard(self.queue_name))
+    async def forget(self, arq_id: str) -> None:
+        """Drop a dead worker's attempt from arq: its queue entry would otherwise stay,
+        guarded by arq's in-progress key, for the longest job timeout."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self.queue_name, arq_id)
+            pipe.delete(
+                job_key_prefix + arq_id,
+                in_progress_key_prefix + arq_id,
+                retry_key_prefix + arq_id,
+            )
+            await pipe.execute()
 
 
 def make_worker(

@@ -104,18 +104,23 @@ class Stats:
         return doc
 
     async def _queue(self, now: float) -> dict[str, Any]:
+        # arq keeps a running attempt in its queue until it ends: those are not waiting.
+        running = set(await self.redis.zrange(self.keys.leases, 0, -1))
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.queue)
             pipe.zcard(self.keys.delayed)
             for offset in PRIORITY_OFFSET_MS.values():  # the oldest of each priority class
                 low, high = now * 1000 - offset - 10**11, now * 1000 - offset + 10**11
-                pipe.zrangebyscore(self.keys.queue, low, high, start=0, num=1, withscores=True)
-            ready, delayed, *oldest = await pipe.execute()
-        ages = [
-            now - (score + offset) / 1000
-            for rows, offset in zip(oldest, PRIORITY_OFFSET_MS.values(), strict=True)
-            for _, score in rows
-        ]
+                pipe.zrangebyscore(
+                    self.keys.queue, low, high, start=0, num=len(running) + 1, withscores=True
+                )
+            in_queue, delayed, *oldest = await pipe.execute()
+        ready = max(0, in_queue - len(running))
+        ages = []
+        for rows, offset in zip(oldest, PRIORITY_OFFSET_MS.values(), strict=True):
+            first = next((score for member, score in rows if member not in running), None)
+            if first is not None:
+                ages.append(now - (first + offset) / 1000)
         return {
             "queue_depth": ready + delayed,
             "queued_ready": ready,
