@@ -40,7 +40,7 @@ def test_loopback_detection() -> None:
 def test_dev_starts_embedded_redis_and_runs_a_job(tmp_path: Path) -> None:
     """With no Redis answering, ``pushsvc dev`` brings its own and the stack works."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PUSHSVC_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PUSHSVC_", "OPENAI_"))}
     env.update(PUSHSVC_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", PUSHSVC_PORT=str(port))
     log = tmp_path / "dev.log"
     with log.open("wb") as out:
@@ -66,6 +66,15 @@ def test_dev_starts_embedded_redis_and_runs_a_job(tmp_path: Path) -> None:
                 30,
                 "the job",
             )
+            # No OPENAI_API_KEY: dev started the offline model and pointed the worker at it.
+            ask = {"type": "generate", "payload": {"prompt": "hello [[tokens:5]]"}}
+            gen = http.post("/v1/jobs", json=ask).json()
+            wait_until(
+                lambda: http.get(f"/v1/jobs/{gen['id']}").json()["status"] == "completed",
+                30,
+                "the generate job",
+            )
+            assert len(http.get(f"/v1/jobs/{gen['id']}").json()["result"]["text"].split()) == 5
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
