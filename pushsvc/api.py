@@ -261,7 +261,10 @@ async def cancel_job(request: Request) -> Response:
         fields = await _load(svc, tenant, job_id)
         reply = await _cancel_step(svc, fields)
         if isinstance(reply, Published):
-            await svc.queue.abort(fields["arq_id"])
+            if reply.status == JobStatus.CANCELLED:  # it was queued: it never runs
+                await svc.queue.forget(fields["arq_id"], fields.get("priority", "normal"))
+            else:
+                await svc.queue.abort(fields["arq_id"])
             code = 200 if reply.status == JobStatus.CANCELLED else 202
             return await _job_response(svc, tenant, job_id, code, {})
         if not isinstance(reply, Rejected) or reply.status.terminal:

@@ -140,11 +140,12 @@ class Queue:
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
 
-    async def forget(self, arq_id: str) -> None:
-        """Drop a dead worker's attempt from arq: its queue entry would otherwise stay,
-        guarded by arq's in-progress key, for the longest job timeout."""
+    async def forget(self, arq_id: str, priority: str = "normal") -> None:
+        """Drop an attempt that will never run (cancelled while queued, or its worker
+        died) from arq's queue and pushsvc's delayed set; else it would stay counted."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self.queue_name, arq_id)
+            pipe.zrem(self.keys.delayed, f"{PRIORITY_OFFSET_MS[priority]}|{arq_id}")
             pipe.delete(
                 job_key_prefix + arq_id,
                 in_progress_key_prefix + arq_id,

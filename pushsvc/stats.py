@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .api import services
+from .errors import Unavailable
 from .keys import Keys
 from .queue import PRIORITY_OFFSET_MS
 from .settings import Settings
@@ -208,6 +209,10 @@ async def stats_events(request: Request) -> Response:
     """The same document, pushed every ``PUSHSVC_STATS_PUSH_S`` (the dashboard's feed)."""
     svc = services(request)
     tenant = svc.auth.stream_tenant(request, {"tenant"})
+    if not svc.settings.streams_enabled:
+        raise Unavailable(
+            "streaming is turned off here; poll GET /v1/stats", code="streams_disabled"
+        )
 
     async def frames() -> AsyncIterator[bytes]:
         yield f"retry: {svc.settings.retry_ms}\n\n".encode()

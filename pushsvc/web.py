@@ -1,5 +1,6 @@
-"""The browser side: the job console at ``/`` and the static assets (``pushsvc.js``) under
-``/static/``, served from the package's ``_web`` (wheels) or the repository's ``web/``.
+"""The browser side: the job console at ``/``, the dashboard at ``/dashboard``, and the
+static assets (``pushsvc.js``) under ``/static/``, served from the package's ``_web``
+(wheels) or the repository's ``web/``.
 """
 
 from __future__ import annotations
@@ -48,12 +49,17 @@ class Assets(StaticFiles):
 
 def make_routes(directory: Path) -> list[BaseRoute]:
     index = directory / "index.html"
+    board = directory / "dashboard.html"
 
     async def console(_request: Request) -> Response:
         return FileResponse(index, media_type="text/html", headers=PAGE_HEADERS)
 
+    async def dashboard(_request: Request) -> Response:
+        return FileResponse(board, media_type="text/html", headers=PAGE_HEADERS)
+
     return [
         Route("/", console, methods=["GET", "HEAD"]),
+        Route("/dashboard", dashboard, methods=["GET", "HEAD"]),
         Mount("/static", app=Assets(directory=directory), name="static"),
     ]
 

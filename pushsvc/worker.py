@@ -373,7 +373,7 @@ class Runner:
                 await self.store.redis.zrem(leases, member)  # nothing left to recover
                 continue
             await self.recover(fields)
-            await self.queue.forget(arq_id)
+            await self.queue.forget(arq_id, fields.get("priority", "normal"))
             recovered += 1
         return recovered
 

@@ -246,6 +246,8 @@ async def test_cancel_queued_job_never_starts_and_retry_runs_it(
     job = await client.submit("ticker", TICK)
     resp = await client.http.delete(f"/v1/jobs/{job['id']}")
     assert resp.status_code == 200 and resp.json()["status"] == "cancelled"
+    # Regression: a cancelled queued job stayed in arq's queue, counted, until a worker ran.
+    assert (await client.http.get("/v1/stats")).json()["overall"]["queue_depth"] == 0
     settings = settings_for(stack_env(server.url, namespace))
     async with worker_session(settings, burst=True, handle_signals=False) as worker:
         await worker.async_run()
