@@ -333,7 +333,13 @@ async def _poll_client(http: httpx.AsyncClient, url: str, job_id: str) -> _Watch
     await asyncio.sleep(random.uniform(0, POLL_S))
     next_at = time.monotonic()
     while True:
-        resp = await http.get(f"{url}/v1/jobs/{job_id}", headers=headers)
+        try:
+            resp = await http.get(f"{url}/v1/jobs/{job_id}", headers=headers)
+        except httpx.RemoteProtocolError:
+            # uvicorn closed the idle keep-alive connection as it was reused (its 5 s
+            # timeout vs. a 2 s poll from a pool): a real poller retries, so do we.
+            w.requests += 1
+            resp = await http.get(f"{url}/v1/jobs/{job_id}", headers=headers)
         w.requests += 1
         if resp.status_code == 200:
             job = resp.json()
