@@ -406,6 +406,9 @@ def _ops_paths() -> dict[str, Schema]:
         "/openapi.json": _public("openapi", "This document", JSON, {"type": "object"}),
         "/docs": _public("docs", "This document as a page", html_page, string),
         "/": _public("console", "The job console", html_page, string, "web"),
+        "/dashboard": _public(
+            "dashboard", "The live dashboard (stats and alerts over SSE)", html_page, string, "web"
+        ),
         "/static/{path}": static,
     }
 
