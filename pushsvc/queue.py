@@ -47,7 +47,7 @@ def _object_hook(obj: dict[str, Any]) -> Any:
 
 
 def serialize(obj: Any) -> bytes:
-    """arq's job_serializer: JSON, never pickle."""
+    """arq's job_serializer: JSON (arq's default would not be)."""
     return json.dumps(obj, default=_default, separators=(",", ":")).encode()
 
 

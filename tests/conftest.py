@@ -17,6 +17,9 @@ from pushsvc.settings import Settings
 
 from .procs import Api, Proc, RedisServer
 
+# The browser fixtures (real Chromium) for tests/test_web.py and tests/test_dashboard.py.
+pytest_plugins = ["tests.browser"]
+
 TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefghijklmnop"}
 
 

@@ -12,10 +12,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, Request, expect
 
 from .procs import Api, Proc, RedisServer
-from .test_web import CHROMIUM, CHROMIUM_ARGS, NARROW, WIDE, console_env, shoot
+from .test_web import NARROW, console_env, shoot
 
 PUSH_S = "0.3"  # a stats frame every 0.3 s: the page follows quickly
 
@@ -44,29 +44,6 @@ def dash(redis_server: RedisServer) -> Iterator[dict[str, Api]]:
     finally:
         for proc in reversed(procs):
             proc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail("browser tests need Debian's chromium: apt-get install -y chromium")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh page (empty localStorage); fails the test on any uncaught page error."""
-    context = browser.new_context(viewport=WIDE)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(20_000)
-    yield page
-    context.close()
-    assert not errors, errors
 
 
 # ---- helpers ----

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Locator, Page, expect
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
@@ -26,19 +26,8 @@ from pushsvc.web import make_routes, web_dir
 from .conftest import stack_env
 from .procs import ROOT, Api, Proc, RedisServer
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = ROOT / "artifacts"
 expect.set_options(timeout=20_000)  # jobs take seconds; a shared 2-core machine, more
-WIDE = {"width": 1280, "height": 860}
 NARROW = {"width": 390, "height": 844}
 
 
@@ -92,29 +81,6 @@ def web(redis_server: RedisServer) -> Iterator[dict[str, Api]]:
     finally:
         for proc in reversed(procs):
             proc.stop()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not CHROMIUM.exists():
-        pytest.fail("browser tests need Debian's chromium: apt-get install -y chromium")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    """A fresh page (empty localStorage); fails the test on any uncaught page error."""
-    context = browser.new_context(viewport=WIDE)
-    page = context.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    page.set_default_timeout(20_000)
-    yield page
-    context.close()
-    assert not errors, errors
 
 
 def shoot(page: Page, name: str) -> None:
@@ -446,9 +412,7 @@ def _check_gap_free(seen: list[list[Any]], job_id: str, final: dict[str, Any]) -
     assert mine[-1] == ["done", job_id, final["seq"]]
 
 
-def test_watch_job_and_jobs_with_api_keys_and_tokens(
-    stack: dict[str, Any], page: Page
-) -> None:
+def test_watch_job_and_jobs_with_api_keys_and_tokens(stack: dict[str, Any], page: Page) -> None:
     """Keys on the server: job-scoped links, tenant stream tokens, a refused token renewed."""
     api: Api = stack["api"]
     page.goto(api.url)
@@ -520,9 +484,7 @@ def test_watch_all_jobs_of_a_tenant(stack: dict[str, Any], web: dict[str, Api], 
     assert got == {"modes": ["polling"], "done": [["done", 100]] * 2}
 
 
-def test_jobs_added_while_a_stream_opens_are_all_watched(
-    stack: dict[str, Any], page: Page
-) -> None:
+def test_jobs_added_while_a_stream_opens_are_all_watched(stack: dict[str, Any], page: Page) -> None:
     """add() while the stream for earlier jobs is still opening (awaiting its token)."""
     api: Api = stack["api"]
     page.goto(api.url)
@@ -547,9 +509,7 @@ def test_jobs_added_while_a_stream_opens_are_all_watched(
     assert got == {"modes": ["stream"], "done": sorted(j["id"] for j in jobs)}
 
 
-def test_a_wrong_api_key_is_reported_not_retried_forever(
-    stack: dict[str, Any], page: Page
-) -> None:
+def test_a_wrong_api_key_is_reported_not_retried_forever(stack: dict[str, Any], page: Page) -> None:
     api: Api = stack["api"]
     page.goto(api.url)
     job = _submit(api, "key-c", "ticker", {"steps": 200, "interval_ms": 50})
