@@ -79,11 +79,11 @@ class _Stream:
                     yield b"".join(f.sse(self.by_tseq) for f in out)
                 if self.done:
                     return
+                out = []
                 live = await self.queue.get(self.settings.heartbeat_s)
                 if not live and not self.queue.resync:
                     yield b": ping\n\n"  # keeps proxies from cutting an idle stream
                     continue
-                out = []
                 if self.queue.resync:
                     overflowed = self.queue.overflowed
                     self.queue.resync = self.queue.overflowed = False

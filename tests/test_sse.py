@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -155,6 +156,31 @@ async def test_heartbeat_retry_and_headers(redis_server: RedisServer) -> None:
             assert any(line.startswith("event: snapshot") for line in lines)
     finally:
         api.stop()
+
+
+async def test_heartbeats_between_events_repeat_nothing(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Regression: after a heartbeat the stream sent its previous frames again."""
+    env = stack_env(redis_server.url, f"hb{secrets.token_hex(3)}", heartbeat_s="0.1")
+    api, worker = Api([], env).start(), Proc(["worker"], env).start()
+    client = make_client(api.url, "key-a", redis, env["PUSHSVC_NAMESPACE"])
+    try:
+        job = await client.submit("ticker", {"steps": 4, "interval_ms": 350})
+        for path in (url(job), f"/v1/events?job={job['id']}"):
+            stream = await read(client.http, path)
+            assert stream.closed and stream.events[-1].kind == "completed"
+            ids = [e.id for e in stream.events]
+            assert len(ids) == len(set(ids)) or path.startswith("/v1/events")
+            assert_gap_free(stream, job["id"])
+        live = await read(
+            client.http, url(await client.submit("ticker", {"steps": 4, "interval_ms": 350}))
+        )
+        assert [e.id for e in live.events] == sorted({e.id for e in live.events})
+    finally:
+        await client.http.aclose()
+        api.stop()
+        worker.stop()
 
 
 def _output_of(stream: Stream) -> str:
