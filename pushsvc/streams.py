@@ -226,15 +226,17 @@ class MuxStream(_Stream):
         return out
 
     async def resync(self, overflowed: bool) -> list[Frame]:
+        """After a reconnect or an overflow: the tenant log after the cursor, which is
+        complete and capped (PUSHSVC_TENANT_LOG_CAP); fresh snapshots where it is not.
+
+        (Snapshots of only the jobs the log shows as touched would race with events
+        published between reading the log and reading the snapshots.)
+        """
         assert self.cursor is not None
         events = await self.store.tenant_events_after(self.tenant, self.cursor)
         if events is None:  # the tenant log no longer reaches back: start afresh
             return await self._view(sorted(self.named or self.sent), reset=True)
-        if not overflowed:
-            return self._emit(events)
-        # Too far behind: one fresh snapshot per touched job, not the whole backlog.
-        touched = sorted({e.job_id for e in events if self._wanted(e.job_id)})
-        return await self._view(touched, reset=True) if touched else []
+        return self._emit(events)
 
     async def accept(self, frames: list[Frame]) -> list[Frame]:
         out: list[Frame] = []
