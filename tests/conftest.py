@@ -20,7 +20,7 @@ from .procs import Api, Proc, RedisServer
 # The browser fixtures (real Chromium) for tests/test_web.py and tests/test_dashboard.py.
 pytest_plugins = ["tests.browser"]
 
-TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefghijklmnop"}
+TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefghijklmnopq"}
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +56,15 @@ def stack(redis_server: RedisServer) -> Iterator[dict[str, Any]]:
     yield {"api": api, "worker": worker, "env": env}
     api.stop()
     worker.stop()
+
+
+def error_of(resp: httpx.Response, status: int) -> dict[str, Any]:
+    """The JSON error of ``resp``, checked to have the contract's shape and ``status``."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"] == "application/json"
+    body: dict[str, Any] = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
+    return body["error"]
 
 
 def settings_for(env: dict[str, str]) -> Settings:

@@ -35,6 +35,14 @@ def wait_until(check: object, timeout: float, what: str) -> None:
     raise TimeoutError(f"{what} did not come up in {timeout} s")
 
 
+def http_ok(url: str, timeout: float = 0.5) -> bool:
+    """Does ``url`` answer 200 (yet)?"""
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 @dataclass
 class RedisServer:
     """A private redis-server on a free port that tests may stop, kill and restart."""
@@ -47,6 +55,8 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    persistence = ["--appendonly", "no"]  # nothing on disk
+
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server") or "redis-server"
         args = [
@@ -57,12 +67,12 @@ class RedisServer:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *self.persistence,
             "--dir",
             self.dir,
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # PING answers LOADING (an error) until any append-only file is read back.
         wait_until(self.answers, 10, "redis-server")
         return self
 
@@ -139,10 +149,7 @@ class Api(Proc):
         assert self.proc is not None
         if self.proc.poll() is not None:
             raise RuntimeError(f"pushsvc api exited:\n{self.output()}")
-        try:
-            return httpx.get(f"{self.url}/healthz", timeout=0.5).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return http_ok(f"{self.url}/healthz")
 
 
 class DurableRedis(RedisServer):
@@ -152,27 +159,7 @@ class DurableRedis(RedisServer):
     restart lose nothing: the outage clients see, without the amnesia.
     """
 
-    def start(self) -> DurableRedis:
-        exe = shutil.which("redis-server") or "redis-server"
-        args = [
-            exe,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--dir",
-            self.dir,
-        ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # PING answers LOADING (an error) until the append-only file is read back.
-        wait_until(self.answers, 10, "redis-server")
-        return self
+    persistence = ["--appendonly", "yes", "--appendfsync", "always"]
 
     def shutdown(self) -> None:
         """Stop gracefully: Redis closes its clients, syncs the AOF and exits."""
@@ -188,7 +175,3 @@ class DurableRedis(RedisServer):
     def restart(self) -> DurableRedis:
         self.shutdown()
         return self.start()
-
-    def stop(self) -> None:
-        super().stop()
-        shutil.rmtree(self.dir, ignore_errors=True)

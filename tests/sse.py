@@ -78,3 +78,14 @@ def assert_gap_free(stream: Stream, job_id: str) -> None:
     terminal_echo = evs[0].kind == "snapshot" and len(evs) == 2 and evs[1].kind in TERMINAL
     if not terminal_echo:  # a late joiner gets the terminal event with the snapshot's seq
         assert body == list(range(start + 1, start + 1 + len(body))), seqs
+
+
+def output_of(stream: Stream) -> str:
+    """The text a client rebuilds: snapshots replace ``output``, deltas append."""
+    text = ""
+    for event in stream.events:
+        if event.kind == "snapshot":
+            text = event.data["output"]
+        elif event.kind == "output":
+            text += event.data["delta"]
+    return text

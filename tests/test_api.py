@@ -13,18 +13,10 @@ from redis.asyncio import Redis
 
 from pushsvc.worker import worker_session
 
-from .conftest import Client, settings_for, stack_env
+from .conftest import Client, error_of, settings_for, stack_env
 from .procs import Api, RedisServer
 
 TICK = {"steps": 1, "interval_ms": 0}
-
-
-def error_of(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/json"
-    body: dict[str, Any] = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    return body["error"]
 
 
 async def test_submit_answers_202_with_location_and_snapshot(client: Client) -> None:

@@ -15,7 +15,7 @@ import redis
 
 from pushsvc.cli import is_loopback
 
-from .procs import ROOT, free_port, wait_until
+from .procs import ROOT, free_port, http_ok, wait_until
 
 
 def test_api_refuses_a_public_address_without_keys() -> None:
@@ -55,7 +55,7 @@ def test_dev_starts_embedded_redis_and_runs_a_job(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: f"open {url}/" in log.read_text(), 30, "pushsvc dev")
         assert "using embedded Valkey" in log.read_text()
-        wait_until(lambda: _ok(f"{url}/readyz"), 30, "pushsvc dev")
+        wait_until(lambda: http_ok(f"{url}/readyz"), 30, "pushsvc dev")
         job = httpx.post(
             f"{url}/v1/jobs", json={"type": "ticker", "payload": {"steps": 2, "interval_ms": 10}}
         ).json()
@@ -83,10 +83,3 @@ def test_dev_starts_embedded_redis_and_runs_a_job(tmp_path: Path) -> None:
     assert embedded is not None
     with pytest.raises(redis.ConnectionError):  # stopped with the stack
         redis.Redis.from_url(embedded.group(1), socket_connect_timeout=1).ping()
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False

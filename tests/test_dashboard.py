@@ -299,16 +299,16 @@ def test_dashboard_asks_for_an_api_key_and_shows_only_that_tenants_jobs(
     key_field = page.get_by_label("API key")
     expect(key_field).to_be_visible()  # refused without a key: the key panel opened
     expect(page.locator("#conn")).to_have_attribute("data-mode", "offline")
-    key_field.fill("key-g")
+    key_field.fill("key-p")
     page.get_by_role("button", name="Save").click()
     expect(page.locator("#conn")).to_have_attribute("data-mode", "stream")
     expect(value(page, "workers")).not_to_have_text("–")
 
-    mine = submit(api, {"steps": 3, "interval_ms": 30}, key="key-g")
-    theirs = submit(api, {"steps": 3, "interval_ms": 30}, key="key-h")
+    mine = submit(api, {"steps": 3, "interval_ms": 30}, key="key-p")
+    theirs = submit(api, {"steps": 3, "interval_ms": 30}, key="key-q")
     expect(row(page, mine).locator(".badge")).to_have_text("completed")
     expect(row(page, theirs)).to_have_count(0)
-    assert page.evaluate("() => localStorage.getItem('pushsvc.apiKey')") == "key-g"
+    assert page.evaluate("() => localStorage.getItem('pushsvc.apiKey')") == "key-p"
 
     page.reload()  # the console's stored key: the stream token comes with it
     expect(page.locator("#conn")).to_have_attribute("data-mode", "stream")

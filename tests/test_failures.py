@@ -31,7 +31,7 @@ from pushsvc.keys import Keys
 
 from .conftest import stack_env
 from .procs import Api, Proc, RedisServer
-from .sse import TERMINAL, Event, Stream, assert_gap_free, events
+from .sse import TERMINAL, Event, Stream, assert_gap_free, events, output_of
 from .test_faults import collect, describe, logs_on_failure, metric
 
 KEY = "key-a"
@@ -148,17 +148,6 @@ def assert_whole(stream: Stream, job_id: str, end: str, final_seq: int) -> None:
 def error_code(event: Event) -> str | None:
     error = event.data.get("error")
     return error.get("code") if isinstance(error, dict) else None
-
-
-def output_of(stream: Stream) -> str:
-    """The text a client rebuilds: snapshots replace ``output``, deltas append."""
-    text = ""
-    for event in stream.events:
-        if event.kind == "snapshot":
-            text = event.data["output"]
-        elif event.kind == "output":
-            text += event.data["delta"]
-    return text
 
 
 # -- 1. An API process SIGKILLed under 100 open streams -----------------------------------

@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from .conftest import Client, make_client, stack_env
-from .procs import Api, Proc, RedisServer, free_port, wait_until
+from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
 from .sse import read
 
 
@@ -23,16 +23,9 @@ def model_url() -> Iterator[str]:
     port = free_port()
     model = Proc(["fake-llm", "--port", str(port), "--tokens-per-s", "400"], {}).start()
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: _answers(f"{url}/v1/models"), 20, "pushsvc fake-llm")
+    wait_until(lambda: http_ok(f"{url}/v1/models"), 20, "pushsvc fake-llm")
     yield f"{url}/v1"
     model.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=0.5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from pushsvc.logs import REDACTED, Redactor, settings_secrets
 from pushsvc.settings import Settings
 
 from .conftest import stack_env
-from .procs import ROOT, Api, Proc, RedisServer, free_port, wait_until
+from .procs import ROOT, Api, Proc, RedisServer, free_port, http_ok, wait_until
 from .sse import read
 
 API_KEY = "key-live-7f3a9c51"
@@ -302,7 +302,7 @@ def logged_stack(redis_server: RedisServer) -> Iterator[dict[str, Any]]:
     """An API, a worker (at DEBUG: the model client's chattiest) and the offline model."""
     port = free_port()
     model = Proc(["fake-llm", "--port", str(port), "--tokens-per-s", "1000"], {}).start()
-    wait_until(lambda: _answers(f"http://127.0.0.1:{port}/v1/models"), 20, "fake-llm")
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/v1/models"), 20, "fake-llm")
     env = stack_env(
         redis_server.url,
         f"log{secrets.token_hex(3)}",
@@ -315,13 +315,6 @@ def logged_stack(redis_server: RedisServer) -> Iterator[dict[str, Any]]:
     yield {"api": api, "worker": worker, "model": model, "env": env}
     for proc in (api, worker, model):
         proc.stop()
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=0.5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @pytest.mark.timeout(60)

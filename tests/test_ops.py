@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from pushsvc.worker import worker_session
 
 from .conftest import Client, make_client, settings_for, stack_env
-from .procs import Api, Proc, RedisServer, free_port, wait_until
+from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
 
 TICK = {"steps": 1, "interval_ms": 0}
 
@@ -161,13 +161,6 @@ async def test_open_streams_limit_per_tenant(redis_server: RedisServer, redis: R
             assert again.status_code == 200
 
 
-def _up(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=0.5).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 async def _metric(http: httpx.AsyncClient, url: str, name: str) -> float:
     text = (await http.get(url)).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
@@ -178,7 +171,7 @@ async def test_metrics_move_as_jobs_run(redis_server: RedisServer, redis: Redis)
     async with ops_api(redis_server, redis) as (client, env):
         with worker(env, worker_metrics_port=str(port)):
             wurl = f"http://127.0.0.1:{port}/metrics"
-            wait_until(lambda: _up(wurl), 20, "worker metrics")
+            wait_until(lambda: http_ok(wurl), 20, "worker metrics")
             api = str(client.http.base_url) + "/metrics"
             before = await _metric(client.http, api, 'pushsvc_jobs_submitted_total{type="ticker"}')
             ids = [(await client.submit("ticker", TICK))["id"] for _ in range(3)]

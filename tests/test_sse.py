@@ -15,7 +15,7 @@ from pushsvc.worker import worker_session
 
 from .conftest import Client, make_client, settings_for, stack_env
 from .procs import Api, Proc, RedisServer
-from .sse import TERMINAL, Stream, assert_gap_free, events, read
+from .sse import TERMINAL, Stream, assert_gap_free, events, output_of, read
 
 SLOW = {"steps": 30, "interval_ms": 30}
 
@@ -183,17 +183,6 @@ async def test_heartbeats_between_events_repeat_nothing(
         worker.stop()
 
 
-def _output_of(stream: Stream) -> str:
-    """Rebuild the job's text the way a client does: snapshots replace, deltas append."""
-    text = ""
-    for event in stream.events:
-        if event.kind == "snapshot":
-            text = event.data["output"]
-        elif event.kind == "output":
-            text += event.data["delta"]
-    return text
-
-
 async def _metrics(http: httpx.AsyncClient) -> dict[str, float]:
     body = (await http.get("/metrics")).text
     return {
@@ -230,7 +219,7 @@ async def test_slow_reader_costs_bounded_memory_and_still_gets_everything(
         api.stop()
         worker.stop()
     assert final["status"] == "completed" and stream.events[-1].kind == "completed"
-    assert _output_of(stream) == final["output"]  # no text lost, none doubled
+    assert output_of(stream) == final["output"]  # no text lost, none doubled
     assert len(stream.events) < 8000  # frames were merged or resynced
     assert stats["pushsvc_frames_merged_total"] + stats["pushsvc_stream_resyncs_total"] > 0
     assert stats["pushsvc_stream_buffered_bytes"] <= 65536

@@ -19,19 +19,11 @@ from pushsvc.auth import TENANT_SCOPE, Authenticator, _b64, job_scope
 from pushsvc.settings import Settings
 
 from . import sse
-from .conftest import Client, stack_env
+from .conftest import Client, error_of, stack_env
 from .procs import Api, RedisServer, wait_until
 
 TICK = {"steps": 3, "interval_ms": 20}
 LONG = {"steps": 1000, "interval_ms": 100}  # runs until the test cancels it
-
-
-def error_of(resp: httpx.Response, status: int) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    assert resp.headers["content-type"] == "application/json"
-    body: dict[str, Any] = resp.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    return body["error"]
 
 
 def token_of(url: str) -> str:
