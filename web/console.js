@@ -8,8 +8,8 @@ import {
   rememberedJobs,
   watchJobs,
 } from "./pushsvc.js";
+import { askForKey, bindKeyPanel, storedKey } from "./keypanel.js";
 
-const KEY_STORE = "pushsvc.apiKey";
 const CARDS_STORE = "pushsvc.console.cards"; // ids of the cards shown, newest first
 const TYPE_STORE = "pushsvc.console.type"; // the job type last submitted
 const MAX_CARDS = 50;
@@ -21,14 +21,6 @@ let watcher = null;
 let types = [];
 
 // ---- small helpers ----
-
-function storedKey() {
-  try {
-    return localStorage.getItem(KEY_STORE) || null;
-  } catch {
-    return null;
-  }
-}
 
 function load(key, fallback) {
   try {
@@ -103,23 +95,11 @@ function showMode(mode) {
 
 function needKey(message) {
   showMode("offline");
-  $("key-panel").open = true;
-  $("key-note").textContent = message;
-  $("api-key").focus();
+  askForKey(message);
 }
 
-$("api-key").value = storedKey() || "";
-$("key-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const key = $("api-key").value.trim();
-  try {
-    if (key) localStorage.setItem(KEY_STORE, key);
-    else localStorage.removeItem(KEY_STORE);
-  } catch {
-    // kept for this page only
-  }
-  client = createClient({ apiKey: key || null });
-  $("key-note").textContent = key ? "Saved." : "Cleared.";
+bindKeyPanel((key) => {
+  client = createClient({ apiKey: key });
   start();
 });
 

@@ -1,9 +1,9 @@
 // The live dashboard: the stats document pushed over SSE (GET /v1/stats/events), polling
 // GET /v1/stats only while that stream fails; the tenant's recent jobs through pushsvc.js.
 
+import { askForKey, bindKeyPanel, storedKey } from "./keypanel.js";
 import { ApiError, createClient, watchJobs } from "./pushsvc.js";
 
-const KEY_STORE = "pushsvc.apiKey"; // the console's: one key for both pages
 const RECENT = 20; // rows in "Your recent jobs"
 const POLL_MS = 4000; // GET /v1/stats this often while the stream is down
 const POLL_MAX_MS = 30000;
@@ -68,14 +68,6 @@ function setText(node, text) {
 
 // ---- connection state and API key (as in the console) ----
 
-function storedKey() {
-  try {
-    return localStorage.getItem(KEY_STORE) || null;
-  } catch {
-    return null;
-  }
-}
-
 const MODE_LABELS = {
   connecting: "Connecting…",
   stream: "Live: streaming",
@@ -93,24 +85,10 @@ function needKey(message) {
   stop();
   showMode("offline");
   setText($("alerts-summary"), "Not connected: this server needs an API key.");
-  $("key-panel").open = true;
-  $("key-note").textContent = message;
-  $("api-key").focus();
+  askForKey(message);
 }
 
-$("api-key").value = storedKey() || "";
-$("key-form").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const key = $("api-key").value.trim();
-  try {
-    if (key) localStorage.setItem(KEY_STORE, key);
-    else localStorage.removeItem(KEY_STORE);
-  } catch {
-    // kept for this page only
-  }
-  $("key-note").textContent = key ? "Saved." : "Cleared.";
-  start(key || null);
-});
+bindKeyPanel((key) => start(key));
 
 // ---- the stats feed: one EventSource, GET /v1/stats only while it fails ----
 
