@@ -29,6 +29,7 @@ from .events import EventBus
 from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
 from .queue import Queue
+from .responses import Drain
 from .settings import Settings
 from .store import JobStore, Published, Rejected, to_snapshot
 from .worker import new_arq_id
@@ -45,6 +46,7 @@ class Services:
     auth: Authenticator
     types: Registry
     bus: EventBus
+    drain: Drain
     open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
 
 

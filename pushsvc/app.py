@@ -26,6 +26,7 @@ from .errors import ApiError, PushsvcError
 from .events import EventBus
 from .jobs import Registry, registry
 from .queue import Queue, connect
+from .responses import Drain
 from .settings import Settings
 from .stats import Stats
 from .store import JobStore
@@ -93,7 +94,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
         try:
-            async with EventBus(settings, app.state.metrics.observe_event) as bus:
+            async with EventBus(settings, app.state.metrics.observe_event) as bus, Drain() as drain:
                 app.state.services = Services(
                     settings,
                     redis,
@@ -102,6 +103,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
                     Authenticator(settings),
                     types or registry,
                     bus,
+                    drain,
                 )
                 app.state.stats = Stats(redis, settings)
                 yield

@@ -43,19 +43,22 @@ POLL_S = 2.0  # the polling design pushsvc replaces
 OPEN_BATCH = 100  # streams opened at once: a burst of thousands only measures the backlog
 DEFAULTS: dict[str, dict[str, float]] = {
     "fanout": {"streams": 1000, "jobs": 20, "workers": 1, "duration_s": 20, "rate": 1},
-    "push-vs-poll": {"clients": 200, "jobs": 20, "workers": 1, "duration_s": 20, "rate": 1},
+    "push-vs-poll": dict(clients=200, jobs=20, workers=1, duration_s=20, rate=1, per_client=1),
     "throughput": {"jobs": 3000, "workers": 2, "clients": 32},
     "scaleout": dict(jobs=3000, workers=2, clients=32, streams=1000, duration_s=20, rate=1),
 }
-LIMITS = dict(streams=20000, jobs=100000, workers=16, clients=5000, duration_s=600, rate=50)
-INTS = frozenset({"streams", "jobs", "workers", "clients"})
+LIMITS = dict(
+    streams=20000, jobs=100000, workers=16, clients=5000, duration_s=600, rate=50, per_client=100
+)
+INTS = frozenset({"streams", "jobs", "workers", "clients", "per_client"})
 
 
 @dataclass(frozen=True)
 class Options:
     """streams/clients: connections; jobs: tickers (fanout, push-vs-poll) or short jobs;
     workers: worker processes; duration_s: measured window or job length; rate: events/s
-    per job; clients in throughput: concurrent submitters."""
+    per job; clients in throughput: concurrent submitters; per_client: jobs each
+    push-vs-poll client watches (over one multiplexed stream, or polling each)."""
 
     streams: int = 0
     jobs: int = 0
@@ -63,6 +66,7 @@ class Options:
     clients: int = 0
     duration_s: float = 0.0
     rate: float = 0.0
+    per_client: int = 1
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -81,11 +85,38 @@ def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | 
 # -- clients ------------------------------------------------------------------------
 
 
-def _http(connections: int) -> httpx.AsyncClient:
+def _http(keepalive: int = 16) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(30.0, read=60.0),  # heartbeats come every 15 s
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=connections),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive),
     )
+
+
+PER_CLIENT = 16  # stream or polling users to one httpx client
+
+
+class Clients:
+    """httpx clients for many concurrent users, ``per_client`` users to a client.
+
+    httpcore's pool checks every connection of its client on each request, so one
+    client for thousands of connections made the load generator quadratic (profiled:
+    half its CPU in ``_assign_requests_to_connections`` at 32 submitters).
+    """
+
+    def __init__(self, per_client: int) -> None:
+        self.per_client = per_client
+        self._clients: list[httpx.AsyncClient] = []
+
+    def __getitem__(self, user: int) -> httpx.AsyncClient:
+        while len(self._clients) <= user // self.per_client:
+            self._clients.append(_http(self.per_client))
+        return self._clients[user // self.per_client]
+
+    async def __aenter__(self) -> Clients:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await asyncio.gather(*(c.aclose() for c in self._clients))
 
 
 async def read_stream(
@@ -113,16 +144,18 @@ async def _submit(http: httpx.AsyncClient, url: str, payload: dict[str, Any]) ->
 
 
 async def _submit_many(
-    http: httpx.AsyncClient, urls: list[str], n: int, concurrency: int, payload: dict[str, Any]
+    urls: list[str], n: int, concurrency: int, payload: dict[str, Any]
 ) -> list[str]:
+    """``n`` submissions from ``concurrency`` submitters, each with a client of its own."""
     ids: list[str] = []
     todo = iter(range(n))  # shared: each submitter takes the next index
 
-    async def submitter(i: int) -> None:
+    async def submitter(i: int, http: httpx.AsyncClient) -> None:
         for _ in todo:
             ids.append(await _submit(http, urls[i % len(urls)], payload))
 
-    await asyncio.gather(*(submitter(i) for i in range(min(n, concurrency))))
+    async with Clients(1) as clients:
+        await asyncio.gather(*(submitter(i, clients[i]) for i in range(min(n, concurrency))))
     return ids
 
 
@@ -232,11 +265,14 @@ def _fan_urls(target: Target, ids: list[str], n: int) -> list[str]:
 
 
 async def _open(
-    http: httpx.AsyncClient, urls: list[str], state: _Fan, tasks: list[asyncio.Task[None]]
+    clients: Clients, urls: list[str], state: _Fan, tasks: list[asyncio.Task[None]]
 ) -> float:
     started = time.monotonic()
     for at in range(0, len(urls), OPEN_BATCH):
-        tasks += [asyncio.create_task(_fan_stream(http, u, state)) for u in urls[at:][:OPEN_BATCH]]
+        tasks += [
+            asyncio.create_task(_fan_stream(clients[i], urls[i], state))
+            for i in range(at, min(at + OPEN_BATCH, len(urls)))
+        ]
         await _wait(partial(state.settled, len(tasks)), 30, f"{len(tasks)} streams opening")
     if state.failed:
         raise BenchError(f"{state.failed} of {len(urls)} streams did not open: {state.error}")
@@ -278,11 +314,11 @@ async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
     warmup = min(2.0, max(0.5, o.duration_s / 4))
     steps = math.ceil(o.rate * (30 * (1 + o.streams / OPEN_BATCH) + warmup + o.duration_s))
     state, tasks = _Fan(), list[asyncio.Task[None]]()
-    async with _http(o.streams + 100) as http:
+    async with _http() as http, Clients(PER_CLIENT) as clients:
         ids = await _tickers(http, target.urls, o, steps)
         try:
             rss0 = rss_bytes(target.pids)
-            open_s = await _open(http, _fan_urls(target, ids, o.streams), state, tasks)
+            open_s = await _open(clients, _fan_urls(target, ids, o.streams), state, tasks)
             log.print(f"bench: {o.streams} streams open in {open_s:.1f} s; measuring")
             await asyncio.sleep(warmup)
             rss = rss_bytes(target.pids)
@@ -313,23 +349,36 @@ def _own_cpu() -> float:
 
 @dataclass
 class _Watch:
-    """What one client learnt when: (receive time, job seq), and what it cost."""
+    """What one client learnt when, per job: (receive time, job seq); and what it cost."""
 
     requests: int = 0
-    seen: list[tuple[float, int]] = field(default_factory=list)
+    seen: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
 
 
-async def _sse_client(http: httpx.AsyncClient, url: str, job_id: str) -> _Watch:
+async def _sse_client(http: httpx.AsyncClient, url: str, jobs: list[str]) -> _Watch:
+    """One stream: the job's own, or one multiplexed stream naming every job watched."""
     w = _Watch(requests=1)
+    path = (
+        f"/v1/jobs/{jobs[0]}/events"
+        if len(jobs) == 1
+        else "/v1/events?" + "&".join(f"job={j}" for j in jobs)
+    )
     await read_stream(
-        http, f"{url}/v1/jobs/{job_id}/events", lambda _, d: w.seen.append((time.time(), d["seq"]))
+        http, url + path, lambda _, d: w.seen[d["job_id"]].append((time.time(), d["seq"]))
     )
     return w
 
 
-async def _poll_client(http: httpx.AsyncClient, url: str, job_id: str) -> _Watch:
+async def _poll_client(http: httpx.AsyncClient, url: str, jobs: list[str]) -> _Watch:
+    """Each job polled on its own timer, as a page of polling cards does."""
+    w = _Watch()
+    await asyncio.gather(*(_poll_job(http, url, j, w) for j in jobs))
+    return w
+
+
+async def _poll_job(http: httpx.AsyncClient, url: str, job_id: str, w: _Watch) -> None:
     """GET every POLL_S from a random phase, with If-None-Match, until the job ended."""
-    w, headers = _Watch(), dict[str, str]()
+    headers = dict[str, str]()
     await asyncio.sleep(random.uniform(0, POLL_S))
     next_at = time.monotonic()
     while True:
@@ -343,10 +392,10 @@ async def _poll_client(http: httpx.AsyncClient, url: str, job_id: str) -> _Watch
         w.requests += 1
         if resp.status_code == 200:
             job = resp.json()
-            w.seen.append((time.time(), job["seq"]))
+            w.seen[job_id].append((time.time(), job["seq"]))
             headers = {"If-None-Match": resp.headers["etag"]}
             if job["status"] in TERMINAL:
-                return w
+                return
         next_at = max(next_at + POLL_S, time.monotonic())  # behind: no burst to catch up
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
@@ -365,27 +414,33 @@ def staleness(seen: list[tuple[float, int]], changes: dict[int, float]) -> list[
     return out
 
 
-Client = Callable[[httpx.AsyncClient, str, str], Awaitable[_Watch]]
+Client = Callable[[httpx.AsyncClient, str, list[str]], Awaitable[_Watch]]
 
 
 async def _watch_round(
     http: httpx.AsyncClient, target: Target, o: Options, client: Client
 ) -> dict[str, Any]:
     watcher = Watcher()  # the oracle: each change's publish time
-    async with watcher.running(http, target.urls[0]):
+    async with watcher.running(http, target.urls[0]), Clients(PER_CLIENT) as clients:
         cpu0 = cpu_seconds(target.pids)
         ids = await _tickers(http, target.urls, o, round(o.duration_s * o.rate))
-        pairs = [(target.urls[i % len(target.urls)], ids[i % len(ids)]) for i in range(o.clients)]
+        k = min(o.per_client, len(ids))
+        pairs = [
+            (target.urls[i % len(target.urls)], [ids[(i * k + j) % len(ids)] for j in range(k)])
+            for i in range(o.clients)
+        ]
         watches = await asyncio.wait_for(
-            asyncio.gather(*(client(http, u, j) for u, j in pairs)), o.duration_s + 60
+            asyncio.gather(*(client(clients[i], u, js) for i, (u, js) in enumerate(pairs))),
+            o.duration_s + 60,
         )
         cpu = _delta(cpu_seconds(target.pids), cpu0)
         with contextlib.suppress(BenchError):
             await _wait(lambda: set(ids) <= watcher.ended, 5, "terminal events")
     stale = [
         s
-        for w, (_, j) in zip(watches, pairs, strict=True)
-        for s in staleness(w.seen, watcher.changes[j])
+        for w, (_, js) in zip(watches, pairs, strict=True)
+        for j in js
+        for s in staleness(w.seen[j], watcher.changes[j])
     ]
     return {
         "requests": sum(w.requests for w in watches),
@@ -399,7 +454,7 @@ async def _watch_round(
 
 async def push_vs_poll(target: Target, o: Options, log: Console) -> dict[str, Any]:
     """The same clients watch the same jobs to the end, by SSE and by polling."""
-    async with _http(o.clients + 100) as http:
+    async with _http() as http:
         log.print(f"bench: {o.clients} clients over SSE")
         sse = await _watch_round(http, target, o, _sse_client)
         log.print(f"bench: {o.clients} clients polling every {POLL_S:g} s")
@@ -447,12 +502,10 @@ async def _ended(
 async def throughput(target: Target, o: Options, log: Console) -> dict[str, Any]:
     """``o.jobs`` one-step tickers from ``o.clients`` submitters: jobs/s and queue wait."""
     watcher = Watcher()
-    async with _http(o.clients + 50) as http:
+    async with _http() as http:
         async with watcher.running(http, target.urls[0]) as task:
             cpu0, started = cpu_seconds(target.pids), time.time()
-            ids = await _submit_many(
-                http, target.urls, o.jobs, o.clients, {"steps": 1, "interval_ms": 0}
-            )
+            ids = await _submit_many(target.urls, o.jobs, o.clients, {"steps": 1, "interval_ms": 0})
             submit_s, wanted = time.time() - started, set(ids)
             log.print(f"bench: {o.jobs} jobs submitted in {submit_s:.1f} s")
             with contextlib.suppress(BenchError):  # the stream failed: poll below

@@ -143,6 +143,9 @@ def bench(
     clients: Annotated[int | None, typer.Option(help="clients or submitters")] = None,
     duration: Annotated[float | None, typer.Option(help="seconds measured")] = None,
     rate: Annotated[float | None, typer.Option(help="events per second per job")] = None,
+    per_client: Annotated[
+        int | None, typer.Option(help="jobs each client watches (push-vs-poll)")
+    ] = None,
 ) -> None:
     """Load-test a stack (its own, unless given --url) and print the figures."""
     from .bench import bench_command
@@ -154,6 +157,7 @@ def bench(
         "clients": clients,
         "duration_s": duration,
         "rate": rate,
+        "per_client": per_client,
     }
     raise typer.Exit(bench_command(scenario, url, as_json, options))
 

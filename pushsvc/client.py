@@ -326,9 +326,7 @@ class Client:
 # ---- pushsvc submit ----
 
 
-def submit_command(
-    type_: str, payload: str, follow: bool, url: str, api_key: str | None
-) -> int:
+def submit_command(type_: str, payload: str, follow: bool, url: str, api_key: str | None) -> int:
     """``pushsvc submit``: print the job id; with ``follow``, its progress and text.
 
     Returns the exit code: 0 when the job was submitted (and, followed, completed).

@@ -7,7 +7,6 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -16,6 +15,7 @@ from .api import Services, get_owned_job, services
 from .auth import TENANT_SCOPE, job_scope
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
 from .models import TERMINAL
+from .responses import EventStream
 from .streams import JobStream, MuxStream, _Stream
 
 MAX_NAMED_JOBS = 100
@@ -48,11 +48,9 @@ def _respond(svc: Services, stream: _Stream, tenant: str) -> Response:
     limit = svc.settings.tenant_max_streams
     if limit and svc.open_streams.get(tenant, 0) >= limit:
         raise RateLimited(f"at most {limit} open streams per tenant", retry_after_s=5)
-    # ping=0: the stream sends its own heartbeats (events.StreamQueue.get's timeout),
-    # which spares sse-starlette's ping task, about 6 KiB per open stream.
-    return EventSourceResponse(
+    return EventStream(
         _counted(svc.open_streams, tenant, stream.frames()),
-        ping=0,
+        svc.drain,
         headers={"Cache-Control": "no-cache"},
     )
 

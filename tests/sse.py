@@ -89,3 +89,23 @@ def output_of(stream: Stream) -> str:
         elif event.kind == "output":
             text += event.data["delta"]
     return text
+
+
+async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
+    """The API process's unlabelled ``pushsvc_*`` series."""
+    body = (await http.get("/metrics")).text
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in body.splitlines()
+        if line.startswith("pushsvc_")
+    }
+
+
+async def settled(http: httpx.AsyncClient, streams: int) -> dict[str, float]:
+    """Metrics once the server has seen every connection open or close."""
+    async with asyncio.timeout(20):
+        while True:
+            stats = await metrics(http)
+            if stats["pushsvc_open_streams"] == streams:
+                return stats
+            await asyncio.sleep(0.05)  # polling another process's counters

@@ -55,6 +55,17 @@ def test_push_vs_poll(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_push_vs_poll_with_several_jobs_per_client(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each client watches 3 jobs: one multiplexed stream, against 3 pollers."""
+    result = bench_json(capsys, "push-vs-poll", clients=4, jobs=3, per_client=3, duration_s=3)
+    sse, poll = result["sse"], result["poll"]
+    assert result["params"]["per_client"] == 3
+    assert sse["requests"] == 4 and poll["requests"] >= 4 * 3
+    assert sse["changes_seen"] > 0 and poll["changes_seen"] > 0
+    assert poll["staleness_p50_s"] > sse["staleness_p50_s"]
+
+
+@pytest.mark.timeout(60)
 def test_throughput(capsys: pytest.CaptureFixture[str]) -> None:
     result = bench_json(capsys, "throughput", jobs=60, workers=1, clients=8)
     assert result["completed"] == 60 and result["jobs_per_s"] > 0

@@ -169,8 +169,18 @@ def test_submit_command_exit_codes(
 def test_pushsvc_submit_cli(stack: dict[str, Any]) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PUSHSVC_API_KEY": "key-a"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pushsvc", "submit", TICKER, "--payload", '{"steps": 3}',
-         "--follow", "--url", stack["api"].url],
+        [
+            sys.executable,
+            "-m",
+            "pushsvc",
+            "submit",
+            TICKER,
+            "--payload",
+            '{"steps": 3}',
+            "--follow",
+            "--url",
+            stack["api"].url,
+        ],
         env=env,
         cwd=ROOT,
         capture_output=True,

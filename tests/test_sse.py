@@ -15,7 +15,7 @@ from pushsvc.worker import worker_session
 
 from .conftest import Client, make_client, settings_for, stack_env
 from .procs import Api, Proc, RedisServer
-from .sse import TERMINAL, Stream, assert_gap_free, events, output_of, read
+from .sse import TERMINAL, Stream, assert_gap_free, events, metrics, output_of, read, settled
 
 SLOW = {"steps": 30, "interval_ms": 30}
 
@@ -183,15 +183,6 @@ async def test_heartbeats_between_events_repeat_nothing(
         worker.stop()
 
 
-async def _metrics(http: httpx.AsyncClient) -> dict[str, float]:
-    body = (await http.get("/metrics")).text
-    return {
-        line.split()[0]: float(line.split()[1])
-        for line in body.splitlines()
-        if line.startswith("pushsvc_")
-    }
-
-
 @pytest.mark.timeout(120)
 async def test_slow_reader_costs_bounded_memory_and_still_gets_everything(
     redis_server: RedisServer, redis: Redis
@@ -213,7 +204,7 @@ async def test_slow_reader_costs_bounded_memory_and_still_gets_everything(
                 if len(stream.events) == 1:  # stop reading until the job is over
                     await client.wait(job["id"], timeout=90)
             final = await client.get(job["id"])
-            stats = await _metrics(client.http)
+            stats = await metrics(client.http)
     finally:
         await client.http.aclose()
         api.stop()
@@ -320,16 +311,6 @@ async def lone_api(redis_server: RedisServer, redis: Redis) -> AsyncIterator[Cli
     api.stop()
 
 
-async def _settled(http: httpx.AsyncClient, streams: int) -> dict[str, float]:
-    """Metrics once the server has seen every connection open or close."""
-    async with asyncio.timeout(20):
-        while True:
-            stats = await _metrics(http)
-            if stats["pushsvc_open_streams"] == streams:
-                return stats
-            await asyncio.sleep(0.05)  # polling another process's counters
-
-
 async def _connect_and_drop(http: httpx.AsyncClient, path: str, times: int) -> None:
     for _ in range(times):
         async for event in events(http, path):
@@ -343,9 +324,9 @@ async def test_connect_disconnect_cycles_leak_nothing(lone_api: Client) -> None:
     job = await client.submit("ticker", {"steps": 10000, "interval_ms": 50})
     paths = [url(job), f"/v1/events?job={job['id']}", "/v1/events"]
     await asyncio.gather(*(_connect_and_drop(client.http, p, 20) for p in paths))
-    before = await _settled(client.http, 0)
+    before = await settled(client.http, 0)
     await asyncio.gather(*(_connect_and_drop(client.http, paths[i % 3], 100) for i in range(10)))
-    after = await _settled(client.http, 0)
+    after = await settled(client.http, 0)
     await client.http.delete(f"/v1/jobs/{job['id']}")
     assert after["pushsvc_bus_channels"] == 0
     assert after["pushsvc_asyncio_tasks"] <= before["pushsvc_asyncio_tasks"]
@@ -378,7 +359,7 @@ async def test_redis_connections_do_not_grow_with_open_streams(
     ) as http:
         client.http, original = http, client.http
         tasks = [asyncio.create_task(hold(paths[i % 2])) for i in range(300)]
-        stats = await _settled(original, 300)
+        stats = await settled(original, 300)
         pid = client.api.proc.pid  # type: ignore[attr-defined]
         to_redis = [
             c

@@ -1,0 +1,97 @@
+"""The stream response (pushsvc/responses.py): what an open stream costs, how it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import stack_env
+from .procs import Api, RedisServer
+from .sse import events, settled
+
+KEY = {"Authorization": "Bearer key-a"}
+
+
+@pytest.fixture
+async def api(redis_server: RedisServer) -> AsyncIterator[tuple[Api, httpx.AsyncClient]]:
+    """An API of its own and no worker: submitted jobs stay queued, their streams open."""
+    api = Api([], stack_env(redis_server.url, f"r{secrets.token_hex(3)}")).start()
+    http = httpx.AsyncClient(base_url=api.url, headers=KEY, timeout=10)
+    yield api, http
+    await http.aclose()
+    api.stop()
+
+
+async def _hold(http: httpx.AsyncClient, path: str, seen: list[Any]) -> None:
+    async for event in events(http, path):
+        seen.append(event)
+
+
+async def _job(http: httpx.AsyncClient) -> str:
+    resp = await http.post("/v1/jobs", json={"type": "ticker", "payload": {"steps": 5}})
+    assert resp.status_code == 202, resp.text
+    return str(resp.json()["id"])
+
+
+@pytest.mark.timeout(60)
+async def test_an_open_stream_costs_at_most_two_tasks(api: tuple[Api, httpx.AsyncClient]) -> None:
+    """Regression: each stream ran in an anyio task group of three tasks besides the
+    request's own (sse-starlette's), which with anyio 4.14+ cost 13.6 KiB a stream."""
+    _, http = api
+    job_id = await _job(http)
+    before = (await settled(http, 0))["pushsvc_asyncio_tasks"]
+    seen: list[Any] = []
+    paths = [f"/v1/jobs/{job_id}/events", f"/v1/events?job={job_id}", "/v1/events"]
+    readers = [asyncio.create_task(_hold(http, paths[i % 3], seen)) for i in range(30)]
+    try:
+        during = (await settled(http, 30))["pushsvc_asyncio_tasks"]
+        assert len(seen) >= 30  # every stream sent its snapshot
+        assert during - before <= 2 * 30
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    after = (await settled(http, 0))["pushsvc_asyncio_tasks"]
+    assert after <= before  # the listeners went with their streams
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_ends_open_streams_and_the_api_exits(
+    api: tuple[Api, httpx.AsyncClient],
+) -> None:
+    """The server's shutdown ends every open stream with a complete response, so the
+    process exits (uvicorn waits for open connections) and clients reconnect elsewhere."""
+    proc, http = api
+    job_id = await _job(http)
+    seen: list[Any] = []
+    readers = [
+        asyncio.create_task(_hold(http, f"/v1/jobs/{job_id}/events", seen)) for _ in range(5)
+    ]
+    await settled(http, 5)
+    assert proc.proc is not None
+    proc.signal(signal.SIGTERM)
+    ended = await asyncio.wait_for(asyncio.gather(*readers, return_exceptions=True), 15)
+    assert ended == [None] * 5  # each stream ended cleanly, none was cut
+    # uvicorn re-raises the signal once it has shut down gracefully
+    assert await asyncio.to_thread(proc.proc.wait, 15) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in proc.output()
+    assert [e.kind for e in seen] == ["snapshot"] * 5
+
+
+@pytest.mark.timeout(30)
+async def test_head_on_a_stream_answers_headers_and_no_body(
+    api: tuple[Api, httpx.AsyncClient],
+) -> None:
+    _, http = api
+    job_id = await _job(http)
+    resp = await http.head(f"/v1/jobs/{job_id}/events")
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/event-stream")
+    assert resp.content == b""
+    assert (await settled(http, 0))["pushsvc_open_streams"] == 0  # nothing left open
