@@ -42,7 +42,7 @@ async def _job(http: httpx.AsyncClient) -> str:
 @pytest.mark.timeout(60)
 async def test_an_open_stream_costs_at_most_two_tasks(api: tuple[Api, httpx.AsyncClient]) -> None:
     """Regression: each stream ran in an anyio task group of three tasks besides the
-    request's own (sse-starlette's), which with anyio 4.14+ cost 13.6 KiB a stream."""
+    request's own (sse-starlette's), which with anyio 4.14+ cost 13.3 KiB a stream."""
     _, http = api
     job_id = await _job(http)
     before = (await settled(http, 0))["pushsvc_asyncio_tasks"]
