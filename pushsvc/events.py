@@ -279,7 +279,10 @@ class EventBus:
     async def _wait_confirmed(self, entry: _Channel) -> None:
         timeout = self.settings.stream_subscribe_timeout_s
         try:
-            await asyncio.wait_for(asyncio.shield(entry.confirmed), timeout)
+            # asyncio.timeout, not wait_for: 3.11's wait_for swallows a cancellation that
+            # lands as the future completes, and a stream being stopped must stop.
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(entry.confirmed)
         except TimeoutError as exc:
             raise RedisConnectionError("pub/sub subscription was not confirmed") from exc
 

@@ -7,8 +7,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterable
 
+import anyio
 from sse_starlette import EventSourceResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
 
@@ -56,45 +57,48 @@ class EventStream(EventSourceResponse):
     listener and a shutdown listener. Since anyio 4.14 every task of a group carries a
     handle, a cancel scope and an event of its own: 13.3 KiB of the 40 KiB an open
     stream cost (tracemalloc, 2,000 streams). Here the library's stream loop runs in
-    the request's own task, its disconnect listener in one plain task, and ``drain``
-    watches for shutdown once per process. Either ends the stream as the task group
-    would: the body iterator is cancelled where it waits, so its ``finally`` runs.
-    Heartbeats are the body iterator's own (``ping`` is off).
+    the request's own task inside one cancel scope, its disconnect listener in one
+    plain task, and ``drain`` watches for shutdown once per process. Either cancels the
+    scope, as the task group would: the body iterator is cancelled where it waits (and
+    again at every wait until it ends), so its ``finally`` runs. Heartbeats are the
+    body iterator's own (``ping`` is off).
     """
+
+    FINAL_SEND_S = 1.0  # at shutdown, how long a client that reads nothing may hold us
 
     def __init__(self, content: AsyncIterable[bytes], drain: Drain, **kwargs: object) -> None:
         super().__init__(content, ping=0, **kwargs)  # type: ignore[arg-type]
         self._drain = drain
-        self._task: asyncio.Task[object] | None = None
-        self._stopping = False
+        self._scope = anyio.CancelScope()
+        self._started = False
 
     def stop(self) -> None:
         """End the stream now (the client left, or the server is shutting down)."""
-        if self._task is not None and not self._stopping:
-            self._stopping = True
-            self._task.cancel()
+        self._scope.cancel()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "HEAD":
             await super().__call__(scope, receive, send)  # no stream to run
             return
-        self._task = asyncio.current_task()
+
+        async def sending(message: Message) -> None:
+            await send(message)
+            self._started = True  # the response has begun (http.response.start went out)
+
         listener = asyncio.create_task(self._listen_for_disconnect(receive))
         listener.add_done_callback(self._listener_done)
-        self._drain.add(self)
         try:
-            await self._stream_response(send)
-        except asyncio.CancelledError:
-            assert self._task is not None
-            if not self._stopping or self._task.uncancel():
-                raise  # cancelled by someone else (uvicorn giving up on shutdown)
-            if self.active:  # the server is stopping, the client is still there:
-                # end the body properly, so it reconnects (elsewhere) with Last-Event-ID
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            with self._scope:
+                self._drain.add(self)
+                await self._stream_response(sending)
         finally:
-            self._task = None  # ended: a late disconnect must not cancel the request task
             self._drain.discard(self)
             listener.cancel()
+        if self._scope.cancelled_caught and self.active and self._started:
+            # The server is stopping and the client is still there: end the body
+            # properly, so it reconnects (elsewhere) with Last-Event-ID.
+            with anyio.move_on_after(self.FINAL_SEND_S):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         if self.background is not None:
             await self.background()
 

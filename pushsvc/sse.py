@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
@@ -56,13 +57,15 @@ def _respond(svc: Services, stream: _Stream, tenant: str) -> Response:
 
 
 async def _counted(
-    counts: dict[str, int], tenant: str, frames: AsyncIterator[bytes]
+    counts: dict[str, int], tenant: str, frames: AsyncGenerator[bytes, None]
 ) -> AsyncIterator[bytes]:
     """Count the tenant's open streams while ``frames`` runs (per API process)."""
     counts[tenant] = counts.get(tenant, 0) + 1
     try:
-        async for chunk in frames:
-            yield chunk
+        # aclosing: closed early, ``frames`` unsubscribes now, not in a finalizer task
+        async with contextlib.aclosing(frames):
+            async for chunk in frames:
+                yield chunk
     finally:
         counts[tenant] -= 1
         if not counts[tenant]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from .events import TERMINAL_KINDS, EventBus, Frame, StreamQueue
@@ -69,7 +69,7 @@ class _Stream:
     async def accept(self, frames: list[Frame]) -> list[Frame]:
         raise NotImplementedError
 
-    async def frames(self) -> AsyncIterator[bytes]:
+    async def frames(self) -> AsyncGenerator[bytes, None]:
         """The stream's bytes; unsubscribes when the client goes (generator closed)."""
         yield f"retry: {self.settings.retry_ms}\n\n".encode()
         async with self.bus.subscription(self.channel(), self.queue, self.jobs()):

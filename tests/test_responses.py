@@ -10,6 +10,9 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.types import Message
+
+from pushsvc.responses import Drain, EventStream
 
 from .conftest import stack_env
 from .procs import Api, RedisServer
@@ -95,3 +98,63 @@ async def test_head_on_a_stream_answers_headers_and_no_body(
     assert resp.headers["content-type"].startswith("text/event-stream")
     assert resp.content == b""
     assert (await settled(http, 0))["pushsvc_open_streams"] == 0  # nothing left open
+
+
+class _Asgi:
+    """The server side of one request: ``receive`` answers a disconnect when told."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+        self.body_started = asyncio.Event()
+        self.leave = asyncio.Event()
+        self.scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+
+    async def receive(self) -> Message:
+        await self.leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: Message) -> None:
+        self.sent.append(message)
+        if message["type"] == "http.response.body":
+            self.body_started.set()
+
+
+@pytest.mark.timeout(10)
+async def test_a_stop_the_body_swallows_is_delivered_again() -> None:
+    """Regression: ``stop()`` sent one ``Task.cancel()``; a body that swallowed it (as
+    3.11's ``wait_for`` does when its future completes in the same turn) went on after
+    its client left, and shutdown then waited for it forever."""
+    swallowed = 0
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal swallowed
+        yield b"retry: 1000\n\n"
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                if swallowed:
+                    raise
+                swallowed += 1
+
+    asgi = _Asgi()
+    async with Drain() as drain:
+        call = asyncio.create_task(EventStream(body(), drain)(asgi.scope, asgi.receive, asgi.send))
+        await asgi.body_started.wait()
+        asgi.leave.set()
+        await asyncio.wait_for(call, 5)
+    assert swallowed == 1
+
+
+@pytest.mark.timeout(10)
+async def test_a_stream_opened_while_draining_ends_at_once_with_a_complete_body() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n"
+        await asyncio.sleep(3600)
+
+    asgi = _Asgi()
+    async with Drain() as drain:
+        drain.draining = True  # what the shutdown signal does
+        await asyncio.wait_for(EventStream(body(), drain)(asgi.scope, asgi.receive, asgi.send), 5)
+    assert asgi.sent[0]["type"] == "http.response.start"
+    assert asgi.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
