@@ -85,14 +85,14 @@ def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | 
 # -- clients ------------------------------------------------------------------------
 
 
-def _http(keepalive: int = 16) -> httpx.AsyncClient:
+PER_CLIENT = 16  # stream or polling users to one httpx client
+
+
+def _http(keepalive: int = PER_CLIENT) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         timeout=httpx.Timeout(30.0, read=60.0),  # heartbeats come every 15 s
         limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive),
     )
-
-
-PER_CLIENT = 16  # stream or polling users to one httpx client
 
 
 class Clients:
