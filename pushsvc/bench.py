@@ -15,17 +15,29 @@ import random
 import resource
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 import httpx
 import psutil  # type: ignore[import-untyped]
-from httpx_sse import SSEError, aconnect_sse
+from httpx_sse import SSEError
 from rich.console import Console
 from rich.table import Table
 
+from .benchclients import (
+    PER_CLIENT,
+    TERMINAL,
+    Clients,
+    Watcher,
+    cancel_all,
+    http_client,
+    read_stream,
+    submit_many,
+    tickers,
+    until,
+)
 from .benchstack import (
     BenchError,
     Target,
@@ -38,7 +50,6 @@ from .benchstack import (
 )
 from .cli import is_loopback
 
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 POLL_S = 2.0  # the polling design pushsvc replaces
 OPEN_BATCH = 100  # streams opened at once: a burst of thousands only measures the backlog
 DEFAULTS: dict[str, dict[str, float]] = {
@@ -80,141 +91,6 @@ def _delta(after: float | None, before: float | None) -> float | None:
 
 def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
     return None if num is None or not den else num * scale / den
-
-
-# -- clients ------------------------------------------------------------------------
-
-
-PER_CLIENT = 16  # stream or polling users to one httpx client
-
-
-def _http(keepalive: int = PER_CLIENT) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(30.0, read=60.0),  # heartbeats come every 15 s
-        limits=httpx.Limits(max_connections=None, max_keepalive_connections=keepalive),
-    )
-
-
-class Clients:
-    """httpx clients for many concurrent users, ``per_client`` users to a client.
-
-    httpcore's pool checks every connection of its client on each request, so one
-    client for thousands of connections made the load generator quadratic (profiled:
-    half its CPU in ``_assign_requests_to_connections`` at 32 submitters).
-    """
-
-    def __init__(self, per_client: int) -> None:
-        self.per_client = per_client
-        self._clients: list[httpx.AsyncClient] = []
-
-    def __getitem__(self, user: int) -> httpx.AsyncClient:
-        while len(self._clients) <= user // self.per_client:
-            self._clients.append(_http(self.per_client))
-        return self._clients[user // self.per_client]
-
-    async def __aenter__(self) -> Clients:
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients))
-
-
-async def read_stream(
-    http: httpx.AsyncClient,
-    url: str,
-    on_event: Callable[[str, dict[str, Any]], None],
-    opened: Callable[[], None] | None = None,
-) -> None:
-    """Read ``url``'s events until the server ends the stream."""
-    async with aconnect_sse(http, "GET", url) as source:
-        source.response.raise_for_status()
-        if opened is not None:
-            opened()
-        async for sse in source.aiter_sse():
-            if sse.event == "message" and sse.data == "":
-                continue  # httpx-sse 0.4.3 turns heartbeat comments into these
-            on_event(sse.event, json.loads(sse.data))
-
-
-async def _submit(http: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> str:
-    resp = await http.post(f"{url}/v1/jobs", json={"type": "ticker", "payload": payload})
-    if resp.status_code != 202:
-        raise BenchError(f"POST /v1/jobs answered {resp.status_code}: {resp.text[:300]}")
-    return str(resp.json()["id"])
-
-
-async def _submit_many(
-    urls: list[str], n: int, concurrency: int, payload: dict[str, Any]
-) -> list[str]:
-    """``n`` submissions from ``concurrency`` submitters, each with a client of its own."""
-    ids: list[str] = []
-    todo = iter(range(n))  # shared: each submitter takes the next index
-
-    async def submitter(i: int, http: httpx.AsyncClient) -> None:
-        for _ in todo:
-            ids.append(await _submit(http, urls[i % len(urls)], payload))
-
-    async with Clients(1) as clients:
-        await asyncio.gather(*(submitter(i, clients[i]) for i in range(min(n, concurrency))))
-    return ids
-
-
-async def _tickers(http: httpx.AsyncClient, urls: list[str], o: Options, steps: int) -> list[str]:
-    """``o.jobs`` tickers at ``o.rate`` steps/s, their starts spread over one interval."""
-    payload = {"steps": min(10000, max(1, steps)), "interval_ms": round(1000 / o.rate)}
-    ids = []
-    for i in range(o.jobs):
-        ids.append(await _submit(http, urls[i % len(urls)], payload))
-        await asyncio.sleep(1 / o.rate / o.jobs)
-    return ids
-
-
-async def _cancel(http: httpx.AsyncClient, url: str, ids: list[str]) -> None:
-    for job_id in ids:
-        with contextlib.suppress(httpx.HTTPError):
-            await http.delete(f"{url}/v1/jobs/{job_id}")
-
-
-async def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} did not happen in {timeout:g} s")
-        await asyncio.sleep(0.05)
-
-
-@dataclass
-class Watcher:
-    """The tenant's all-jobs stream: when each change was published, which jobs ended."""
-
-    changes: dict[str, dict[int, float]] = field(default_factory=lambda: defaultdict(dict))
-    ended: set[str] = field(default_factory=set)
-    opened: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
-        job_id, seq = data["job_id"], data["seq"]
-        if kind != "snapshot" or not data.get("reset"):  # a reset snapshot is no change
-            self.changes[job_id].setdefault(seq, data["ts"])
-        if kind in TERMINAL or (kind == "snapshot" and data.get("status") in TERMINAL):
-            self.ended.add(job_id)
-
-    @contextlib.asynccontextmanager
-    async def running(self, http: httpx.AsyncClient, url: str) -> AsyncIterator[asyncio.Task[None]]:
-        task = asyncio.create_task(
-            read_stream(http, f"{url}/v1/events", self.on_event, self.opened.set)
-        )
-        waiter = asyncio.create_task(self.opened.wait())
-        try:
-            await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-            if not self.opened.is_set():
-                if task.done():
-                    task.result()  # raises what went wrong
-                raise BenchError("GET /v1/events did not open in 30 s")
-            yield task
-        finally:
-            waiter.cancel()
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
 
 # -- fanout -------------------------------------------------------------------------
@@ -273,7 +149,7 @@ async def _open(
             asyncio.create_task(_fan_stream(clients[i], urls[i], state))
             for i in range(at, min(at + OPEN_BATCH, len(urls)))
         ]
-        await _wait(partial(state.settled, len(tasks)), 30, f"{len(tasks)} streams opening")
+        await until(partial(state.settled, len(tasks)), 30, f"{len(tasks)} streams opening")
     if state.failed:
         raise BenchError(f"{state.failed} of {len(urls)} streams did not open: {state.error}")
     return time.monotonic() - started
@@ -314,8 +190,8 @@ async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
     warmup = min(2.0, max(0.5, o.duration_s / 4))
     steps = math.ceil(o.rate * (30 * (1 + o.streams / OPEN_BATCH) + warmup + o.duration_s))
     state, tasks = _Fan(), list[asyncio.Task[None]]()
-    async with _http() as http, Clients(PER_CLIENT) as clients:
-        ids = await _tickers(http, target.urls, o, steps)
+    async with http_client() as http, Clients(PER_CLIENT) as clients:
+        ids = await tickers(http, target.urls, o.jobs, o.rate, steps)
         try:
             rss0 = rss_bytes(target.pids)
             open_s = await _open(clients, _fan_urls(target, ids, o.streams), state, tasks)
@@ -327,7 +203,7 @@ async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await _cancel(http, target.urls[0], ids)
+            await cancel_all(http, target.urls[0], ids)
     return {
         "mux_streams": sum("/v1/events?" in u for u in _fan_urls(target, ids, o.streams)),
         "open_s": open_s,
@@ -423,7 +299,7 @@ async def _watch_round(
     watcher = Watcher()  # the oracle: each change's publish time
     async with watcher.running(http, target.urls[0]), Clients(PER_CLIENT) as clients:
         cpu0 = cpu_seconds(target.pids)
-        ids = await _tickers(http, target.urls, o, round(o.duration_s * o.rate))
+        ids = await tickers(http, target.urls, o.jobs, o.rate, round(o.duration_s * o.rate))
         k = min(o.per_client, len(ids))
         pairs = [
             (target.urls[i % len(target.urls)], [ids[(i * k + j) % len(ids)] for j in range(k)])
@@ -435,7 +311,7 @@ async def _watch_round(
         )
         cpu = _delta(cpu_seconds(target.pids), cpu0)
         with contextlib.suppress(BenchError):
-            await _wait(lambda: set(ids) <= watcher.ended, 5, "terminal events")
+            await until(lambda: set(ids) <= watcher.ended, 5, "terminal events")
     stale = [
         s
         for w, (_, js) in zip(watches, pairs, strict=True)
@@ -454,7 +330,7 @@ async def _watch_round(
 
 async def push_vs_poll(target: Target, o: Options, log: Console) -> dict[str, Any]:
     """The same clients watch the same jobs to the end, by SSE and by polling."""
-    async with _http() as http:
+    async with http_client() as http:
         log.print(f"bench: {o.clients} clients over SSE")
         sse = await _watch_round(http, target, o, _sse_client)
         log.print(f"bench: {o.clients} clients polling every {POLL_S:g} s")
@@ -502,14 +378,14 @@ async def _ended(
 async def throughput(target: Target, o: Options, log: Console) -> dict[str, Any]:
     """``o.jobs`` one-step tickers from ``o.clients`` submitters: jobs/s and queue wait."""
     watcher = Watcher()
-    async with _http() as http:
+    async with http_client() as http:
         async with watcher.running(http, target.urls[0]) as task:
             cpu0, started = cpu_seconds(target.pids), time.time()
-            ids = await _submit_many(target.urls, o.jobs, o.clients, {"steps": 1, "interval_ms": 0})
+            ids = await submit_many(target.urls, o.jobs, o.clients, {"steps": 1, "interval_ms": 0})
             submit_s, wanted = time.time() - started, set(ids)
             log.print(f"bench: {o.jobs} jobs submitted in {submit_s:.1f} s")
             with contextlib.suppress(BenchError):  # the stream failed: poll below
-                await _wait(
+                await until(
                     lambda: wanted <= watcher.ended or task.done(),
                     60 + o.jobs / 10,
                     "every job ending",
