@@ -16,22 +16,26 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from . import listing
 from .auth import Authenticator, job_scope
 from .errors import (
+    ApiError,
     BadRequest,
     Conflict,
     NotFound,
     PayloadTooLarge,
     RateLimited,
+    Unavailable,
     ValidationFailed,
 )
 from .events import EventBus
 from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
 from .queue import Queue
+from .reads import BulkReads
 from .responses import Drain
 from .settings import Settings
-from .store import JobStore, Published, Rejected, to_snapshot
+from .store import EVENT_EXCLUDE, JobHead, JobStore, Published, Rejected, to_snapshot
 from .worker import new_arq_id
 
 
@@ -47,6 +51,7 @@ class Services:
     types: Registry
     bus: EventBus
     drain: Drain
+    reads: BulkReads
     open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
 
 
@@ -201,22 +206,56 @@ async def _job_response(
     return JSONResponse(job_json(svc, tenant, snap), status_code=status, headers=headers)
 
 
-async def get_owned_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
+def _job_id_valid(job_id: str) -> bool:
     try:
-        valid = uuid.UUID(job_id).version == 4
+        return uuid.UUID(job_id).version == 4
     except ValueError:
-        valid = False
-    snap = await svc.store.snapshot(job_id, tenant) if valid else None
-    if snap is None:  # unknown, expired, or another tenant's: never reveal which
-        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+        return False
+
+
+def _not_found(job_id: str) -> NotFound:
+    # Unknown, expired, or another tenant's: never reveal which.
+    return NotFound(f"no job {job_id!r}", code="job_not_found")
+
+
+async def missing_job(svc: Services, job_id: str) -> ApiError:
+    """What to answer for a job the store does not hold: 404, or 503 while the store is
+    recovering from a restart or failover (the job's worker may still repair it)."""
+    if _job_id_valid(job_id) and await svc.store.recovering():
+        return Unavailable(
+            "the job store came back from a restart or failover moments ago and may not "
+            "hold this job again yet; try again",
+            code="state_recovering",
+        )
+    return _not_found(job_id)
+
+
+async def get_owned_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
+    snap = await svc.store.snapshot(job_id, tenant) if _job_id_valid(job_id) else None
+    if snap is None:
+        raise await missing_job(svc, job_id)
     return snap
+
+
+async def get_owned_head(svc: Services, tenant: str, job_id: str) -> JobHead:
+    """As :func:`get_owned_job`, reading only whose the job is and where it stands; for
+    the stream endpoints, so it waits at their gate (reads.py) with their other reads."""
+    if not _job_id_valid(job_id):
+        raise _not_found(job_id)
+    _, heads = await svc.reads.heads(tenant, [job_id])
+    head = heads[job_id]
+    if head is None:
+        raise await missing_job(svc, job_id)
+    if head.tenant != tenant:
+        raise _not_found(job_id)
+    return head
 
 
 async def get_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     snap = await get_owned_job(svc, tenant, request.path_params["job_id"])
-    etag = f'"{snap.seq}"'
+    etag = f'"{snap.seq}.{snap.epoch}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not snap.status.terminal:
         headers["Retry-After"] = f"{svc.settings.poll_hint_s:g}"
@@ -248,8 +287,8 @@ async def list_jobs(request: Request) -> Response:
     q.cursor = q.cursor or None  # an empty cursor means the first page
     if not 1 <= q.limit <= svc.settings.list_limit_max:
         raise ValidationFailed(f"limit must be 1 to {svc.settings.list_limit_max}")
-    jobs, cursor = await svc.store.list_jobs(
-        tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
+    jobs, cursor = await listing.list_jobs(
+        svc.reads, tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
     )
     return JSONResponse({"jobs": [job_json(svc, tenant, j) for j in jobs], "next_cursor": cursor})
 
@@ -319,12 +358,13 @@ async def retry_job(request: Request) -> Response:
         "eta_s": None,
     }
     # A new run replaces the job's state, so subscribers get it whole, as a snapshot.
-    after = to_snapshot({**fields, **reset, "seq": 0}).model_dump(mode="json", exclude={"seq"})
+    after = to_snapshot({**fields, **reset, "seq": 0})
+    after_data = after.model_dump(mode="json", exclude=EVENT_EXCLUDE)
     reply = await svc.store.publish(
         snap.id,
         tenant,
         "snapshot",
-        after,
+        after_data,
         reset,
         expect=(JobStatus.FAILED, JobStatus.CANCELLED),
         enqueue=svc.queue.prepare(arq_id, snap.id, priority=fields["priority"]),

@@ -26,6 +26,7 @@ from .errors import ApiError, PushsvcError
 from .events import EventBus
 from .jobs import Registry, registry
 from .queue import Queue, connect
+from .reads import BulkReads
 from .responses import Drain
 from .settings import Settings
 from .stats import Stats
@@ -94,16 +95,22 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
         try:
-            async with EventBus(settings, app.state.metrics.observe_event) as bus, Drain() as drain:
+            store = JobStore(redis, settings)
+            async with (
+                EventBus(settings, app.state.metrics.observe_event) as bus,
+                Drain() as drain,
+                BulkReads(store, settings) as reads,
+            ):
                 app.state.services = Services(
                     settings,
                     redis,
-                    JobStore(redis, settings),
+                    store,
                     Queue(redis, settings),
                     Authenticator(settings),
                     types or registry,
                     bus,
                     drain,
+                    reads,
                 )
                 app.state.stats = Stats(redis, settings)
                 yield

@@ -26,6 +26,7 @@ from httpx_sse import SSEError
 from rich.console import Console
 from rich.table import Table
 
+from .benchchaos import chaos_command
 from .benchclients import (
     PER_CLIENT,
     TERMINAL,
@@ -38,6 +39,7 @@ from .benchclients import (
     tickers,
     until,
 )
+from .benchneighbours import neighbours
 from .benchstack import (
     BenchError,
     Target,
@@ -57,9 +59,18 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "push-vs-poll": dict(clients=200, jobs=20, workers=1, duration_s=20, rate=1, per_client=1),
     "throughput": {"jobs": 3000, "workers": 2, "clients": 32},
     "scaleout": dict(jobs=3000, workers=2, clients=32, streams=1000, duration_s=20, rate=1),
+    "chaos": {"minutes": 2},  # its own stack and report: benchchaos.py
+    "neighbours": dict(streams=300, clients=300, jobs=4000, workers=1, duration_s=10),
 }
 LIMITS = dict(
-    streams=20000, jobs=100000, workers=16, clients=5000, duration_s=600, rate=50, per_client=100
+    streams=20000,
+    jobs=100000,
+    workers=16,
+    clients=5000,
+    duration_s=600,
+    rate=50,
+    per_client=100,
+    minutes=30,
 )
 INTS = frozenset({"streams", "jobs", "workers", "clients", "per_client"})
 
@@ -69,7 +80,8 @@ class Options:
     """streams/clients: connections; jobs: tickers (fanout, push-vs-poll) or short jobs;
     workers: worker processes; duration_s: measured window or job length; rate: events/s
     per job; clients in throughput: concurrent submitters; per_client: jobs each
-    push-vs-poll client watches (over one multiplexed stream, or polling each)."""
+    push-vs-poll client watches (over one multiplexed stream, or polling each); minutes:
+    how long the chaos run injects faults."""
 
     streams: int = 0
     jobs: int = 0
@@ -78,6 +90,7 @@ class Options:
     duration_s: float = 0.0
     rate: float = 0.0
     per_client: int = 1
+    minutes: float = 0.0
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -483,6 +496,8 @@ def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict
         "stack": "own" if urls is None else "url",
         "params": {k: getattr(o, k) for k in DEFAULTS[scenario]},
     }
+    if scenario == "neighbours":  # its own stack: three tenants (benchneighbours.py)
+        return {**head, **neighbours(urls, o, log)}
     if urls is not None:
         return {**head, **asyncio.run(_scenario(scenario, attach(urls), o, log, own=False))}
     with own_stack(2 if scenario == "scaleout" else 1, o.workers, log) as target:
@@ -525,7 +540,7 @@ def _rounded(value: Any) -> Any:
 
 def bench_command(scenario: str, url: str | None, as_json: bool, options: dict[str, Any]) -> int:
     """``pushsvc bench``: the table (on stderr with --json) and, with --json, one JSON
-    object on stdout. Options: streams, jobs, workers, clients, duration_s, rate."""
+    object on stdout. Options: streams, jobs, workers, clients, duration_s, rate, minutes."""
     log = Console(stderr=True)
     try:
         opts = parse_options(scenario, options)
@@ -534,6 +549,8 @@ def bench_command(scenario: str, url: str | None, as_json: bool, options: dict[s
     except BenchError as exc:
         log.print(f"pushsvc bench: {exc}", markup=False)
         return 2
+    if scenario == "chaos":
+        return chaos_command(opts.minutes, urls, as_json, log)
     try:
         result = run(scenario, urls, opts, log)
     except (BenchError, httpx.HTTPError, psutil.Error, OSError) as exc:

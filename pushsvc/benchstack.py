@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -45,12 +45,47 @@ class Target:
 # -- the stack ----------------------------------------------------------------------
 
 
-def _until(check: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not check():  # other processes: nothing to await but their answers
         if time.monotonic() > deadline:
             raise BenchError(f"{what} did not happen in {timeout:g} s")
         time.sleep(0.1)
+
+
+@dataclass
+class RedisProcess:
+    """A private redis-server on a free port whose RDB file lives in ``workdir``.
+
+    No automatic saves, but BGSAVE/SAVE work, and :meth:`start` after :meth:`kill`
+    brings it back on the same port from whatever ``dump.rdb`` the directory holds.
+    """
+
+    exe: str
+    workdir: str
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        args = ["--port", str(self.port), "--save", "", "--dir", self.workdir]
+        self.proc = subprocess.Popen(
+            [self.exe, *args, "--appendonly", "no", "--bind", "127.0.0.1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        # PING answers LOADING (an error) until an RDB file is read back.
+        wait_until(lambda: redis_answers(self.url), 30, "redis-server answering")
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is saved on the way out."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
 
 
 @contextlib.contextmanager
@@ -67,21 +102,15 @@ def _private_redis(workdir: str) -> Iterator[tuple[str, int]]:
         finally:
             server.stop()
         return
-    port = free_port()
-    args = [exe, "--port", str(port), "--save", "", "--dir", workdir, "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [*args, "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    redis = RedisProcess(exe, workdir)
     try:
-        url = f"redis://127.0.0.1:{port}/0"
-        _until(lambda: redis_answers(url), 10, "redis-server answering")
-        yield url, port
+        redis.start()
+        yield redis.url, redis.port
     finally:
-        proc.kill()
-        proc.wait()
+        redis.kill()
 
 
-def _stack_env(redis_url: str) -> dict[str, str]:
+def stack_env(redis_url: str) -> dict[str, str]:
     return {
         **os.environ,
         "PUSHSVC_REDIS_URL": redis_url,
@@ -97,7 +126,7 @@ def _stack_env(redis_url: str) -> dict[str, str]:
     }
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "pushsvc", *args],
@@ -107,7 +136,7 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[
         )
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:
             proc.terminate()
@@ -119,8 +148,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-def _start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    proc = _spawn(["api", "--port", str(port)], env, log)
+def start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    proc = spawn(["api", "--port", str(port)], env, log)
 
     def ready() -> bool:
         if proc.poll() is not None:
@@ -130,12 +159,13 @@ def _start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[by
         except httpx.HTTPError:
             return False
 
-    _until(ready, 30, f"pushsvc api on port {port} ready")
+    wait_until(ready, 30, f"pushsvc api on port {port} ready")
     return proc
 
 
-def _workers_seen(url: str, workers: int) -> bool:
-    return int(httpx.get(f"{url}/v1/stats", timeout=5).json().get("workers", 0)) >= workers
+def workers_seen(url: str, workers: int, headers: dict[str, str] | None = None) -> bool:
+    stats = httpx.get(f"{url}/v1/stats", headers=headers, timeout=5).json()
+    return int(stats.get("workers", 0)) >= workers
 
 
 @contextlib.contextmanager
@@ -144,15 +174,15 @@ def own_stack(apis: int, workers: int, log: Console) -> Iterator[Target]:
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
         redis_url, redis_port = stack.enter_context(_private_redis(workdir))
-        env = _stack_env(redis_url)
+        env = stack_env(redis_url)
         procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(_stop, procs)
+        stack.callback(stop_processes, procs)
         for i in range(workers):
-            procs.append(_spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
+            procs.append(spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
         ports = [free_port() for _ in range(apis)]
-        procs += [_start_api(p, env, Path(workdir, f"api{p}.log")) for p in ports]
+        procs += [start_api(p, env, Path(workdir, f"api{p}.log")) for p in ports]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        _until(lambda: _workers_seen(urls[0], workers), 30, f"{workers} workers up")
+        wait_until(lambda: workers_seen(urls[0], workers), 30, f"{workers} workers up")
         log.print(f"bench: Redis :{redis_port}, API {', '.join(urls)}, {workers} worker(s)")
         yield Target(urls, [p.pid for p in procs[workers:]], redis_port)
 

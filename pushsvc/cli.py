@@ -6,8 +6,10 @@ Every flag can also be given as a ``PUSHSVC_*`` environment variable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
+import socket
 from typing import Annotated, Any
 
 import typer
@@ -67,7 +69,7 @@ def api(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> Non
     settings = build_settings(host=host, port=port, redis_url=redis_url)
     _setup_logging(settings)
     check_auth(settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -75,6 +77,15 @@ def api(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> Non
         log_config=None,  # keep our structured, redacting handler
         access_log=False,  # ours (app.AccessLog) leaves out query strings, and so tokens
     )
+    # uvicorn.run(), with a socket of ours: accepted connections inherit its SO_SNDBUF.
+    sock = config.bind_socket()
+    if settings.send_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock])
+    if not server.started:
+        raise typer.Exit(3)  # as uvicorn.run: the app did not start
 
 
 @cli.command()
@@ -128,7 +139,10 @@ def submit(
 
 @cli.command()
 def bench(
-    scenario: Annotated[str, typer.Argument(help="fanout | push-vs-poll | throughput | scaleout")],
+    scenario: Annotated[
+        str,
+        typer.Argument(help="fanout | push-vs-poll | throughput | scaleout | chaos | neighbours"),
+    ],
     url: Annotated[
         str | None,
         typer.Option(
@@ -146,6 +160,7 @@ def bench(
     per_client: Annotated[
         int | None, typer.Option(help="jobs each client watches (push-vs-poll)")
     ] = None,
+    minutes: Annotated[float | None, typer.Option(help="minutes of faults (chaos)")] = None,
 ) -> None:
     """Load-test a stack (its own, unless given --url) and print the figures."""
     from .bench import bench_command
@@ -158,6 +173,7 @@ def bench(
         "duration_s": duration,
         "rate": rate,
         "per_client": per_client,
+        "minutes": minutes,
     }
     raise typer.Exit(bench_command(scenario, url, as_json, options))
 

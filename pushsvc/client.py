@@ -23,6 +23,7 @@ from httpx_sse import SSEError, aconnect_sse
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
+from .epoch import StreamPosition
 from .errors import (
     ApiError,
     BadRequest,
@@ -45,13 +46,15 @@ _BY_STATUS: dict[int, type[ApiError]] = {e.status_code: e for e in (*_ERRORS, Un
 class Event:
     """One job event: ``id`` (the job's seq), ``kind`` and its JSON ``data``.
 
-    ``source`` is ``"stream"``, or ``"poll"`` for events made from polled snapshots.
+    ``source`` is ``"stream"``, or ``"poll"`` for events made from polled snapshots;
+    ``epoch`` is the history ``id`` counts in (a new one comes with a reset snapshot).
     """
 
     id: int
     kind: str
     data: dict[str, Any]
     source: str = "stream"
+    epoch: str = ""
 
 
 def retry_after(resp: httpx.Response) -> float | None:
@@ -135,6 +138,7 @@ def _rewound(prev: dict[str, Any], job: dict[str, Any]) -> bool:
     """A change events cannot express: a new attempt or run, or text that shrank."""
     return (
         job.get("attempt") != prev.get("attempt")
+        or job.get("epoch", "") != prev.get("epoch", "")
         or (job.get("progress") or 0) < (prev.get("progress") or 0)
         or not (job.get("output") or "").startswith(prev.get("output") or "")
         or (prev.get("status") in TERMINAL_KINDS and job["status"] not in TERMINAL_KINDS)
@@ -147,13 +151,19 @@ class _Tracker:
     def __init__(self) -> None:
         self.job: dict[str, Any] | None = None
         self.seq = 0
+        self.epoch = ""
         self.ended = False
+
+    @property
+    def position(self) -> StreamPosition | None:
+        return StreamPosition(self.seq, self.epoch) if self.job is not None else None
 
     def accept(self, event: Event) -> bool:
         seq = int(event.data.get("seq", event.id))
         # A finished job's stream repeats its terminal event with the snapshot's seq.
         echo = event.kind in TERMINAL_KINDS and not self.ended and seq == self.seq
-        if self.job is not None and seq <= self.seq and not echo:
+        new_history = event.kind == "snapshot" and event.epoch != self.epoch
+        if self.job is not None and seq <= self.seq and not echo and not new_history:
             return False
         self.apply(event)
         return True
@@ -161,17 +171,21 @@ class _Tracker:
     def accept_snapshot(self, job: dict[str, Any]) -> list[Event]:
         """The events a polled snapshot brings (they share its seq: checked once, here)."""
         unseen_end = job["status"] in TERMINAL_KINDS and not self.ended
-        if self.job is not None and job["seq"] <= self.seq and not unseen_end:
+        new_history = job.get("epoch", "") != self.epoch
+        if self.job is not None and job["seq"] <= self.seq and not unseen_end and not new_history:
             return []
         events = diff_snapshots(self.job, job)
         for event in events:
             self.apply(event)
+        self.epoch = job.get("epoch", "")
         return events
 
     def apply(self, event: Event) -> None:
         seq = int(event.data.get("seq", event.id))
         self.job = apply_event(self.job or {}, event.kind, event.data)
         self.seq = seq
+        if event.epoch:
+            self.epoch = event.epoch
         self.ended = event.kind in TERMINAL_KINDS
 
 
@@ -252,7 +266,7 @@ class Client:
         failures = 0
         while not seen.ended:
             try:
-                async with contextlib.aclosing(self._stream(job_id, seen.seq or None)) as events:
+                async with contextlib.aclosing(self._stream(job_id, seen.position)) as events:
                     async for event in events:
                         failing_since, failures = None, 0
                         if seen.accept(event):
@@ -273,7 +287,9 @@ class Client:
             failures += 1
             await asyncio.sleep(min(2.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
 
-    async def _stream(self, job_id: str, last_id: int | None) -> AsyncGenerator[Event, None]:
+    async def _stream(
+        self, job_id: str, last_id: StreamPosition | None
+    ) -> AsyncGenerator[Event, None]:
         headers = {"Accept": "text/event-stream"}
         if last_id is not None:
             headers["Last-Event-ID"] = str(last_id)
@@ -294,7 +310,8 @@ class Client:
             async for sse in source.aiter_sse():
                 if sse.event == "message" and sse.data == "":
                     continue  # httpx-sse turns heartbeat comments into these
-                yield Event(int(sse.id), sse.event, json.loads(sse.data))
+                pos = StreamPosition.parse(sse.id) or StreamPosition(0)
+                yield Event(pos.seq, sse.event, json.loads(sse.data), "stream", pos.epoch)
 
     async def _poll(self, job_id: str, seen: _Tracker) -> AsyncGenerator[Event, None]:
         """Poll with If-None-Match and backoff until the end, or until streams may be back."""

@@ -15,17 +15,37 @@ import sys
 from collections.abc import Iterator
 
 import redis
+from redis.sentinel import Sentinel
 
+from .connections import SentinelURL, is_sentinel_url
 from .settings import Settings
+
+_QUICK = {"socket_connect_timeout": 1, "socket_timeout": 1}
 
 
 def redis_answers(url: str) -> bool:
+    """Does the Redis at ``url`` answer (for a sentinel URL: the primary it names)?"""
     try:
-        client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+        if is_sentinel_url(url):
+            return _primary_answers(SentinelURL.parse(url))
+        client = redis.Redis.from_url(url, **_QUICK)
         with contextlib.closing(client):
             return bool(client.ping())
     except (redis.exceptions.RedisError, OSError, ValueError):
         return False
+
+
+def _primary_answers(url: SentinelURL) -> bool:
+    kwargs = {**_QUICK, **url.sentinel_kwargs()}
+    sentinel = Sentinel(url.sentinels, sentinel_kwargs=kwargs)  # type: ignore[no-untyped-call]
+    try:
+        primary = {**_QUICK, **url.primary_kwargs()}
+        client = sentinel.master_for(url.service, **primary)  # type: ignore[no-untyped-call]
+        with contextlib.closing(client):
+            return bool(client.ping())
+    finally:
+        for each in sentinel.sentinels:
+            each.close()
 
 
 @contextlib.contextmanager

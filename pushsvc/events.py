@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .connections import is_sentinel_url, make_pool, primary_moved
+from .epoch import StreamPosition
 from .keys import Keys
 from .settings import Settings
 
@@ -31,13 +34,15 @@ MERGEABLE = frozenset({"progress", "output"})
 
 @dataclass(slots=True)
 class Frame:
-    """One event as published: both sequences, the kind, and the JSON text."""
+    """One event as published: both positions (tenant and job), the kind, the JSON text."""
 
     tseq: int
     seq: int
     kind: str
     job_id: str
     data: str
+    epoch: str = ""  # the job's epoch (``seq`` counts in it)
+    tepoch: str = ""  # the tenant's epoch (``tseq`` counts in it)
     first_seq: int = 0  # lowest job seq this frame covers (merged frames cover several)
     _by_seq: bytes | None = field(default=None, repr=False)
     _by_tseq: bytes | None = field(default=None, repr=False)
@@ -48,17 +53,28 @@ class Frame:
 
     @classmethod
     def parse(cls, raw: bytes) -> Frame:
-        tseq, seq, kind, job_id, data = raw.decode().split(" ", 4)
-        return cls(int(tseq), int(seq), kind, job_id, data)
+        """``"<tseq>.<tenant epoch> <seq>.<epoch> <kind> <job id> <json>"``."""
+        tpos, pos, kind, job_id, data = raw.decode().split(" ", 4)
+        tseq, _, tepoch = tpos.partition(".")
+        seq, _, epoch = pos.partition(".")
+        return cls(int(tseq), int(seq), kind, job_id, data, epoch, tepoch)
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.seq, self.epoch)
+
+    @property
+    def tenant_position(self) -> StreamPosition:
+        return StreamPosition(self.tseq, self.tepoch)
 
     def sse(self, by_tseq: bool) -> bytes:
-        """The SSE frame, ``id:`` being the job seq or the tenant seq; encoded once."""
+        """The SSE frame, ``id:`` being the job's or the tenant's position; encoded once."""
         if by_tseq:
             if self._by_tseq is None:
-                self._by_tseq = _encode(self.tseq, self.kind, self.data)
+                self._by_tseq = _encode(self.tenant_position, self.kind, self.data)
             return self._by_tseq
         if self._by_seq is None:
-            self._by_seq = _encode(self.seq, self.kind, self.data)
+            self._by_seq = _encode(self.position, self.kind, self.data)
         return self._by_seq
 
     def merge(self, newer: Frame) -> Frame:
@@ -68,7 +84,16 @@ class Frame:
             merged = json.loads(newer.data)
             merged["delta"] = json.loads(self.data)["delta"] + merged["delta"]
             data = json.dumps(merged, separators=(",", ":"))
-        return Frame(newer.tseq, newer.seq, self.kind, self.job_id, data, self.first_seq)
+        return Frame(
+            newer.tseq,
+            newer.seq,
+            self.kind,
+            self.job_id,
+            data,
+            newer.epoch,
+            newer.tepoch,
+            self.first_seq,
+        )
 
 
 def _resolve(waiter: asyncio.Future[None]) -> None:
@@ -76,7 +101,7 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _encode(event_id: int, kind: str, data: str) -> bytes:
+def _encode(event_id: StreamPosition, kind: str, data: str) -> bytes:
     return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
@@ -157,6 +182,8 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
         older_at = self._last_of.get((frame.job_id, frame.kind))
         if older_at is None or older_at < self._barrier.get(frame.job_id, -1):
             return frame
+        if self._pending[older_at].epoch != frame.epoch:
+            return frame  # two histories: the reader resyncs at the boundary
         older = self._pending.pop(older_at)
         self._add_bytes(-len(older.data))
         self.stats.merged += 1
@@ -213,7 +240,10 @@ class EventBus:
         self.settings = settings
         self._on_event = on_event  # sees each routed event once (latency metrics)
         self.keys = Keys(settings.namespace)
-        self._redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+        self._pool = make_pool(settings, socket_connect_timeout=2)
+        self._redis = Redis.from_pool(self._pool)  # closes its pool with it
+        # A Sentinel-managed primary can move under the pub/sub connection: look each second.
+        self._check_s = 1.0 if is_sentinel_url(settings.redis_url) else None
         self._pubsub: PubSub | None = None
         self._channels: dict[str, _Channel] = {}
         self._stale_confirms: dict[str, int] = {}
@@ -332,8 +362,13 @@ class EventBus:
 
     async def _read(self) -> None:
         assert self._pubsub is not None
+        checked = time.monotonic()
         while True:
-            msg = await self._pubsub.get_message(timeout=None)
+            msg = await self._pubsub.get_message(timeout=self._check_s)
+            if self._check_s is not None and time.monotonic() - checked >= self._check_s:
+                checked = time.monotonic()
+                if await primary_moved(self._pool, self._pubsub.connection):
+                    raise RedisConnectionError("the primary moved (a Sentinel failover)")
             if msg is None:
                 continue
             kind, channel = msg["type"], msg["channel"].decode()

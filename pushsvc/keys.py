@@ -30,8 +30,14 @@ class Keys:
         """Sorted set: the tenant's job ids, scored by creation time (ms)."""
         return f"{self.ns}:jobs:{tenant}"
 
-    def tenant_seq(self, tenant: str) -> str:
-        return f"{self.ns}:tseq:{tenant}"
+    def tenant_position(self, tenant: str) -> str:
+        """Hash: the tenant's sequence (``seq``), its ``epoch`` and that epoch's ``gen``."""
+        return f"{self.ns}:tpos:{tenant}"
+
+    @property
+    def epoch(self) -> str:
+        """Hash: the store's epoch (``id``) and the Redis run id it was taken on (``run``)."""
+        return f"{self.ns}:epoch"
 
     def tenant_log(self, tenant: str) -> str:
         """Stream: every event of the tenant's jobs, entry id ``0-<tenant seq>``."""

@@ -94,6 +94,11 @@ class ApiCollector(Collector):
             "pushsvc_redis_reconnects": ("pub/sub reconnects", max(0, bus.reconnects - 1)),
             "pushsvc_frames_merged": ("frames coalesced for slow readers", bus.stats.merged),
             "pushsvc_stream_resyncs": ("slow readers resynced", bus.stats.resyncs),
+            "pushsvc_snapshot_reads": ("job snapshot reads sent for streams", svc.reads.reads),
+            "pushsvc_snapshot_reads_joined": (
+                "times a stream joined another's snapshot read instead",
+                svc.reads.joined,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

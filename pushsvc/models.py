@@ -55,6 +55,7 @@ class JobSnapshot(BaseModel):
     finished_at: float | None = None
     eta_s: float | None = None
     seq: int = 0
+    epoch: str = Field("", description="the history ``seq`` counts in; see stream positions")
 
 
 class SubmitRequest(BaseModel):

@@ -85,8 +85,9 @@ def _model_schemas(types: Registry) -> tuple[Schema, dict[str, Schema], dict[str
     refs, top = models_json_schema(wanted, ref_template=REF)
     components: dict[str, Schema] = top.get("$defs", {})
     snapshot = components[refs[(JobSnapshot, "serialization")]["$ref"].rsplit("/", 1)[1]]
-    # A snapshot is always dumped whole: every field is present in a response.
-    snapshot["required"] = list(snapshot["properties"])
+    # A snapshot is always dumped whole: every field is present in a response. A
+    # ``snapshot`` event leaves ``epoch`` out: its SSE id carries the position whole.
+    snapshot["required"] = [p for p in snapshot["properties"] if p != "epoch"]
     submit = components.pop(refs[(SubmitRequest, "validation")]["$ref"].rsplit("/", 1)[1])
     payloads = {n: refs[(t.payload_model, "validation")] for n, t in types.types.items()}
     return submit["properties"], payloads, components

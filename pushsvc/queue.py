@@ -24,8 +24,8 @@ from arq.constants import (
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
-from redis.asyncio import BlockingConnectionPool, ConnectionPool
 
+from .connections import make_pool
 from .keys import Keys
 from .settings import Settings
 
@@ -56,23 +56,17 @@ def deserialize(data: bytes) -> Any:
 
 
 def connect(settings: Settings, max_connections: int | None = None, **pool_kwargs: Any) -> ArqRedis:
-    """A lazily connecting client (arq's enqueue on top of redis-py's asyncio client).
-
-    With ``max_connections`` the pool is a blocking one: commands wait for a free
-    connection, so a process's Redis connections stay fixed however busy it is.
-    """
-    if max_connections is None:
-        pool = ConnectionPool.from_url(settings.redis_url, **pool_kwargs)
-    else:
-        pool = BlockingConnectionPool.from_url(
-            settings.redis_url, max_connections=max_connections, timeout=5, **pool_kwargs
-        )
-    return ArqRedis(
+    """A lazily connecting client (arq's enqueue on top of redis-py's asyncio client);
+    see :func:`pushsvc.connections.make_pool`."""
+    pool = make_pool(settings, max_connections, **pool_kwargs)
+    client = ArqRedis(
         pool,
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=Keys(settings.namespace).queue,
     )
+    client.auto_close_connection_pool = True  # the client owns its pool: closed with it
+    return client
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     # "key=tenant,key2=tenant2"; empty means one local tenant without auth (loopback only).
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     secret: SecretStr = SecretStr("")
-    job_ttl_s: int = Field(86400, ge=60)
+    job_ttl_s: int = Field(86400, ge=1)
     max_body_bytes: int = Field(262144, ge=1024)
     # Redis key prefix, so several deployments (or test runs) can share one Redis.
     namespace: str = "pushsvc"
@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     streams_enabled: bool = True
     # Redis connections of one API process besides its one pub/sub connection.
     redis_pool_size: int = Field(2, ge=1)
+    # Bulk reads (streams' snapshots, log replays and views; listing scans) one API
+    # process runs at once; the rest wait their turn. Keep it below the pool size, so
+    # other requests always find a connection however many streams open or resync.
+    bulk_read_concurrency: int = Field(1, ge=1)
+    # SO_SNDBUF of the API's client connections (Linux doubles it; 0: the kernel's
+    # autotuning, up to net.ipv4.tcp_wmem's max, 4 MiB by default). The kernel holds at
+    # most this for a client that stopped reading, and the API copies no more into it:
+    # with autotuning, 300 such streams of a 10 MB job held 1 GB and took 6 s of CPU.
+    # It also caps one connection's rate at about twice this per round trip.
+    send_buffer_bytes: int = Field(131072, ge=0)
     stream_token_ttl_s: int = Field(900, ge=10)
     heartbeat_s: float = Field(15.0, gt=0)
     retry_ms: int = Field(2000, ge=0)  # the SSE ``retry:`` hint for reconnecting clients
@@ -83,6 +93,10 @@ class Settings(BaseSettings):
     stream_coalesce_after: int = Field(32, ge=1)
     stream_max_frames: int = Field(256, ge=2)
     stream_max_bytes: int = Field(1_048_576, ge=1024)
+    # A job gone from the store (Redis came back empty) may be repaired by the worker
+    # running it within a lease period; past this grace its streams end with
+    # ``failed``/``state_lost``. Keep it above PUSHSVC_LEASE_S / 3 (the worker's check).
+    state_lost_grace_s: float = Field(10.0, gt=0)
     # How many recent jobs an all-jobs stream scans for active ones when it starts.
     stream_recent_jobs: int = Field(500, ge=1)
     host: str = "127.0.0.1"

@@ -6,30 +6,32 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .api import Services, get_owned_job, services
+from .api import Services, get_owned_head, missing_job, services
 from .auth import TENANT_SCOPE, job_scope
+from .epoch import StreamPosition
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
-from .models import TERMINAL
 from .responses import EventStream
+from .store import JobHead
 from .streams import JobStream, MuxStream, _Stream
 
 MAX_NAMED_JOBS = 100
 
 
-def last_event_id(request: Request) -> int | None:
-    """``Last-Event-ID`` (header, as EventSource sends it) or ``?last_event_id=``."""
+def last_event_id(request: Request) -> StreamPosition | None:
+    """``Last-Event-ID`` (header, as EventSource sends it) or ``?last_event_id=``:
+    ``<seq>.<epoch>`` as sent, or a plain ``<seq>`` (older clients)."""
     raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     if raw is None or raw == "":
         return None
-    if not raw.isdigit() or len(raw) > 18:
+    pos = StreamPosition.parse(raw)
+    if pos is None:
         raise BadRequest("Last-Event-ID must be an event id this API sent", code="bad_event_id")
-    return int(raw)
+    return pos
 
 
 async def _bus_ready(svc: Services) -> None:
@@ -77,13 +79,33 @@ async def job_events(request: Request) -> Response:
     job_id = request.path_params["job_id"]
     tenant = svc.auth.stream_tenant(request, {job_scope(job_id), TENANT_SCOPE})
     last_id = last_event_id(request)
-    snap = await get_owned_job(svc, tenant, job_id)
+    head = await _resumed_head(svc, tenant, job_id, last_id)
     await _bus_ready(svc)
-    if last_id is not None and snap.status.terminal and last_id == snap.seq:
+    if head is not None and last_id is not None and _seen_the_end(head, last_id):
         return Response(status_code=204)  # nothing more will come: EventSource stops here
     return _respond(
-        svc, JobStream(svc.store, svc.bus, svc.settings, tenant, job_id, last_id), tenant
+        svc, JobStream(svc.reads, svc.bus, svc.settings, tenant, job_id, last_id), tenant
     )
+
+
+async def _resumed_head(
+    svc: Services, tenant: str, job_id: str, last_id: StreamPosition | None
+) -> JobHead | None:
+    """The job's head (not its snapshot: MBs of output). A client resuming a job the
+    store no longer holds (Redis came back empty) gets a stream all the same: its worker
+    may repair it, else the stream says ``state_lost`` after the grace and ends."""
+    if last_id is None:
+        return await get_owned_head(svc, tenant, job_id)
+    _valid_id(job_id)
+    head = (await svc.reads.heads(tenant, [job_id]))[1][job_id]
+    if head is not None and head.tenant != tenant:
+        raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    return head
+
+
+def _seen_the_end(head: JobHead, last_id: StreamPosition) -> bool:
+    pos = head.position
+    return head.status.terminal and last_id.seq == pos.seq and last_id.same_history(pos.epoch)
 
 
 async def many_events(request: Request) -> Response:
@@ -96,24 +118,30 @@ async def many_events(request: Request) -> Response:
         raise ValidationFailed(f"name at most {MAX_NAMED_JOBS} jobs", code="too_many_jobs")
     for job_id in job_ids:
         _valid_id(job_id)
-    _, view = await svc.store.read_view(tenant, job_ids, 1) if job_ids else (0, {})
-    for job_id, fields in view.items():
-        if fields is None or fields.get("tenant") != tenant:
+    # Heads, not snapshots: whose the jobs are and whether they ended, not their output.
+    tpos, heads = await svc.reads.heads(tenant, job_ids)
+    for job_id, head in heads.items():
+        if head is None and last_id is None:
+            raise await missing_job(svc, job_id)
+        if head is not None and head.tenant != tenant:  # a resume may name a lost job
             raise NotFound(f"no job {job_id!r}", code="job_not_found")
     await _bus_ready(svc)
-    if last_id is not None and view and await _all_ended_before(svc, view, last_id):
+    ended = last_id is not None and last_id.same_history(tpos.epoch)
+    if last_id is not None and heads and ended and await _all_ended_before(svc, heads, last_id):
         return Response(status_code=204)  # the named jobs are over: EventSource stops
-    stream = MuxStream(svc.store, svc.bus, svc.settings, tenant, job_ids, last_id)
+    stream = MuxStream(svc.reads, svc.bus, svc.settings, tenant, job_ids, last_id)
     return _respond(svc, stream, tenant)
 
 
-async def _all_ended_before(svc: Services, view: dict[str, Any], cursor: int) -> bool:
+async def _all_ended_before(
+    svc: Services, heads: dict[str, JobHead | None], cursor: StreamPosition
+) -> bool:
     """Did every named job end, and did the client see each terminal event already?"""
-    for job_id, fields in view.items():
-        if fields["status"] not in TERMINAL:
+    for job_id, head in heads.items():
+        if head is None or not head.status.terminal:
             return False
-        last = await svc.store.last_event(job_id)
-        if last is None or last.tseq > cursor:
+        last = await svc.reads.last_event(job_id)
+        if last is None or last.tseq > cursor.seq:
             return False
     return True
 

@@ -1,17 +1,17 @@
-"""Job state in Redis: the atomic publish path (Lua), snapshots, listing and event logs."""
+"""Job state in Redis: the atomic publish path (Lua), snapshots and event logs."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
 
-from .errors import BadRequest
+from .epoch import StreamPosition, new_epoch
 from .events import Frame
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
@@ -19,9 +19,13 @@ from .queue import Enqueue
 from .settings import Settings
 
 # Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
-RAW_FIELDS = frozenset({"status", "tenant", "arq_id", "cancel", "type", "priority"})
+RAW_FIELDS = frozenset(
+    {"status", "tenant", "arq_id", "cancel", "type", "priority", "epoch", "gen", "owner", "tep"}
+)
 INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run", "updated_at"})
 SNAPSHOT_FIELDS = frozenset(JobSnapshot.model_fields)
+# Event bodies leave these out: the script prepends the seq; the epoch is in the SSE id.
+EVENT_EXCLUDE: set[str] = {"seq", "epoch"}
 
 
 def _lua(name: str) -> str:
@@ -58,11 +62,16 @@ class Published:
     seq: int
     status: JobStatus
     cancel_requested: bool
+    epoch: str = ""
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.seq, self.epoch)
 
 
 @dataclass(frozen=True)
 class Rejected:
-    """A transition refused because the job was in another state."""
+    """A transition refused because the job was in another state (or attempt, or owner)."""
 
     status: JobStatus
 
@@ -70,6 +79,111 @@ class Rejected:
 @dataclass(frozen=True)
 class Throttled:
     """A start refused because the tenant is at its running limit; it was re-queued."""
+
+
+@dataclass(frozen=True)
+class Diverged:
+    """A worker's write refused: the stored job is not the history the worker wrote
+    (another epoch, or fewer events): Redis lost or rewound it. The worker repairs."""
+
+    status: JobStatus
+    position: StreamPosition
+
+
+Reply = Published | Rejected | Throttled | Diverged | None
+
+
+@dataclass(frozen=True)
+class JobHead:
+    """Whose a job is and where it stands: what a stream endpoint checks before it streams
+    (reading the snapshot would read all its output, megabytes for some jobs)."""
+
+    tenant: str
+    status: JobStatus
+    position: StreamPosition
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A running attempt as a writer: its arq id, the worker run that owns it, and the
+    last position it published (``known``), which the store must still hold."""
+
+    arq_id: str
+    owner: str = ""
+    known: StreamPosition | None = None
+
+
+@dataclass(frozen=True)
+class PublishCall:
+    """One call of the publish scripts: what to change and under which conditions.
+
+    ``layout`` turns it into the KEYS and ARGV that lua/publish_fn.lua names.
+    """
+
+    job_id: str
+    tenant: str
+    kind: str
+    data: dict[str, Any]
+    fields: dict[str, Any] = dc_field(default_factory=dict)
+    expect: tuple[JobStatus, ...] = ()  # refused unless the job is in one of these
+    delta: str = ""  # appended to the output
+    writer: Writer | None = None  # refused unless the job is still this attempt's
+    lease_until_ms: float | None = None  # running: take (or renew) the lease
+    enqueue: Enqueue | None = None  # an arq job written with the change
+    max_running: int | None = None  # a start refused at the tenant's running limit
+    fingerprint: str = ""  # create: the idempotency fingerprint
+    index_score: int = 0  # create and repair: the job's place in the tenant index
+
+    def layout(self, keys: Keys, settings: Settings) -> tuple[list[str], list[Any]]:
+        enq, writer = self.enqueue, self.writer
+        fields = dict(self.fields)
+        reset_output = fields.pop("output", None) is not None
+        # The script prepends '{"seq":N,' so stored and published JSON carry the seq.
+        body = json.dumps(
+            {"job_id": self.job_id, "ts": time.time(), **self.data}, separators=(",", ":")
+        )
+        known = writer.known if writer else None
+        key_list = [
+            keys.job(self.job_id),
+            keys.job_log(self.job_id),
+            keys.tenant_log(self.tenant),
+            keys.tenant_position(self.tenant),
+            keys.leases,
+            enq.target if enq else keys.leases,
+            enq.key if enq else keys.leases,
+            keys.job_output(self.job_id),
+            keys.tenant_running(self.tenant),
+            keys.stats,
+            keys.epoch,
+        ]
+        args: list[Any] = [
+            settings.job_ttl_s,
+            settings.job_log_cap,
+            settings.tenant_log_cap,
+            self.kind,
+            body[1:],
+            ",".join(self.expect),
+            self.delta,
+            keys.job_channel(self.job_id),
+            keys.tenant_channel(self.tenant),
+            writer.arq_id if writer else "",
+            "" if self.lease_until_ms is None else int(self.lease_until_ms),
+            self.job_id,
+            enq.payload if enq else "",
+            enq.px if enq else 0,
+            enq.score if enq else 0,
+            enq.member if enq else "",
+            self.fingerprint,
+            self.index_score,
+            "1" if reset_output else "",
+            self.max_running or "",
+            writer.owner if writer else "",
+            known.epoch if known else "",
+            new_epoch(),
+            known.seq if known else 0,
+            *encode_fields(fields),
+        ]
+        return key_list, args
 
 
 class JobStore:
@@ -82,62 +196,10 @@ class JobStore:
         fn = _lua("publish_fn.lua")
         self._publish = redis.register_script(fn + _lua("publish.lua"))
         self._create = redis.register_script(fn + _lua("create.lua"))
+        self._repair = redis.register_script(fn + _lua("repair.lua"))
         self._read = redis.register_script(_lua("read.lua"))
+        self._scan = redis.register_script(_lua("scan.lua"))
         self.published = 0  # events this process published (a worker's metric)
-
-    def _call(
-        self,
-        job_id: str,
-        tenant: str,
-        kind: str,
-        data: dict[str, Any],
-        fields: dict[str, Any] | None,
-        opts: dict[str, Any],
-    ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV in the order lua/publish_fn.lua documents."""
-        k, s = self.keys, self.settings
-        enq: Enqueue | None = opts.get("enqueue")
-        keys = [
-            k.job(job_id),
-            k.job_log(job_id),
-            k.tenant_log(tenant),
-            k.tenant_seq(tenant),
-            k.leases,
-            enq.target if enq else k.leases,
-            enq.key if enq else k.leases,
-            k.job_output(job_id),
-            k.tenant_running(tenant),
-            k.stats,
-        ]
-        fields = dict(fields or {})
-        reset_output = fields.pop("output", None) is not None
-        # The script prepends '{"seq":N,' so stored and published JSON carry the seq.
-        body = json.dumps({"job_id": job_id, "ts": time.time(), **data}, separators=(",", ":"))
-        lease = opts.get("lease_until_ms")
-        args: list[Any] = [
-            s.job_ttl_s,
-            s.job_log_cap,
-            s.tenant_log_cap,
-            kind,
-            body[1:],
-            ",".join(opts.get("expect", ())),
-            opts.get("delta", ""),
-            k.job_channel(job_id),
-            k.tenant_channel(tenant),
-            opts.get("arq_id") or "",
-            "" if lease is None else int(lease),
-            job_id,
-            enq.payload if enq else "",
-            enq.px if enq else 0,
-            enq.score if enq else 0,
-            enq.member if enq else "",
-            opts.get("fingerprint", ""),
-            opts.get("score", 0),
-            "1" if reset_output else "",
-            opts.get("max_running") or "",
-            *encode_fields(fields),
-        ]
-        return keys, args
 
     async def create(
         self,
@@ -152,18 +214,17 @@ class JobStore:
         (earlier job id, its fingerprint) when the idempotency key was used before.
         """
         job_id = fields["id"]
-        keys, args = self._call(
+        call = PublishCall(
             job_id,
             tenant,
             "snapshot",
-            to_snapshot(fields).model_dump(mode="json", exclude={"seq"}),
+            to_snapshot(fields).model_dump(mode="json", exclude=EVENT_EXCLUDE),
             fields,
-            {
-                "enqueue": enqueue,
-                "fingerprint": idem[1] if idem else "",
-                "score": int(fields["created_at"] * 1000),
-            },
+            enqueue=enqueue,
+            fingerprint=idem[1] if idem else "",
+            index_score=int(fields["created_at"] * 1000),
         )
+        keys, args = call.layout(self.keys, self.settings)
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index]
         created, found = await self._create(keys=keys, args=args)
@@ -182,39 +243,62 @@ class JobStore:
         *,
         expect: tuple[JobStatus, ...] = (),
         delta: str = "",
-        arq_id: str | None = None,
+        writer: Writer | None = None,
         lease_until_ms: float | None = None,
         enqueue: Enqueue | None = None,
         max_running: int | None = None,
-    ) -> Published | Rejected | Throttled | None:
+    ) -> Reply:
         """Apply ``fields``, append ``delta`` and publish one event, atomically.
 
-        Nothing happens unless the job's status is in ``expect`` (when given) and its
-        current attempt is ``arq_id`` (when given). A ``lease_until_ms`` on a transition to
+        Nothing happens unless the job's status is in ``expect`` (when given) and it is
+        still ``writer``'s attempt (when given). A ``lease_until_ms`` on a transition to
         running takes the lease; leaving running drops it; ``enqueue`` queues an attempt.
         With ``max_running``, a tenant already running that many jobs gets ``Throttled``
         and ``enqueue`` (the attempt's later slot) is stored instead of any change.
-        Returns None for an unknown (or expired) job.
+        Returns None for an unknown (or expired, or lost) job.
         """
-        opts = {
-            "expect": expect,
-            "delta": delta,
-            "arq_id": arq_id,
-            "lease_until_ms": lease_until_ms,
-            "enqueue": enqueue,
-            "max_running": max_running,
-        }
-        keys, args = self._call(job_id, tenant, kind, data, fields, opts)
-        reply = await self._publish(keys=keys, args=args)
-        if reply[0] > 0:
+        call = PublishCall(
+            job_id,
+            tenant,
+            kind,
+            data,
+            fields or {},
+            expect=expect,
+            delta=delta,
+            writer=writer,
+            lease_until_ms=lease_until_ms,
+            enqueue=enqueue,
+            max_running=max_running,
+        )
+        return await self.send(call)
+
+    async def send(self, call: PublishCall) -> Reply:
+        """Run one publish call (see :meth:`publish`)."""
+        keys, args = call.layout(self.keys, self.settings)
+        return self._reply(await self._publish(keys=keys, args=args))
+
+    async def repair(self, call: PublishCall) -> Reply:
+        """Rewrite a job its worker holds (lua/repair.lua): ``Published`` under a fresh
+        epoch, or ``Rejected`` when the attempt is no longer the writer's."""
+        keys, args = call.layout(self.keys, self.settings)
+        keys.append(self.keys.tenant_index(call.tenant))
+        return self._reply(await self._repair(keys=keys, args=args))
+
+    def _reply(self, reply: list[Any]) -> Reply:
+        code = reply[0]
+        if code > 0:
             self.published += 1
-        if reply[0] == -1:
+            return Published(
+                int(code), JobStatus(reply[1].decode()), reply[2] == b"1", reply[3].decode()
+            )
+        if code == -1:
             return None
-        if reply[0] == -2:
+        if code == -2:
             return Throttled()
-        if reply[0] == 0:
-            return Rejected(JobStatus(reply[1].decode()))
-        return Published(int(reply[0]), JobStatus(reply[1].decode()), reply[2] == b"1")
+        if code == -3:
+            position = StreamPosition(int(reply[2] or 0), reply[3].decode())
+            return Diverged(JobStatus(reply[1].decode()), position)
+        return Rejected(JobStatus(reply[1].decode()))
 
     async def load(self, job_id: str) -> dict[str, Any] | None:
         """All stored fields of a job (payload, tenant and arq id included), or None."""
@@ -224,6 +308,68 @@ class JobStore:
             raw, output = await pipe.execute()
         return decode_fields(raw, output) if raw else None
 
+    async def load_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """:meth:`load` of several jobs in one round trip."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for job_id in job_ids:
+                pipe.hgetall(self.keys.job(job_id))
+                pipe.get(self.keys.job_output(job_id))
+            replies = await pipe.execute()
+        return [
+            decode_fields(raw, output) if raw else None
+            for raw, output in zip(replies[::2], replies[1::2], strict=True)
+        ]
+
+    async def scan_index(
+        self, tenant: str, max_score: int, window: tuple[int, int], filters: tuple[str, str]
+    ) -> tuple[int, list[tuple[str, int]], list[str]]:
+        """One batch of the tenant's index, newest first (lua/scan.lua): how many entries of
+        ``window`` (offset, count) there were, those whose job matches ``filters`` (status,
+        type; '' matches any) as (id, score), and the ids of jobs gone."""
+        args: list[str | int] = [self.keys.job(""), max_score, *window, *filters]
+        scanned, matches, gone = await self._scan(keys=[self.keys.tenant_index(tenant)], args=args)
+        ids, scores = matches[::2], matches[1::2]
+        found = [(m.decode(), int(float(s))) for m, s in zip(ids, scores, strict=True)]
+        return int(scanned), found, [g.decode() for g in gone]
+
+    async def heads(
+        self, tenant: str, job_ids: list[str]
+    ) -> tuple[StreamPosition, dict[str, JobHead | None]]:
+        """Atomically: the tenant's position and each job's head (None: unknown)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hmget(self.keys.tenant_position(tenant), ["seq", "epoch"])
+            for job_id in job_ids:
+                pipe.hmget(self.keys.job(job_id), ["tenant", "status", "seq", "epoch"])
+            (tseq, tepoch), *rows = await pipe.execute()
+        heads: dict[str, JobHead | None] = {}
+        for job_id, (owner, status, seq, epoch) in zip(job_ids, rows, strict=True):
+            heads[job_id] = None
+            if owner is not None and status is not None:
+                position = StreamPosition(int(seq or 0), (epoch or b"").decode())
+                heads[job_id] = JobHead(owner.decode(), JobStatus(status.decode()), position)
+        return StreamPosition(int(tseq or 0), (tepoch or b"").decode()), heads
+
+    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], Frame | None] | None:
+        """:meth:`load` and the job's last logged event, read together."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.job(job_id))
+            pipe.get(self.keys.job_output(job_id))
+            pipe.xrevrange(self.keys.job_log(job_id), "+", "-", count=1)
+            raw, output, entries = await pipe.execute()
+        if not raw:
+            return None
+        return decode_fields(raw, output), _last_frame(job_id, entries)
+
+    async def recovering(self) -> bool:
+        """Did the store start a new epoch (a restart, a failover, an empty Redis) less
+        than ``state_lost_grace_s`` ago? Then a missing job may still be repaired by the
+        worker running it: it is not known to be gone yet."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hget(self.keys.epoch, "since")
+            pipe.time()
+            since, (now, _) = await pipe.execute()
+        return since is not None and now - int(since) < self.settings.state_lost_grace_s
+
     async def snapshot(self, job_id: str, tenant: str) -> JobSnapshot | None:
         """The tenant's job, or None when it is unknown or belongs to another tenant."""
         fields = await self.load(job_id)
@@ -231,123 +377,96 @@ class JobStore:
             return None
         return to_snapshot(fields)
 
-    async def list_jobs(
-        self,
-        tenant: str,
-        *,
-        limit: int,
-        cursor: str | None = None,
-        status: JobStatus | None = None,
-        type_: str | None = None,
-    ) -> tuple[list[JobSnapshot], str | None]:
-        """The tenant's jobs, newest first, filtered; returns the page and the next cursor."""
-        index = self.keys.tenant_index(tenant)
-        after = None if cursor is None else _decode_cursor(cursor)
-        # A fixed upper bound keeps offsets stable while newer jobs are being added.
-        max_score = int(time.time() * 1000) + 1 if after is None else after[0]
-        page: list[JobSnapshot] = []
-        stale: list[str] = []
-        offset, batch = 0, max(limit * 2, 50)
-        try:
-            while True:
-                rows = await self.redis.zrevrangebyscore(
-                    index, max_score, "-inf", start=offset, num=batch, withscores=True
-                )
-                if not rows:
-                    return page, None
-                offset += len(rows)
-                for member, score_f in rows:
-                    job_id, score = member.decode(), int(score_f)
-                    # Equal scores come in reverse id order: skip those already served.
-                    if after is not None and score == after[0] and job_id >= after[1]:
-                        continue
-                    fields = await self.load(job_id)
-                    if fields is None:
-                        stale.append(job_id)
-                    elif _matches(fields, status, type_):
-                        page.append(to_snapshot(fields))
-                        if len(page) == limit:
-                            return page, _encode_cursor(score, job_id)
-        finally:
-            if stale:  # expired jobs: prune the index lazily
-                await self.redis.zrem(index, *stale)
-
-    async def events_after(self, job_id: str, seq: int) -> list[Frame] | None:
-        """The job's logged events with seq > ``seq``, or None when some are gone."""
-        entries = await self.redis.xrange(self.keys.job_log(job_id), f"({_sid(seq)}", "+")
-        current = await self._current_seq(job_id)
-        if seq > current or (not entries and seq < current):
-            return None  # an id from the future, or a log that expired while the job lives
-        if entries and _seq_of(entries[0][0]) != seq + 1:
+    async def events_after(
+        self, job_id: str, after: StreamPosition, limit: int | None = None
+    ) -> tuple[list[Frame], str] | None:
+        """The job's logged events after ``after`` (the first ``limit``) and the job's
+        epoch, or None when the log cannot continue from there: another epoch, a seq the
+        store does not hold (ahead of it: history was rewound), or events no longer kept."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(self.keys.job_log(job_id), f"({_sid(after.seq)}", "+", count=limit)
+            pipe.hmget(self.keys.job(job_id), ["seq", "epoch"])
+            entries, (seq_b, epoch_b) = await pipe.execute()
+        epoch = (epoch_b or b"").decode()
+        if not _continues(after, entries, int(seq_b or 0), epoch):
             return None
-        return [
-            Frame(int(f[b"t"]), _seq_of(eid), f[b"k"].decode(), job_id, f[b"d"].decode())
+        frames = [
+            Frame(int(f[b"t"]), _seq_of(eid), f[b"k"].decode(), job_id, f[b"d"].decode(), epoch)
             for eid, f in entries
         ]
+        return frames, epoch
 
-    async def tenant_events_after(self, tenant: str, tseq: int) -> list[Frame] | None:
-        """The tenant's logged events with tenant seq > ``tseq``, or None when some are gone."""
-        key = self.keys.tenant_log(tenant)
-        entries = await self.redis.xrange(key, f"({_sid(tseq)}", "+")
-        current = int(await self.redis.get(self.keys.tenant_seq(tenant)) or 0)
-        if tseq > current or (not entries and tseq < current):
+    async def tenant_events_after(
+        self, tenant: str, after: StreamPosition, limit: int | None = None
+    ) -> tuple[list[Frame], str] | None:
+        """The tenant's logged events after ``after`` (the first ``limit``) and the
+        tenant's epoch, or None when the log cannot continue from there (as
+        :meth:`events_after`)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xrange(self.keys.tenant_log(tenant), f"({_sid(after.seq)}", "+", count=limit)
+            pipe.hmget(self.keys.tenant_position(tenant), ["seq", "epoch"])
+            entries, (seq_b, epoch_b) = await pipe.execute()
+        tepoch = (epoch_b or b"").decode()
+        if not _continues(after, entries, int(seq_b or 0), tepoch):
             return None
-        if entries and _seq_of(entries[0][0]) != tseq + 1:
-            return None
-        return [
-            Frame(_seq_of(eid), int(f[b"s"]), f[b"k"].decode(), f[b"j"].decode(), f[b"d"].decode())
+        frames = [
+            Frame(
+                _seq_of(eid),
+                int(f[b"s"]),
+                f[b"k"].decode(),
+                f[b"j"].decode(),
+                f[b"d"].decode(),
+                f[b"e"].decode(),
+                tepoch,
+            )
             for eid, f in entries
         ]
+        return frames, tepoch
 
     async def last_event(self, job_id: str) -> Frame | None:
         entries = await self.redis.xrevrange(self.keys.job_log(job_id), "+", "-", count=1)
-        if not entries:
-            return None
-        eid, f = entries[0]
-        return Frame(int(f[b"t"]), _seq_of(eid), f[b"k"].decode(), job_id, f[b"d"].decode())
-
-    async def _current_seq(self, job_id: str) -> int:
-        return int(await self.redis.hget(self.keys.job(job_id), "seq") or 0)  # type: ignore[misc]
+        return _last_frame(job_id, entries)
 
     async def read_view(
-        self, tenant: str, job_ids: list[str], recent: int
-    ) -> tuple[int, dict[str, dict[str, Any] | None]]:
-        """Atomically: the tenant seq and the named jobs (or the recent active ones)."""
-        keys = [self.keys.tenant_seq(tenant), self.keys.tenant_index(tenant)]
-        prefixes: list[str | int] = [self.keys.job(""), recent, self.keys.job_output("")]
+        self, tenant: str, job_ids: list[str], recent: int, *, since_epoch: str = ""
+    ) -> tuple[StreamPosition, dict[str, dict[str, Any] | None]]:
+        """Atomically: the tenant's position and the named jobs, plus those of the
+        ``recent`` ones that are still active (queued or running) or, when the tenant's
+        history is no longer ``since_epoch``, were written in the new one."""
+        keys = [self.keys.tenant_position(tenant), self.keys.tenant_index(tenant)]
+        prefixes: list[str | int] = [
+            self.keys.job(""),
+            recent,
+            self.keys.job_output(""),
+            since_epoch,
+        ]
         reply = await self._read(keys=keys, args=[*prefixes, *job_ids])
         view: dict[str, dict[str, Any] | None] = {}
-        for i in range(1, len(reply), 3):
+        for i in range(2, len(reply), 3):
             flat = reply[i + 1]
             raw = dict(zip(flat[::2], flat[1::2], strict=True))
             view[reply[i].decode()] = decode_fields(raw, reply[i + 2]) if raw else None
-        return int(reply[0]), view
+        return StreamPosition(int(reply[0]), reply[1].decode()), view
+
+
+def _last_frame(job_id: str, entries: list[Any]) -> Frame | None:
+    if not entries:
+        return None
+    eid, f = entries[0]
+    return Frame(int(f[b"t"]), _seq_of(eid), f[b"k"].decode(), job_id, f[b"d"].decode())
+
+
+def _continues(after: StreamPosition, entries: list[Any], seq: int, epoch: str) -> bool:
+    """Can a stream at ``after`` continue with ``entries``, the log after it?"""
+    if not after.same_history(epoch) or after.seq > seq:
+        return False  # another history, or a position from the future (rewound)
+    if not entries:
+        return after.seq == seq  # nothing after it, unless the log lost it
+    return _seq_of(entries[0][0]) == after.seq + 1
 
 
 def to_snapshot(fields: dict[str, Any]) -> JobSnapshot:
     return JobSnapshot.model_validate({k: v for k, v in fields.items() if k in SNAPSHOT_FIELDS})
-
-
-def _matches(fields: dict[str, Any], status: JobStatus | None, type_: str | None) -> bool:
-    return (status is None or fields["status"] == status) and (
-        type_ is None or fields["type"] == type_
-    )
-
-
-def _encode_cursor(score: int, job_id: str) -> str:
-    raw = json.dumps([score, job_id], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[int, str]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        score, job_id = json.loads(raw)
-        if not isinstance(score, int) or not isinstance(job_id, str):
-            raise ValueError(cursor)
-    except (ValueError, TypeError) as exc:
-        raise BadRequest("cursor is not one this API issued", code="bad_cursor") from exc
-    return score, job_id
 
 
 def _sid(seq: int) -> str:

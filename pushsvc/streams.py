@@ -1,50 +1,55 @@
 """What a stream sends, in order: a snapshot or a resume, live events, resyncs, the end.
 
-``JobStream`` serves one job (``id:`` is the job's seq); ``MuxStream`` serves many jobs
-of one tenant over one connection (``id:`` is the tenant's seq). Both subscribe first
-and read stored state only after Redis confirmed the subscription, then drop live
-events they already sent, so a subscriber sees every event once and in order.
+``JobStream`` serves one job (``id:`` is the job's position ``<seq>.<epoch>``);
+``MuxStream`` serves many jobs of one tenant over one connection (``id:`` is the
+tenant's position). Both subscribe first and read stored state only after Redis
+confirmed the subscription, then drop live events they already sent, so a subscriber
+sees every event once and in order. Positions carry epochs (epoch.py): an event of
+another history is never dropped as "already seen"; it makes the stream send a
+``reset`` snapshot of what the store holds now. A job that vanished from the store (a
+Redis that came back empty) gets ``state_lost_grace_s`` for its worker to repair it,
+then a ``failed`` event with ``error.code = "state_lost"``.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
-from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .epoch import StreamPosition
 from .events import TERMINAL_KINDS, EventBus, Frame, StreamQueue
-from .models import JobSnapshot
+from .reads import BulkReads
+from .responses import chunks
 from .settings import Settings
-from .store import JobStore, to_snapshot
+from .snapshots import (
+    NO_TENANT_POSITION,
+    lost_frame,
+    snapshot_frame,
+    state_frames,
+    terminal_frame,
+)
+from .store import to_snapshot
 
-
-def snapshot_frame(snap: JobSnapshot, event_id: int, reset: bool) -> Frame:
-    body: dict[str, Any] = {"job_id": snap.id, "seq": snap.seq, "ts": time.time()}
-    body.update(snap.model_dump(mode="json", exclude={"seq"}))
-    if reset:
-        body["reset"] = True
-    data = json.dumps(body, separators=(",", ":"))
-    return Frame(event_id, snap.seq, "snapshot", snap.id, data)
-
-
-def terminal_frame(snap: JobSnapshot, last: Frame | None, event_id: int) -> Frame:
-    """The finished job's terminal event: from its log, or rebuilt from the snapshot."""
-    if last is not None and last.seq == snap.seq and last.kind in TERMINAL_KINDS:
-        return Frame(event_id, last.seq, last.kind, snap.id, last.data)
-    body: dict[str, Any] = {"job_id": snap.id, "seq": snap.seq, "ts": snap.finished_at}
-    if snap.status == "completed":
-        body["result"] = snap.result
-    elif snap.status == "failed":
-        body["error"] = snap.error.model_dump() if snap.error else None
-    return Frame(event_id, snap.seq, snap.status.value, snap.id, json.dumps(body))
+# Log entries a replay reads at once. A stream far behind catches up a page at a time,
+# other work running between pages: a 4 MB tenant log read and encoded in one piece
+# held the event loop for 50 ms, and its frames in memory per stream.
+REPLAY_PAGE = 256
+PING = b": ping\n\n"  # keeps proxies from cutting an idle stream
+logger = logging.getLogger(__name__)
 
 
 class _Stream:
     by_tseq = False
 
-    def __init__(self, store: JobStore, bus: EventBus, settings: Settings, tenant: str) -> None:
-        self.store, self.bus, self.settings, self.tenant = store, bus, settings, tenant
+    def __init__(self, reads: BulkReads, bus: EventBus, settings: Settings, tenant: str) -> None:
+        self.reads, self.store = reads, reads.store
+        self.bus, self.settings, self.tenant = bus, settings, tenant
         self.done = False
         self.queue = StreamQueue(
             settings.stream_coalesce_after,
@@ -52,6 +57,8 @@ class _Stream:
             settings.stream_max_bytes,
             bus.stats,
         )
+        self.missing: dict[str, float] = {}  # job id -> when it counts as lost (monotonic)
+        self.behind = False  # a replay stopped at a full page: the log holds more
 
     def channel(self) -> str:
         raise NotImplementedError
@@ -69,81 +76,148 @@ class _Stream:
     async def accept(self, frames: list[Frame]) -> list[Frame]:
         raise NotImplementedError
 
+    def _emit(self, frames: list[Frame]) -> list[Frame]:
+        raise NotImplementedError
+
+    def _replayed(self, frames: list[Frame]) -> list[Frame]:
+        """A page of the log, to send; a full one leaves the stream ``behind``."""
+        self.behind = len(frames) >= REPLAY_PAGE
+        return self._emit(frames)
+
+    async def check_lost(self) -> list[Frame]:
+        """Jobs missing past their grace: read them again; lost ones end."""
+        raise NotImplementedError
+
+    def _missing(self, job_id: str) -> None:
+        self.missing.setdefault(job_id, time.monotonic() + self.settings.state_lost_grace_s)
+
+    def _wait_s(self) -> float:
+        if not self.missing:
+            return self.settings.heartbeat_s
+        due = min(self.missing.values()) - time.monotonic()
+        return max(0.0, min(self.settings.heartbeat_s, due))
+
+    def _lost_due(self) -> bool:
+        return bool(self.missing) and min(self.missing.values()) <= time.monotonic()
+
     async def frames(self) -> AsyncGenerator[bytes, None]:
-        """The stream's bytes; unsubscribes when the client goes (generator closed)."""
+        """The stream's bytes; unsubscribes when the client goes (generator closed).
+
+        A Redis error ends the stream, as a complete response: the client resumes with
+        ``Last-Event-ID`` (the response has started: an exception would abort it).
+        """
         yield f"retry: {self.settings.retry_ms}\n\n".encode()
-        async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
-            out = await self.start()
-            while True:
-                if out:
-                    yield b"".join(f.sse(self.by_tseq) for f in out)
-                if self.done:
-                    return
-                out = []
-                live = await self.queue.get(self.settings.heartbeat_s)
-                if not live and not self.queue.resync:
-                    yield b": ping\n\n"  # keeps proxies from cutting an idle stream
-                    continue
-                if self.queue.resync:
-                    overflowed = self.queue.overflowed
-                    self.queue.resync = self.queue.overflowed = False
-                    out = await self.resync(overflowed)
-                out += await self.accept(live)
+        try:
+            async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
+                out: list[Frame] | None = await self.start()
+                while True:
+                    if out is None:
+                        yield PING
+                    else:
+                        for i, chunk in enumerate(chunks(f.sse(self.by_tseq) for f in out)):
+                            if i:  # a write that did not pause returns at once: let others run
+                                await asyncio.sleep(0)
+                            yield chunk  # large frames in slices: see chunks()
+                    if self.done:
+                        return
+                    out = await self._next()
+        except RedisError as exc:
+            if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+                logger.warning("stream ended, Redis unavailable (%s); the client resumes", exc)
+            else:
+                logger.error("stream ended by a Redis error", exc_info=exc)
+
+    async def _next(self) -> list[Frame] | None:
+        """What to send next, once there is something; None: time for a heartbeat."""
+        # Behind: the next page of the log, after one turn of the event loop.
+        live = await self.queue.get(0 if self.behind else self._wait_s())
+        out: list[Frame] = []
+        if self.queue.resync or self.behind:
+            overflowed = self.queue.overflowed
+            self.queue.resync = self.queue.overflowed = False
+            out = await self.resync(overflowed)
+        elif not live and not self._lost_due():
+            return None
+        out += await self.accept(live)
+        if self._lost_due() and not self.done:
+            out += await self.check_lost()
+        return out
 
 
 class JobStream(_Stream):
     def __init__(
         self,
-        store: JobStore,
+        reads: BulkReads,
         bus: EventBus,
         settings: Settings,
         tenant: str,
         job_id: str,
-        last_id: int | None,
+        last_id: StreamPosition | None,
     ) -> None:
-        super().__init__(store, bus, settings, tenant)
-        self.job_id, self.sent = job_id, last_id
+        super().__init__(reads, bus, settings, tenant)
+        self.job_id, self.pos = job_id, last_id
+        self.retired: set[str] = set()  # epochs this stream has moved on from
 
     def channel(self) -> str:
         return self.store.keys.job_channel(self.job_id)
 
     async def start(self) -> list[Frame]:
-        if self.sent is None:
+        if self.pos is None:
             return await self._snapshot(reset=False)
-        events = await self.store.events_after(self.job_id, self.sent)
-        if events is None:
-            return await self._snapshot(reset=True)
-        return self._emit(events)
+        return await self._fill()
 
     async def _snapshot(self, reset: bool) -> list[Frame]:
-        snap = await self.store.snapshot(self.job_id, self.tenant)
-        if snap is None:  # expired while streaming
-            self.done = True
+        self.behind = False  # whatever the log still held, the snapshot covers
+        stored = await self.reads.job(self.job_id)  # shared with this job's other streams
+        if stored is None or stored.tenant != self.tenant:  # gone: it may be repaired
+            self._missing(self.job_id)
             return []
-        self.sent = snap.seq
-        out = [snapshot_frame(snap, snap.seq, reset)]
+        self.missing.clear()
+        snap = stored.snap
+        new = StreamPosition(snap.seq, snap.epoch)
+        if reset and new == self.pos:
+            return []  # nothing happened that the client has not seen
+        if self.pos is not None and self.pos.epoch and self.pos.epoch != snap.epoch:
+            self.retired.add(self.pos.epoch)
+        self.retired.discard(snap.epoch)
+        self.pos = new
         if snap.status.terminal:
-            out.append(terminal_frame(snap, await self.store.last_event(self.job_id), snap.seq))
             self.done = True
-        return out
+        return state_frames(stored, reset)
 
     async def resync(self, overflowed: bool) -> list[Frame]:
         return await (self._snapshot(True) if overflowed else self._fill())
 
     async def _fill(self) -> list[Frame]:
-        assert self.sent is not None
-        events = await self.store.events_after(self.job_id, self.sent)
-        return await self._snapshot(reset=True) if events is None else self._emit(events)
+        assert self.pos is not None
+        found = await self.reads.events_after(self.job_id, self.pos, REPLAY_PAGE)
+        return await self._snapshot(reset=True) if found is None else self._replayed(found[0])
+
+    async def check_lost(self) -> list[Frame]:
+        self.missing.clear()
+        out = await self._snapshot(reset=True)
+        if self.missing:  # still gone after the grace: nobody will repair it
+            assert self.pos is not None
+            self.done = True
+            return [lost_frame(self.job_id, self.pos, None)]
+        return out
 
     async def accept(self, frames: list[Frame]) -> list[Frame]:
         out: list[Frame] = []
         for frame in frames:
-            if self.done:
-                break
-            assert self.sent is not None
-            if frame.seq <= self.sent:
+            if self.done or self.behind:
+                break  # behind: these are in the log, after the page sent
+            if frame.epoch in self.retired:
+                continue  # published before the history the stream now follows
+            assert self.pos is not None
+            if not self.pos.same_history(frame.epoch):
+                out += await self._snapshot(reset=True)  # the store says what is true now
+                if self.pos.epoch != frame.epoch:
+                    self.retired.add(frame.epoch)
+                    continue
+            if frame.seq <= self.pos.seq:
                 continue
-            if frame.first_seq > self.sent + 1:  # missed something: the log has it
+            if frame.first_seq > self.pos.seq + 1:  # missed something: the log has it
                 out += await self._fill()
                 continue
             out += self._emit([frame])
@@ -152,10 +226,10 @@ class JobStream(_Stream):
     def _emit(self, frames: list[Frame]) -> list[Frame]:
         out = []
         for frame in frames:
-            if self.sent is not None and frame.seq <= self.sent:
+            if self.pos is not None and frame.seq <= self.pos.seq:
                 continue
             out.append(frame)
-            self.sent = frame.seq
+            self.pos = frame.position
             if frame.kind in TERMINAL_KINDS:
                 self.done = True
                 break
@@ -163,24 +237,26 @@ class JobStream(_Stream):
 
 
 class MuxStream(_Stream):
-    """Many jobs (named, or all of the tenant's) over one stream, resumable by tenant seq."""
+    """Many jobs (named, or all of the tenant's) over one stream, resumable by the
+    tenant's position."""
 
     by_tseq = True
 
     def __init__(
         self,
-        store: JobStore,
+        reads: BulkReads,
         bus: EventBus,
         settings: Settings,
         tenant: str,
         job_ids: list[str],
-        last_id: int | None,
+        last_id: StreamPosition | None,
     ) -> None:
-        super().__init__(store, bus, settings, tenant)
+        super().__init__(reads, bus, settings, tenant)
         self.named = set(job_ids)
         self.cursor = last_id
-        self.sent: dict[str, int] = {}  # job id -> last job seq sent
+        self.sent: dict[str, StreamPosition] = {}  # job id -> last position sent
         self.finished: set[str] = set()
+        self.retired: set[str] = set()  # tenant epochs this stream has moved on from
 
     def channel(self) -> str:
         return self.store.keys.tenant_channel(self.tenant)
@@ -190,38 +266,60 @@ class MuxStream(_Stream):
 
     async def start(self) -> list[Frame]:
         if self.cursor is not None:
-            events = await self.store.tenant_events_after(self.tenant, self.cursor)
-            if events is not None:
+            found = await self.reads.tenant_events_after(self.tenant, self.cursor, REPLAY_PAGE)
+            if found is not None:
                 await self._note_finished()
-                return self._emit(events)
-        return await self._view(sorted(self.named), reset=self.cursor is not None)
+                return self._replayed(found[0])
+        return await self._view(reset=self.cursor is not None)
 
     async def _note_finished(self) -> None:
         """On resume: named jobs that ended before the cursor count as ended already."""
         if not self.named:
             return
-        _, view = await self.store.read_view(self.tenant, sorted(self.named), 1)
-        for job_id, fields in view.items():
-            if fields is not None and to_snapshot(fields).status.terminal:
+        _, heads = await self.reads.heads(self.tenant, sorted(self.named))
+        for job_id, head in heads.items():
+            if head is not None and head.status.terminal:
                 self.finished.add(job_id)
 
-    async def _view(self, job_ids: list[str], reset: bool) -> list[Frame]:
-        """Snapshots of ``job_ids`` (all recent active ones when empty), read atomically."""
-        tseq, view = await self.store.read_view(
-            self.tenant, job_ids, self.settings.stream_recent_jobs
-        )
-        self.cursor = max(self.cursor or 0, tseq)
+    def _view_ids(self) -> tuple[list[str], int]:
+        """The jobs a fresh view covers: the named ones; or the ones this stream follows
+        and has not seen end, plus the recent active ones (all-jobs)."""
+        if self.named:
+            return sorted(self.named), 0
+        following = sorted(set(self.sent) - self.finished)
+        return following, self.settings.stream_recent_jobs
+
+    async def _view(self, reset: bool) -> list[Frame]:
+        """Snapshots of the jobs this stream covers, read atomically with the tenant's
+        position, which becomes the cursor: later frames continue from there."""
+        self.behind = False  # the view is newer than anything the log still held
+        job_ids, recent = self._view_ids()
+        # Into a new tenant history: also the jobs written in it, which may have ended
+        # already (their frames are older than the view, so only the view shows them).
+        since = self.cursor.epoch if self.cursor is not None else ""
+        tpos, view = await self.reads.read_view(self.tenant, job_ids, recent, since_epoch=since)
+        if self.cursor is not None and self.cursor.epoch and self.cursor.epoch != tpos.epoch:
+            self.retired.add(self.cursor.epoch)
+        self.retired.discard(tpos.epoch)
+        self.cursor = tpos
         out: list[Frame] = []
         for job_id, fields in view.items():
             if fields is None or fields.get("tenant") != self.tenant:
+                if job_id in self.named or job_id in self.sent:
+                    self._missing(job_id)  # its worker may still repair it
                 continue
+            self.missing.pop(job_id, None)
             snap = to_snapshot(fields)
-            self.sent[job_id] = snap.seq
-            out.append(snapshot_frame(snap, tseq, reset))
+            if reset and self.sent.get(job_id) == StreamPosition(snap.seq, snap.epoch):
+                continue  # the client has this state already
+            self.sent[job_id] = StreamPosition(snap.seq, snap.epoch)
+            out.append(snapshot_frame(snap, tpos, reset))
             if snap.status.terminal:
-                last = await self.store.last_event(job_id)
-                out.append(terminal_frame(snap, last, tseq))
+                last = await self.reads.last_event(job_id)
+                out.append(terminal_frame(snap, last, tpos))
                 self.finished.add(job_id)
+            else:
+                self.finished.discard(job_id)
         self._check_done()
         return out
 
@@ -233,33 +331,73 @@ class MuxStream(_Stream):
         published between reading the log and reading the snapshots.)
         """
         assert self.cursor is not None
-        events = await self.store.tenant_events_after(self.tenant, self.cursor)
-        if events is None:  # the tenant log no longer reaches back: start afresh
-            return await self._view(sorted(self.named or self.sent), reset=True)
-        return self._emit(events)
+        found = await self.reads.tenant_events_after(self.tenant, self.cursor, REPLAY_PAGE)
+        if found is None:  # the tenant log no longer reaches back: start afresh
+            return await self._view(reset=True)
+        return self._replayed(found[0])
+
+    async def check_lost(self) -> list[Frame]:
+        lost = {j for j, due in self.missing.items() if due <= time.monotonic()}
+        out = await self._view(reset=True)
+        cursor = self.cursor or NO_TENANT_POSITION
+        for job_id in sorted(lost & set(self.missing)):  # still gone after the grace
+            del self.missing[job_id]
+            pos = self.sent.get(job_id, NO_TENANT_POSITION)
+            out.append(lost_frame(job_id, pos, cursor))
+            self.finished.add(job_id)
+            self.sent.pop(job_id, None)
+        self._check_done()
+        return out
 
     async def accept(self, frames: list[Frame]) -> list[Frame]:
         out: list[Frame] = []
         for frame in frames:
+            if self.behind:
+                break  # these are in the log, after the page sent
+            if not self._wanted(frame.job_id) or frame.tepoch in self.retired:
+                continue
+            if self._other_history(frame):
+                out += await self._view(reset=True)  # the store says what is true now
+                if self._other_history(frame):
+                    continue  # older than what the view read
             known = self.sent.get(frame.job_id)
-            if known is not None and frame.first_seq > known + 1 and frame.kind != "snapshot":
+            if known is not None and frame.first_seq > known.seq + 1 and frame.kind != "snapshot":
                 out += await self.resync(overflowed=False)  # the logs fill the gap
+                if self.behind:
+                    break
             out += self._emit([frame])
         return out
+
+    def _other_history(self, frame: Frame) -> bool:
+        """Is ``frame`` of another tenant or job history than what this stream sent?"""
+        assert self.cursor is not None
+        if not self.cursor.same_history(frame.tepoch):
+            return True
+        known = self.sent.get(frame.job_id)
+        return (
+            known is not None
+            and frame.kind != "snapshot"  # a snapshot replaces: it needs no history
+            and not known.same_history(frame.epoch)
+        )
 
     def _wanted(self, job_id: str) -> bool:
         return not self.named or job_id in self.named
 
+    def _replayed(self, frames: list[Frame]) -> list[Frame]:
+        out = super()._replayed(frames)
+        if frames:  # the next page starts after this one, whichever jobs it held
+            self.cursor = frames[-1].tenant_position
+        return out
+
     def _emit(self, frames: list[Frame]) -> list[Frame]:
         out = []
         for frame in frames:
-            if self.done or not self._wanted(frame.job_id):
-                continue
-            if frame.seq <= self.sent.get(frame.job_id, 0) or frame.tseq <= (self.cursor or 0):
+            if self.done or not self._wanted(frame.job_id) or self._seen(frame):
                 continue
             out.append(frame)
-            self.sent[frame.job_id] = frame.seq
-            self.cursor = frame.tseq
+            self.sent[frame.job_id] = frame.position
+            self.cursor = frame.tenant_position
+            self.missing.pop(frame.job_id, None)
             if frame.kind in TERMINAL_KINDS:
                 self.finished.add(frame.job_id)
             elif frame.kind == "snapshot":
@@ -267,6 +405,13 @@ class MuxStream(_Stream):
         self._check_done()
         return out
 
+    def _seen(self, frame: Frame) -> bool:
+        cursor = self.cursor or NO_TENANT_POSITION
+        if cursor.same_history(frame.tepoch) and frame.tseq <= cursor.seq:
+            return True
+        known = self.sent.get(frame.job_id)
+        return known is not None and known.same_history(frame.epoch) and frame.seq <= known.seq
+
     def _check_done(self) -> None:
         # A named set ends when every job has ended; the all-jobs stream never does.
-        self.done = bool(self.named) and self.named <= self.finished
+        self.done = bool(self.named) and self.named <= self.finished and not self.behind

@@ -26,20 +26,21 @@ from arq.connections import ArqRedis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import WatchError
 
 from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
 from . import ticker as _ticker  # noqa: F401
+from . import transitions
 from .errors import JobError
 from .jobs import JobContext, JobType, Registry, Resources, registry
 from .logs import bind_job
 from .metrics import WorkerMetrics
-from .models import JobStatus
 from .queue import Queue, connect, make_worker
 from .settings import Settings
-from .store import JobStore, Published
+from .store import JobStore, Published, Writer
+from .transitions import Transition
 
 logger = logging.getLogger(__name__)
-RUNNING = (JobStatus.RUNNING,)
 
 
 def new_arq_id(job_id: str) -> str:
@@ -66,7 +67,7 @@ class Runner:
         self.store = JobStore(redis, settings)
         self.queue = Queue(redis, settings)
         self.types = types
-        self.running: dict[str, str] = {}  # arq id -> job id, for lease renewal
+        self.running: dict[str, JobContext] = {}  # arq id -> its attempt, for the leases
         self.resources = Resources(settings)
         self.metrics = WorkerMetrics()
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -103,39 +104,34 @@ class Runner:
         if fields is None or fields.get("arq_id") != arq_id:
             return  # expired, or a stale arq run of an attempt that was superseded
         if fields.get("cancel") == "1":  # cancel asked while an earlier attempt ran
-            await self._cancelled(fields, expect=(JobStatus.QUEUED,))
+            await self._publish_as(fields, transitions.cancelled(transitions.QUEUED))
+            self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return
-        # Renewal uses ZADD XX, so listing the attempt before it holds a lease is harmless.
-        self.running[arq_id] = job_id
-        try:
-            with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
-                if await self._start(fields, arq_id):
-                    await self._attempt(self.types.get(fields["type"]), fields)
-        finally:
-            self.running.pop(arq_id, None)
+        with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
+            attempt = await self._start(fields, arq_id)
+            if attempt is None:
+                return
+            self.running[arq_id] = attempt
+            try:
+                await self._attempt(self.types.get(fields["type"]), attempt)
+            finally:
+                self.running.pop(arq_id, None)
 
-    async def _start(self, fields: dict[str, Any], arq_id: str) -> bool:
+    async def _start(self, fields: dict[str, Any], arq_id: str) -> JobContext | None:
         """queued -> running, unless the tenant is at its running limit (then: later)."""
         limit = self.settings.tenant_max_running or None
         now = time.time()
         later = new_arq_id(fields["id"])
         delay = random.uniform(0.5, 1.0) * self.settings.throttle_delay_s
+        change = transitions.start(fields, secrets.token_hex(6), now)
         started = await self.store.publish(
             fields["id"],
             fields["tenant"],
-            "status",
-            {"status": "running", "attempt": fields["attempt"]},
-            {
-                "status": "running",
-                "started_at": now,
-                "progress": 0.0,
-                "stage": None,
-                "message": None,
-                "output": "",
-                "eta_s": None,
-            },
-            expect=(JobStatus.QUEUED,),
-            arq_id=arq_id,
+            change.kind,
+            change.data,
+            change.fields,
+            expect=change.expect,
+            writer=Writer(arq_id),
             lease_until_ms=self._deadline(),
             max_running=limit,
             enqueue=self.queue.prepare(later, fields["id"], delay, fields.get("priority", "normal"))
@@ -143,41 +139,51 @@ class Runner:
             else None,
         )
         if not isinstance(started, Published):
-            return False
+            return None
         fields["started_at"] = now
         if fields["attempt"] == 1:
             wait = now - fields["created_at"]
             self.metrics.queue_wait.labels(fields["type"]).observe(max(0.0, wait))
-        return True
+        writer = Writer(arq_id, change.fields["owner"], started.position)
+        return JobContext(self.store, fields, self.settings.publish_rate_hz, self.resources, writer)
 
     # -- one attempt ---------------------------------------------------------
 
-    async def _attempt(self, job_type: JobType[Any] | None, fields: dict[str, Any]) -> None:
-        ctx = JobContext(self.store, fields, self.settings.publish_rate_hz, self.resources)
+    async def _attempt(self, job_type: JobType[Any] | None, ctx: JobContext) -> None:
+        fields = ctx.fields
         if job_type is None:
             missing = f"no job type {fields['type']!r} in this worker"
-            await self._settle(ctx, fields, None, JobError(missing, code="unknown_job_type"))
+            await self._settle(ctx, None, JobError(missing, code="unknown_job_type"))
             return
         try:
             payload = job_type.payload_model.model_validate(fields["payload"])
         except ValidationError as exc:
             bad = f"stored payload is invalid: {exc.error_count()} errors"
-            await self._settle(ctx, fields, job_type, JobError(bad, code="invalid_payload"))
+            await self._settle(ctx, job_type, JobError(bad, code="invalid_payload"))
             return
-        result, error = await self._call(ctx, job_type, payload, fields)
+        result, error = await self._call(ctx, job_type, payload)
+        if ctx.superseded:
+            await ctx.close()
+            logger.warning("job %s: attempt superseded; stopped it", fields["id"])
+            return
         # Shielded: the outcome must be recorded even if an abort lands right now.
-        await asyncio.shield(self._settle(ctx, fields, job_type, error, result))
+        await asyncio.shield(self._settle(ctx, job_type, error, result))
 
     async def _call(
-        self, ctx: JobContext, job_type: JobType[Any], payload: Any, fields: dict[str, Any]
+        self, ctx: JobContext, job_type: JobType[Any], payload: Any
     ) -> tuple[Any, JobError | None]:
         deadline = asyncio.timeout(job_type.timeout_s)
+        # Its own task, so that an attempt found superseded can stop just the job.
+        ctx.task = asyncio.ensure_future(job_type.func(ctx, payload))
         try:
             async with deadline:
-                result = await job_type.func(ctx, payload)
+                result = await ctx.task
             return json.loads(json.dumps(result)), None
         except asyncio.CancelledError:
-            await asyncio.shield(self._settle_cancelled(ctx, fields))
+            current = asyncio.current_task()
+            if ctx.superseded and current is not None and not current.cancelling():
+                return None, None
+            await asyncio.shield(self._settle_cancelled(ctx))
             raise
         except TimeoutError as exc:
             if deadline.expired():
@@ -188,19 +194,24 @@ class Runner:
             return None, exc
         except (TypeError, ValueError) as exc:
             if "JSON serializable" not in str(exc):
-                return None, self._internal(fields, exc)
+                return None, self._internal(ctx.fields, exc)
             return None, JobError(f"the job's result is not JSON: {exc}", code="invalid_result")
         except Exception as exc:
-            return None, self._internal(fields, exc)
+            return None, self._internal(ctx.fields, exc)
 
     def _internal(self, fields: dict[str, Any], exc: Exception) -> JobError:
         logger.exception("job %s (%s) raised", fields["id"], fields["type"], exc_info=exc)
         return JobError(f"{type(exc).__name__}: {exc}", code="internal_error")
 
+    def _retries(
+        self, fields: dict[str, Any], job_type: JobType[Any] | None, exc: JobError
+    ) -> bool:
+        remain = fields["attempt"] < fields["max_attempts"]
+        return exc.retryable and job_type is not None and remain
+
     async def _settle(
         self,
         ctx: JobContext,
-        fields: dict[str, Any],
         job_type: JobType[Any] | None,
         error: JobError | None,
         result: Any = None,
@@ -208,31 +219,19 @@ class Runner:
         """Record the attempt's outcome: completed, a retry, or failed."""
         await ctx.close()
         await self._reliably(ctx.flush)
+        if ctx.superseded:
+            return
+        fields = ctx.fields
         self._count(fields, error, job_type)
         if error is None:
-            done = {
-                "status": "completed",
-                "result": result,
-                "progress": 100.0,
-                "eta_s": 0.0,
-                "finished_at": time.time(),
-            }
-            await self._reliably(
-                lambda: self.store.publish(
-                    fields["id"],
-                    fields["tenant"],
-                    "completed",
-                    {"result": result},
-                    done,
-                    expect=RUNNING,
-                    arq_id=fields["arq_id"],
-                )
-            )
-        elif error.retryable and job_type and fields["attempt"] < fields["max_attempts"]:
+            change = transitions.complete(result)
+        elif self._retries(fields, job_type, error):
+            assert job_type is not None
             delay = backoff_s(job_type, fields["attempt"], self.settings, error.retry_after_s or 0)
-            await self._reliably(lambda: self._requeue(fields, error, delay, next_attempt=True))
+            change = await self._requeue(fields, error, delay, next_attempt=True)
         else:
-            await self._reliably(lambda: self._fail(fields, error))
+            change = transitions.fail(error)
+        await self._reliably(lambda: ctx.apply(change))
 
     def _count(
         self, fields: dict[str, Any], error: JobError | None, job_type: JobType[Any] | None
@@ -242,7 +241,7 @@ class Runner:
             self.metrics.outcomes.labels(type_, "completed").inc()
             started = fields.get("started_at") or time.time()
             self.metrics.duration.labels(type_).observe(max(0.0, time.time() - started))
-        elif error.retryable and job_type and fields["attempt"] < fields["max_attempts"]:
+        elif self._retries(fields, job_type, error):
             self.metrics.outcomes.labels(type_, "retried").inc()
         else:
             self.metrics.outcomes.labels(type_, "failed").inc()
@@ -261,81 +260,47 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _fail(self, fields: dict[str, Any], exc: JobError) -> None:
-        error = exc.info()
-        result = json.loads(json.dumps(exc.result, default=str))
+    async def _publish_as(self, fields: dict[str, Any], change: Transition) -> None:
+        """Publish ``change`` for an attempt this worker does not run (the reaper's)."""
         await self.store.publish(
             fields["id"],
             fields["tenant"],
-            "failed",
-            {"error": error, "result": result},
-            {
-                "status": "failed",
-                "error": error,
-                "result": result,
-                "eta_s": None,
-                "finished_at": time.time(),
-            },
-            expect=RUNNING,
-            arq_id=fields["arq_id"],
-        )
-
-    async def _cancelled(
-        self, fields: dict[str, Any], expect: tuple[JobStatus, ...] = RUNNING
-    ) -> None:
-        self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
-        await self.store.publish(
-            fields["id"],
-            fields["tenant"],
-            "cancelled",
-            {},
-            {"status": "cancelled", "eta_s": None, "finished_at": time.time()},
-            expect=expect,
-            arq_id=fields["arq_id"],
+            change.kind,
+            change.data,
+            change.fields,
+            expect=change.expect,
+            writer=Writer(fields["arq_id"]),
+            enqueue=change.enqueue,
         )
 
     async def _requeue(
         self, fields: dict[str, Any], exc: JobError, delay: float, *, next_attempt: bool
-    ) -> None:
-        """Hand the job to a new arq job, visible as a ``status`` event; one atomic write.
-
-        A cancel asked during this attempt wins over the retry.
-        """
+    ) -> Transition:
+        """The job handed to a new arq job, visible as a ``status`` event; a cancel asked
+        during this attempt wins over the retry."""
         current = await self.store.load(fields["id"])
         if current is not None and current.get("cancel") == "1":
-            await self._cancelled(fields)
-            return
+            self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
+            return transitions.cancelled()
         job_id, arq_id = fields["id"], new_arq_id(fields["id"])
         attempt = fields["attempt"] + (1 if next_attempt else 0)
-        error = exc.info()
-        await self.store.publish(
-            job_id,
-            fields["tenant"],
-            "status",
-            {"status": "queued", "attempt": attempt, "error": error, "retry_in_s": round(delay, 3)},
-            {
-                "status": "queued",
-                "attempt": attempt,
-                "arq_id": arq_id,
-                "error": error,
-                "eta_s": None,
-            },
-            expect=RUNNING,
-            arq_id=fields["arq_id"],
-            enqueue=self.queue.prepare(arq_id, job_id, delay, fields.get("priority", "normal")),
-        )
+        enqueue = self.queue.prepare(arq_id, job_id, delay, fields.get("priority", "normal"))
+        return transitions.retry_later(exc, attempt, arq_id, delay, enqueue)
 
-    async def _settle_cancelled(self, ctx: JobContext, fields: dict[str, Any]) -> None:
+    async def _settle_cancelled(self, ctx: JobContext) -> None:
         await ctx.close()
-        current = await self.store.load(fields["id"])
+        if ctx.superseded:
+            return
+        current = await self.store.load(ctx.job_id)
         if current is not None and current.get("cancel") == "1":
             await ctx.flush()
-            await self._cancelled(fields)
+            self.metrics.outcomes.labels(ctx.fields["type"], "cancelled").inc()
+            await ctx.apply(transitions.cancelled())
         else:  # the worker is shutting down: another worker takes the same attempt over
             exc = JobError(
                 "the worker stopped during the job", code="worker_shutdown", retryable=True
             )
-            await self._requeue(fields, exc, 0.0, next_attempt=False)
+            await ctx.apply(await self._requeue(ctx.fields, exc, 0.0, next_attempt=False))
 
     # -- leases and crash recovery --------------------------------------------
 
@@ -346,9 +311,8 @@ class Runner:
         period = self.settings.lease_s / 3
         while True:
             try:
-                if self.running:
-                    mapping = dict.fromkeys(self.running, self._deadline())
-                    await self.store.redis.zadd(self.store.keys.leases, mapping, xx=True)
+                for attempt in list(self.running.values()):
+                    await attempt.keep_lease(self._deadline())
                 await self.store.redis.zadd(
                     self.store.keys.workers, {self.worker_id: time.time() * 1000}
                 )
@@ -368,6 +332,8 @@ class Runner:
         recovered = 0
         for member in lapsed:
             arq_id = member.decode()
+            if arq_id in self.running:
+                continue  # ours: the lease check just renewed or repaired it
             fields = await self.store.load(arq_id.rsplit(".", 1)[0])
             if fields is None or fields.get("arq_id") != arq_id or fields["status"] != "running":
                 await self.store.redis.zrem(leases, member)  # nothing left to recover
@@ -380,10 +346,9 @@ class Runner:
     async def recover(self, fields: dict[str, Any]) -> None:
         exc = JobError("the worker running this job stopped", code="worker_lost", retryable=True)
         if fields["attempt"] < fields["max_attempts"]:
-            await self._requeue(fields, exc, 0.0, next_attempt=True)
+            await self._publish_as(fields, await self._requeue(fields, exc, 0.0, next_attempt=True))
         else:
-            exc.retryable = False
-            await self._fail(fields, exc)
+            await self._publish_as(fields, transitions.fail(exc))
 
 
 @contextlib.asynccontextmanager
@@ -431,7 +396,8 @@ async def run_worker(settings: Settings) -> None:
                 return
             except asyncio.CancelledError:
                 return  # arq's SIGTERM/SIGINT handler cancelled its loop: a clean stop
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, WatchError, OSError) as exc:
+                # (WatchError: arq's WATCH lost its connection mid-transaction)
                 logger.warning("Redis unavailable (%s); polling again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from redis.asyncio import Redis
 
@@ -15,7 +16,7 @@ from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.settings import Settings
 
-from .procs import Api, Proc, RedisServer
+from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
 
 # The browser fixtures (real Chromium) for tests/test_web.py and tests/test_dashboard.py.
 pytest_plugins = ["tests.browser"]
@@ -45,6 +46,26 @@ def stack_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
     }
     env.update({f"PUSHSVC_{k.upper()}": v for k, v in extra.items()})
     return env
+
+
+@pytest.fixture(scope="module")
+def model_url() -> Iterator[str]:
+    """The offline OpenAI-compatible model (``pushsvc fake-llm``), a real HTTP server."""
+    port = free_port()
+    model = Proc(["fake-llm", "--port", str(port), "--tokens-per-s", "400"], {}).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_ok(f"{url}/v1/models"), 20, "pushsvc fake-llm")
+    yield f"{url}/v1"
+    model.stop()
+
+
+async def model_answer(model_url: str, prompt: str, **kw: Any) -> str:
+    """The model's answer asked directly (the fake is deterministic)."""
+    async with openai.AsyncOpenAI(base_url=model_url, api_key="x", max_retries=0) as client:
+        reply = await client.chat.completions.create(
+            model="fake-1", messages=[{"role": "user", "content": prompt}], **kw
+        )
+        return reply.choices[0].message.content or ""
 
 
 @pytest.fixture(scope="session")

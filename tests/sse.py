@@ -16,9 +16,15 @@ TERMINAL = {"completed", "failed", "cancelled"}
 
 @dataclass
 class Event:
-    id: int
+    id: int  # the position's seq (the job's, or the tenant's on a multiplexed stream)
     kind: str
     data: dict[str, Any]
+    epoch: str = ""  # the history ``id`` counts in
+
+    @property
+    def raw_id(self) -> str:
+        """The SSE id as sent (``<seq>.<epoch>``): what EventSource echoes back."""
+        return f"{self.id}.{self.epoch}" if self.epoch else str(self.id)
 
 
 @dataclass
@@ -37,6 +43,11 @@ class Stream:
     def last_id(self) -> int:
         return self.events[-1].id
 
+    @property
+    def resume_id(self) -> str:
+        """The Last-Event-ID a browser would send to resume this stream."""
+        return self.events[-1].raw_id
+
 
 async def events(
     http: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None
@@ -46,7 +57,8 @@ async def events(
         async for sse in source.aiter_sse():
             if sse.event == "message" and sse.data == "":
                 continue  # httpx-sse 0.4.3 turns heartbeat comments into these
-            yield Event(int(sse.id), sse.event, json.loads(sse.data))
+            seq, _, epoch = sse.id.partition(".")
+            yield Event(int(seq), sse.event, json.loads(sse.data), epoch)
 
 
 async def read(

@@ -41,6 +41,7 @@ async def test_submit_answers_202_with_location_and_snapshot(client: Client) -> 
         "finished_at",
         "eta_s",
         "seq",
+        "epoch",
         "priority",
         "links",
     }
@@ -58,7 +59,7 @@ async def test_job_ids_are_uuid4_and_distinct(client: Client) -> None:
 async def test_etag_and_if_none_match(client: Client) -> None:
     done = await client.wait((await client.submit("ticker", TICK))["id"])
     resp = await client.http.get(f"/v1/jobs/{done['id']}")
-    assert resp.headers["etag"] == f'"{done["seq"]}"'
+    assert resp.headers["etag"] == f'"{done["seq"]}.{done["epoch"]}"'
     assert "retry-after" not in resp.headers  # finished: no reason to poll again
     again = await client.http.get(
         f"/v1/jobs/{done['id']}", headers={"If-None-Match": resp.headers["etag"]}

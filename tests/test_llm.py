@@ -9,23 +9,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
-import openai
 import pytest
 from redis.asyncio import Redis
 
-from .conftest import Client, make_client, stack_env
-from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
+from .conftest import Client, make_client, model_answer, stack_env
+from .procs import Api, Proc, RedisServer
 from .sse import read
-
-
-@pytest.fixture(scope="module")
-def model_url() -> Iterator[str]:
-    port = free_port()
-    model = Proc(["fake-llm", "--port", str(port), "--tokens-per-s", "400"], {}).start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: http_ok(f"{url}/v1/models"), 20, "pushsvc fake-llm")
-    yield f"{url}/v1"
-    model.stop()
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +41,6 @@ async def llm(llm_stack: dict[str, str], redis: Redis) -> AsyncIterator[Client]:
     await c.http.aclose()
 
 
-async def _direct(model_url: str, prompt: str, **kw: Any) -> str:
-    """The model's answer asked directly (the fake is deterministic)."""
-    async with openai.AsyncOpenAI(base_url=model_url, api_key="x", max_retries=0) as client:
-        reply = await client.chat.completions.create(
-            model="fake-1", messages=[{"role": "user", "content": prompt}], **kw
-        )
-        return reply.choices[0].message.content or ""
-
-
 async def _stats(model_url: str) -> dict[str, int]:
     async with httpx.AsyncClient() as http:
         stats: dict[str, int] = (await http.get(model_url[:-3] + "/_fake/stats")).json()
@@ -81,7 +61,7 @@ async def test_generate_streams_the_whole_text_in_order(
     streamed = "".join(e.data["delta"] for e in stream.events if e.kind == "output")
     assert done["status"] == "completed" and stream.events[-1].kind == "completed"
     assert streamed == done["result"]["text"] == done["output"]
-    assert streamed == await _direct(llm_stack["model"], prompt, max_tokens=200)
+    assert streamed == await model_answer(llm_stack["model"], prompt, max_tokens=200)
     assert done["result"]["model"] == "fake-1"
     assert done["result"]["usage"]["completion_tokens"] == 60
     progress = [e.data["progress"] for e in stream.events if e.kind == "progress"]

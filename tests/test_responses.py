@@ -12,7 +12,7 @@ import httpx
 import pytest
 from starlette.types import Message
 
-from pushsvc.responses import Drain, EventStream
+from pushsvc.responses import SLICE_BYTES, Drain, EventStream, chunks
 
 from .conftest import stack_env
 from .procs import Api, RedisServer
@@ -158,3 +158,15 @@ async def test_a_stream_opened_while_draining_ends_at_once_with_a_complete_body(
         await asyncio.wait_for(EventStream(body(), drain)(asgi.scope, asgi.receive, asgi.send), 5)
     assert asgi.sent[0]["type"] == "http.response.start"
     assert asgi.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+def test_writes_join_small_frames_and_slice_large_ones() -> None:
+    """A large frame goes out in slices (a reader that stops holds one, not the frame);
+    small frames go out together; the bytes and their order are kept."""
+    small, large = [b"a" * 100, b"b" * 200], b"c" * (3 * SLICE_BYTES + 5)
+    writes = list(chunks([*small, large, b"d" * 10]))
+    assert b"".join(writes) == b"".join([*small, large, b"d" * 10])
+    assert writes[0] == b"".join(small)
+    assert [len(w) for w in writes[1:]] == [SLICE_BYTES] * 3 + [5, 10]
+    many = list(chunks([b"e" * 1000] * 100))  # 100 KB of small frames
+    assert all(len(w) < 2 * SLICE_BYTES for w in many) and len(many) > 1

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
+from pushsvc.streams import REPLAY_PAGE
 from pushsvc.worker import worker_session
 
 from .conftest import Client, make_client, settings_for, stack_env
@@ -91,7 +92,7 @@ async def test_resume_past_the_kept_log_gets_a_reset_snapshot(
     assert future.events[0].kind == "snapshot" and future.events[0].data["reset"] is True
 
 
-@pytest.mark.parametrize("bad", ["abc", "-1", "1.5", "9" * 30])
+@pytest.mark.parametrize("bad", ["abc", "-1", "1.5.5", "1.a-b", "9" * 30])
 async def test_malformed_last_event_id_is_400(client: Client, bad: str) -> None:
     job = await client.submit("ticker", {"steps": 1, "interval_ms": 0})
     resp = await client.http.get(url(job), headers={"Last-Event-ID": bad})
@@ -253,6 +254,39 @@ async def test_multiplexed_stream_resumes_by_its_own_cursor(
         final = await client.get(job["id"])
         assert_gap_free(joined, job["id"])
         assert joined.of(job["id"])[-1].data["seq"] == final["seq"]
+
+
+MANY = {"steps": 600, "interval_ms": 2}  # more events than a replay reads at once
+
+
+async def test_a_long_resume_arrives_whole_a_page_at_a_time(client: Client) -> None:
+    """A replay reads the log a page at a time (REPLAY_PAGE) and still sends every event
+    after the resume point once, in order, and no reset."""
+    job = await client.wait((await client.submit("ticker", MANY))["id"])
+    assert job["seq"] > 2 * REPLAY_PAGE
+    tail = await read(client.http, url(job), headers={"Last-Event-ID": "1"})
+    assert tail.closed and tail.events[-1].kind == "completed"
+    assert [e.id for e in tail.events] == list(range(2, job["seq"] + 1))
+    assert not any(e.kind == "snapshot" for e in tail.events)
+
+
+async def test_a_named_resume_reads_past_pages_of_other_jobs(
+    client_factory: Callable[..., Client],
+) -> None:
+    """A named multiplexed stream resumed where the tenant log holds pages of other jobs'
+    events moves on past them: the next page starts after the last one read, not after
+    the last event the stream sent (that page would be read again and again)."""
+    client = client_factory("key-k")
+    other = await client.wait((await client.submit("ticker", MANY))["id"])
+    first = await client.redis.xrange(client.keys.job_log(other["id"]), count=1)
+    tseq = int(first[0][1][b"t"]) - 1  # the tenant's position before the other job
+    tepoch = await client.redis.hget(client.keys.tenant_position("tenant-k"), "epoch")
+    job = await client.wait((await client.submit("ticker", {"steps": 3}))["id"])
+    resume = {"Last-Event-ID": f"{tseq}.{(tepoch or b'').decode()}"}
+    stream = await read(client.http, f"/v1/events?job={job['id']}", headers=resume)
+    assert stream.closed and stream.events[-1].kind == "completed"
+    logged = [(kind, data["seq"]) for kind, data in await client.log(job["id"])]
+    assert [(e.kind, e.data["seq"]) for e in stream.events] == logged
 
 
 async def test_all_jobs_stream_includes_jobs_submitted_after_connecting(

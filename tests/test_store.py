@@ -11,11 +11,13 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from pushsvc.connections import make_pool
+from pushsvc.epoch import StreamPosition
 from pushsvc.jobs import JobContext
 from pushsvc.models import JobStatus
 from pushsvc.queue import Queue
 from pushsvc.settings import Settings
-from pushsvc.store import JobStore, Published, Rejected
+from pushsvc.store import Diverged, JobStore, PublishCall, Published, Rejected, Writer
 
 from .procs import RedisServer
 
@@ -56,11 +58,15 @@ async def new_job(store: JobStore, status: str = "running") -> dict[str, Any]:
 async def test_publish_bumps_seq_applies_fields_and_logs(store: JobStore) -> None:
     job = await new_job(store)
     reply = await store.publish(job["id"], "t", "progress", {"progress": 5}, {"progress": 5.0})
-    assert reply == Published(2, JobStatus.RUNNING, False)
+    assert isinstance(reply, Published) and reply.epoch
+    assert (reply.seq, reply.status, reply.cancel_requested) == (2, JobStatus.RUNNING, False)
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.seq == 2 and snap.progress == 5
-    events = await store.events_after(job["id"], 0)
-    assert events is not None and [e.kind for e in events] == ["snapshot", "progress"]
+    assert snap.epoch == reply.epoch
+    found = await store.events_after(job["id"], StreamPosition(0))
+    assert found is not None and found[1] == reply.epoch
+    events = found[0]
+    assert [e.kind for e in events] == ["snapshot", "progress"]
     assert '"seq":2,' in events[1].data and '"job_id"' in events[1].data
 
 
@@ -104,9 +110,9 @@ async def test_event_log_is_capped_and_reports_trimmed_history(store: JobStore) 
     for i in range(300):
         await store.publish(job["id"], "t", "progress", {"progress": i / 3})
     assert await store.redis.xlen(store.keys.job_log(job["id"])) < 300
-    assert await store.events_after(job["id"], 1) is None  # seq 2 is gone
-    recent = await store.events_after(job["id"], 299)
-    assert recent is not None and len(recent) == 2
+    assert await store.events_after(job["id"], StreamPosition(1)) is None  # seq 2 is gone
+    recent = await store.events_after(job["id"], StreamPosition(299))
+    assert recent is not None and len(recent[0]) == 2
 
 
 async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> None:
@@ -121,9 +127,9 @@ async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> 
     await ctx.flush()
     await ctx.close()
     flushes_allowed = (time.monotonic() - started) * 10 + 2
-    events = await store.events_after(job["id"], 1)
-    assert events is not None
-    assert len(events) <= 2 * flushes_allowed  # each flush: one progress, one output
+    found = await store.events_after(job["id"], StreamPosition(1))
+    assert found is not None
+    assert len(found[0]) <= 2 * flushes_allowed  # each flush: one progress, one output
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.output == "".join(text)
     assert snap.progress == pytest.approx(4999 / 50)
@@ -148,7 +154,7 @@ async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
         {"progress": 9},
         {"progress": 9.0},
         expect=(JobStatus.RUNNING,),
-        arq_id="someone-else",
+        writer=Writer("someone-else"),
     )
     assert reply == Rejected(JobStatus.RUNNING)
     snap = await store.snapshot(job["id"], "t")
@@ -165,7 +171,7 @@ async def test_lease_is_taken_on_start_and_dropped_on_leaving_running(store: Job
         {"status": "running"},
         {"status": "running"},
         expect=(JobStatus.QUEUED,),
-        arq_id=arq_id,
+        writer=Writer(arq_id),
         lease_until_ms=123456,
     )
     assert await store.redis.zscore(leases, arq_id) == 123456
@@ -176,7 +182,7 @@ async def test_lease_is_taken_on_start_and_dropped_on_leaving_running(store: Job
         {},
         {"status": "completed"},
         expect=(JobStatus.RUNNING,),
-        arq_id=arq_id,
+        writer=Writer(arq_id),
     )
     assert await store.redis.zscore(leases, arq_id) is None
 
@@ -186,3 +192,112 @@ async def test_create_enqueues_in_the_same_write(store: JobStore) -> None:
     queue = Queue(store.redis, store.settings)
     assert await store.redis.zscore(queue.queue_name, job["arq_id"]) is not None
     assert json.loads(await store.redis.get(f"arq:job:{job['arq_id']}"))["a"] == [job["id"]]
+
+
+# -- positions and epochs (see ARCHITECTURE.md "Positions, epochs and recovery") ------
+
+
+def writer_at(reply: object, owner: str = "") -> Writer:
+    assert isinstance(reply, Published)
+    return Writer("x", owner, reply.position)
+
+
+async def test_a_new_store_epoch_gives_the_next_write_a_new_job_and_tenant_epoch(
+    store: JobStore,
+) -> None:
+    job = await new_job(store)
+    first = await store.publish(job["id"], "t", "progress", {"progress": 1})
+    tenant_before = await store.redis.hget(store.keys.tenant_position("t"), "epoch")
+    await store.redis.hset(store.keys.epoch, "id", "elsewhere")  # as after a restart
+    second = await store.publish(job["id"], "t", "progress", {"progress": 2})
+    assert isinstance(first, Published) and isinstance(second, Published)
+    assert second.seq == first.seq + 1 and second.epoch != first.epoch
+    assert await store.redis.hget(store.keys.tenant_position("t"), "epoch") != tenant_before
+    assert await store.events_after(job["id"], first.position) is None  # another history
+    found = await store.events_after(job["id"], second.position)
+    assert found == ([], second.epoch)
+
+
+async def test_a_position_ahead_of_the_store_cannot_resume(store: JobStore) -> None:
+    job = await new_job(store)
+    reply = await store.publish(job["id"], "t", "progress", {"progress": 1})
+    assert isinstance(reply, Published)
+    ahead = StreamPosition(reply.seq + 5, reply.epoch)  # the store was rewound
+    assert await store.events_after(job["id"], ahead) is None
+    assert await store.events_after(job["id"], StreamPosition(reply.seq + 5)) is None
+
+
+async def test_a_writer_whose_history_the_store_lost_is_told_to_repair(store: JobStore) -> None:
+    job = await new_job(store)
+    reply = await store.publish(job["id"], "t", "progress", {"progress": 1})
+    writer = writer_at(reply)
+    rewound = Writer("x", "", StreamPosition(writer.known.seq + 3, writer.known.epoch))  # type: ignore[union-attr]
+    refused = await store.publish(job["id"], "t", "progress", {"progress": 2}, writer=rewound)
+    assert isinstance(refused, Diverged) and refused.position == writer.known
+    await store.redis.delete(store.keys.job(job["id"]))
+    assert await store.publish(job["id"], "t", "progress", {}, writer=writer) is None
+
+
+async def test_repair_rewrites_the_job_under_a_new_epoch_unless_superseded(
+    store: JobStore,
+) -> None:
+    job = await new_job(store)
+    await store.redis.hset(store.keys.job(job["id"]), "owner", "me")
+    reply = await store.publish(job["id"], "t", "output", {"delta": "ab"}, delta="ab")
+    writer = writer_at(reply, "me")
+    await store.redis.delete(store.keys.job(job["id"]), store.keys.job_output(job["id"]))
+    fields = {k: job[k] for k in ("id", "type", "tenant", "payload", "attempt", "max_attempts")}
+    call = PublishCall(
+        job["id"], "t", "snapshot", {"reset": True},
+        {**fields, "status": "running", "owner": "me", "arq_id": "x", "created_at": 1.0,
+         "output": ""},
+        delta="abcd", writer=writer, lease_until_ms=1, index_score=1000,
+    )  # fmt: skip
+    repaired = await store.repair(call)
+    assert isinstance(repaired, Published) and repaired.epoch != writer.known.epoch  # type: ignore[union-attr]
+    assert repaired.seq > writer.known.seq  # type: ignore[union-attr]
+    snap = await store.snapshot(job["id"], "t")
+    assert snap is not None and snap.output == "abcd" and snap.status == "running"
+    assert await store.redis.zscore(store.keys.tenant_index("t"), job["id"]) == 1000
+    # The store is current and another worker owns the attempt now: refused.
+    await store.redis.hset(store.keys.job(job["id"]), "owner", "someone-else")
+    assert await store.repair(call) == Rejected(JobStatus.RUNNING)
+
+
+async def test_a_tenant_sequence_created_anew_starts_a_new_tenant_history(
+    store: JobStore,
+) -> None:
+    job = await new_job(store)
+    await store.publish(job["id"], "t", "progress", {"progress": 1})
+    before = await store.redis.hgetall(store.keys.tenant_position("t"))
+    await store.redis.delete(store.keys.tenant_position("t"))  # what expiry does
+    await store.publish(job["id"], "t", "progress", {"progress": 2})
+    after = await store.redis.hgetall(store.keys.tenant_position("t"))
+    assert after[b"seq"] == b"1" and after[b"epoch"] != before[b"epoch"]
+    assert await store.redis.xlen(store.keys.tenant_log("t")) == 1  # the old log is gone
+    found = await store.tenant_events_after("t", StreamPosition(0, after[b"epoch"].decode()))
+    assert found is not None and [f.kind for f in found[0]] == ["progress"]
+
+
+async def test_every_new_connection_checks_the_store_epoch(
+    redis_server: RedisServer, store: JobStore
+) -> None:
+    """A server with another run id than the one recorded (a restart, a failover) gets a
+    new store epoch before a connection's first command."""
+    settings = store.settings
+    pool = make_pool(settings)
+    client = Redis(connection_pool=pool)
+    try:
+        await client.ping()
+        recorded = await client.hgetall(store.keys.epoch)
+        assert recorded[b"run"] == (await client.info("server"))["run_id"].encode()
+        await client.ping()  # same connection: nothing changes
+        assert await client.hgetall(store.keys.epoch) == recorded
+        await client.hset(store.keys.epoch, "run", "a-server-that-is-gone")
+        await pool.disconnect()
+        await client.ping()
+        now = await client.hgetall(store.keys.epoch)
+        assert now[b"id"] != recorded[b"id"] and now[b"run"] == recorded[b"run"]
+    finally:
+        await client.aclose()
+        await pool.disconnect()

@@ -39,14 +39,21 @@ async def test_retryable_error_retries_then_succeeds(client: Client) -> None:
     job = await client.submit("ticker", payload)
     done = await client.wait(job["id"])
     assert done["status"] == "completed" and done["attempt"] == 2
-    statuses = [d for k, d in await client.log(job["id"]) if k == "status"]
-    assert [(d["status"], d["attempt"]) for d in statuses] == [
-        ("running", 1),
-        ("queued", 2),
-        ("running", 2),
+    log = await client.log(job["id"])
+    changes = [(k, d["status"], d["attempt"]) for k, d in log if k in ("status", "snapshot")]
+    # The second attempt starts as a whole snapshot: any SSE client starts its text anew.
+    assert changes == [
+        ("snapshot", "queued", 1),
+        ("status", "running", 1),
+        ("status", "queued", 2),
+        ("snapshot", "running", 2),
     ]
+    assert done["error"] is None  # the attempt that succeeded leaves no error
+    statuses = [d for k, d in log if k == "status"]
     assert statuses[1]["error"]["code"] == "ticker_failure"
     assert statuses[1]["retry_in_s"] >= 0
+    restart = [d for k, d in log if k == "snapshot"][-1]
+    assert "reset" not in restart and restart["output"] == ""  # nothing was lost
 
 
 async def test_retries_stop_after_max_attempts(client: Client) -> None:
@@ -56,7 +63,7 @@ async def test_retries_stop_after_max_attempts(client: Client) -> None:
     assert done["attempt"] == done["max_attempts"] == 3
     assert done["error"] == {
         "code": "ticker_failure",
-        "retryable": True,
+        "retryable": False,  # no attempt remains: the job will not be retried
         "message": "ticker failed at step 1 as asked",
     }
 

@@ -181,6 +181,7 @@ export function diffSnapshots(prev, job, polled = true) {
   const rewound =
     !prev ||
     job.attempt !== prev.attempt ||
+    Boolean(job.epoch && prev.epoch && job.epoch !== prev.epoch) ||
     (job.progress ?? 0) < (prev.progress ?? 0) ||
     !(job.output || "").startsWith(prev.output || "") ||
     (isTerminal(prev.status) && !isTerminal(job.status));
@@ -352,7 +353,7 @@ class Watcher {
   state(id) {
     let st = this.jobs.get(id);
     if (!st) {
-      st = { job: null, seq: 0, ended: false };
+      st = { job: null, seq: 0, epoch: "", ended: false }; // seq counts within epoch
       this.jobs.set(id, st);
     }
     return st;
@@ -371,7 +372,10 @@ class Watcher {
     const st = this.state(data.job_id);
     // A finished job's stream repeats its terminal event with the snapshot's seq.
     const echo = TERMINAL.has(kind) && !st.ended && data.seq === st.seq;
-    if (st.job && data.seq <= st.seq && !echo && !fresh) return;
+    // History was lost (a Redis restart or failover): the server's state wins, whatever
+    // its seq; later events count from it.
+    const restart = kind === "snapshot" && data.reset === true;
+    if (st.job && data.seq <= st.seq && !echo && !fresh && !restart) return;
     st.job = applyEvent(st.job || { id: data.job_id }, kind, data);
     st.seq = data.seq;
     if (kind === "snapshot") st.ended = false;
@@ -384,9 +388,12 @@ class Watcher {
 
   applySnapshot(job, polled = true) {
     const st = this.state(job.id);
-    if (st.job && job.seq <= st.seq) return false;
+    // Another epoch: the seq counts in another history, so a lower one is news too.
+    const otherHistory = Boolean(job.epoch && st.epoch && job.epoch !== st.epoch);
+    if (st.job && job.seq <= st.seq && !otherHistory) return false;
     // The events made from one snapshot share its seq: checked once, here.
     for (const [kind, data] of diffSnapshots(st.job, job, polled)) this.apply(kind, data, true);
+    st.epoch = job.epoch || st.epoch;
     return true;
   }
 
@@ -501,6 +508,10 @@ class Watcher {
       this.setMode("stream");
     }
     this.apply(kind, data);
+    // A job stream's id is the job's position "<seq>.<epoch>" (a multiplexed one's is
+    // the tenant's): keep the epoch, so a polled snapshot of another history is news.
+    const epoch = this.single ? (message.lastEventId || "").split(".")[1] : "";
+    if (epoch) this.state(data.job_id).epoch = epoch;
     this.settle();
   }
 

@@ -1,22 +1,30 @@
 -- A transition of an existing job (see publish_fn.lua for KEYS and ARGV).
--- Returns {-1} unknown job, {0, status} refused (state or attempt), {-2} the tenant is
--- at its running limit (the attempt was re-queued as given, nothing published), else
--- {seq, status, cancel flag}.
-local status = redis.call('HGET', KEYS[1], 'status')
+-- Returns {-1} unknown job, {-3, status, seq, epoch} the writer's history is not the
+-- store's (the worker repairs), {0, status} refused (state, attempt or owner), {-2} the
+-- tenant is at its running limit (the attempt was re-queued as given, nothing
+-- published), else {seq, status, cancel flag, epoch}.
+local cur = redis.call('HMGET', K_JOB, 'status', 'epoch', 'seq', 'arq_id', 'owner')
+local status = cur[1]
 if not status then return {-1} end
-if ARGV[6] ~= '' then
+if A_KNOWN_EPOCH ~= '' and (cur[2] ~= A_KNOWN_EPOCH or tonumber(cur[3]) < tonumber(A_KNOWN_SEQ)) then
+  return {-3, status, cur[3], cur[2] or ''}
+end
+if A_EXPECT ~= '' then
   local ok = false
-  for s in string.gmatch(ARGV[6], '[^,]+') do
+  for s in string.gmatch(A_EXPECT, '[^,]+') do
     if s == status then ok = true end
   end
   if not ok then return {0, status} end
 end
-if ARGV[10] ~= '' and redis.call('HGET', KEYS[1], 'arq_id') ~= ARGV[10] then
+if A_ARQ_ID ~= '' and cur[4] ~= A_ARQ_ID then
   return {0, status}  -- a superseded attempt may not write
 end
-if ARGV[20] ~= '' and redis.call('SCARD', KEYS[9]) >= tonumber(ARGV[20]) then
+if A_OWNER ~= '' and cur[5] ~= A_OWNER then
+  return {0, status}  -- another worker took this attempt over
+end
+if A_MAX_RUNNING ~= '' and redis.call('SCARD', K_RUNNING) >= tonumber(A_MAX_RUNNING) then
   -- Over the tenant's limit: hand the attempt a later slot; others' jobs go first.
-  redis.call('HSET', KEYS[1], 'arq_id', ARGV[16]:match('[^|]+$'))
+  redis.call('HSET', K_JOB, 'arq_id', A_ENQ_MEMBER:match('[^|]+$'))
   enqueue()
   return {-2}
 end

@@ -1,32 +1,54 @@
 -- Shared by every script. One call of a script is one atomic Redis round trip, so
 -- subscribers, the stored snapshot, the lease and the arq queue never disagree.
---
--- KEYS: 1 job hash, 2 job log, 3 tenant log, 4 tenant seq, 5 leases, 6 arq queue or
---       the delayed set, 7 arq job key (or any key when not enqueueing), 8 the job's
---       output text, 9 the tenant's running set, 10 the stats stream
--- ARGV: 1 ttl, 2 job log cap, 3 tenant log cap, 4 kind, 5 event body (JSON without
---       its leading '{'), 6 expected statuses ("a,b" or ""), 7 output delta,
---       8 job channel, 9 tenant channel, 10 expected arq id (""), 11 lease deadline
---       ms (""), 12 job id, 13 arq job payload ("" = no enqueue), 14 its PX,
---       15 its score in KEYS[6], 16 its member in KEYS[6], 17 idempotency fingerprint
---       (create), 18 index score (create), 19 "1" to empty the output, 20 the tenant's
---       running limit on start ("" = none), 21..n field/value pairs to HSET
+-- store.py lays KEYS and ARGV out (PublishCall.layout); their names:
+local K_JOB, K_LOG, K_TLOG, K_TPOS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local K_LEASES, K_QUEUE, K_ARQ_JOB, K_OUTPUT = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_RUNNING, K_STATS, K_EPOCH = KEYS[9], KEYS[10], KEYS[11]
+-- (create.lua: KEYS[12] tenant index, KEYS[13] idempotency key; repair.lua: KEYS[12] index)
+local A_TTL, A_LOG_CAP, A_TLOG_CAP, A_KIND, A_BODY = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local A_EXPECT, A_DELTA, A_JOB_CHANNEL, A_TENANT_CHANNEL = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local A_ARQ_ID, A_LEASE_UNTIL, A_JOB_ID = ARGV[10], ARGV[11], ARGV[12]
+local A_ENQ_PAYLOAD, A_ENQ_PX, A_ENQ_SCORE, A_ENQ_MEMBER = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
+local A_FINGERPRINT, A_INDEX_SCORE, A_RESET_OUTPUT = ARGV[17], ARGV[18], ARGV[19]
+local A_MAX_RUNNING, A_OWNER, A_KNOWN_EPOCH, A_FRESH_EPOCH = ARGV[20], ARGV[21], ARGV[22], ARGV[23]
+local A_KNOWN_SEQ = ARGV[24]
+local FIELDS_FROM = 25  -- ARGV[25..]: field/value pairs to HSET
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
 local function enqueue()
-  redis.call('SET', KEYS[7], ARGV[13], 'PX', ARGV[14])
-  redis.call('ZADD', KEYS[6], ARGV[15], ARGV[16])
+  redis.call('SET', K_ARQ_JOB, A_ENQ_PAYLOAD, 'PX', A_ENQ_PX)
+  redis.call('ZADD', K_QUEUE, A_ENQ_SCORE, A_ENQ_MEMBER)
+end
+
+-- The store's epoch; normally set by the connection check (epoch.py). Missing only
+-- when the data went without a restart (FLUSHALL): a new history all the same.
+local function store_epoch()
+  local g = redis.call('HGET', K_EPOCH, 'id')
+  if not g then
+    g = A_FRESH_EPOCH
+    redis.call('HSET', K_EPOCH, 'id', g)
+  end
+  return g
+end
+
+-- A sequence (job or tenant) keeps its epoch while the store's epoch stays; created
+-- anew, or first written under another store epoch, it starts a new history.
+local function sequence_epoch(key, g)
+  local cur = redis.call('HMGET', key, 'epoch', 'gen')
+  if cur[1] and cur[2] == g then return cur[1], false end
+  redis.call('HSET', key, 'epoch', A_FRESH_EPOCH, 'gen', g)
+  return A_FRESH_EPOCH, not cur[1]
 end
 
 -- Running jobs per tenant, and the outcome of every finished or retried attempt.
 local function account(job, before, status, now_ms)
   if status == before then return end
-  if status == 'running' then redis.call('SADD', KEYS[9], ARGV[12]) end
-  if before == 'running' then redis.call('SREM', KEYS[9], ARGV[12]) end
+  if status == 'running' then redis.call('SADD', K_RUNNING, A_JOB_ID) end
+  if before == 'running' then redis.call('SREM', K_RUNNING, A_JOB_ID) end
   if TERMINAL[status] or (before == 'running' and status == 'queued') then
     local row = status
     if not TERMINAL[status] then row = 'retried' end
-    redis.call('XADD', KEYS[10], 'MAXLEN', '~', 20000, '*', 'j', ARGV[12],
+    redis.call('XADD', K_STATS, 'MAXLEN', '~', 20000, '*', 'j', A_JOB_ID,
       't', redis.call('HGET', job, 'type'), 's', row,
       'c', redis.call('HGET', job, 'created_at') or '',
       'r', redis.call('HGET', job, 'started_at') or '', 'f', now_ms / 1000)
@@ -34,43 +56,53 @@ local function account(job, before, status, now_ms)
 end
 
 local function apply()
-  local job = KEYS[1]
+  local job = K_JOB
   local before = redis.call('HGET', job, 'status')
   local arq_before = redis.call('HGET', job, 'arq_id')
+  local g = store_epoch()
+  local epoch = sequence_epoch(job, g)
   local seq = redis.call('HINCRBY', job, 'seq', 1)
   local t = redis.call('TIME')
   local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
   redis.call('HSET', job, 'updated_at', now_ms)
-  if #ARGV >= 21 then
-    redis.call('HSET', job, unpack(ARGV, 21))
+  if #ARGV >= FIELDS_FROM then
+    redis.call('HSET', job, unpack(ARGV, FIELDS_FROM))
   end
   -- Output lives in its own string: APPEND is amortised O(1) however long the text.
-  if ARGV[19] == '1' then
-    redis.call('SET', KEYS[8], '')
+  if A_RESET_OUTPUT == '1' then
+    redis.call('SET', K_OUTPUT, '')
   end
-  if ARGV[7] ~= '' then
-    redis.call('APPEND', KEYS[8], ARGV[7])
+  if A_DELTA ~= '' then
+    redis.call('APPEND', K_OUTPUT, A_DELTA)
   end
   local status = redis.call('HGET', job, 'status')
   -- Leases follow the state: held while running, keyed by the attempt's arq id.
   if before == 'running' and status ~= 'running' and arq_before then
-    redis.call('ZREM', KEYS[5], arq_before)
+    redis.call('ZREM', K_LEASES, arq_before)
   end
-  if status == 'running' and ARGV[11] ~= '' then
-    redis.call('ZADD', KEYS[5], ARGV[11], redis.call('HGET', job, 'arq_id'))
+  if status == 'running' and A_LEASE_UNTIL ~= '' then
+    redis.call('ZADD', K_LEASES, A_LEASE_UNTIL, redis.call('HGET', job, 'arq_id'))
   end
   account(job, before, status, now_ms)
-  if ARGV[13] ~= '' then enqueue() end
-  local data = '{"seq":' .. seq .. ',' .. ARGV[5]
-  local tseq = redis.call('INCR', KEYS[4])
+  if A_ENQ_PAYLOAD ~= '' then enqueue() end
+  local data = '{"seq":' .. seq .. ',' .. A_BODY
+  local tepoch, tenant_new = sequence_epoch(K_TPOS, g)
+  if tenant_new then redis.call('DEL', K_TLOG) end  -- its ids start again at 1
+  local tseq = redis.call('HINCRBY', K_TPOS, 'seq', 1)
+  -- The tenant history the job was last touched in: a stream that follows the tenant
+  -- into a new history reads these jobs (lua/read.lua).
+  if redis.call('HGET', job, 'tep') ~= tepoch then redis.call('HSET', job, 'tep', tepoch) end
   -- Each log entry knows both sequences, so either stream can resume from either log.
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '0-' .. seq, 'k', ARGV[4], 't', tseq,
+  redis.call('XADD', K_LOG, 'MAXLEN', '~', A_LOG_CAP, '0-' .. seq, 'k', A_KIND, 't', tseq,
     'd', data)
-  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '0-' .. tseq, 'k', ARGV[4], 's', seq,
-    'j', ARGV[12], 'd', data)
-  for _, i in ipairs({1, 2, 3, 4, 8}) do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-  local msg = tseq .. ' ' .. seq .. ' ' .. ARGV[4] .. ' ' .. ARGV[12] .. ' ' .. data
-  redis.call('PUBLISH', ARGV[8], msg)
-  redis.call('PUBLISH', ARGV[9], msg)
-  return {seq, status, redis.call('HGET', job, 'cancel') or ''}
+  redis.call('XADD', K_TLOG, 'MAXLEN', '~', A_TLOG_CAP, '0-' .. tseq, 'k', A_KIND, 's', seq,
+    'e', epoch, 'j', A_JOB_ID, 'd', data)
+  for _, key in ipairs({K_JOB, K_LOG, K_TLOG, K_TPOS, K_OUTPUT}) do
+    redis.call('EXPIRE', key, A_TTL)
+  end
+  local msg = tseq .. '.' .. tepoch .. ' ' .. seq .. '.' .. epoch .. ' ' .. A_KIND .. ' '
+    .. A_JOB_ID .. ' ' .. data
+  redis.call('PUBLISH', A_JOB_CHANNEL, msg)
+  redis.call('PUBLISH', A_TENANT_CHANNEL, msg)
+  return {seq, status, redis.call('HGET', job, 'cancel') or '', epoch}
 end

@@ -1,0 +1,81 @@
+"""Stream positions and epochs: how a position says which history it belongs to.
+
+A position is a sequence number *and* the epoch of that sequence (Centrifugo's offset +
+epoch). An epoch is a random token that changes whenever the history behind a sequence
+may have been lost, so a position from another epoch is never compared by its number.
+
+- The store's epoch (``Keys.epoch``: ``id``, the Redis ``run`` id it was taken on, and
+  ``since``, the server's clock then) is
+  checked on every new connection, before any command: a Redis that restarted (from an
+  older snapshot, or empty) or failed over to a replica has another run id, so the
+  store gets a new epoch before anything is read or written there.
+- Each job and each tenant sequence keeps its own epoch and the store epoch it was
+  taken under (``gen``). The publish script gives a sequence a fresh epoch when it is
+  created anew (expiry, an empty Redis) or when its ``gen`` is not the store's epoch.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .keys import Keys
+
+# Take the store's epoch over when the server is not the one it was recorded on.
+_ENSURE = """
+if redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
+  local id = redis.call('HGET', KEYS[1], 'id')
+  if id then return id end
+end
+redis.call('HSET', KEYS[1], 'id', ARGV[2], 'run', ARGV[1], 'since', redis.call('TIME')[1])
+return ARGV[2]
+"""
+_RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.M)
+
+
+def new_epoch() -> str:
+    """A fresh epoch token: 8 hex digits, never reused by one sequence in practice."""
+    return secrets.token_hex(4)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPosition:
+    """Where a stream stands: ``seq`` within ``epoch`` (``""``: a plain-integer id of an
+    older client, compared by number only)."""
+
+    seq: int
+    epoch: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.seq}.{self.epoch}" if self.epoch else str(self.seq)
+
+    @classmethod
+    def parse(cls, raw: str) -> StreamPosition | None:
+        """``"12.ab12cd34"`` or ``"12"``; None when ``raw`` is neither."""
+        seq, _, epoch = raw.partition(".")
+        if not seq.isdigit() or len(seq) > 18 or len(epoch) > 32 or not epoch.isalnum() and epoch:
+            return None
+        return cls(int(seq), epoch)
+
+    def same_history(self, epoch: str) -> bool:
+        """May this position be compared by number with a sequence of ``epoch``?"""
+        return not self.epoch or self.epoch == epoch
+
+
+def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
+    """redis-py's ``redis_connect_func``: the usual handshake, then the epoch check."""
+    key = Keys(namespace).epoch
+
+    async def on_connect(conn: Any) -> None:
+        await conn.on_connect()
+        await conn.send_command("INFO", "server")
+        info = await conn.read_response()
+        found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
+        run_id = found.group(1).decode() if found else ""
+        await conn.send_command("EVAL", _ENSURE, 1, key, run_id, new_epoch())
+        await conn.read_response()
+
+    return on_connect

@@ -1,0 +1,116 @@
+"""The job state machine: one function per transition a worker makes, each a typed value.
+
+A ``Transition`` says what to publish (event kind and data), which snapshot fields to
+set, from which states it may start, and what to enqueue with it; the worker hands it to
+the store together with who writes (``store.Writer``). Keeping them here means the
+fields a transition touches are written once, not at every call site.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import JobError
+from .models import JobStatus
+from .queue import Enqueue
+from .store import EVENT_EXCLUDE, to_snapshot
+
+RUNNING = (JobStatus.RUNNING,)
+QUEUED = (JobStatus.QUEUED,)
+
+
+@dataclass(frozen=True)
+class Transition:
+    kind: str
+    data: dict[str, Any]
+    fields: dict[str, Any] = field(default_factory=dict)
+    expect: tuple[JobStatus, ...] = RUNNING
+    delta: str = ""
+    enqueue: Enqueue | None = None
+
+
+def start(job: dict[str, Any], owner: str, now: float) -> Transition:
+    """queued -> running: a fresh attempt, owned by one worker run.
+
+    An attempt after one that wrote output starts from empty text: it is announced as
+    a whole ``snapshot``, which any SSE client applies by replacing its state, so no
+    consumer appends the new attempt's text to the old one's. (Not marked ``reset``:
+    no history was lost, the seq goes on.)
+    """
+    fields = {
+        "status": "running",
+        "owner": owner,
+        "started_at": now,
+        "progress": 0.0,
+        "stage": None,
+        "message": None,
+        "output": "",
+        "eta_s": None,
+    }
+    if job["attempt"] == 1 and not job.get("output"):
+        data = {"status": "running", "attempt": job["attempt"]}
+        return Transition("status", data, fields, QUEUED)
+    snap = to_snapshot({**job, **fields}).model_dump(mode="json", exclude=EVENT_EXCLUDE)
+    return Transition("snapshot", snap, fields, QUEUED)
+
+
+def progress(data: dict[str, Any]) -> Transition:
+    """Progress, stage, message and ETA (merged by the throttle: latest wins)."""
+    return Transition("progress", data, data)
+
+
+def output(delta: str) -> Transition:
+    return Transition("output", {"delta": delta}, delta=delta)
+
+
+def complete(result: Any) -> Transition:
+    """running -> completed; the attempt's success clears any earlier attempt's error."""
+    fields = {
+        "status": "completed",
+        "result": result,
+        "error": None,
+        "progress": 100.0,
+        "eta_s": 0.0,
+        "finished_at": time.time(),
+    }
+    # ``error: null`` in the event too: a client that saw an earlier attempt's error drops it.
+    return Transition("completed", {"result": result, "error": None}, fields)
+
+
+def fail(exc: JobError) -> Transition:
+    """running -> failed, for good: no attempt remains, so the error is not retryable."""
+    error = {**exc.info(), "retryable": False}
+    result = json.loads(json.dumps(exc.result, default=str))
+    fields = {
+        "status": "failed",
+        "error": error,
+        "result": result,
+        "eta_s": None,
+        "finished_at": time.time(),
+    }
+    return Transition("failed", {"error": error, "result": result}, fields)
+
+
+def cancelled(expect: tuple[JobStatus, ...] = RUNNING) -> Transition:
+    fields = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
+    return Transition("cancelled", {}, fields, expect)
+
+
+def retry_later(
+    exc: JobError, attempt: int, arq_id: str, delay: float, enqueue: Enqueue
+) -> Transition:
+    """running -> queued as ``attempt`` (the same one after a worker shutdown)."""
+    error = exc.info()
+    data = {"status": "queued", "attempt": attempt, "error": error, "retry_in_s": round(delay, 3)}
+    fields = {
+        "status": "queued",
+        "attempt": attempt,
+        "arq_id": arq_id,
+        "owner": "",
+        "error": error,
+        "eta_s": None,
+    }
+    return Transition("status", data, fields, enqueue=enqueue)

@@ -1,0 +1,166 @@
+"""Bulk reads (pushsvc/reads.py): the gate, and snapshot reads shared only when safe."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from pushsvc.epoch import StreamPosition
+from pushsvc.events import QueueStats
+from pushsvc.reads import BulkReads, StoredJob
+from pushsvc.settings import Settings
+from pushsvc.store import JobStore
+from pushsvc.streams import JobStream
+
+JOB = {
+    "id": "j",
+    "type": "ticker",
+    "tenant": "t",
+    "status": "running",
+    "created_at": 1.0,
+    "output": "",
+}
+
+
+@dataclass
+class FakeStore:
+    """Stands in for JobStore: each read is held until the test lets it answer."""
+
+    sent: list[str] = field(default_factory=list)  # reads as Redis would have got them
+    answers: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    inside: int = 0
+    most_inside: int = 0
+
+    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], None]:
+        self.sent.append(job_id)
+        seq = len(self.sent)  # each read sees a later state than the one before
+        await self._held()
+        return {**JOB, "id": job_id, "seq": seq}, None
+
+    async def events_after(self, job_id: str, after: StreamPosition, limit: int) -> None:
+        await self._held()
+
+    async def _held(self) -> None:
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            await self.answers.get()
+        finally:
+            self.inside -= 1
+
+
+def reads_of(store: FakeStore, concurrency: int = 1) -> BulkReads:
+    settings = Settings(bulk_read_concurrency=concurrency)
+    return BulkReads(cast(JobStore, store), settings)
+
+
+async def until(check: Any) -> None:
+    """Let the tasks under test run until ``check()`` (they need only the event loop)."""
+    async with asyncio.timeout(5):
+        while not check():
+            await asyncio.sleep(0)
+
+
+@pytest.mark.timeout(10)
+async def test_streams_asking_together_share_one_read() -> None:
+    store = FakeStore()
+    reads = reads_of(store)
+    # Another job's read holds the gate: the next read of job j waits, boarding.
+    other = asyncio.create_task(reads.job("other"))
+    await until(lambda: store.sent == ["other"])
+    askers = [asyncio.create_task(reads.job("j")) for _ in range(3)]
+    await until(lambda: reads.joined == 2)
+    store.answers.put_nowait(None)  # "other" answers; j's one read goes out
+    await until(lambda: store.sent == ["other", "j"])
+    store.answers.put_nowait(None)
+    found = await asyncio.gather(*askers)
+    await other
+    assert store.sent == ["other", "j"] and reads.reads == 2
+    assert found[0] is found[1] is found[2]
+    assert isinstance(found[0], StoredJob) and found[0].snap.seq == 2
+
+
+@pytest.mark.timeout(10)
+async def test_a_read_already_sent_is_not_joined() -> None:
+    """A stream must read state newer than its subscription: a read sent before it asked
+    may predate that, so it waits for a read of its own."""
+    store = FakeStore()
+    reads = reads_of(store, concurrency=2)  # the gate would let both reads out at once
+    first = asyncio.create_task(reads.job("j"))
+    await until(lambda: store.sent == ["j"])
+    second = asyncio.create_task(reads.job("j"))
+    await until(lambda: store.sent == ["j", "j"])
+    for _ in range(2):
+        store.answers.put_nowait(None)
+    one, two = await first, await second
+    assert reads.joined == 0 and one is not two
+    assert one is not None and two is not None and (one.snap.seq, two.snap.seq) == (1, 2)
+
+
+@pytest.mark.timeout(10)
+async def test_a_stream_that_leaves_does_not_cancel_the_read_for_the_others() -> None:
+    store = FakeStore()
+    reads = reads_of(store)
+    leaving, staying = (asyncio.create_task(reads.job("j")) for _ in range(2))
+    await until(lambda: store.sent == ["j"])
+    leaving.cancel()
+    store.answers.put_nowait(None)
+    found = await staying
+    assert found is not None and found.snap.id == "j"
+    assert leaving.cancelled()
+
+
+@pytest.mark.timeout(10)
+async def test_the_gate_lets_that_many_reads_out_at_once() -> None:
+    store = FakeStore()
+    reads = reads_of(store)
+    waiting = [
+        asyncio.create_task(reads.events_after("j", StreamPosition(0), 10)) for _ in range(5)
+    ]
+    for _ in waiting:
+        await until(lambda: store.inside == 1)
+        store.answers.put_nowait(None)
+    await asyncio.gather(*waiting)
+    assert store.most_inside == 1
+
+
+class FailingReads:
+    """Bulk reads whose Redis is gone."""
+
+    store: Any = None
+
+    async def job(self, job_id: str) -> StoredJob | None:
+        raise RedisConnectionError("No connection available.")
+
+
+class FakeBus:
+    stats = QueueStats()
+
+    def subscription(self, *_args: Any) -> Any:
+        return _Subscribed()
+
+
+class _Subscribed:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *_exc: object) -> None:
+        return None
+
+
+@pytest.mark.timeout(10)
+async def test_a_redis_error_in_a_started_stream_ends_it_as_a_response() -> None:
+    """Regression: a pool timeout while a stream read its snapshot escaped the response
+    after it had started ("Caught handled exception, but response already started"):
+    the client saw an aborted response and the log an internal error. Now the stream
+    ends, complete, and the client resumes with Last-Event-ID."""
+    stream = JobStream(
+        cast(BulkReads, FailingReads()), cast(Any, FakeBus()), Settings(), "t", "j", None
+    )
+    stream.channel = lambda: "channel"  # type: ignore[method-assign]
+    sent = [chunk async for chunk in stream.frames()]
+    assert sent == [b"retry: 2000\n\n"]
