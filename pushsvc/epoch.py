@@ -5,7 +5,7 @@ epoch). An epoch is a random token that changes whenever the history behind a se
 may have been lost, so a position from another epoch is never compared by its number.
 
 - The store's epoch (``Keys.epoch``: ``id``, the Redis ``run`` id it was taken on, and
-  ``since``, the server's clock then) is
+  when a process that knew the previous one saw it change, ``recovered_at``) is
   checked on every new connection, before any command: a Redis that restarted (from an
   older snapshot, or empty) or failed over to a replica has another run id, so the
   store gets a new epoch before anything is read or written there.
@@ -24,14 +24,19 @@ from typing import Any
 
 from .keys import Keys
 
-# Take the store's epoch over when the server is not the one it was recorded on.
+# Take the store's epoch over when the server is not the one it was recorded on. A
+# process that saw another epoch before (ARGV[3]) marks the new one as recovered, once:
+# missing jobs may still be repaired for a while (store.recovering).
 _ENSURE = """
-if redis.call('HGET', KEYS[1], 'run') == ARGV[1] then
-  local id = redis.call('HGET', KEYS[1], 'id')
-  if id then return id end
+local id = redis.call('HGET', KEYS[1], 'id')
+if not id or redis.call('HGET', KEYS[1], 'run') ~= ARGV[1] then
+  id = ARGV[2]
+  redis.call('HSET', KEYS[1], 'id', id, 'run', ARGV[1])
 end
-redis.call('HSET', KEYS[1], 'id', ARGV[2], 'run', ARGV[1], 'since', redis.call('TIME')[1])
-return ARGV[2]
+if ARGV[3] ~= '' and ARGV[3] ~= id and redis.call('HGET', KEYS[1], 'recovered') ~= id then
+  redis.call('HSET', KEYS[1], 'recovered', id, 'recovered_at', redis.call('TIME')[1])
+end
+return id
 """
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.M)
 
@@ -69,13 +74,17 @@ def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
     """redis-py's ``redis_connect_func``: the usual handshake, then the epoch check."""
     key = Keys(namespace).epoch
 
+    seen: list[str] = []  # the store epoch this pool's connections last found
+
     async def on_connect(conn: Any) -> None:
         await conn.on_connect()
         await conn.send_command("INFO", "server")
         info = await conn.read_response()
         found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
         run_id = found.group(1).decode() if found else ""
-        await conn.send_command("EVAL", _ENSURE, 1, key, run_id, new_epoch())
-        await conn.read_response()
+        before = seen[0] if seen else ""
+        await conn.send_command("EVAL", _ENSURE, 1, key, run_id, new_epoch(), before)
+        current = await conn.read_response()
+        seen[:] = [current.decode() if isinstance(current, bytes) else str(current)]
 
     return on_connect

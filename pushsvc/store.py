@@ -365,10 +365,12 @@ class JobStore:
         than ``state_lost_grace_s`` ago? Then a missing job may still be repaired by the
         worker running it: it is not known to be gone yet."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hget(self.keys.epoch, "since")
+            pipe.hmget(self.keys.epoch, ["id", "recovered", "recovered_at"])
             pipe.time()
-            since, (now, _) = await pipe.execute()
-        return since is not None and now - int(since) < self.settings.state_lost_grace_s
+            (epoch, recovered, since), (now, _) = await pipe.execute()
+        if since is None or recovered != epoch:
+            return False  # a store no process knew before: a new deployment, not a loss
+        return bool(now - int(since) < self.settings.state_lost_grace_s)
 
     async def snapshot(self, job_id: str, tenant: str) -> JobSnapshot | None:
         """The tenant's job, or None when it is unknown or belongs to another tenant."""
