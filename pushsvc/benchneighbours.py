@@ -211,6 +211,7 @@ async def _non_reader(url: str, path: str, key: str) -> tuple[int, asyncio.Strea
 async def readers_attack(stack: Stack, job_id: str, n: int, hold_s: float) -> dict[str, Any]:
     """``n`` streams of one job opened at once by clients that never read; held open."""
     path = f"/v1/jobs/{job_id}/events"
+    rss0 = psutil.Process(stack.pid).memory_info().rss
     opened = await asyncio.gather(
         *(_non_reader(stack.url, path, KEYS["noisy"]) for _ in range(n)), return_exceptions=True
     )
@@ -228,6 +229,7 @@ async def readers_attack(stack: Stack, job_id: str, n: int, hold_s: float) -> di
         "streams": n,
         "answers": dict(statuses),
         "open_streams": metrics.get("pushsvc_open_streams", 0),
+        "api_rss_before_mib": rss0 / 2**20,
         "api_rss_mib": rss / 2**20,
     }
 
@@ -318,7 +320,13 @@ async def listing_attack(stack: Stack, duration_s: float) -> dict[str, Any]:
 
 
 async def _submit(http: httpx.AsyncClient, url: str, who: str, body: dict[str, Any]) -> str:
-    resp = await http.post(f"{url}/v1/jobs", json=body, headers={"Authorization": f"Bearer {who}"})
+    headers = {"Authorization": f"Bearer {who}"}
+    try:
+        resp = await http.post(f"{url}/v1/jobs", json=body, headers=headers)
+    except (httpx.ReadError, httpx.RemoteProtocolError):
+        # A keep-alive connection closed as it was reused (seen under bursts of
+        # submissions, with or without this bench's load): retried, as a client would.
+        resp = await http.post(f"{url}/v1/jobs", json=body, headers=headers)
     if resp.status_code != 202:
         raise BenchError(f"POST /v1/jobs answered {resp.status_code}: {resp.text[:300]}")
     return str(resp.json()["id"])
