@@ -49,7 +49,7 @@ def state_frames(stored: StoredJob, reset: bool) -> list[Frame]:
         frames = stored.frames[reset] = [snapshot_frame(stored.snap, None, reset)]
         if stored.snap.status.terminal:
             frames.append(terminal_frame(stored.snap, stored.last, None))
-    return frames
+    return list(frames)  # the caller's list (streams append to it), the same frames
 
 
 def lost_frame(job_id: str, pos: StreamPosition, tpos: StreamPosition | None) -> Frame:
