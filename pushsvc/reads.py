@@ -19,6 +19,7 @@ or the overflow it resyncs from); once sent, later askers wait for a read of the
 from __future__ import annotations
 
 import asyncio
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ class BulkReads:
         self._gate = asyncio.Semaphore(settings.bulk_read_concurrency)
         self._boarding: dict[str, asyncio.Task[StoredJob | None]] = {}  # not sent yet
         self._flights: set[asyncio.Task[StoredJob | None]] = set()
+        # The latest read of each job, while a stream still sends it (weak: no longer).
+        self._recent: weakref.WeakValueDictionary[str, StoredJob] = weakref.WeakValueDictionary()
         self.reads = 0  # snapshot reads sent (metrics)
         self.joined = 0  # snapshot reads a stream joined instead
 
@@ -83,7 +86,14 @@ class BulkReads:
         if found is None:
             return None
         fields, last = found
-        return StoredJob(fields.get("tenant", ""), to_snapshot(fields), last)
+        stored = StoredJob(fields.get("tenant", ""), to_snapshot(fields), last)
+        self._recent[job_id] = stored
+        return stored
+
+    def recent(self, job_id: str) -> StoredJob | None:
+        """The job's latest read that a stream is still sending, if any (no I/O: it may
+        be older than the store; see JobStream._fresh)."""
+        return self._recent.get(job_id)
 
     def _close_boarding(self, job_id: str) -> None:
         if self._boarding.get(job_id) is asyncio.current_task():

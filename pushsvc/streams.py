@@ -3,12 +3,13 @@
 ``JobStream`` serves one job (``id:`` is the job's position ``<seq>.<epoch>``);
 ``MuxStream`` serves many jobs of one tenant over one connection (``id:`` is the
 tenant's position). Both subscribe first and read stored state only after Redis
-confirmed the subscription, then drop live events they already sent, so a subscriber
-sees every event once and in order. Positions carry epochs (epoch.py): an event of
-another history is never dropped as "already seen"; it makes the stream send a
-``reset`` snapshot of what the store holds now. A job that vanished from the store (a
-Redis that came back empty) gets ``state_lost_grace_s`` for its worker to repair it,
-then a ``failed`` event with ``error.code = "state_lost"``.
+confirmed the subscription (a snapshot that other streams are still sending may be
+older: the log read after it fills the difference), then drop live events they already
+sent, so a subscriber sees every event once and in order. Positions carry epochs
+(epoch.py): an event of another history is never dropped as "already seen"; it makes
+the stream send a ``reset`` snapshot of what the store holds now. A job that vanished
+from the store (a Redis that came back empty) gets ``state_lost_grace_s`` for its
+worker to repair it, then a ``failed`` event with ``error.code = "state_lost"``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .epoch import StreamPosition
 from .events import TERMINAL_KINDS, EventBus, Frame, StreamQueue
-from .reads import BulkReads
+from .reads import BulkReads, StoredJob
 from .responses import chunks
 from .settings import Settings
 from .snapshots import (
@@ -59,6 +60,7 @@ class _Stream:
         )
         self.missing: dict[str, float] = {}  # job id -> when it counts as lost (monotonic)
         self.behind = False  # a replay stopped at a full page: the log holds more
+        self.holding: StoredJob | None = None  # a shared read whose frames it is sending
 
     def channel(self) -> str:
         raise NotImplementedError
@@ -118,6 +120,7 @@ class _Stream:
                             if i:  # a write that did not pause returns at once: let others run
                                 await asyncio.sleep(0)
                             yield chunk  # large frames in slices: see chunks()
+                        self.holding = None  # sent: others may still reuse it (reads.recent)
                     if self.done:
                         return
                     out = await self._next()
@@ -163,8 +166,24 @@ class JobStream(_Stream):
 
     async def start(self) -> list[Frame]:
         if self.pos is None:
-            return await self._snapshot(reset=False)
+            return await self._fresh()
         return await self._fill()
+
+    async def _fresh(self) -> list[Frame]:
+        """A new stream's snapshot. While other streams of the job are still sending one
+        (slow readers), this one sends the same, then the events logged after it (read
+        now, after subscribing): however staggered, slow readers of a job with a large
+        output hold one copy of it, not one each. Otherwise, or when the log no longer
+        continues from it, a snapshot read."""
+        stored = self.reads.recent(self.job_id)
+        if stored is None or stored.tenant != self.tenant or stored.snap.status.terminal:
+            return await self._snapshot(reset=False)
+        pos = StreamPosition(stored.snap.seq, stored.snap.epoch)
+        found = await self.reads.events_after(self.job_id, pos, REPLAY_PAGE)
+        if found is None:
+            return await self._snapshot(reset=False)
+        self.pos, self.holding = pos, stored
+        return state_frames(stored, reset=False) + self._replayed(found[0])
 
     async def _snapshot(self, reset: bool) -> list[Frame]:
         self.behind = False  # whatever the log still held, the snapshot covers
@@ -183,6 +202,7 @@ class JobStream(_Stream):
         self.pos = new
         if snap.status.terminal:
             self.done = True
+        self.holding = stored
         return state_frames(stored, reset)
 
     async def resync(self, overflowed: bool) -> list[Frame]:

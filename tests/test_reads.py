@@ -10,7 +10,7 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc.epoch import StreamPosition
-from pushsvc.events import QueueStats
+from pushsvc.events import Frame, QueueStats
 from pushsvc.reads import BulkReads, StoredJob
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
@@ -133,6 +133,9 @@ class FailingReads:
 
     store: Any = None
 
+    def recent(self, job_id: str) -> StoredJob | None:
+        return None
+
     async def job(self, job_id: str) -> StoredJob | None:
         raise RedisConnectionError("No connection available.")
 
@@ -164,3 +167,57 @@ async def test_a_redis_error_in_a_started_stream_ends_it_as_a_response() -> None
     stream.channel = lambda: "channel"  # type: ignore[method-assign]
     sent = [chunk async for chunk in stream.frames()]
     assert sent == [b"retry: 2000\n\n"]
+
+
+class LoggedStore:
+    """A job at seq 5 whose log has moved on to seq 7 since."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], None]:
+        self.reads += 1
+        return {**JOB, "seq": 5, "epoch": "e1"}, None
+
+    async def events_after(
+        self, job_id: str, after: StreamPosition, limit: int
+    ) -> tuple[list[Frame], str]:
+        assert after == StreamPosition(5, "e1")
+        return [Frame(0, seq, "progress", "j", f'{{"seq":{seq}}}', "e1") for seq in (6, 7)], "e1"
+
+
+@pytest.mark.timeout(10)
+async def test_a_new_stream_sends_the_snapshot_another_is_still_sending() -> None:
+    """Slow readers arriving one after another used to read (and hold) a copy of a
+    large snapshot each: 60 of them on a job with 10 MB of output held 1.3 GB. A new
+    stream now sends the snapshot another stream still holds, then the events logged
+    after it, read after subscribing."""
+    store = LoggedStore()
+    reads = BulkReads(cast(JobStore, store), Settings())
+    bus = cast(Any, FakeBus())
+    first = JobStream(reads, bus, Settings(), "t", "j", None)
+    sent = await first.start()
+    assert first.holding is not None and [f.seq for f in sent] == [5]
+    second = JobStream(reads, bus, Settings(), "t", "j", None)
+    again = await second.start()
+    assert store.reads == 1 and again[0] is sent[0]  # the same frame, encoded once
+    assert [(f.kind, f.seq) for f in again] == [("snapshot", 5), ("progress", 6), ("progress", 7)]
+    assert second.pos == StreamPosition(7, "e1")
+    first.holding = second.holding = None  # both sent it: the next stream reads anew
+    del sent, again
+    await asyncio.sleep(0)  # (the callback that resumed this task holds the read's result)
+    third = JobStream(reads, bus, Settings(), "t", "j", None)
+    await third.start()
+    assert store.reads == 2
+
+
+@pytest.mark.timeout(10)
+async def test_what_one_stream_adds_after_a_shared_snapshot_stays_its_own() -> None:
+    """The frames of a shared read are shared; the list a stream sends is its own."""
+    store = LoggedStore()
+    reads = BulkReads(cast(JobStore, store), Settings())
+    bus = cast(Any, FakeBus())
+    first, second = (JobStream(reads, bus, Settings(), "t", "j", None) for _ in range(2))
+    one, two = await asyncio.gather(first.start(), second.start())
+    one.append(Frame(0, 6, "progress", "j", "{}"))
+    assert store.reads == 1 and len(two) == 1 and two[0] is one[0]
