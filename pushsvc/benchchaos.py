@@ -12,6 +12,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -301,6 +302,15 @@ class ChaosRun:
         }
 
 
+    def keep_watchers(self, violations: list[dict[str, Any]], path: Path) -> None:
+        """What the watchers named in ``violations`` saw (and the faults' times), as JSON
+        beside the processes' logs: what it takes to tell why."""
+        named = {v["watcher"] for v in violations}
+        kept = [asdict(log) for log in self.logs if log.name in named]
+        faults = [asdict(f) for f in self.faults]
+        path.write_text(json.dumps({"started": self.started, "faults": faults, "watchers": kept}))
+
+
 # -- the command ------------------------------------------------------------------------
 
 
@@ -310,8 +320,11 @@ def run_chaos(plan: Plan, log: Console) -> dict[str, Any]:
     if unknown:
         raise BenchError(f"unknown fault kinds {sorted(unknown)}: known are {sorted(FAULTS)}")
     with chaos_stack(plan.lease_s, log) as stack:
-        result = asyncio.run(ChaosRun(stack, plan, log).run())
+        run = ChaosRun(stack, plan, log)
+        result = asyncio.run(run.run())
         stack.keep = bool(result["violations"])
+        if stack.keep:
+            run.keep_watchers(result["violations"], stack.workdir / "watchers.json")
         logs = str(stack.workdir) if stack.keep else None
     head = {"scenario": "chaos", "stack": "own", "params": {"minutes": plan.minutes}}
     return {**head, **result, "logs": logs}

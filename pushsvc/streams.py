@@ -325,8 +325,10 @@ class MuxStream(_Stream):
         out: list[Frame] = []
         for job_id, fields in view.items():
             if fields is None or fields.get("tenant") != self.tenant:
-                if job_id in self.named or job_id in self.sent:
-                    self._missing(job_id)  # its worker may still repair it
+                # Its worker may still repair it. (One this stream saw end stays ended:
+                # a store that forgot it knows nothing newer to tell.)
+                if (job_id in self.named or job_id in self.sent) and job_id not in self.finished:
+                    self._missing(job_id)
                 continue
             self.missing.pop(job_id, None)
             snap = to_snapshot(fields)

@@ -359,3 +359,42 @@ async def fake_stats(model_url: str) -> dict[str, int]:
     async with httpx.AsyncClient() as http:
         stats: dict[str, int] = (await http.get(model_url[:-3] + "/_fake/stats")).json()
         return stats
+
+
+@pytest.mark.timeout(120)
+async def test_a_job_a_named_stream_saw_end_stays_ended_when_redis_forgets_it(
+    faulty: tuple[SnapshotRedis, dict[str, str], list[Proc]], model_url: str
+) -> None:
+    """Was (chaos run): a named stream that had sent a job's ``completed`` and still
+    waited for another job sent ``failed``/``state_lost`` for the first one once an
+    empty Redis forgot it: two terminal events of one job."""
+    server, env, procs = faulty
+    procs.append(Proc(["worker"], env).start())
+    api = Api([], env).start()
+    procs.append(api)
+    expected = await model_answer(model_url, PROMPT)
+    with logs_on_failure(procs):
+        async with http_for(api) as http:
+            done = await submit_job(http, set())
+            running = await submit_generate(http, PROMPT)
+            changes = Changes()
+            named = Stream()
+            task = asyncio.create_task(
+                collect(
+                    http,
+                    f"/v1/events?job={done}&job={running}",
+                    out=named,
+                    stop=changes.stop(None),
+                    timeout=60,
+                )
+            )
+            await changes.until(lambda: ended(named, {done}) and outputs(named, running) >= 3)
+            server.crash(wipe=True)
+            await asyncio.to_thread(server.start)
+            await task
+            assert named.closed, f"named stream hung: {describe(named.events[-5:])}"
+            assert [e.kind for e in named.of(done) if e.kind in TERMINAL] == ["completed"]
+            final = (await http.get(f"/v1/jobs/{running}")).json()
+            assert final["output"] == expected
+            assert_converged("named, the running job", named.of(running), final)
+            assert (await http.get(f"/v1/jobs/{done}")).status_code == 404
