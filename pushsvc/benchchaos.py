@@ -301,7 +301,6 @@ class ChaosRun:
             "violations": [asdict(v) for v in checked.violations],
         }
 
-
     def keep_watchers(self, violations: list[dict[str, Any]], path: Path) -> None:
         """What the watchers named in ``violations`` saw (and the faults' times), as JSON
         beside the processes' logs: what it takes to tell why."""
