@@ -160,7 +160,8 @@ def check_history(events: list[Received]) -> tuple[list[tuple[str, str]], Receiv
 
 def check_positions(events: list[Received], per_job_ids: bool) -> Iterator[tuple[str, str]]:
     """The watcher's ``id:``s as a resume position: never back to an epoch it left (after
-    a reset, the old epoch's positions mean nothing), a new epoch opened by a snapshot,
+    a reset, the old epoch's positions mean nothing), a new epoch opened by a snapshot
+    (or by a ``state_lost`` end),
     and within one epoch never going back, except at a ``reset`` snapshot: a store
     rewound to an older copy of the same history (not yet written since) is the truth
     until the next write starts a new epoch."""
@@ -179,7 +180,9 @@ def check_positions(events: list[Received], per_job_ids: bool) -> Iterator[tuple
             yield "old_epoch_after_reset", where
             continue
         if epoch is not None and ep != epoch:
-            if ep and epoch and ev.kind != "snapshot":
+            # A new history opens with what replaces a job's state: a snapshot, or the
+            # end of a job of which the store kept nothing (``state_lost``).
+            if ep and epoch and ev.kind != "snapshot" and not said_lost(ev.data, ev.kind):
                 yield "epoch_change_without_snapshot", where
             if epoch:  # plain ids name no history, so none to leave
                 left.add(epoch)

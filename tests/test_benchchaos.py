@@ -113,6 +113,13 @@ def test_a_new_epoch_without_a_snapshot_is_flagged() -> None:
     events = correct()[:3] + [ev(1, "output", E2, delta="again")]
     rules = [rule for rule, _ in check_positions(events, per_job_ids=True)]
     assert rules == ["epoch_change_without_snapshot"]
+    # A job of which the store kept nothing has no snapshot to show: its end opens it.
+    lost = {"code": "state_lost", "message": "lost with Redis", "retryable": False}
+    ended = correct()[:3] + [ev(4, "failed", E2, error=lost)]
+    assert list(check_positions(ended, per_job_ids=True)) == []
+    other = correct()[:3] + [ev(4, "failed", E2, error={**lost, "code": "upstream_error"})]
+    rules = [rule for rule, _ in check_positions(other, per_job_ids=True)]
+    assert rules == ["epoch_change_without_snapshot"]
 
 
 def test_event_data_without_job_id_seq_and_ts_is_flagged() -> None:
