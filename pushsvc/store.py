@@ -364,13 +364,21 @@ class JobStore:
         """Did the store start a new epoch (a restart, a failover, an empty Redis) less
         than ``state_lost_grace_s`` ago? Then a missing job may still be repaired by the
         worker running it: it is not known to be gone yet."""
+        left = await self.grace_left()
+        return left is not None and left > 0
+
+    async def grace_left(self) -> float | None:
+        """Seconds left of the grace that the store's last recovery gives missing jobs
+        (0 once it is over); None for a store no process knew before (a new deployment,
+        not a loss), or when no recovery was recorded yet."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.epoch, ["id", "recovered", "recovered_at"])
             pipe.time()
-            (epoch, recovered, since), (now, _) = await pipe.execute()
+            (epoch, recovered, since), (now, micros) = await pipe.execute()
         if since is None or recovered != epoch:
-            return False  # a store no process knew before: a new deployment, not a loss
-        return bool(now - int(since) < self.settings.state_lost_grace_s)
+            return None
+        elapsed = now + micros / 1e6 - int(since)
+        return max(0.0, float(self.settings.state_lost_grace_s - elapsed))
 
     async def snapshot(self, job_id: str, tenant: str) -> JobSnapshot | None:
         """The tenant's job, or None when it is unknown or belongs to another tenant."""

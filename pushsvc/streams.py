@@ -90,8 +90,18 @@ class _Stream:
         """Jobs missing past their grace: read them again; lost ones end."""
         raise NotImplementedError
 
-    def _missing(self, job_id: str) -> None:
-        self.missing.setdefault(job_id, time.monotonic() + self.settings.state_lost_grace_s)
+    async def _missing(self, job_ids: list[str]) -> None:
+        """Jobs the store does not hold: each counts as lost when the grace that the
+        store's last recovery gave ends (the same moment for every stream: a client that
+        reconnects every few seconds must not start it again), or after a whole grace
+        from now when no recovery is recorded."""
+        new = [job_id for job_id in job_ids if job_id not in self.missing]
+        if not new:
+            return
+        left = await self.store.grace_left()
+        due = time.monotonic() + (self.settings.state_lost_grace_s if left is None else left)
+        for job_id in new:
+            self.missing[job_id] = due
 
     def _wait_s(self) -> float:
         if not self.missing:
@@ -189,7 +199,7 @@ class JobStream(_Stream):
         self.behind = False  # whatever the log still held, the snapshot covers
         stored = await self.reads.job(self.job_id)  # shared with this job's other streams
         if stored is None or stored.tenant != self.tenant:  # gone: it may be repaired
-            self._missing(self.job_id)
+            await self._missing([self.job_id])
             return []
         self.missing.clear()
         snap = stored.snap
@@ -323,12 +333,13 @@ class MuxStream(_Stream):
         self.retired.discard(tpos.epoch)
         self.cursor = tpos
         out: list[Frame] = []
+        gone: list[str] = []
         for job_id, fields in view.items():
             if fields is None or fields.get("tenant") != self.tenant:
                 # Its worker may still repair it. (One this stream saw end stays ended:
                 # a store that forgot it knows nothing newer to tell.)
                 if (job_id in self.named or job_id in self.sent) and job_id not in self.finished:
-                    self._missing(job_id)
+                    gone.append(job_id)
                 continue
             self.missing.pop(job_id, None)
             snap = to_snapshot(fields)
@@ -342,6 +353,7 @@ class MuxStream(_Stream):
                 self.finished.add(job_id)
             else:
                 self.finished.discard(job_id)
+        await self._missing(gone)
         self._check_done()
         return out
 

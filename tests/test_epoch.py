@@ -398,3 +398,42 @@ async def test_a_job_a_named_stream_saw_end_stays_ended_when_redis_forgets_it(
             assert final["output"] == expected
             assert_converged("named, the running job", named.of(running), final)
             assert (await http.get(f"/v1/jobs/{done}")).status_code == 404
+
+
+@pytest.mark.timeout(120)
+async def test_a_client_that_keeps_reconnecting_learns_its_lost_job_is_gone(
+    faulty: tuple[SnapshotRedis, dict[str, str], list[Proc]], model_url: str
+) -> None:
+    """Was (chaos run): a client resuming a lost queued job every 0.5-3 s never heard of
+    it again: each connection waited a whole grace of its own before ``state_lost``.
+    The grace now runs from the store's recovery, the same for every connection."""
+    server, env, procs = faulty
+    procs.append(Proc(["worker"], env).start())
+    api = Api([], env).start()
+    procs.append(api)
+    with logs_on_failure(procs):
+        async with http_for(api) as http:
+            await submit_generate(http, LONG_PROMPT)  # keeps the one worker slot busy
+            queued = await submit_job(http, set())
+            url = f"/v1/jobs/{queued}/events"
+            first = await collect(http, url, stop=lambda s: bool(s.events))
+            assert first.events[0].data["status"] == "queued"
+            server.crash(wipe=True)
+            await asyncio.to_thread(server.start)
+            seen: list[Event] = []
+            last_id = first.resume_id
+            async with asyncio.timeout(30):
+                while not any(e.kind in TERMINAL for e in seen):
+                    # Shorter than the grace (3 s): the client leaves before it ends.
+                    try:
+                        got = await collect(
+                            http, url, headers={"Last-Event-ID": last_id}, timeout=1
+                        )
+                    except httpx.HTTPStatusError as exc:  # 503 while Redis comes back
+                        assert exc.response.status_code == 503, exc
+                        continue
+                    seen += got.events
+                    last_id = got.resume_id if got.events else last_id
+            assert [e.kind for e in seen if e.kind in TERMINAL] == ["failed"], describe(seen)
+            assert seen[-1].data["error"]["code"] == "state_lost"
+            assert (await http.get(f"/v1/jobs/{queued}")).status_code == 404
