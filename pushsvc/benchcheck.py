@@ -20,6 +20,7 @@ from .benchinvariants import (
     Ending,
     Received,
     WatchLog,
+    apply,
     check_history,
     check_positions,
     differences,
@@ -186,6 +187,7 @@ def _check_job(
     found, last_terminal, terminals = check_history(events)
     for rule, detail in found:
         out.add(rule, log.name, job, detail)
+    _check_completed_text(log, events, outcome, out)
     if outcome.final is None:
         gone = any(e.how == GONE for e in log.endings)
         compared = _check_lost(last_terminal, events[-1], outcome, ctx, gone)
@@ -199,6 +201,23 @@ def _check_job(
         out.add(rule, log.name, job, compared)
     if terminals != 1:
         out.add("terminal_count", log.name, job, f"{terminals} terminal events at the end")
+
+
+def _check_completed_text(
+    log: WatchLog, events: list[Received], outcome: Outcome, out: _Findings
+) -> None:
+    """Whenever a watcher saw the job complete, its text was the model's, whatever Redis
+    lost later (a loss may take the end back, never make a wrong text right): this
+    holds for jobs whose final state a later loss erased too."""
+    if outcome.expected_output is None:
+        return
+    job: dict[str, Any] | None = None
+    for ev in events:
+        job = apply(job, ev.kind, ev.data)
+        if ev.kind == "completed" and job.get("output") != outcome.expected_output:
+            got = text_difference(outcome.expected_output, str(job.get("output") or ""))
+            out.add("completed_with_other_text", log.name, outcome.job_id, f"model's vs {got}")
+            return
 
 
 def _check_lost(
@@ -231,6 +250,13 @@ def _check_poller(log: WatchLog, ctx: Context, out: _Findings) -> None:
     if not log.events:
         out.add("never_seen", log.name, job, "no answer to any poll")
         return
+    for answer in log.events:
+        snap = answer.data
+        if snap.get("status") == "completed" and outcome.expected_output is not None:
+            if snap.get("output") != outcome.expected_output:
+                got = text_difference(outcome.expected_output, str(snap.get("output") or ""))
+                out.add("completed_with_other_text", log.name, job, f"model's vs {got}")
+                break
     last = log.events[-1]
     if outcome.final is None:
         if last.kind == "gone" or said_lost(last.data, last.data.get("status", "")):

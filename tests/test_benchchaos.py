@@ -88,7 +88,7 @@ def test_a_duplicate_delta_is_flagged() -> None:
     found, _, _ = check_history(events)
     assert [rule for rule, _ in found] == ["duplicate"]
     assert rebuild(events)["output"] == "HelloHello world"  # type: ignore[index]
-    assert verdict(events) == ["duplicate", "state_mismatch"]
+    assert verdict(events) == ["completed_with_other_text", "duplicate", "state_mismatch"]
 
 
 def test_a_missing_terminal_event_is_flagged() -> None:
@@ -126,6 +126,19 @@ def test_event_data_without_job_id_seq_and_ts_is_flagged() -> None:
     events = correct()
     events[2] = Received(0, f"3.{E1}", "output", {"job_id": JOB, "seq": "3", "delta": "Hello"})
     assert "bad_data" in verdict(events)
+
+
+def test_a_completed_job_with_other_text_is_flagged_even_once_redis_lost_it() -> None:
+    """A loss may take an end back; it never makes a wrong text right."""
+    short = correct()[:3] + [ev(4, "completed", result=None)]  # " world" never came
+    ctx = Context({JOB: Outcome(JOB, None, "Hello world", ended_at=4.5)}, [(0.0, 9.0)], 20)
+    log = WatchLog("job x", "job", [JOB], short, [Ending(0, CLOSED, 5)], 5.0)
+    assert [v.rule for v in check_run([log], ctx).violations] == ["completed_with_other_text"]
+    poll = Received(0, "", "poll", {**FINAL, "output": "Hello"}, 4.0)
+    poller = WatchLog("poll x", "poll", [JOB], [poll], [], 5.0)
+    assert [v.rule for v in check_run([poller], ctx).violations] == ["completed_with_other_text"]
+    log.events = correct()
+    assert check_run([log], ctx).violations == []
 
 
 def test_a_job_lost_with_redis_ends_with_state_lost() -> None:
