@@ -1,10 +1,11 @@
 """The chaos run's stack and the faults it suffers.
 
-``ChaosStack``: a private Redis that keeps RDB snapshots in its own directory, two API
-processes, two workers with a short lease and the offline model, each of which may be
-killed and started again in place. ``FAULTS``: one coroutine per kind of fault; a new
-kind (a Sentinel failover, say) is one more ``@fault`` function, plus whatever part of
-a stack it needs in ``ChaosStack``.
+``ChaosStack``: a Sentinel-managed Redis (``benchsentinel.SentinelSet``: a primary and a
+replica behind proxies, three sentinels; the processes reach it by a
+``redis+sentinel://`` URL), two API processes, two workers with a short lease and the
+offline model, each of which may be killed and started again in place. ``FAULTS``: one
+coroutine per kind of fault; a new kind is one more ``@fault`` function, plus whatever
+part of a stack it needs in ``ChaosStack``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import redis
 from rich.console import Console
 
+from .benchsentinel import SentinelSet
 from .benchstack import (
     BenchError,
-    RedisProcess,
     spawn,
     stack_env,
     start_api,
@@ -54,7 +54,7 @@ class ChaosStack:
     """The processes of a chaos run, by role, each restartable where it ran before."""
 
     workdir: Path
-    redis: RedisProcess
+    redis: SentinelSet
     env: dict[str, str]
     keys: dict[str, str]  # tenant -> API key
     lease_s: float
@@ -86,66 +86,45 @@ class ChaosStack:
     def _api_log(self, i: int) -> Path:
         return self.workdir / f"api{i}.log"
 
-    def bgsave(self) -> None:
-        """An RDB snapshot of this moment in ``dump.rdb``; returns once it is written."""
-        with redis.Redis(port=self.redis.port, socket_timeout=5) as client:
-            client.bgsave()
-
-            def saved() -> bool:
-                info = client.info("persistence")
-                if info["rdb_last_bgsave_status"] != "ok":
-                    raise BenchError("BGSAVE failed")
-                return int(info["rdb_bgsave_in_progress"]) == 0
-
-            wait_until(saved, 30, "BGSAVE")
-
     def exited(self) -> list[str]:
-        """Processes that are not running (each fault starts again what it stopped)."""
+        """Processes that are not running (each fault starts again what it stopped):
+        the service's, and the Redis servers, sentinels and proxies."""
         named = [(f"api{i}", p) for i, p in enumerate(self.apis)]
         named += [(f"worker{i}", p) for i, p in enumerate(self.workers)]
         named += [("fake-llm", p) for p in self.others]
         down = [f"{name} (exit {p.returncode})" for name, p in named if p.poll() is not None]
-        alive = self.redis.proc is not None and self.redis.proc.poll() is None
-        return down + ([] if alive else ["redis-server"])
+        return down + self.redis.exited()
 
     def close(self) -> None:
         for proc in self.workers:  # a stopped process would not act on SIGTERM
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGCONT)
         stop_processes([*self.apis, *self.workers, *self.others])
-        self.redis.kill()
-
-
-def chaos_env(
-    redis_url: str, keys: dict[str, str], lease_s: float, model_url: str
-) -> dict[str, str]:
-    return {
-        **stack_env(redis_url),
-        "PUSHSVC_API_KEYS": ",".join(f"{k}={t}" for t, k in keys.items()),
-        "PUSHSVC_SECRET": secrets.token_hex(16),
-        "PUSHSVC_LEASE_S": f"{lease_s:g}",
-        "PUSHSVC_PUBLISH_RATE_HZ": "10",  # the default: output deltas merge as in production
-        "PUSHSVC_LLM_BASE_URL": model_url,
-        "PUSHSVC_LLM_API_KEY": "chaos",
-        "PUSHSVC_LLM_MODEL": "fake-1",
-    }
+        self.redis.stop()
 
 
 @contextlib.contextmanager
 def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
     """Start everything (blocking); stop it all after. The directory with the processes'
     logs is removed, unless the run raised or set ``keep``."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise BenchError("the chaos run needs redis-server (it restarts it from RDB files)")
+    if shutil.which("redis-server") is None:
+        raise BenchError("the chaos run needs redis-server (Debian's package: servers, sentinels)")
     workdir = Path(tempfile.mkdtemp(prefix="pushsvc-chaos-"))
-    server = RedisProcess(exe, str(workdir))
+    sset = SentinelSet(workdir)
     keys = {t: f"chaos-{secrets.token_hex(8)}" for t in TENANTS}
     model_port = free_port()
-    env = chaos_env(server.url, keys, lease_s, f"http://127.0.0.1:{model_port}/v1")
-    stack = ChaosStack(workdir, server, env, keys, lease_s)
+    env = stack_env(
+        sset.url,
+        {key: tenant for tenant, key in keys.items()},
+        lease_s=f"{lease_s:g}",
+        publish_rate_hz="10",  # the default: output deltas merge as in production
+        llm_base_url=f"http://127.0.0.1:{model_port}/v1",
+        llm_api_key="chaos",
+        llm_model="fake-1",
+    )
+    stack = ChaosStack(workdir, sset, env, keys, lease_s)
     try:
-        server.start()
+        sset.start()
         model = ["fake-llm", "--port", str(model_port)]
         stack.others.append(spawn(model, env, workdir / "fake-llm.log"))
         for i in range(WORKERS):
@@ -155,7 +134,10 @@ def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
         wait_until(lambda: _ok(f"http://127.0.0.1:{model_port}/v1/models"), 30, "fake-llm")
         headers = {"Authorization": f"Bearer {keys[TENANTS[0]]}"}
         wait_until(lambda: workers_seen(stack.urls[0], WORKERS, headers), 30, "workers up")
-        log.print(f"chaos: Redis :{server.port}, API {', '.join(stack.urls)}, logs in {workdir}")
+        ports = ", ".join(f":{n.port} (proxy :{n.proxy_port})" for n in sset.nodes)
+        sentinels = ", ".join(f":{s.port}" for s in sset.sentinels)
+        log.print(f"chaos: Redis {ports}, sentinels {sentinels}, API {', '.join(stack.urls)}")
+        log.print(f"chaos: logs in {workdir}")
         yield stack
     except BaseException:
         stack.keep = True
@@ -241,26 +223,84 @@ async def kill_api(stack: ChaosStack, rng: random.Random) -> tuple[str, None]:
     return f"api{i}", None
 
 
+# Redis: the faults act on whichever server is the primary now, and each returns once
+# the set could fail over again (the replica in sync, the sentinels agreeing on both).
+
+
+def _restart_primary(sset: SentinelSet, down_s: float, empty: bool) -> float:
+    """SIGKILL the primary and start it again after ``down_s`` (empty: its RDB file
+    deleted first; else from it); returns when it was killed. The sentinels are told to
+    call it down only after much longer than that, so there is no failover: the outage
+    is a primary's that restarts faster than Sentinel's down-after. Its replica then
+    resyncs from it (to what the RDB file held, or to nothing), as in production."""
+    with sset.no_failover():
+        primary = sset.primary
+        killed_at = time.time()
+        primary.kill()
+        if empty:
+            (primary.dir / "dump.rdb").unlink(missing_ok=True)
+        time.sleep(down_s)  # the outage we chose: nothing to wait for
+        primary.start()
+    return killed_at
+
+
+async def _settled(sset: SentinelSet, lost: tuple[float, float]) -> tuple[str, tuple[float, float]]:
+    """Wait until the set could fail over again. Had the sentinels failed over on their
+    own meanwhile (they should not), writes until now may be lost too."""
+    if await asyncio.to_thread(sset.wait_healthy):
+        return f"; then Sentinel failed over to {sset.primary.name}", (lost[0], time.time())
+    return "", lost
+
+
 @fault("redis-restore")
 async def restore_redis(stack: ChaosStack, rng: random.Random) -> tuple[str, tuple[float, float]]:
-    """BGSAVE, let a few seconds of writes happen, SIGKILL Redis and start it again from
-    that older snapshot: those seconds are lost, and every sequence since goes back."""
-    await asyncio.to_thread(stack.bgsave)
+    """BGSAVE, let a few seconds of writes happen, SIGKILL the primary and start it again
+    from that older snapshot: those seconds are lost, and every sequence since goes back."""
+    sset = stack.redis
+    name = sset.primary.name
+    await asyncio.to_thread(sset.primary.bgsave)
     saved_at = time.time()
     await asyncio.sleep(rng.uniform(2.0, 5.0))
-    killed_at = time.time()
-    await asyncio.to_thread(stack.redis.kill)
-    await asyncio.sleep(rng.uniform(0.2, 1.0))
-    await asyncio.to_thread(stack.redis.start)
-    return f"{killed_at - saved_at:.1f} s of writes lost", (saved_at, killed_at)
+    down_s = rng.uniform(0.2, 1.0)
+    killed_at = await asyncio.to_thread(_restart_primary, sset, down_s, False)
+    more, lost = await _settled(sset, (saved_at, killed_at))
+    return f"{name}: {killed_at - saved_at:.1f} s of writes lost{more}", lost
 
 
 @fault("redis-empty")
 async def empty_redis(stack: ChaosStack, rng: random.Random) -> tuple[str, tuple[float, float]]:
-    """SIGKILL Redis, delete its RDB file and start it again: everything is gone."""
-    killed_at = time.time()
-    await asyncio.to_thread(stack.redis.kill)
-    (stack.workdir / "dump.rdb").unlink(missing_ok=True)
-    await asyncio.sleep(rng.uniform(0.2, 1.0))
-    await asyncio.to_thread(stack.redis.start)
-    return "all data lost", (0.0, killed_at)
+    """SIGKILL the primary, delete its RDB file and start it again: everything is gone."""
+    sset = stack.redis
+    name = sset.primary.name
+    killed_at = await asyncio.to_thread(_restart_primary, sset, rng.uniform(0.2, 1.0), True)
+    more, lost = await _settled(sset, (0.0, killed_at))
+    return f"{name}: all data lost{more}", lost
+
+
+@fault("sentinel-failover")
+async def fail_over(stack: ChaosStack, rng: random.Random) -> tuple[str, tuple[float, float]]:
+    """The replica misses a few seconds of acknowledged writes (its replication link is
+    held at the primary's proxy, the link up), then it is promoted, and those writes are
+    lost. Either by ``SENTINEL FAILOVER``, the old primary demoted as soon as the
+    replica is promoted (its clients dropped), or by SIGKILLing the primary: the
+    sentinels fail over after their down-after and the old primary comes back as a
+    replica. Either way the old primary resyncs from the new one (the next failover
+    goes back), and the API and workers follow the sentinels without restarts."""
+    sset = stack.redis
+    old, new = sset.primary.name, sset.replica.name
+    # The sentinels that voted in an automatic failover start none for a while.
+    kill = rng.random() < 0.5 and sset.may_kill_over()
+    stopped_at = await asyncio.to_thread(sset.hold_replication)
+    await asyncio.sleep(rng.uniform(2.0, 4.0))
+    if kill:
+        lost_bytes = await asyncio.to_thread(sset.kill_primary)
+        ended_at = time.time()
+        await asyncio.to_thread(sset.wait_promoted)
+        await asyncio.to_thread(sset.rejoin)
+        how = f"{old} killed"
+    else:
+        ended_at, lost_bytes = await asyncio.to_thread(sset.failover_losing_writes)
+        how = f"SENTINEL FAILOVER, {old} demoted"
+    more, lost = await _settled(sset, (stopped_at, ended_at))
+    lost_s = ended_at - stopped_at
+    return f"{how}, {new} promoted: {lost_s:.1f} s ({lost_bytes} B) of writes lost{more}", lost

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import math
 import multiprocessing
-import secrets
 import shutil
 import socket
 import subprocess
@@ -94,12 +93,8 @@ def neighbours_stack(workers: int, log: Console) -> Iterator[Stack]:
         redis = RedisProcess(exe, workdir)
         redis.start()
         stack.callback(redis.kill)
-        env = {
-            **stack_env(redis.url),
-            "PUSHSVC_API_KEYS": ",".join(f"{k}={k}" for k in KEYS.values()),
-            "PUSHSVC_SECRET": secrets.token_hex(16),
-            "PUSHSVC_JOB_MODULES": "pushsvc.benchjobs",
-        }
+        tenants = {key: key for key in KEYS.values()}
+        env = stack_env(redis.url, tenants, job_modules="pushsvc.benchjobs")
         procs: list[subprocess.Popen[bytes]] = []
         stack.callback(stop_processes, procs)
         for i in range(workers):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -110,8 +110,15 @@ def _private_redis(workdir: str) -> Iterator[tuple[str, int]]:
         redis.kill()
 
 
-def stack_env(redis_url: str) -> dict[str, str]:
-    return {
+def stack_env(
+    redis_url: str, api_keys: Mapping[str, str] | None = None, **settings: str
+) -> dict[str, str]:
+    """The environment of a bench stack's processes: this one's, ``PUSHSVC_REDIS_URL``
+    and the benches' defaults. ``api_keys`` (key -> tenant): those tenants, with a fresh
+    ``PUSHSVC_SECRET`` (without: one local tenant on loopback). ``settings``: more
+    ``PUSHSVC_*`` variables by their setting's name (``lease_s="3"``: ``PUSHSVC_LEASE_S``).
+    """
+    env = {
         **os.environ,
         "PUSHSVC_REDIS_URL": redis_url,
         "PUSHSVC_NAMESPACE": f"bench{secrets.token_hex(3)}",
@@ -124,6 +131,11 @@ def stack_env(redis_url: str) -> dict[str, str]:
         "PUSHSVC_STREAMS_ENABLED": "true",
         "PUSHSVC_WORKER_METRICS_PORT": "0",
     }
+    if api_keys:
+        env["PUSHSVC_API_KEYS"] = ",".join(f"{k}={t}" for k, t in api_keys.items())
+        env["PUSHSVC_SECRET"] = secrets.token_hex(16)
+    env.update({f"PUSHSVC_{name.upper()}": value for name, value in settings.items()})
+    return env
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

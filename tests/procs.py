@@ -1,8 +1,8 @@
-"""Real processes for tests: a private redis-server and pushsvc API/worker subprocesses."""
+"""Real processes for tests: a private redis-server, pushsvc API/worker subprocesses and
+a Sentinel-managed Redis (:class:`SentinelSet`, from ``pushsvc.benchsentinel``)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -10,14 +10,18 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import httpx
 import redis
+
+# The Sentinel-managed Redis is the chaos bench's: a primary and a replica, each behind a
+# proxy that can hold back replication, and three sentinels; failovers may repeat.
+from pushsvc.benchsentinel import SentinelSet, info
+
+__all__ = ["SentinelSet", "info"]  # for the tests, beside the helpers below
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -178,267 +182,3 @@ class DurableRedis(RedisServer):
     def restart(self) -> DurableRedis:
         self.shutdown()
         return self.start()
-
-
-# -- Redis Sentinel -------------------------------------------------------------------
-
-
-class ReplicationProxy:
-    """A TCP proxy (threads, in the test process) in front of one server.
-
-    Everything to the primary goes through it: clients, sentinels and the replica's
-    replication link, so the sentinels see the replica following exactly the address
-    they monitor (a replica following another address is "fixed" by Sentinel after
-    ``failover-timeout``). :meth:`pause` holds back only replication traffic (a link
-    whose client sent ``REPLCONF``): the replica then misses every later write while
-    the link stays up and clients keep writing.
-    """
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._flowing = threading.Event()  # replication traffic may pass
-        self._flowing.set()
-        self._closed = False
-        self._sockets: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def pause(self) -> None:
-        self._flowing.clear()
-
-    def close(self) -> None:
-        """Close every connection; data held back by a pause is dropped, not sent."""
-        self._closed = True
-        self._flowing.set()  # wake held pumps: they see ``_closed`` and drop their data
-        for sock in [self._listener, *self._sockets]:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=1)
-            except OSError:
-                client.close()  # the primary is gone: so is this connection
-                continue
-            upstream.settimeout(None)
-            self._sockets += [client, upstream]
-            link = {"replication": False}
-            for src, dst in ((client, upstream), (upstream, client)):
-                pump = threading.Thread(target=self._pump, args=(src, dst, link, src is client))
-                pump.daemon = True
-                pump.start()
-
-    def _pump(
-        self, src: socket.socket, dst: socket.socket, link: dict[str, bool], asks: bool
-    ) -> None:
-        try:
-            while data := src.recv(65536):
-                if asks and b"REPLCONF" in data:  # only a replica sends it
-                    link["replication"] = True
-                if link["replication"]:
-                    self._flowing.wait()
-                if self._closed:
-                    return
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-
-
-@dataclass
-class ConfiguredRedis(RedisServer):
-    """A private redis-server with extra options (``--replicaof ...``)."""
-
-    options: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.persistence = [*RedisServer.persistence, *self.options]
-
-
-@dataclass
-class SentinelServer(RedisServer):
-    """A redis-sentinel on a free port; ``config`` says what it monitors."""
-
-    config: str = ""
-
-    def start(self) -> SentinelServer:
-        conf = Path(self.dir) / "sentinel.conf"  # Sentinel rewrites it: its own copy
-        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n{self.config}")
-        exe = shutil.which("redis-server") or "redis-server"
-        self.proc = subprocess.Popen(
-            [exe, str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        wait_until(self.answers, 10, "redis-sentinel")
-        return self
-
-
-def info(port: int, section: str) -> dict[str, Any]:
-    """INFO ``section`` from the server at ``port``. Retried once: Sentinel promotes a
-    replica with ``CLIENT KILL TYPE normal``, which may hit a connection just made."""
-    for retry in (True, False):
-        try:
-            with redis.Redis(port=port, socket_timeout=2) as client:
-                return client.info(section)  # type: ignore[no-any-return]
-        except redis.ConnectionError:
-            if not retry:
-                raise
-    raise AssertionError("unreachable")
-
-
-class SentinelSet:
-    """A Sentinel-managed primary on free ports: a primary, one replica (replicating
-    through a :class:`ReplicationProxy`) and three sentinels (quorum 2).
-
-    The sentinels monitor the primary at the proxy's address, so clients reach it
-    through the proxy too; after a failover they name the replica's own address.
-    One failover per set: afterwards the proxy leads nowhere useful.
-    """
-
-    service = "pushsvc"
-    fast_sync = ["--repl-diskless-sync-delay", "0"]
-    down_after_ms = 1000
-    failover_timeout_ms = 5000
-
-    def __init__(self) -> None:
-        # A replica's full sync waits 5 s by default, for other replicas to share it.
-        self.primary = ConfiguredRedis(options=self.fast_sync)
-        self.proxy: ReplicationProxy | None = None
-        self.replica: RedisServer | None = None
-        self.sentinels: list[SentinelServer] = []
-
-    @property
-    def url(self) -> str:
-        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{self.service}/0"
-
-    def start(self) -> SentinelSet:
-        self.primary.start()
-        self.proxy = ReplicationProxy(self.primary.port)
-        self.replica = ConfiguredRedis(
-            options=[*self.fast_sync, "--replicaof", "127.0.0.1", str(self.proxy.port)]
-        ).start()
-        wait_until(self._replicating, 10, "replica in sync")
-        for _ in range(3):
-            self.sentinels.append(self._sentinel().start())
-        # Sentinels find the replica in the primary's INFO and each other through
-        # hello messages (every 2 s): a failover needs both.
-        wait_until(self._sentinels_ready, 20, "sentinels aware of each other and the replica")
-        return self
-
-    def _sentinel(self) -> SentinelServer:
-        assert self.proxy is not None
-        name = self.service
-        return SentinelServer(
-            config=f"sentinel monitor {name} 127.0.0.1 {self.proxy.port} 2\n"
-            f"sentinel down-after-milliseconds {name} {self.down_after_ms}\n"
-            f"sentinel failover-timeout {name} {self.failover_timeout_ms}\n"
-        )
-
-    def _replicating(self) -> bool:
-        assert self.replica is not None
-        return bool(info(self.replica.port, "replication").get("master_link_status") == "up")
-
-    def _sentinels_ready(self) -> bool:
-        for sentinel in self.sentinels:
-            with redis.Redis(port=sentinel.port, socket_timeout=2) as client:
-                state = client.sentinel_master(self.service)
-            if state["num-slaves"] < 1 or state["num-other-sentinels"] < 2:
-                return False
-        return True
-
-    def master_ports(self) -> set[int]:
-        """The primary's port as each sentinel names it now."""
-        ports = set()
-        for sentinel in self.sentinels:
-            with redis.Redis(port=sentinel.port, socket_timeout=2) as client:
-                addr = client.sentinel_get_master_addr_by_name(self.service)
-            ports.add(int(addr[1]))
-        return ports
-
-    def _promoted(self) -> bool:
-        assert self.replica is not None
-        return self.master_ports() == {self.replica.port}
-
-    def failover(self) -> None:
-        """A planned failover that loses nothing: writes are paused on the primary until
-        the replica has them all and is promoted, then the old primary follows it and
-        drops its clients (as Sentinel itself does when it converts it, seconds later)."""
-        assert self.replica is not None
-        with redis.Redis(port=self.primary.port, socket_timeout=5) as old:
-            old.execute_command("CLIENT", "PAUSE", 10_000, "WRITE")
-            try:
-                wait_until(self._caught_up, 5, "replica caught up with the paused primary")
-                with redis.Redis(port=self.sentinels[0].port) as sentinel:
-                    sentinel.execute_command("SENTINEL", "FAILOVER", self.service)
-                wait_until(self._replica_is_master, 10, "replica promoted")
-                old.execute_command("REPLICAOF", "127.0.0.1", self.replica.port)
-                old.execute_command("CLIENT", "KILL", "TYPE", "normal")
-                old.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-            finally:
-                old.execute_command("CLIENT", "UNPAUSE")
-        wait_until(self._promoted, 20, "every sentinel naming the replica as the primary")
-
-    def sentinel_failover(self) -> None:
-        """``SENTINEL FAILOVER`` alone, until every sentinel names the replica. The old
-        primary keeps its clients and takes their writes until Sentinel demotes it,
-        about 10 s later (:meth:`wait_demoted`); those writes are then lost."""
-        with redis.Redis(port=self.sentinels[0].port) as sentinel:
-            sentinel.execute_command("SENTINEL", "FAILOVER", self.service)
-        wait_until(self._promoted, 20, "every sentinel naming the replica as the primary")
-
-    def wait_demoted(self) -> None:
-        """Wait until Sentinel has made the old primary a replica (and dropped its clients)."""
-
-        def demoted() -> bool:
-            return bool(info(self.primary.port, "replication")["role"] == "slave")
-
-        wait_until(demoted, 30, "Sentinel demoting the old primary")
-
-    def _caught_up(self) -> bool:
-        assert self.replica is not None
-        primary = info(self.primary.port, "replication")["master_repl_offset"]
-        return bool(info(self.replica.port, "replication")["master_repl_offset"] == primary)
-
-    def _replica_is_master(self) -> bool:
-        assert self.replica is not None
-        return bool(info(self.replica.port, "replication")["role"] == "master")
-
-    def pause_replication(self) -> None:
-        """From now on the replica misses every write (see :meth:`kill_primary`)."""
-        assert self.proxy is not None and self.replica is not None
-        link = info(self.replica.port, "replication")
-        assert link["master_port"] == self.proxy.port, "the replica no longer uses the proxy"
-        assert link["master_link_status"] == "up", link
-        self.proxy.pause()
-
-    def kill_primary(self) -> int:
-        """SIGKILL the primary; returns how many bytes of its replication stream the
-        replica never got (the writes the coming failover loses: more than 0 after
-        :meth:`pause_replication` and some writes). Then :meth:`wait_promoted`."""
-        assert self.primary.proc is not None and self.replica is not None
-        written = info(self.primary.port, "replication")["master_repl_offset"]
-        self.primary.proc.kill()
-        self.primary.proc.wait()
-        got = info(self.replica.port, "replication")["master_repl_offset"]
-        return int(written) - int(got)
-
-    def wait_promoted(self) -> None:
-        """Wait until every sentinel names the replica as the primary."""
-        wait_until(self._promoted, 30, "a failover to the replica")
-
-    def stop(self) -> None:
-        for server in [*self.sentinels, self.replica, self.primary]:
-            if server is not None:
-                server.stop()
-        if self.proxy is not None:
-            self.proxy.close()

@@ -4,6 +4,7 @@ and one short real run with one fault of each cheap kind."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from typing import Any
 
@@ -229,5 +230,30 @@ def test_a_short_real_run() -> None:
     assert set(result["faults"]) == set(CHEAP), result["faults"]
     assert result["jobs"] >= 3 and result["events_checked"] > result["jobs"]
     assert result["watchers"] >= 3 * result["jobs"] + 2
+    harness = {"submit_failed", "process_exited"}
+    assert not [v for v in result["violations"] if v["rule"] in harness], result["violations"]
+
+
+@pytest.mark.timeout(150)
+def test_a_short_real_run_with_sentinel_failovers() -> None:
+    """Failovers that lose what the replica missed, repeated: the stack follows each
+    without restarts, and every Redis server and sentinel is up at the end. (The
+    service's findings are the run's, as above.)"""
+    plan = Plan(
+        minutes=0.4,
+        faults=("sentinel-failover",),
+        gap_s=(0.5, 1.0),
+        job_s=(2, 4),
+        hang_s=8,
+        seed=7,
+    )
+    result = run_chaos(plan, Console(stderr=True))
+    if result["logs"]:
+        shutil.rmtree(result["logs"])
+    log = result["fault_log"]
+    assert result["faults"] == {"sentinel-failover": len(log)} and len(log) >= 2, log
+    promoted = [re.findall(r"(\S+) promoted", entry["detail"]) for entry in log]
+    assert all(a != b for a, b in zip(promoted, promoted[1:], strict=False)), log  # and back
+    assert result["jobs"] >= 3 and result["events_checked"] > result["jobs"]
     harness = {"submit_failed", "process_exited"}
     assert not [v for v in result["violations"] if v["rule"] in harness], result["violations"]

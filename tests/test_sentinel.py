@@ -1,8 +1,9 @@
 """Redis Sentinel across real processes: API and worker follow a failover, unrestarted.
 
 Each test brings its own Sentinel-managed primary (:class:`tests.procs.SentinelSet`: a
-primary, a replica, three sentinels), one ``pushsvc worker`` and one ``pushsvc api`` on
-its ``redis+sentinel://`` URL, and reads streams with httpx over real sockets.
+primary, a replica, three sentinels; after a failover ``primary`` and ``replica`` name
+the servers in their new roles), one ``pushsvc worker`` and one ``pushsvc api`` on its
+``redis+sentinel://`` URL, and reads streams with httpx over real sockets.
 """
 
 from __future__ import annotations
@@ -127,8 +128,7 @@ async def test_planned_failover_is_followed_without_restarts(sentinel_stack: Sta
                 resp = await http.get(f"/v1/jobs/{each}")
                 assert resp.status_code == 200 and resp.json()["status"] == "completed"
             assert (await http.get("/readyz")).status_code == 200
-        assert sset.replica is not None
-        with redis.Redis(port=sset.replica.port) as new_primary:
+        with redis.Redis(port=sset.primary.port) as new_primary:  # the roles swapped
             assert new_primary.info("replication")["role"] == "master"
             assert new_primary.hget(Keys(ns).job(after), "status") == b"completed"
         assert_alive(procs)
@@ -155,8 +155,7 @@ async def test_job_accepted_after_a_bare_sentinel_failover_is_kept(sentinel_stac
             assert [e.kind for e in terminals(stream, job_id)] == ["completed"]
             resp = await http.get(f"/v1/jobs/{job_id}")
             assert resp.status_code == 200 and resp.json()["status"] == "completed", resp.text
-        assert sset.replica is not None
-        with redis.Redis(port=sset.replica.port) as new_primary:
+        with redis.Redis(port=sset.primary.port) as new_primary:  # the roles swapped
             assert new_primary.hget(Keys(ns).job(job_id), "status") == b"completed"
         assert_alive(procs)
 
@@ -285,3 +284,37 @@ async def test_failover_losing_writes_mid_job(sentinel_stack: Stack) -> None:
             check_subscriber("all-jobs mux", subs.all_jobs.of(job_id), final)
             check_subscriber("resumed", subs.before.events + subs.resumed.events, final)
         assert_alive(procs)
+
+
+# -- (d) the set itself: failovers back and forth --------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_set_fails_over_back_and_forth_losing_what_the_replica_missed() -> None:
+    """The chaos bench's ``sentinel-failover``: each failover, planned or of a killed
+    primary, loses exactly the writes the replica was held from, and leaves the old
+    primary following the new one, so the set fails over again, and back."""
+    sset = SentinelSet().start()
+    try:
+        for round_, kill in enumerate((False, True, False)):
+            old, new = sset.primary, sset.replica
+            with redis.Redis(port=old.port) as client:
+                client.set(f"kept{round_}", 1)
+                sset.hold_replication()
+                client.set(f"lost{round_}", 1)
+            if kill:
+                assert sset.kill_primary() > 0
+                sset.wait_promoted()
+                sset.rejoin()
+            else:
+                assert sset.failover_losing_writes()[1] > 0
+            assert sset.wait_healthy() is False, "the sentinels failed over on their own"
+            assert sset.primary is new and sset.replica is old
+            assert (new.role(), old.role()) == ("master", "slave")
+            for node in (new, old):
+                with redis.Redis(port=node.port) as client:
+                    assert client.get(f"kept{round_}") == b"1", node.name
+                    assert client.get(f"lost{round_}") is None, node.name
+        assert sset.exited() == []
+    finally:
+        sset.stop()
