@@ -26,7 +26,7 @@ from .benchfaults import FAULTS, TENANTS, ChaosStack, Injected, chaos_stack, inj
 from .benchinvariants import WatchLog
 from .benchstack import BenchError
 from .benchwatchers import Api, StreamWatcher, poll_job
-from .fakellm import answer, read_ask
+from .fakeask import answer, read_ask
 
 MODEL_RATE = 10  # tokens a second the model writes for a ``generate`` job
 MAX_TOKENS = 512  # the generate payload's limit, sent explicitly: the fake cuts at it

@@ -1,6 +1,6 @@
 """The offline model: an OpenAI-compatible chat server with deterministic text and faults.
 
-Serves ``pushsvc dev`` (no network, no API key) and the tests; directives are listed below.
+Serves ``pushsvc dev`` (no network, no API key) and the tests; fakeask.py lists its directives.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -23,25 +22,22 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .fakeask import (
+    CUT_FAULTS,
+    STATUS_FAULTS,
+    STREAM_ERROR_FAULTS,
+    Ask,
+    BadRequest,
+    Fault,
+    answer,
+    read_ask,
+)
+
 logger = logging.getLogger(__name__)
 
 MODEL_ID = "fake-1"
-DEFAULT_TOKENS = 40
-JSON_PIECE_CHARS = 8
-DROP_AFTER_CHUNKS = 3  # content chunks a ``drop`` stream sends before cutting the connection
 STALL_S = 3600.0
-MAX_DIRECTIVE = 100_000  # tokens and rate: keeps a typo from building a huge answer
 FAULT_HEADER = "x-fake-fault"
-
-# Directives, anywhere in the last user message (the header X-Fake-Fault: SPEC wins):
-#   [[tokens:N]]  answer N words (default 40, capped by max_tokens)
-#   [[rate:N]]    write N tokens a second (0: unpaced)
-#   [[fault:SPEC]] where SPEC is NAME[:after=S][:times=K], NAME one of FAULTS; ``after`` is
-#   the 429's Retry-After, ``times`` fails only the first K requests with that SPEC + message.
-_DIRECTIVE = re.compile(r"\[\[(tokens|rate|fault):([^\]]*)\]\]")
-_KEYS_LINE = re.compile(r"^[ \t]*JSON keys:[ \t]*(.*)$", re.MULTILINE)
-STATUS_FAULTS = frozenset({"400", "401", "429", "500", "503"})
-FAULTS = STATUS_FAULTS | {"stall", "drop", "malformed"}
 
 # (type, code, message) of each error status, as OpenAI words them.
 _ERRORS: dict[int, tuple[str, str | None, str]] = {
@@ -52,42 +48,6 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
     503: ("server_error", "service_unavailable", "The server is overloaded (fake-llm fault)."),
 }
 
-VOCAB = (
-    "the quick model writes plain words for tests while jobs wait and browsers listen "
-    "to every token that arrives over a stream of events from one small server on the "
-    "local machine with no key no network and no cost so each answer stays the same "
-    "until someone changes what they ask or how many tokens they want today"
-).split()
-
-
-class BadRequest(Exception):
-    """A request this server cannot answer; becomes a 400 in OpenAI's error shape."""
-
-
-@dataclass(frozen=True)
-class Fault:
-    spec: str
-    name: str
-    after_s: float = 1.0
-    times: int | None = None
-
-
-@dataclass(frozen=True)
-class Ask:
-    """One chat request, read: its body's options and the directives of its last user turn."""
-
-    model: str
-    message: str  # the last user message as sent
-    prompt: str  # the same without directives: the seed of the answer
-    prompt_tokens: int
-    stream: bool
-    include_usage: bool
-    max_tokens: int | None
-    tokens: int
-    rate: float
-    json_keys: tuple[str, ...] | None
-    fault: Fault | None
-
 
 @dataclass
 class Stats:
@@ -97,119 +57,17 @@ class Stats:
     disconnects: int = 0  # responses whose client left before the server finished
 
 
-def parse_fault(spec: str) -> Fault:
-    name, *options = spec.strip().split(":")
-    if name not in FAULTS:
-        raise BadRequest(f"unknown fault {name!r}; known: {', '.join(sorted(FAULTS))}")
-    values: dict[str, Any] = {}
-    for option in options:
-        key, _, value = option.partition("=")
-        try:
-            number = {"after": float, "times": int}[key](value)
-        except (KeyError, ValueError):
-            number = -1
-        if not 0 <= number < math.inf:
-            raise BadRequest(f"bad fault option {option!r} in {spec!r}")
-        values["after_s" if key == "after" else "times"] = number
-    return Fault(spec=spec.strip(), name=name, **values)
-
-
-def _text(content: object) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: keep the text ones
-        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
-
-
-def _number(name: str, value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise BadRequest(f"bad directive [[{name}:{value}]]") from None
-    if not 0 <= number <= MAX_DIRECTIVE or not math.isfinite(number):
-        raise BadRequest(f"bad directive [[{name}:{value}]] (0 to {MAX_DIRECTIVE})")
-    return number
-
-
-def _max_tokens(body: dict[str, Any]) -> int | None:
-    limits = [body.get("max_tokens"), body.get("max_completion_tokens")]
-    ints = [v for v in limits if v is not None]
-    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints):
-        raise BadRequest("max_tokens must be a non-negative integer")
-    return min(ints) if ints else None
-
-
-def _json_keys(body: dict[str, Any], message: str) -> tuple[str, ...] | None:
-    line = _KEYS_LINE.search(message)
-    if line is not None:
-        keys = tuple(k.strip() for k in line.group(1).split(",") if k.strip())
-        return keys or ("name", "description")
-    response_format = body.get("response_format")
-    if isinstance(response_format, dict) and response_format.get("type") == "json_object":
-        return ("name", "description")
-    return None
-
-
-def read_ask(body: object, fault_header: str | None, default_rate: float) -> Ask:
-    """Read a chat request's body and directives; raise BadRequest for what OpenAI refuses."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array")
-    if not isinstance(body.get("model"), str) or not body["model"]:
-        raise BadRequest("you must provide a model parameter")
-    turns = [m for m in messages if isinstance(m, dict)]
-    users = [_text(m.get("content")) for m in turns if m.get("role") == "user"]
-    message = users[-1] if users else ""
-    directives = dict(_DIRECTIVE.findall(message))
-    fault_spec = fault_header or directives.get("fault")
-    stream_options = body.get("stream_options") or {}
-    return Ask(
-        model=body["model"],
-        message=message,
-        prompt=_DIRECTIVE.sub("", message).strip(),
-        prompt_tokens=max(1, sum(len(_text(m.get("content")).split()) for m in turns)),
-        stream=bool(body.get("stream")),
-        include_usage=bool(
-            isinstance(stream_options, dict) and stream_options.get("include_usage")
-        ),
-        max_tokens=_max_tokens(body),
-        tokens=int(_number("tokens", directives.get("tokens", str(DEFAULT_TOKENS)))),
-        rate=_number("rate", directives["rate"]) if "rate" in directives else default_rate,
-        json_keys=_json_keys(body, message),
-        fault=parse_fault(fault_spec) if fault_spec else None,
-    )
-
-
-def words(seed: str, count: int) -> list[str]:
-    """``count`` words from VOCAB, the same for the same seed on any machine and Python."""
-    root = hashlib.sha256(seed.encode()).digest()
-    picks = (hashlib.sha256(root + i.to_bytes(4, "big")).digest() for i in range(count))
-    return [VOCAB[int.from_bytes(p[:4], "big") % len(VOCAB)] for p in picks]
-
-
-def answer(ask: Ask, malformed: bool) -> tuple[list[str], str]:
-    """The answer as token pieces, and its finish reason (``length`` when max_tokens cut it)."""
-    if ask.json_keys is None and not malformed:
-        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(words(ask.prompt, ask.tokens))]
-    else:
-        keys = ask.json_keys or ("name", "description")
-        obj = {k: " ".join(words(f"{ask.prompt}\0{k}", 3)) for k in keys}
-        text = json.dumps(obj)
-        if malformed:  # a proper prefix of a JSON object never parses
-            text = text[: max(1, len(text) * 2 // 3)]
-        pieces = [text[i : i + JSON_PIECE_CHARS] for i in range(0, len(text), JSON_PIECE_CHARS)]
-    if ask.max_tokens is not None and len(pieces) > ask.max_tokens:
-        return pieces[: ask.max_tokens], "length"
-    return pieces, "stop"
+def error_body(status: int, message: str | None = None, retry_after: float = 0) -> dict[str, Any]:
+    """OpenAI's error body for ``status``; a 429 says when to try again, as OpenAI's do."""
+    type_, code, default = _ERRORS[status]
+    if message is None and status == 429:
+        default = f"{default} Please try again in {retry_after:g}s."
+    return {"error": {"message": message or default, "type": type_, "param": None, "code": code}}
 
 
 def error_response(status: int, message: str | None = None, retry_after: float = 0) -> Response:
-    type_, code, default = _ERRORS[status]
-    body = {"error": {"message": message or default, "type": type_, "param": None, "code": code}}
     headers = {"Retry-After": f"{retry_after:g}"} if status == 429 else None
+    body = error_body(status, message, retry_after)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -258,29 +116,50 @@ class ChunkWriter:
         return self.frame({"choices": [choice], **extra})
 
 
-async def stream_frames(ask: Ask, pieces: list[str], finish: str) -> AsyncIterator[bytes]:
-    """The SSE body: role chunk, paced content (an empty delta mid-way), usage, [DONE]."""
-    fault = ask.fault.name if ask.fault else None
+async def stream_frames(ask: Ask, pieces: list[str], finish: str | None) -> AsyncIterator[bytes]:
+    """The SSE body: role chunk, paced content (an empty delta mid-way), usage, [DONE];
+    a cutting fault (CUT_FAULTS) ends it after ``at`` content chunks instead."""
     writer = ChunkWriter(ask)
     yield writer.delta({"role": "assistant", "content": ""})
+    cut = ask.fault if ask.fault is not None and ask.fault.name in CUT_FAULTS else None
+    sent = pieces if cut is None else pieces[: cut.at]
+    async for frame in _content(ask, writer, sent, None if cut else finish):
+        yield frame
+    if cut is not None:
+        if (last := _cut_frame(cut, writer)) is not None:
+            yield last
+        return  # drop: the response never completes (see EventStream)
+    if not pieces:
+        yield writer.delta({}, finish)
+    if ask.include_usage:
+        yield writer.frame({"choices": [], "usage": _usage(ask, len(pieces))})
+    yield b"data: [DONE]\n\n"
+
+
+async def _content(
+    ask: Ask, writer: ChunkWriter, pieces: list[str], finish: str | None
+) -> AsyncIterator[bytes]:
+    """The content chunks, paced; ``finish`` on the last one."""
     interval = _interval(ask.rate)
     for i, piece in enumerate(pieces):
-        if fault == "drop" and i == DROP_AFTER_CHUNKS:
-            return  # the response never completes: see EventStream
         await anyio.sleep(interval)
         if i == len(pieces) // 2 and i > 0:
             yield writer.delta({})  # real servers send these, clients must skip them
         last = i == len(pieces) - 1
         yield writer.delta({"content": piece}, finish if last else None)
-        if fault == "stall" and i == 0:
+        if ask.fault is not None and ask.fault.name == "stall" and i == 0:
             await anyio.sleep(STALL_S)
-    if not pieces:
-        yield writer.delta({}, finish)
-    if fault == "drop":
-        return
-    if ask.include_usage:
-        yield writer.frame({"choices": [], "usage": _usage(ask, len(pieces))})
-    yield b"data: [DONE]\n\n"
+
+
+def _cut_frame(fault: Fault, writer: ChunkWriter) -> bytes | None:
+    """What a cutting fault sends before the stream ends (drop and truncate: nothing)."""
+    if fault.name == "bad_chunk":  # half a chunk: the data line is not JSON
+        whole = writer.delta({"content": " lost"}).rstrip()
+        return whole[: len(whole) // 2] + b"\n\n"
+    if fault.name in STREAM_ERROR_FAULTS:
+        body = error_body(int(fault.name.removeprefix("stream_")), retry_after=fault.after_s)
+        return f"data: {json.dumps(body)}\n\n".encode()
+    return None
 
 
 class EventStream(StreamingResponse):
@@ -382,8 +261,9 @@ class FakeLLM:
         fault = self._active(ask)
         if fault is not None:
             logger.info("fake-llm: injecting fault %s", fault.spec)
-            if fault.name in STATUS_FAULTS:
-                return error_response(int(fault.name), retry_after=fault.after_s)
+            status = fault.name.removeprefix("stream_")
+            if fault.name in STATUS_FAULTS or (not ask.stream and status in STATUS_FAULTS):
+                return error_response(int(status), retry_after=fault.after_s)
         ask = replace(ask, fault=fault)
         pieces, finish = answer(ask, malformed=fault is not None and fault.name == "malformed")
         if ask.stream:
@@ -391,8 +271,12 @@ class FakeLLM:
             return EventStream(stream_frames(ask, pieces, finish), self.stats, not drop)
         return await self._whole(request, ask, pieces, finish)
 
-    async def _whole(self, request: Request, ask: Ask, pieces: list[str], finish: str) -> Response:
+    async def _whole(
+        self, request: Request, ask: Ask, pieces: list[str], finish: str | None
+    ) -> Response:
         fault = ask.fault.name if ask.fault else None
+        if ask.fault is not None and fault == "truncate":
+            pieces, finish = pieces[: ask.fault.at], None
         wait = STALL_S if fault == "stall" else _interval(ask.rate) * len(pieces)
         if await sleep_unless_gone(request.receive, wait):
             self.stats.disconnects += 1
@@ -404,9 +288,12 @@ class FakeLLM:
             "created": int(time.time()),
             "model": ask.model,
             "choices": [choice],
-            "usage": _usage(ask, len(pieces)),
+            **({} if ask.no_usage else {"usage": _usage(ask, len(pieces))}),
             "system_fingerprint": "fp_fake",
         }
+        if fault == "bad_chunk":
+            text = json.dumps(body).encode()
+            return Response(text[: len(text) // 2], media_type="application/json")
         return CutResponse(body) if fault == "drop" else JSONResponse(body)
 
 

@@ -1,52 +1,125 @@
 """The one place that talks to a model: ``openai.AsyncOpenAI`` streaming chat completions.
 
 Works against any OpenAI-compatible server (OpenAI, vLLM, Ollama, LM Studio, the
-offline fake). The server's errors are translated here into retryable or fatal
-``JobError``s, so job code never sees an ``openai`` exception.
+offline fake). Every way a call can end is classified here, once, into a
+``Completion`` or a retryable or fatal ``JobError``: job code never sees an
+``openai`` exception, and nothing from the wire becomes an ``internal_error``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx2
 import openai
+from openai.types.chat import ChatCompletionChunk
 
 from .errors import JobError
 from .settings import Settings
 
-# (exception, error code, retryable): first match wins, so subclasses come first.
-_ERRORS: list[tuple[type[Exception], str, bool]] = [
-    (openai.APITimeoutError, "upstream_timeout", True),
-    (openai.APIConnectionError, "upstream_unreachable", True),
-    (openai.RateLimitError, "rate_limited", True),
-    (openai.InternalServerError, "upstream_error", True),
-    (openai.AuthenticationError, "upstream_auth_failed", False),
-    (openai.PermissionDeniedError, "upstream_permission_denied", False),
-    (openai.NotFoundError, "model_not_found", False),
-    (openai.BadRequestError, "upstream_bad_request", False),
-    (openai.UnprocessableEntityError, "upstream_bad_request", False),
-    (openai.ConflictError, "upstream_error", True),
-]
+# finish_reason values that mean the answer was cut, not finished.
+CUT_REASONS = frozenset({"length", "content_filter"})
+
+# An HTTP status -> (error code, retryable). Errors sent inside a 200 stream are given
+# the status their type/code stands for (``_stream_status``) and mapped the same way.
+_BY_STATUS: dict[int, tuple[str, bool]] = {
+    400: ("upstream_bad_request", False),
+    401: ("upstream_auth_failed", False),
+    403: ("upstream_permission_denied", False),
+    404: ("model_not_found", False),
+    408: ("upstream_timeout", True),
+    409: ("upstream_error", True),
+    422: ("upstream_bad_request", False),
+    429: ("rate_limited", True),
+}
+
+# Words in an in-stream error's ``code`` or ``type`` (lowercased, letters only) and the
+# status they stand for; first match wins. Servers word them differently: OpenAI
+# ``rate_limit_exceeded``/``server_error``/``invalid_api_key``, vLLM and LiteLLM their
+# exception names (``RateLimitError``) or the status itself, Anthropic-style gateways
+# ``overloaded_error``.
+_STREAM_WORDS: tuple[tuple[str, int], ...] = (
+    ("ratelimit", 429),
+    ("quota", 429),
+    ("toomanyrequests", 429),
+    ("apikey", 401),
+    ("auth", 401),
+    ("permission", 403),
+    ("notfound", 404),
+    ("overload", 503),
+    ("unavailable", 503),
+    ("timeout", 504),
+    ("server", 500),
+    ("internal", 500),
+    ("invalidrequest", 400),
+    ("badrequest", 400),
+    ("unprocessable", 422),
+)
+_TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
+_DONE = re.compile(rb"[\r\n]data: ?\[DONE\]")
 
 
-def _retry_after(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: let the backoff decide
-
-
-def _classify(exc: Exception) -> tuple[str, bool]:
-    for kind, code, retryable in _ERRORS:
-        if isinstance(exc, kind):
-            return code, retryable
+def _by_status(status: int) -> tuple[str, bool]:
     # Other statuses: retry server errors, fail the rest.
-    return "upstream_error", getattr(exc, "status_code", 0) >= 500
+    return _BY_STATUS.get(status, ("upstream_error", status >= 500))
+
+
+def _stream_status(body: object) -> int | None:
+    """The HTTP status an error sent inside a stream stands for (None: unknown)."""
+    if not isinstance(body, dict):
+        return None
+    for key in ("status", "status_code", "code"):
+        value = body.get(key)
+        if isinstance(value, int | str) and str(value).isdigit() and 400 <= int(value) < 600:
+            return int(value)
+    for key in ("code", "type"):  # code first: OpenAI's bad key is type invalid_request_error
+        name = re.sub(r"[^a-z]", "", str(body.get(key) or "").lower())
+        for word, status in _STREAM_WORDS:
+            if word in name:
+                return status
+    return None
+
+
+def _retry_after(exc: openai.OpenAIError) -> float | None:
+    """The server's retry hint: Retry-After(-Ms) headers, or "try again in 1.5s" in the
+    message (all an error inside a 200 stream can carry)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+    with contextlib.suppress(TypeError, ValueError):  # an HTTP date: let the backoff decide
+        if (ms := headers.get("retry-after-ms")) is not None:
+            return float(ms) / 1000
+        if (seconds := headers.get("retry-after")) is not None:
+            return float(seconds)
+    hint = _TRY_AGAIN.search(str(getattr(exc, "message", "")))
+    if hint is None:
+        return None
+    return float(hint[1]) / (1000 if hint[2].lower() == "ms" else 1)
+
+
+def classify(exc: openai.OpenAIError) -> JobError:
+    """The ``JobError`` an ``openai`` error stands for: code, retryable, retry hint."""
+    message = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+    if isinstance(exc, openai.APITimeoutError):  # before its base, APIConnectionError
+        code, retryable = "upstream_timeout", True
+    elif isinstance(exc, openai.APIConnectionError):
+        code, retryable = "upstream_unreachable", True
+    elif isinstance(exc, openai.APIStatusError):
+        code, retryable = _by_status(exc.status_code)
+    elif isinstance(exc, openai.APIResponseValidationError):  # a body not shaped as it should
+        code, retryable = "upstream_malformed", True
+    elif isinstance(exc, openai.APIError):
+        # An error event inside a 200 stream: the SDK raises APIError without a status.
+        # The server accepted the request, so an error it cannot name is its own: retry.
+        status = _stream_status(exc.body)
+        code, retryable = _by_status(status) if status is not None else ("upstream_error", True)
+        kind = "/".join(str(v) for v in (exc.type, exc.code) if v)
+        message = f"error inside the model's stream ({kind or 'unnamed'}): {exc.message}"
+    else:
+        code, retryable = "upstream_error", False
+    return JobError(message[:500], code=code, retryable=retryable, retry_after_s=_retry_after(exc))
 
 
 @contextlib.contextmanager
@@ -55,11 +128,37 @@ def map_openai_errors() -> Iterator[None]:
     try:
         yield
     except openai.OpenAIError as exc:
-        code, retryable = _classify(exc)
-        message = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-        raise JobError(
-            message[:500], code=code, retryable=retryable, retry_after_s=_retry_after(exc)
-        ) from exc
+        raise classify(exc) from exc
+
+
+class _EndWatch(httpx2.AsyncByteStream):
+    """A response body passed through unchanged, noting whether a ``data: [DONE]`` line
+    went by: the SDK ends its iteration at that line and at a body cut short alike."""
+
+    def __init__(self, body: httpx2.AsyncByteStream) -> None:
+        self.body = body
+        self.done = False
+        self._tail = b"\n"  # the body starts a line
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self.body:
+            if not self.done:
+                window = self._tail + chunk
+                self.done = _DONE.search(window) is not None
+                self._tail = window[-16:]
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self.body.aclose()
+
+
+async def _watch_end(response: httpx2.Response) -> None:
+    """Response hook: watch the end of uncompressed event streams (a compressed one is
+    not watched, and then only a finish_reason says the answer is whole)."""
+    events = response.headers.get("content-type", "").startswith("text/event-stream")
+    plain = response.headers.get("content-encoding", "identity") == "identity"
+    if events and plain and isinstance(response.stream, httpx2.AsyncByteStream):
+        response.stream = _EndWatch(response.stream)
 
 
 @dataclass
@@ -71,12 +170,66 @@ class Usage:
 
 @dataclass
 class Completion:
-    """What a finished stream gave: text, model and usage (usage may be estimated)."""
+    """What a finished stream gave: text, model, usage (may be estimated), finish reason."""
 
     text: str = ""
     model: str = ""
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        """The answer was cut (``length``, ``content_filter``), not finished."""
+        return self.finish_reason in CUT_REASONS
+
+
+@dataclass
+class _Reader:
+    """Reads one stream's chunks; malformed shapes raise ``ValueError``."""
+
+    done: Completion = field(default_factory=Completion)
+    parts: list[str] = field(default_factory=list)
+    chunks: int = 0
+
+    def add(self, chunk: ChatCompletionChunk) -> str:
+        """Take in one chunk; returns its text (often empty)."""
+        self.chunks += 1
+        choices = getattr(chunk, "choices", None) or []
+        if not isinstance(choices, list):
+            raise ValueError(f"a chunk's choices is {type(choices).__name__}, not a list")
+        # getattr: the SDK builds chunks without validating them, and servers leave out
+        # what they consider empty (a finish chunk without ``delta``).
+        self.done.model = getattr(chunk, "model", None) or self.done.model
+        if (usage := getattr(chunk, "usage", None)) is not None:
+            self.done.usage = Usage(
+                usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
+            )
+        text = ""
+        for choice in choices:  # none in the final usage chunk
+            self.done.finish_reason = (
+                getattr(choice, "finish_reason", None) or self.done.finish_reason
+            )
+            delta = getattr(choice, "delta", None)
+            if delta is not None and getattr(delta, "content", None):
+                text += delta.content  # TypeError when it is not text
+        self.parts.append(text)
+        return text
+
+    def finish(self, saw_done: bool) -> Completion:
+        """The completion, or ``upstream_truncated`` when the stream just stopped."""
+        if self.done.finish_reason is None and not saw_done:
+            raise JobError(
+                f"the model's stream ended after {self.chunks} chunks without a "
+                "finish_reason or [DONE]: the answer was cut short",
+                code="upstream_truncated",
+                retryable=True,
+            )
+        self.done.text = "".join(self.parts)
+        if not self.done.usage.completion_tokens:  # servers that send no usage chunk
+            content = sum(1 for p in self.parts if p)
+            self.done.usage.completion_tokens = content
+            self.done.usage.total_tokens = self.done.usage.prompt_tokens + content
+        return self.done
 
 
 class LLM:
@@ -91,6 +244,7 @@ class LLM:
             base_url=settings.llm_base_url,
             max_retries=0,
             timeout=settings.llm_timeout_s,
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [_watch_end]}),
         )
 
     async def aclose(self) -> None:
@@ -104,24 +258,13 @@ class LLM:
         max_tokens: int | None = None,
         temperature: float | None = None,
         json_mode: bool = False,
-        on_delta: Any = None,
+        on_delta: Callable[[str], Awaitable[None]] | None = None,
     ) -> Completion:
-        """Stream a completion to its end, calling ``await on_delta(text)`` per delta."""
-        done = Completion()
-        async for delta in self._chunks(messages, done, model, max_tokens, temperature, json_mode):
-            if on_delta is not None:
-                await on_delta(delta)
-        return done
+        """Stream a completion to its end, calling ``await on_delta(text)`` per delta.
 
-    async def _chunks(
-        self,
-        messages: list[dict[str, str]],
-        done: Completion,
-        model: str | None,
-        max_tokens: int | None,
-        temperature: float | None,
-        json_mode: bool,
-    ) -> AsyncIterator[str]:
+        Raises ``JobError`` for every way the call can fail; see ARCHITECTURE.md,
+        "Model calls".
+        """
         args: dict[str, Any] = {
             "model": model or self.default_model,
             "messages": messages,
@@ -134,25 +277,31 @@ class LLM:
             args["temperature"] = temperature
         if json_mode:
             args["response_format"] = {"type": "json_object"}
-        parts: list[str] = []
+        reader = _Reader()
         with map_openai_errors():
             stream = await self.client.chat.completions.create(**args)
-            # ``async with``: a cancelled job closes the HTTP stream to the model at once.
-            async with stream:
-                async for chunk in stream:
-                    done.model = chunk.model or done.model
-                    if chunk.usage is not None:
-                        done.usage = Usage(
-                            chunk.usage.prompt_tokens,
-                            chunk.usage.completion_tokens,
-                            chunk.usage.total_tokens,
-                        )
-                    for choice in chunk.choices:  # none in the final usage chunk
-                        done.finish_reason = choice.finish_reason or done.finish_reason
-                        if choice.delta and choice.delta.content:
-                            parts.append(choice.delta.content)
-                            yield choice.delta.content
-        done.text = "".join(parts)
-        if not done.usage.completion_tokens:  # servers that send no usage chunk
-            done.usage.completion_tokens = len(parts)
-            done.usage.total_tokens = done.usage.prompt_tokens + len(parts)
+        # ``async with``: a cancelled job closes the HTTP stream to the model at once.
+        async with stream:
+            while (text := await _next(stream, reader)) is not None:
+                if text and on_delta is not None:
+                    await on_delta(text)
+        watch = stream.response.stream
+        return reader.finish(saw_done=isinstance(watch, _EndWatch) and watch.done)
+
+
+async def _next(stream: openai.AsyncStream[ChatCompletionChunk], reader: _Reader) -> str | None:
+    """The next chunk's text, or None at the end of the stream."""
+    with map_openai_errors():
+        try:
+            return reader.add(await stream.__anext__())
+        except StopAsyncIteration:
+            return None
+        except (ValueError, TypeError, AttributeError) as exc:
+            # The SDK lets a chunk that is not JSON out as JSONDecodeError; a JSON chunk of
+            # the wrong shape fails in ``_Reader.add``.
+            raise JobError(
+                f"the model sent a malformed chunk after {reader.chunks} chunks: "
+                f"{type(exc).__name__}: {exc}"[:500],
+                code="upstream_malformed",
+                retryable=True,
+            ) from exc

@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import random
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -15,8 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .errors import JobError
 from .jobs import JobContext, job_type
+from .llm import Completion
 
 ITEM_TRIES = 3  # per item, for malformed output and retryable upstream errors
+# What one item gives: its entry in the result, and the model call that made it.
+Made = tuple[dict[str, Any], Completion]
 FIELD_NAME = r"^[a-z_][a-z0-9_]{0,39}$"
 
 
@@ -58,7 +62,17 @@ async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
         on_delta=on_delta,
     )
     await ctx.stage("finalizing")
-    return {"text": done.text, "model": done.model, "usage": dataclasses.asdict(done.usage)}
+    return {
+        "text": done.text,
+        "model": done.model,
+        "usage": dataclasses.asdict(done.usage),
+        **finish_of(done),
+    }
+
+
+def finish_of(done: Completion) -> dict[str, Any]:
+    """How a model answer ended: ``finish_reason``, and ``truncated`` when it was cut."""
+    return {"finish_reason": done.finish_reason, "truncated": done.truncated}
 
 
 class ItemsPayload(BaseModel):
@@ -88,7 +102,7 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
         **{k: (str, Field(min_length=1)) for k in keys},
     )
 
-    async def make(i: int) -> dict[str, Any]:
+    async def make(i: int) -> Made:
         prompt = (
             f"Create {p.kind} number {i + 1} of {p.count} for this theme: {p.theme}\n"
             f"Answer with one JSON object.\nJSON keys: {', '.join(keys)}"
@@ -99,12 +113,18 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
         try:
             item: dict[str, Any] = item_model.model_validate(json.loads(done.text)).model_dump()
         except (ValueError, ValidationError) as exc:
+            cut = f" (the answer was cut: {done.finish_reason})" if done.truncated else ""
             raise JobError(
-                f"item {i + 1} is not valid: {exc}"[:300], code="malformed_item", retryable=True
+                f"item {i + 1} is not valid{cut}: {exc}"[:300],
+                code="malformed_item",
+                retryable=True,
             ) from exc
-        return item
+        return item, done
 
-    return await run_items(ctx, p.count, make, p.parallel, p.failure_tolerance, "items")
+    # Items are the caller's objects (any field name): how each answer ended goes beside them.
+    return await run_items(
+        ctx, p.count, make, p.parallel, p.failure_tolerance, "items", inline_finish=False
+    )
 
 
 class BatchPayload(BaseModel):
@@ -127,74 +147,106 @@ class BatchPayload(BaseModel):
 async def batch(ctx: JobContext, p: BatchPayload) -> dict[str, Any]:
     """Applies a prompt template to every input; partial success within a tolerance."""
 
-    async def make(i: int) -> dict[str, Any]:
+    async def make(i: int) -> Made:
         prompt = p.template.replace("{input}", p.inputs[i])
         done = await ctx.llm.complete(
             [{"role": "user", "content": prompt}], model=p.model, max_tokens=p.max_tokens
         )
-        return {"input": p.inputs[i], "output": done.text}
+        return {"input": p.inputs[i], "output": done.text}, done
 
-    return await run_items(ctx, len(p.inputs), make, p.parallel, p.failure_tolerance, "outputs")
+    return await run_items(
+        ctx, len(p.inputs), make, p.parallel, p.failure_tolerance, "outputs", inline_finish=True
+    )
+
+
+class _ToleranceExceeded(Exception):
+    """Raised in an item's task once failures exceed the tolerance: the job's outcome is
+    decided, so the items still running are stopped."""
 
 
 async def run_items(
     ctx: JobContext,
     count: int,
-    make: Callable[[int], Awaitable[dict[str, Any]]],
+    make: Callable[[int], Awaitable[Made]],
     parallel: int | None,
     tolerance: float,
     name: str,
+    *,
+    inline_finish: bool,
 ) -> dict[str, Any]:
     """Run ``make(i)`` for every item under a parallel limit, publishing each as it lands.
 
     A retryable error or malformed item is tried again (up to ``ITEM_TRIES``), then
-    counted as failed; a fatal error (e.g. bad credentials) fails the job at once.
+    counted as failed; a fatal one (a bad request, bad credentials) counts at once.
+    Failures within ``tolerance`` leave the job completed; past it the job fails with
+    ``too_many_failures`` at once, retryable when every failure was.
     """
     gate = asyncio.Semaphore(parallel or ctx.resources.settings.llm_parallel)
-    results: list[dict[str, Any] | None] = [None] * count
+    made: list[Made | None] = [None] * count
     errors: list[dict[str, Any]] = []
 
     async def one(i: int) -> None:
         async with gate:
-            results[i], error = await _with_retries(make, i)
-        if error is not None:
-            errors.append({"index": i, **error})
+            item, error = await _with_retries(make, i)
+        made[i] = item
+        if item is not None:
+            await ctx.output(json.dumps({"index": i, **item[0]}) + "\n")
         else:
-            await ctx.output(json.dumps({"index": i, **results[i]}) + "\n")  # type: ignore[dict-item]
-        done = count - results.count(None) + len(errors)
+            errors.append({"index": i, **(error or {})})
+        done = count - made.count(None) + len(errors)
         await ctx.progress(100 * done / count, "generating", f"{done}/{count} {name}")
+        if len(errors) > tolerance * count:
+            raise _ToleranceExceeded
 
     try:
         async with asyncio.TaskGroup() as group:
             for i in range(count):
                 group.create_task(one(i))
-    except BaseExceptionGroup as group_error:  # a fatal error: surface it, not the group
-        raise group_error.exceptions[0] from None
+    except BaseExceptionGroup as group_error:
+        bugs = [e for e in group_error.exceptions if not isinstance(e, _ToleranceExceeded)]
+        if bugs:  # surface the error, not the group
+            raise bugs[0] from None
     await ctx.stage("finalizing")
-    outcome = {
-        name: [r for r in results if r is not None],
-        "failed": len(errors),
-        "errors": sorted(errors, key=lambda e: e["index"]),
-    }
+    outcome = _outcome(made, errors, name, inline_finish)
     if len(errors) > tolerance * count:
+        codes = Counter(e["code"] for e in errors).most_common()
         raise JobError(
-            f"{len(errors)} of {count} {name} failed (tolerance {tolerance:g})",
+            f"{len(errors)} of {count} {name} failed (tolerance {tolerance:g}): "
+            + ", ".join(f"{n} {code}" for code, n in codes),
             code="too_many_failures",
+            retryable=all(e["retryable"] for e in errors),
             result=outcome,
         )
     return outcome
 
 
+def _outcome(
+    made: list[Made | None], errors: list[dict[str, Any]], name: str, inline_finish: bool
+) -> dict[str, Any]:
+    landed = [(i, m[0], finish_of(m[1])) for i, m in enumerate(made) if m is not None]
+    outcome: dict[str, Any] = {
+        name: [{**entry, **finish} if inline_finish else entry for _, entry, finish in landed],
+        "failed": len(errors),
+        # Stopped or never started: the tolerance was exceeded first.
+        "skipped": len(made) - len(landed) - len(errors),
+        "errors": sorted(errors, key=lambda e: e["index"]),
+    }
+    if not inline_finish:  # one per entry of ``name``, in the same order
+        outcome["answers"] = [{"index": i, **finish} for i, _, finish in landed]
+    return outcome
+
+
 async def _with_retries(
-    make: Callable[[int], Awaitable[dict[str, Any]]], i: int
-) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    make: Callable[[int], Awaitable[Made]], i: int
+) -> tuple[Made | None, dict[str, Any] | None]:
+    error: dict[str, Any] | None = None
     for attempt in range(1, ITEM_TRIES + 1):
         try:
             return await make(i), None
         except JobError as exc:
+            error = {"code": exc.code, "message": exc.message, "retryable": exc.retryable}
             if not exc.retryable:
-                raise
-            error = {"code": exc.code, "message": exc.message}
+                break  # another try would fail the same way
             if attempt < ITEM_TRIES:  # backoff with jitter, at least the server's Retry-After
                 await asyncio.sleep(max(exc.retry_after_s or 0, random.uniform(0, 0.2 * attempt)))
     return None, error

@@ -179,3 +179,28 @@ async def isolated(
     yield c, redis_server, namespace
     await c.http.aclose()
     api.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_stack(redis_server: RedisServer, model_url: str) -> Iterator[dict[str, str]]:
+    """A worker and an API on the offline model, for one test module's LLM jobs."""
+    env = stack_env(
+        redis_server.url,
+        f"llm{secrets.token_hex(3)}",
+        llm_base_url=model_url,
+        llm_api_key="offline",
+        llm_model="fake-1",
+        retry_base_s="0.05",
+    )
+    worker = Proc(["worker"], env).start()
+    api = Api([], env).start()
+    yield {"api": api.url, "ns": env["PUSHSVC_NAMESPACE"], "model": model_url}
+    api.stop()
+    worker.stop()
+
+
+@pytest.fixture
+async def llm(llm_stack: dict[str, str], redis: Redis) -> AsyncIterator[Client]:
+    c = make_client(llm_stack["api"], "key-a", redis, llm_stack["ns"])
+    yield c
+    await c.http.aclose()

@@ -361,3 +361,156 @@ async def test_required_api_key() -> None:
             assert caught.value.code == "invalid_api_key"
             assert await ask(right, "hi")
             assert [m.id for m in (await right.models.list()).data] == ["fake-1"]
+
+
+async def raw_stream(url: str, text: str, **body: Any) -> bytes:
+    """A streamed answer's body as the server sent it (no client in between)."""
+    request = {"model": "fake-1", "messages": user(text), "stream": True, **body}
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        resp = await http.post("/v1/chat/completions", json=request)
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith(
+            "text/event-stream"
+        )
+        return resp.content
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("reason", ["length", "content_filter", "stop"])
+async def test_finish_directive_sets_the_finish_reason(
+    llm: openai.AsyncOpenAI, reason: str
+) -> None:
+    text = fresh("[[tokens:6]]")
+    received = await chunks(llm, f"{text} [[finish:{reason}]]")
+    whole = await llm.chat.completions.create(
+        model="fake-1", messages=user(f"{text} [[finish:{reason}]]")
+    )
+
+    assert joined(received) == await ask(llm, text)  # the words stay the same
+    assert received[-1].choices[0].finish_reason == reason
+    assert whole.choices[0].finish_reason == reason
+
+
+@pytest.mark.timeout(20)
+async def test_finish_none_sends_no_finish_reason_but_done(
+    llm: openai.AsyncOpenAI, base_url: str
+) -> None:
+    text = fresh("[[tokens:4]] [[finish:none]]")
+    received = await chunks(llm, text)
+    body = await raw_stream(base_url, text)
+
+    assert len(joined(received).split(" ")) == 4
+    assert all(c.choices[0].finish_reason is None for c in received)
+    assert body.endswith(b"data: [DONE]\n\n")
+
+
+@pytest.mark.timeout(20)
+async def test_no_usage_sends_no_usage(llm: openai.AsyncOpenAI) -> None:
+    text = fresh("[[tokens:5]] [[no_usage]]")
+    received = await chunks(llm, text, stream_options={"include_usage": True})
+    whole = await llm.chat.completions.create(model="fake-1", messages=user(text))
+
+    assert all(c.usage is None and c.choices for c in received)
+    assert received[-1].choices[0].finish_reason == "stop"
+    assert whole.usage is None and whole.choices[0].message.content
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("at", [None, 0, 1, 100])
+async def test_truncate_ends_the_stream_cleanly_without_finish_or_done(
+    llm: openai.AsyncOpenAI, base_url: str, at: int | None
+) -> None:
+    spec = "truncate" if at is None else f"truncate:at={at}"
+    text = fresh(f"[[tokens:6]] [[fault:{spec}]]")
+    received = await chunks(llm, text, stream_options={"include_usage": True})  # no error
+    body = await raw_stream(base_url, text)
+    whole = await ask(llm, fresh("[[tokens:6]]"))
+
+    sent = min(6, 3 if at is None else at)
+    assert len([c for c in received if c.choices[0].delta.content]) == sent
+    assert all(c.choices[0].finish_reason is None and c.usage is None for c in received)
+    assert b"[DONE]" not in body and b'"finish_reason":"stop"' not in body
+    assert whole  # an answer without the fault is whole
+
+
+@pytest.mark.timeout(20)
+async def test_truncate_without_stream_is_a_short_answer_without_finish(
+    llm: openai.AsyncOpenAI,
+) -> None:
+    cut = await llm.chat.completions.create(
+        model="fake-1", messages=user(fresh("[[tokens:6]] [[fault:truncate:at=2]]"))
+    )
+    assert len((cut.choices[0].message.content or "").split(" ")) == 2
+    assert cut.choices[0].finish_reason is None
+
+
+IN_STREAM = [
+    ("stream_429", "rate_limit_error", "rate_limit_exceeded"),
+    ("stream_500", "server_error", None),
+    ("stream_503", "server_error", "service_unavailable"),
+    ("stream_401", "invalid_request_error", "invalid_api_key"),
+    ("stream_400", "invalid_request_error", None),
+]
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(("fault", "type_", "code"), IN_STREAM)
+async def test_stream_errors_arrive_inside_a_200_stream(
+    llm: openai.AsyncOpenAI, base_url: str, fault: str, type_: str, code: str | None
+) -> None:
+    text = fresh(f"[[fault:{fault}:at=2]]")
+    got: list[ChatCompletionChunk] = []
+    create = llm.chat.completions.create
+    with pytest.raises(openai.APIError) as caught:
+        async with await create(model="fake-1", messages=user(text), stream=True) as stream:
+            async for chunk in stream:
+                got.append(chunk)
+    body = await raw_stream(base_url, text)
+
+    error = caught.value
+    assert not isinstance(error, openai.APIStatusError)  # no status: it came inside a 200
+    assert (error.type, error.code) == (type_, code)
+    assert len([c for c in got if c.choices[0].delta.content]) == 2
+    assert body.rstrip().endswith(b"}}") and b"[DONE]" not in body
+    last = json.loads(body.rstrip().rsplit(b"\n", 1)[-1].removeprefix(b"data: "))
+    assert set(last) == {"error"} and last["error"]["message"]
+
+
+@pytest.mark.timeout(20)
+async def test_stream_rate_limit_says_when_to_try_again(llm: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.APIError, match="try again in 2s"):
+        await chunks(llm, fresh("[[fault:stream_429:after=2]]"))
+    # Without a stream it is the plain status (with Retry-After).
+    with pytest.raises(openai.RateLimitError) as caught:
+        await ask(llm, fresh("[[fault:stream_429:after=2]]"))
+    assert caught.value.response.headers["retry-after"] == "2"
+
+
+@pytest.mark.timeout(20)
+async def test_bad_chunk_is_not_json(llm: openai.AsyncOpenAI) -> None:
+    got: list[ChatCompletionChunk] = []
+    create = llm.chat.completions.create
+    text = fresh("[[fault:bad_chunk:at=1]]")
+    with pytest.raises(json.JSONDecodeError):  # the SDK lets it out, not as an OpenAIError
+        async with await create(model="fake-1", messages=user(text), stream=True) as stream:
+            async for chunk in stream:
+                got.append(chunk)
+    assert len([c for c in got if c.choices[0].delta.content]) == 1
+    with pytest.raises((json.JSONDecodeError, openai.APIResponseValidationError)):
+        await ask(llm, fresh("[[fault:bad_chunk]]"))
+
+
+@pytest.mark.timeout(20)
+async def test_times_applies_to_the_new_faults(llm: openai.AsyncOpenAI) -> None:
+    text = fresh("[[tokens:5]] [[fault:truncate:times=1]]")
+    first, second = await chunks(llm, text), await chunks(llm, text)
+    assert all(c.choices[0].finish_reason is None for c in first)
+    assert second[-1].choices[0].finish_reason == "stop"
+    assert joined(second) == await ask(llm, text)
+
+
+@pytest.mark.timeout(20)
+async def test_bad_new_directives_are_refused(llm: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="finish"):
+        await ask(llm, fresh("[[finish:maybe]]"))
+    with pytest.raises(openai.BadRequestError, match="bad fault option"):
+        await ask(llm, fresh("[[fault:truncate:at=x]]"))

@@ -5,40 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import httpx2
+import openai
 import pytest
-from redis.asyncio import Redis
 
-from .conftest import Client, make_client, model_answer, stack_env
-from .procs import Api, Proc, RedisServer
+from pushsvc.errors import JobError
+from pushsvc.llm import LLM, classify
+from pushsvc.settings import Settings
+
+from .conftest import Client, model_answer
 from .sse import read
-
-
-@pytest.fixture(scope="module")
-def llm_stack(redis_server: RedisServer, model_url: str) -> Iterator[dict[str, str]]:
-    env = stack_env(
-        redis_server.url,
-        f"llm{secrets.token_hex(3)}",
-        llm_base_url=model_url,
-        llm_api_key="offline",
-        llm_model="fake-1",
-        retry_base_s="0.05",
-    )
-    worker = Proc(["worker"], env).start()
-    api = Api([], env).start()
-    yield {"api": api.url, "ns": env["PUSHSVC_NAMESPACE"], "model": model_url}
-    api.stop()
-    worker.stop()
-
-
-@pytest.fixture
-async def llm(llm_stack: dict[str, str], redis: Redis) -> AsyncIterator[Client]:
-    c = make_client(llm_stack["api"], "key-a", redis, llm_stack["ns"])
-    yield c
-    await c.http.aclose()
 
 
 async def _stats(model_url: str) -> dict[str, int]:
@@ -64,6 +44,7 @@ async def test_generate_streams_the_whole_text_in_order(
     assert streamed == await model_answer(llm_stack["model"], prompt, max_tokens=200)
     assert done["result"]["model"] == "fake-1"
     assert done["result"]["usage"]["completion_tokens"] == 60
+    assert (done["result"]["finish_reason"], done["result"]["truncated"]) == ("stop", False)
     progress = [e.data["progress"] for e in stream.events if e.kind == "progress"]
     assert any(0 < p < 100 for p in progress) and progress == sorted(progress)
     stages = [e.data["stage"] for e in stream.events if e.kind == "progress"]
@@ -134,6 +115,9 @@ async def test_generate_items_validates_and_publishes_each_item(llm: Client) -> 
     items = done["result"]["items"]
     assert len(items) == 5
     assert all(set(i) == {"name", "description", "age", "motto"} for i in items)
+    assert done["result"]["answers"] == [
+        {"index": i, "finish_reason": "stop", "truncated": False} for i in range(5)
+    ]
     lines = [json.loads(line) for line in done["output"].splitlines()]
     assert sorted(line["index"] for line in lines) == list(range(5))
     first_item = next(i for i, e in enumerate(stream.events) if e.kind == "output")
@@ -163,6 +147,7 @@ async def test_batch_partial_success_within_tolerance(llm: Client, bad: int, sta
     result = done["result"]
     assert result["failed"] == bad and len(result["outputs"]) == 5 - bad
     assert all(o["output"] for o in result["outputs"])
+    assert all((o["finish_reason"], o["truncated"]) == ("stop", False) for o in result["outputs"])
     assert [e["code"] for e in result["errors"]] == ["upstream_error"] * bad
     if status == "failed":
         assert done["error"]["code"] == "too_many_failures"
@@ -183,3 +168,163 @@ async def test_llm_payloads_are_validated(llm: Client, type_: str, payload: dict
     resp = await llm.http.post("/v1/jobs", json={"type": type_, "payload": payload})
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"]["details"][0]["loc"][0] == "payload"
+
+
+# -- the model-call layer itself (pushsvc.llm), against the fake-llm process ------------
+
+
+@pytest.fixture
+async def model(model_url: str) -> AsyncIterator[LLM]:
+    client = LLM(Settings(PUSHSVC_LLM_BASE_URL=model_url, llm_model="fake-1"))
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("directives", "finish", "truncated"),
+    [
+        ("", "stop", False),
+        ("[[finish:length]]", "length", True),
+        ("[[finish:content_filter]]", "content_filter", True),
+        ("[[no_usage]]", "stop", False),
+        # No finish_reason, but the server said [DONE]: a whole answer from a lax server.
+        ("[[finish:none]]", None, False),
+    ],
+)
+async def test_complete_gives_the_whole_answer_and_how_it_ended(
+    model: LLM, model_url: str, directives: str, finish: str | None, truncated: bool
+) -> None:
+    prompt = f"how did it end {secrets.token_hex(4)} [[tokens:12]] {directives}"
+    deltas: list[str] = []
+
+    async def on_delta(text: str) -> None:
+        deltas.append(text)
+
+    done = await model.complete([{"role": "user", "content": prompt}], on_delta=on_delta)
+    assert done.text == "".join(deltas) == await model_answer(model_url, prompt)
+    assert (done.finish_reason, done.truncated) == (finish, truncated)
+    assert done.model == "fake-1"
+    if "no_usage" not in directives:
+        assert done.usage.completion_tokens == 12
+
+
+@pytest.mark.timeout(30)
+async def test_complete_cut_by_max_tokens_is_truncated(model: LLM, model_url: str) -> None:
+    prompt = f"long {secrets.token_hex(4)} [[tokens:30]]"
+    done = await model.complete([{"role": "user", "content": prompt}], max_tokens=7)
+    assert done.text == await model_answer(model_url, prompt, max_tokens=7)
+    assert (done.finish_reason, done.truncated) == ("length", True)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("fault", "code", "retryable", "hint"),
+    [
+        ("truncate", "upstream_truncated", True, None),
+        ("truncate:at=100", "upstream_truncated", True, None),  # all the text, never finished
+        ("bad_chunk", "upstream_malformed", True, None),
+        ("stream_429:after=2", "rate_limited", True, 2.0),
+        ("stream_500", "upstream_error", True, None),
+        ("stream_503", "upstream_error", True, None),
+        ("stream_401", "upstream_auth_failed", False, None),
+        ("stream_400", "upstream_bad_request", False, None),
+        ("429:after=3", "rate_limited", True, 3.0),
+        ("drop", "upstream_unreachable", True, None),
+    ],
+)
+async def test_complete_classifies_what_the_wire_did(
+    model: LLM, fault: str, code: str, retryable: bool, hint: float | None
+) -> None:
+    """Bugs: a stream cut short was a whole answer, an error inside a 200 stream was always
+    fatal ``upstream_error``, a malformed chunk was an ``internal_error``."""
+    deltas: list[str] = []
+
+    async def on_delta(text: str) -> None:
+        deltas.append(text)
+
+    prompt = f"broken {secrets.token_hex(4)} [[tokens:8]] [[fault:{fault}]]"
+    with pytest.raises(JobError) as caught:
+        await model.complete([{"role": "user", "content": prompt}], on_delta=on_delta)
+    error = caught.value
+    assert (error.code, error.retryable, error.retry_after_s) == (code, retryable, hint)
+    if fault.startswith(("truncate", "bad_chunk", "stream_")):
+        assert deltas  # the text before the fault was streamed, then the call failed
+
+
+def _in_stream(body: dict[str, Any]) -> openai.APIError:
+    request = httpx2.Request("POST", "http://model/v1/chat/completions")
+    return openai.APIError(str(body.get("message", "")), request, body=body)
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    ("body", "code", "retryable", "hint"),
+    [
+        # OpenAI's own wording
+        (
+            {
+                "type": "rate_limit_error",
+                "code": "rate_limit_exceeded",
+                "message": "Rate limit reached. Please try again in 1.5s.",
+            },
+            "rate_limited",
+            True,
+            1.5,
+        ),
+        ({"type": "server_error", "code": None}, "upstream_error", True, None),
+        (
+            {"type": "invalid_request_error", "code": "invalid_api_key"},
+            "upstream_auth_failed",
+            False,
+            None,
+        ),
+        (
+            {"type": "invalid_request_error", "code": "context_length_exceeded"},
+            "upstream_bad_request",
+            False,
+            None,
+        ),
+        ({"type": "insufficient_quota"}, "rate_limited", True, None),
+        # vLLM: the status as an int code; LiteLLM: as a string, with its exception names
+        (
+            {"object": "error", "type": "BadRequestError", "code": 400},
+            "upstream_bad_request",
+            False,
+            None,
+        ),
+        (
+            {"type": "None", "code": "429", "message": "try again in 200ms"},
+            "rate_limited",
+            True,
+            0.2,
+        ),
+        ({"type": "AuthenticationError"}, "upstream_auth_failed", False, None),
+        ({"type": "permission_error"}, "upstream_permission_denied", False, None),
+        ({"type": "not_found_error"}, "model_not_found", False, None),
+        ({"type": "overloaded_error"}, "upstream_error", True, None),
+        ({"status": 503, "message": "down"}, "upstream_error", True, None),
+        # Nothing to go by: the request was accepted, so the failure is the server's.
+        ({"message": "boom"}, "upstream_error", True, None),
+    ],
+)
+def test_errors_inside_a_stream_map_like_their_http_status(
+    body: dict[str, Any], code: str, retryable: bool, hint: float | None
+) -> None:
+    error = classify(_in_stream(body))
+    assert (error.code, error.retryable, error.retry_after_s) == (code, retryable, hint)
+
+
+@pytest.mark.timeout(5)
+def test_http_retry_hints() -> None:
+    request = httpx2.Request("POST", "http://model/v1/chat/completions")
+
+    def limited(headers: dict[str, str]) -> float | None:
+        response = httpx2.Response(429, headers=headers, request=request)
+        return classify(
+            openai.RateLimitError("slow down", response=response, body=None)
+        ).retry_after_s
+
+    assert limited({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
+    assert limited({"retry-after": "2"}) == 2.0
+    assert limited({"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"}) is None
