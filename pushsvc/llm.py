@@ -8,8 +8,12 @@ offline fake). Every way a call can end is classified here, once, into a
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
+import random
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +24,8 @@ from openai.types.chat import ChatCompletionChunk
 
 from .errors import JobError
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 # finish_reason values that mean the answer was cut, not finished.
 CUT_REASONS = frozenset({"length", "content_filter"})
@@ -238,6 +244,7 @@ class LLM:
     def __init__(self, settings: Settings) -> None:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unset"
         self.default_model = settings.llm_model
+        self.retry_window_s = settings.llm_retry_window_s
         # Retries are pushsvc's (backoff per job type), so the client makes none.
         self.client = openai.AsyncOpenAI(
             api_key=key,
@@ -263,8 +270,40 @@ class LLM:
         """Stream a completion to its end, calling ``await on_delta(text)`` per delta.
 
         Raises ``JobError`` for every way the call can fail; see ARCHITECTURE.md,
-        "Model calls".
+        "Model calls". A retryable failure before the first delta (a server restarting,
+        a 5xx, a 429) is tried again with backoff for ``llm_retry_window_s``: nothing was
+        shown yet, and a model server that boots in seconds is ridden out.
         """
+        args = self._args(messages, model, max_tokens, temperature, json_mode)
+        deadline = time.monotonic() + self.retry_window_s
+        pause = 0.5
+        while True:
+            started = False
+
+            async def delta(text: str) -> None:
+                nonlocal started
+                started = True
+                if on_delta is not None:
+                    await on_delta(text)
+
+            try:
+                return await self._stream(args, delta)
+            except JobError as exc:
+                wait = max(exc.retry_after_s or 0, random.uniform(pause / 2, pause))
+                if started or not exc.retryable or time.monotonic() + wait > deadline:
+                    raise
+                logger.warning("model call failed (%s), trying again in %.1f s", exc.code, wait)
+                await asyncio.sleep(wait)
+                pause = min(pause * 2, 8.0)
+
+    def _args(
+        self,
+        messages: list[dict[str, str]],
+        model: str | None,
+        max_tokens: int | None,
+        temperature: float | None,
+        json_mode: bool,
+    ) -> dict[str, Any]:
         args: dict[str, Any] = {
             "model": model or self.default_model,
             "messages": messages,
@@ -277,13 +316,18 @@ class LLM:
             args["temperature"] = temperature
         if json_mode:
             args["response_format"] = {"type": "json_object"}
+        return args
+
+    async def _stream(
+        self, args: dict[str, Any], on_delta: Callable[[str], Awaitable[None]]
+    ) -> Completion:
         reader = _Reader()
         with map_openai_errors():
             stream = await self.client.chat.completions.create(**args)
         # ``async with``: a cancelled job closes the HTTP stream to the model at once.
         async with stream:
             while (text := await _next(stream, reader)) is not None:
-                if text and on_delta is not None:
+                if text:
                     await on_delta(text)
         watch = stream.response.stream
         return reader.finish(saw_done=isinstance(watch, _EndWatch) and watch.done)

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     )
     llm_model: str = "gpt-4o-mini"
     llm_timeout_s: float = Field(60.0, gt=0)
+    # A call that fails retryably before its first token (server down or restarting, 5xx,
+    # 429) is tried again within this many seconds, inside the attempt (0: never).
+    llm_retry_window_s: float = Field(30.0, ge=0)
     llm_parallel: int = Field(4, ge=1, le=64)
 
     # Stats and alerts (/v1/stats).

@@ -43,6 +43,9 @@ def stack_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
         "PUSHSVC_POLL_DELAY_S": "0.05",
         # Every step its own event, so tests can count on seqs; the throttle has its own test.
         "PUSHSVC_PUBLISH_RATE_HZ": "1000",
+        # A failed model call ends its attempt at once (tests of retries count attempts);
+        # tests/test_llm_restart.py rides a restart out with the default window.
+        "PUSHSVC_LLM_RETRY_WINDOW_S": "0",
     }
     env.update({f"PUSHSVC_{k.upper()}": v for k, v in extra.items()})
     return env
