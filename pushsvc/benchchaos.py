@@ -122,7 +122,8 @@ class ChaosRun:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-            outcomes = {job.id: await self._outcome(job) for job in self.jobs}
+            until = time.monotonic() + self.plan.settle_s
+            outcomes = {job.id: await self._outcome(job, until) for job in self.jobs}
         return self._result(outcomes)
 
     # -- watchers -------------------------------------------------------------------
@@ -255,8 +256,9 @@ class ChaosRun:
                 return False
         return True
 
-    async def _outcome(self, job: Job) -> Outcome:
-        """The job's final snapshot (None: 404), read once nothing changes any more."""
+    async def _outcome(self, job: Job, until: float) -> Outcome:
+        """The job's final snapshot (None: 404), read once it ended, or at ``until``. A
+        job whose end a Redis loss took back runs again after its watchers stopped."""
         api = self.apis[job.tenant]
         deadline, tries = time.monotonic() + 30, 0
         while True:
@@ -264,11 +266,14 @@ class ChaosRun:
             tries += 1
             try:
                 resp = await self.http.get(f"{url}/v1/jobs/{job.id}", headers=api.headers)
-                if resp.status_code in (200, 404):
+                over = resp.status_code == 404 or (
+                    resp.status_code == 200 and resp.json()["status"] in TERMINAL
+                )
+                if over or (resp.status_code == 200 and time.monotonic() > until):
                     break
             except httpx.HTTPError:
                 pass
-            if time.monotonic() > deadline:
+            if time.monotonic() > max(deadline, until):
                 raise BenchError(f"GET /v1/jobs/{job.id} gave no answer in 30 s")
             await asyncio.sleep(0.5)
         final = resp.json() if resp.status_code == 200 else None

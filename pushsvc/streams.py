@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -42,11 +42,13 @@ from .store import to_snapshot
 # held the event loop for 50 ms, and its frames in memory per stream.
 REPLAY_PAGE = 256
 PING = b": ping\n\n"  # keeps proxies from cutting an idle stream
+REDIS_PAUSE_S = 0.5  # between a stream's reads while Redis is unreachable
 logger = logging.getLogger(__name__)
 
 
 class _Stream:
     by_tseq = False
+    redis_wait_s = 30.0  # how long a stream waits for an unreachable Redis
 
     def __init__(self, reads: BulkReads, bus: EventBus, settings: Settings, tenant: str) -> None:
         self.reads, self.store = reads, reads.store
@@ -115,14 +117,30 @@ class _Stream:
     async def frames(self) -> AsyncGenerator[bytes, None]:
         """The stream's bytes; unsubscribes when the client goes (generator closed).
 
-        A Redis error ends the stream, as a complete response: the client resumes with
-        ``Last-Event-ID`` (the response has started: an exception would abort it).
+        Redis unreachable (a restart, a failover): the stream waits for it, with
+        heartbeats, up to ``redis_wait_s``, then reads again what it could not (a closed
+        stream would look ended to a generic client). Past that, or on another Redis
+        error, it ends as a complete response: the client resumes with Last-Event-ID.
         """
         yield f"retry: {self.settings.retry_ms}\n\n".encode()
         try:
             async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
-                out: list[Frame] | None = await self.start()
+                step: Callable[[], Awaitable[list[Frame] | None]] = self.start
+                failing_since: float | None = None
                 while True:
+                    try:
+                        out = await step()
+                    except (RedisConnectionError, RedisTimeoutError) as exc:
+                        failing_since = failing_since or time.monotonic()
+                        if time.monotonic() - failing_since > self.redis_wait_s:
+                            raise
+                        logger.info("stream waits for Redis (%s)", exc)
+                        if step != self.start:  # the live frames it took: from the log
+                            self.queue.resync = True
+                        yield PING
+                        await asyncio.sleep(REDIS_PAUSE_S)
+                        continue
+                    failing_since = None
                     if out is None:
                         yield PING
                     else:
@@ -131,9 +149,9 @@ class _Stream:
                                 await asyncio.sleep(0)
                             yield chunk  # large frames in slices: see chunks()
                         self.holding = None  # sent: others may still reuse it (reads.recent)
+                        step = self._next
                     if self.done:
                         return
-                    out = await self._next()
         except RedisError as exc:
             if isinstance(exc, RedisConnectionError | RedisTimeoutError):
                 logger.warning("stream ended, Redis unavailable (%s); the client resumes", exc)

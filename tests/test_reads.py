@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -14,7 +15,7 @@ from pushsvc.events import Frame, QueueStats
 from pushsvc.reads import BulkReads, StoredJob
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
-from pushsvc.streams import JobStream
+from pushsvc.streams import PING, JobStream
 
 JOB = {
     "id": "j",
@@ -160,13 +161,16 @@ async def test_a_redis_error_in_a_started_stream_ends_it_as_a_response() -> None
     """Regression: a pool timeout while a stream read its snapshot escaped the response
     after it had started ("Caught handled exception, but response already started"):
     the client saw an aborted response and the log an internal error. Now the stream
-    ends, complete, and the client resumes with Last-Event-ID."""
+    waits for Redis (heartbeats) and, past ``redis_wait_s``, ends, complete, and the
+    client resumes with Last-Event-ID."""
     stream = JobStream(
         cast(BulkReads, FailingReads()), cast(Any, FakeBus()), Settings(), "t", "j", None
     )
     stream.channel = lambda: "channel"  # type: ignore[method-assign]
+    stream.redis_wait_s = 0.0
     sent = [chunk async for chunk in stream.frames()]
-    assert sent == [b"retry: 2000\n\n"]
+    assert sent == [b"retry: 2000\n\n"]  # wait 0: ended at the first failure
+
 
 
 class LoggedStore:
@@ -221,3 +225,32 @@ async def test_what_one_stream_adds_after_a_shared_snapshot_stays_its_own() -> N
     one, two = await asyncio.gather(first.start(), second.start())
     one.append(Frame(0, 6, "progress", "j", "{}"))
     assert store.reads == 1 and len(two) == 1 and two[0] is one[0]
+
+
+class RestartingStore(LoggedStore):
+    """Redis unreachable for the first two reads (restarting), then there again."""
+
+    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], None]:
+        self.reads += 1
+        if self.reads <= 2:
+            raise RedisConnectionError("Connection refused")
+        return {**JOB, "seq": 5, "epoch": "e1"}, None
+
+
+@pytest.mark.timeout(10)
+async def test_a_started_stream_waits_for_redis_to_come_back() -> None:
+    """Was (chaos run): a stream whose first read met a restarting Redis answered 200
+    and closed with nothing, which a generic SSE client takes for the end. Now it sends
+    heartbeats while it waits, then the snapshot."""
+    store = RestartingStore()
+    reads = BulkReads(cast(JobStore, store), Settings())
+    stream = JobStream(reads, cast(Any, FakeBus()), Settings(), "t", "j", None)
+    stream.channel = lambda: "channel"  # type: ignore[method-assign]
+    sent: list[bytes] = []
+    async with contextlib.aclosing(stream.frames()) as frames:
+        async for chunk in frames:
+            sent.append(chunk)
+            if b"event: snapshot" in chunk:
+                break
+    assert sent[1:3] == [PING, PING] and store.reads == 3
+    assert b'"seq":5' in sent[3]
