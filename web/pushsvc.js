@@ -373,8 +373,12 @@ class Watcher {
     // A finished job's stream repeats its terminal event with the snapshot's seq.
     const echo = TERMINAL.has(kind) && !st.ended && data.seq === st.seq;
     // History was lost (a Redis restart or failover): the server's state wins, whatever
-    // its seq; later events count from it.
-    const restart = kind === "snapshot" && data.reset === true;
+    // its seq; later events count from it. The end of a job the store lost altogether
+    // (`failed`, `state_lost`) opens a new history too: a stream that resumed on another
+    // API process numbers it from what it knows, which may be less than we saw.
+    const restart =
+      (kind === "snapshot" && data.reset === true) ||
+      (kind === "failed" && data.error?.code === "state_lost" && !st.ended);
     if (st.job && data.seq <= st.seq && !echo && !fresh && !restart) return;
     st.job = applyEvent(st.job || { id: data.job_id }, kind, data);
     st.seq = data.seq;
