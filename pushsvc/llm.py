@@ -245,12 +245,13 @@ class LLM:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unset"
         self.default_model = settings.llm_model
         self.retry_window_s = settings.llm_retry_window_s
+        self.call_timeout_s = settings.llm_timeout_s
         # Retries are pushsvc's (backoff per job type), so the client makes none.
         self.client = openai.AsyncOpenAI(
             api_key=key,
             base_url=settings.llm_base_url,
             max_retries=0,
-            timeout=settings.llm_timeout_s,
+            timeout=settings.llm_first_token_timeout_s,  # per read: the first token, a stall
             http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [_watch_end]}),
         )
 
@@ -322,13 +323,24 @@ class LLM:
         self, args: dict[str, Any], on_delta: Callable[[str], Awaitable[None]]
     ) -> Completion:
         reader = _Reader()
-        with map_openai_errors():
-            stream = await self.client.chat.completions.create(**args)
-        # ``async with``: a cancelled job closes the HTTP stream to the model at once.
-        async with stream:
-            while (text := await _next(stream, reader)) is not None:
-                if text:
-                    await on_delta(text)
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                with map_openai_errors():
+                    stream = await self.client.chat.completions.create(**args)
+                # ``async with``: a cancelled job closes the HTTP stream to the model at once.
+                async with stream:
+                    while (text := await _next(stream, reader)) is not None:
+                        if text:
+                            await on_delta(text)
+        except TimeoutError as exc:
+            # Past the whole call's time: the same call would take as long again, unless
+            # no token came at all (a server that is stuck, not slow).
+            raise JobError(
+                f"the model call took longer than {self.call_timeout_s:g} s "
+                f"(PUSHSVC_LLM_TIMEOUT_S), after {reader.chunks} chunks",
+                code="upstream_timeout",
+                retryable=reader.chunks == 0,
+            ) from exc
         watch = stream.response.stream
         return reader.finish(saw_done=isinstance(watch, _EndWatch) and watch.done)
 

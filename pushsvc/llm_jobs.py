@@ -87,6 +87,7 @@ class ItemsPayload(BaseModel):
     failure_tolerance: float = Field(0.2, ge=0, le=1)
     parallel: int | None = Field(None, ge=1, le=16)
     model: str | None = Field(None, max_length=200)
+    max_tokens: int = Field(512, ge=1, le=32_768, description="per item")
 
     def keys(self) -> list[str]:
         return list(dict.fromkeys(["name", "description", *self.fields]))
@@ -108,7 +109,10 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
             f"Answer with one JSON object.\nJSON keys: {', '.join(keys)}"
         )
         done = await ctx.llm.complete(
-            [{"role": "user", "content": prompt}], model=p.model, json_mode=True
+            [{"role": "user", "content": prompt}],
+            model=p.model,
+            max_tokens=p.max_tokens,
+            json_mode=True,
         )
         try:
             item: dict[str, Any] = item_model.model_validate(json.loads(done.text)).model_dump()

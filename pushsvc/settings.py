@@ -58,7 +58,10 @@ class Settings(BaseSettings):
         None, validation_alias=AliasChoices("PUSHSVC_LLM_BASE_URL", "OPENAI_BASE_URL")
     )
     llm_model: str = "gpt-4o-mini"
-    llm_timeout_s: float = Field(60.0, gt=0)
+    # A model call's whole time, request to last token; and how long it may wait for its
+    # first token (and between two chunks): no call runs unbounded.
+    llm_timeout_s: float = Field(300.0, gt=0)
+    llm_first_token_timeout_s: float = Field(60.0, gt=0)
     # A call that fails retryably before its first token (server down or restarting, 5xx,
     # 429) is tried again within this many seconds, inside the attempt (0: never).
     llm_retry_window_s: float = Field(30.0, ge=0)
