@@ -190,6 +190,7 @@ class JobContext:
         self._interval = 1.0 / rate_hz
         self._started = time.monotonic()
         self._progress = 0.0
+        self._eta: float | None = None  # the job's own estimate, when it gives one
         self._stage: str | None = None
         self._message: str | None = None
         self._progress_dirty = False
@@ -212,10 +213,17 @@ class JobContext:
         return self._cancelled
 
     async def progress(
-        self, pct: float, stage: str | None = None, message: str | None = None
+        self,
+        pct: float,
+        stage: str | None = None,
+        message: str | None = None,
+        eta_s: float | None = None,
     ) -> None:
+        """Report progress; ``eta_s``: the job's own estimate of the time left (else it
+        is extrapolated from the progress so far)."""
         # Never decreasing within an attempt, always within 0..100.
         self._progress = max(self._progress, min(100.0, max(0.0, float(pct))))
+        self._eta = eta_s
         if stage is not None:
             self._stage = stage
         if message is not None:
@@ -232,6 +240,8 @@ class JobContext:
             await self._maybe_flush()
 
     def eta_s(self) -> float | None:
+        if self._eta is not None:
+            return round(self._eta, 2)
         if self._progress <= 0:
             return None
         elapsed = time.monotonic() - self._started

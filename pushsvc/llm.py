@@ -23,6 +23,7 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 
 from .errors import JobError
+from .progress import CHARS_PER_TOKEN, AnswerLengths
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -172,6 +173,14 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    estimated: bool = False  # the server sent no usage: counted from characters
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens in ``text`` when the server does not say: about 4 characters a token for
+    English with the common BPE vocabularies (no tokenizer that works offline for every
+    model)."""
+    return -(-len(text) // CHARS_PER_TOKEN)
 
 
 @dataclass
@@ -221,7 +230,7 @@ class _Reader:
         self.parts.append(text)
         return text
 
-    def finish(self, saw_done: bool) -> Completion:
+    def finish(self, saw_done: bool, prompt: str = "") -> Completion:
         """The completion, or ``upstream_truncated`` when the stream just stopped."""
         if self.done.finish_reason is None and not saw_done:
             raise JobError(
@@ -232,9 +241,8 @@ class _Reader:
             )
         self.done.text = "".join(self.parts)
         if not self.done.usage.completion_tokens:  # servers that send no usage chunk
-            content = sum(1 for p in self.parts if p)
-            self.done.usage.completion_tokens = content
-            self.done.usage.total_tokens = self.done.usage.prompt_tokens + content
+            made, asked = estimate_tokens(self.done.text), estimate_tokens(prompt)
+            self.done.usage = Usage(asked, made, asked + made, estimated=True)
         return self.done
 
 
@@ -245,6 +253,8 @@ class LLM:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unset"
         self.default_model = settings.llm_model
         self.retry_window_s = settings.llm_retry_window_s
+        # Recent answers' lengths per model: how long the next one is likely to be.
+        self.lengths = AnswerLengths()
         self.call_timeout_s = settings.llm_timeout_s
         # Retries are pushsvc's (backoff per job type), so the client makes none.
         self.client = openai.AsyncOpenAI(
@@ -342,7 +352,8 @@ class LLM:
                 retryable=reader.chunks == 0,
             ) from exc
         watch = stream.response.stream
-        return reader.finish(saw_done=isinstance(watch, _EndWatch) and watch.done)
+        prompt = "\n".join(str(m.get("content", "")) for m in args["messages"])
+        return reader.finish(isinstance(watch, _EndWatch) and watch.done, prompt)
 
 
 async def _next(stream: openai.AsyncStream[ChatCompletionChunk], reader: _Reader) -> str | None:

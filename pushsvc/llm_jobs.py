@@ -8,6 +8,7 @@ import asyncio
 import dataclasses
 import json
 import random
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from .errors import JobError
 from .jobs import JobContext, job_type
 from .llm import Completion
+from .progress import Gauge
 
 ITEM_TRIES = 3  # per item, for malformed output and retryable upstream errors
 # What one item gives: its entry in the result, and the model call that made it.
@@ -39,16 +41,16 @@ class GeneratePayload(BaseModel):
 
 @job_type("generate", payload=GeneratePayload, timeout_s=600, max_attempts=3)
 async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
-    """Streams the model's answer to a prompt as output, with token-based progress."""
-    expected = p.expected_tokens or p.max_tokens
-    received = 0
+    """Streams the model's answer to a prompt as output, with progress and ETA from the
+    text received, the answer's expected length and the measured rate."""
+    model = p.model or ctx.llm.default_model
+    lengths = ctx.llm.lengths
+    gauge = Gauge(lengths.expected(model, p.expected_tokens, p.max_tokens))
 
     async def on_delta(text: str) -> None:
-        nonlocal received
-        received += 1
         await ctx.output(text)
-        # Real progress: tokens received against the expected length, never a timer.
-        await ctx.progress(min(99.0, 100 * received / expected), "generating")
+        pct, eta = gauge.add(len(text), time.monotonic())
+        await ctx.progress(pct, "generating", eta_s=eta)
 
     await ctx.stage("generating")
     messages = ([{"role": "system", "content": p.system}] if p.system else []) + [
@@ -61,6 +63,7 @@ async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
         temperature=p.temperature,
         on_delta=on_delta,
     )
+    lengths.record(model, len(done.text))
     await ctx.stage("finalizing")
     return {
         "text": done.text,

@@ -206,7 +206,11 @@ async def test_complete_gives_the_whole_answer_and_how_it_ended(
     assert (done.finish_reason, done.truncated) == (finish, truncated)
     assert done.model == "fake-1"
     if "no_usage" not in directives:
-        assert done.usage.completion_tokens == 12
+        assert done.usage.completion_tokens == 12 and not done.usage.estimated
+    else:  # counted from the characters (about 4 a token), never the chunks, and marked
+        assert done.usage.estimated
+        assert done.usage.completion_tokens == -(-len(done.text) // 4) != 12
+        assert done.usage.prompt_tokens == -(-len(prompt) // 4)
 
 
 @pytest.mark.timeout(30)
