@@ -387,28 +387,36 @@ async def _submit(
 
 
 class _TextPane:
-    """Prints streamed text above the progress bar, whole lines at a time."""
+    """Writes streamed text as it arrives, once: the first text ends the progress bar's
+    live display (a bar redrawn below half-written lines would break them), and the
+    terminal wraps it."""
 
-    def __init__(self, console: Console) -> None:
-        self.console = console
-        self.text = ""  # everything received
-        self.pending = ""  # received, not yet printed (no newline yet)
+    def __init__(self, bar: Progress, console: Console) -> None:
+        self.bar, self.console = bar, console
+        self.text = ""  # everything written
+
+    @property
+    def started(self) -> bool:
+        return bool(self.text)
 
     def show(self, output: str) -> None:
         if not output.startswith(self.text):  # a new attempt starts its text again
-            self.flush()
+            self._write("\n")
             self.console.rule("output restarted", style="dim")
             self.text = ""
-        self.pending += output[len(self.text) :]
-        self.text = output
-        *lines, self.pending = self.pending.split("\n")
-        for line in lines:
-            self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if len(output) > len(self.text):
+            if not self.text:
+                self.bar.stop()
+            self._write(output[len(self.text) :])
+            self.text = output
 
-    def flush(self) -> None:
-        if self.pending:
-            self.console.print(self.pending, markup=False, highlight=False, soft_wrap=True)
-            self.pending = ""
+    def end(self) -> None:
+        if self.text and not self.text.endswith("\n"):
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        self.console.file.write(text)
+        self.console.file.flush()
 
 
 async def _follow(client: Client, job: dict[str, Any], out: Console) -> str:
@@ -421,7 +429,7 @@ async def _follow(client: Client, job: dict[str, Any], out: Console) -> str:
     status = job["status"]
     with Progress(*columns, console=out) as bar:
         task = bar.add_task(job["type"], total=100, note=status)
-        pane = _TextPane(bar.console)
+        pane = _TextPane(bar, out)
         async for event in client.follow(job["id"]):
             state = apply_event(job, event.kind, event.data)
             job, status = state, state["status"]
@@ -431,8 +439,7 @@ async def _follow(client: Client, job: dict[str, Any], out: Console) -> str:
             if status == "running" and eta:
                 note = f"{note} · {eta:.0f}s left"
             bar.update(task, completed=job.get("progress") or 0, note=note)
-        pane.flush()
-        bar.update(task, note=status)
+        pane.end()
     _report_end(job, out)
     return str(status)
 
@@ -440,7 +447,10 @@ async def _follow(client: Client, job: dict[str, Any], out: Console) -> str:
 def _report_end(job: dict[str, Any], out: Console) -> None:
     status = job["status"]
     if status == "completed":
-        out.print(f"[green]completed[/] {json.dumps(job.get('result'))}", highlight=False)
+        result = job.get("result")
+        if isinstance(result, dict) and result.get("text") and result["text"] == job.get("output"):
+            result = {**result, "text": "(above)"}  # the text was printed as it came, once
+        out.print(f"[green]completed[/] {json.dumps(result)}", highlight=False)
     elif status == "failed":
         error = job.get("error") or {}
         out.print(f"[red]failed:[/] {error.get('message')} ({error.get('code')})")

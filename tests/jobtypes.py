@@ -65,6 +65,7 @@ async def inner_timeout(ctx: JobContext, payload: Empty) -> dict[str, int]:
 class ChattyPayload(BaseModel):
     chunks: int = 100
     size: int = 100
+    interval_ms: int = 0  # between chunks (0: as fast as it can)
 
 
 @job_type("chatty", payload=ChattyPayload, max_attempts=1)
@@ -73,4 +74,6 @@ async def chatty(ctx: JobContext, payload: ChattyPayload) -> dict[str, int]:
     for i in range(payload.chunks):
         await ctx.output(f"<{i}>".ljust(payload.size, "."))
         await ctx.progress(100 * (i + 1) / payload.chunks)
+        if payload.interval_ms:
+            await asyncio.sleep(payload.interval_ms / 1000)
     return {"chunks": payload.chunks}
