@@ -39,6 +39,8 @@ end
 return id
 """
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.M)
+# A position as an SSE id: "<seq>" or "<seq>.<epoch>", ASCII digits and letters only.
+_POSITION = re.compile(r"([0-9]{1,18})(?:\.([0-9A-Za-z]{1,32}))?", re.ASCII)
 
 
 def new_epoch() -> str:
@@ -60,10 +62,10 @@ class StreamPosition:
     @classmethod
     def parse(cls, raw: str) -> StreamPosition | None:
         """``"12.ab12cd34"`` or ``"12"``; None when ``raw`` is neither."""
-        seq, _, epoch = raw.partition(".")
-        if not seq.isdigit() or len(seq) > 18 or len(epoch) > 32 or not epoch.isalnum() and epoch:
+        found = _POSITION.fullmatch(raw)
+        if found is None:  # ASCII only: "²".isdigit() and int("３") would take others
             return None
-        return cls(int(seq), epoch)
+        return cls(int(found[1]), found[2] or "")
 
     def same_history(self, epoch: str) -> bool:
         """May this position be compared by number with a sequence of ``epoch``?"""

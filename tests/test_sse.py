@@ -99,6 +99,20 @@ async def test_malformed_last_event_id_is_400(client: Client, bad: str) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "bad_event_id"
 
 
+@pytest.mark.parametrize("bad", ["\u00b2", "\u00b3", "\uff13", "1\u00b2", "12."])
+async def test_non_ascii_digits_in_a_last_event_id_are_400_not_500(
+    client: Client, bad: str
+) -> None:
+    """Was: ``"²".isdigit()`` is true and ``int("²")`` fails: a 500 on every stream
+    endpoint; a fullwidth "３" was taken as 3."""
+    job = await client.submit("ticker", {"steps": 1, "interval_ms": 0})
+    for path in (url(job), "/v1/events", f"/v1/events?job={job['id']}"):
+        sep = "&" if "?" in path else "?"
+        resp = await client.http.get(f"{path}{sep}last_event_id={bad}")
+        assert resp.status_code == 400, (path, resp.status_code, resp.text)
+        assert resp.json()["error"]["code"] == "bad_event_id"
+
+
 async def test_late_joiner_gets_snapshot_and_terminal_then_close(client: Client) -> None:
     """Guarantee 3; and a resume after the end is told to stop (204)."""
     job = await client.submit("ticker", {"steps": 2, "interval_ms": 0, "fail_at_step": 2})
