@@ -93,12 +93,18 @@ def _encode_cursor(score: int, job_id: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+CURSOR_MAX = 200  # characters: what _encode_cursor makes is about 80
+
+
 def _decode_cursor(cursor: str) -> tuple[int, str]:
     try:
+        if len(cursor) > CURSOR_MAX:  # nothing this API issued; nor JSON nested 1,000 deep
+            raise ValueError("too long")
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         score, job_id = json.loads(raw)
-        if not isinstance(score, int) or not isinstance(job_id, str):
+        # ``type(...) is int``: JSON's true is an int to isinstance, and Redis refuses it.
+        if type(score) is not int or not 0 <= score < 2**53 or not isinstance(job_id, str):
             raise ValueError(cursor)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError) as exc:
         raise BadRequest("cursor is not one this API issued", code="bad_cursor") from exc
     return score, job_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from collections.abc import Callable
 from typing import Any
@@ -230,6 +231,12 @@ async def test_list_is_newest_first_with_cursor_paging_and_filters(
     assert error_of(await c.http.get("/v1/jobs", params={"cursor": "!!"}), 400)["code"] == (
         "bad_cursor"
     )
+    # Were a 503 ``redis_unavailable`` (true is an int to isinstance) and 500s (deep
+    # nesting): cursors that decode to JSON of the wrong shape.
+    for raw in (b'[true,"x"]', b'[-1,"x"]', b'[1.5,"x"]', b"[" * 1000 + b"]" * 1000):
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        resp = await c.http.get("/v1/jobs", params={"cursor": cursor})
+        assert error_of(resp, 400)["code"] == "bad_cursor", raw[:20]
 
 
 async def test_cancel_queued_job_never_starts_and_retry_runs_it(
