@@ -61,10 +61,20 @@ class JobType(Generic[P]):  # noqa: B903
         return Draft202012Validator(self.payload_model.model_json_schema())
 
     def schema_errors(self, payload: Any) -> list[dict[str, Any]]:
-        """Where ``payload`` breaks the type's published JSON Schema (empty: it fits)."""
-        return [
-            {"loc": ["payload", *map(str, e.absolute_path)], "msg": e.message, "type": e.validator}
+        """Where ``payload`` breaks the type's published JSON Schema (empty: it fits), or
+        holds text that is not Unicode (a lone surrogate, which JSON's ``\\ud800`` can
+        carry: no model call or store could take it later)."""
+        found = [
+            {
+                "loc": ["payload", *(_printable(str(p)) for p in e.absolute_path)],
+                "msg": _printable(e.message),
+                "type": e.validator,
+            }
             for e in self._validator.iter_errors(payload)
+        ]
+        return found + [
+            {"loc": ["payload", *path], "msg": "not valid Unicode text", "type": "unicode"}
+            for path in _broken_text(payload, [])
         ]
 
     def describe(self) -> dict[str, Any]:
@@ -75,6 +85,32 @@ class JobType(Generic[P]):  # noqa: B903
             "max_attempts": self.max_attempts,
             "payload_schema": self.payload_model.model_json_schema(),
         }
+
+
+def _broken_text(value: Any, path: list[str]) -> list[list[str]]:
+    """The paths of strings (keys too) in a parsed JSON value that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        return [] if _encodes(value) else [path]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _broken_text(v, [*path, str(i)])]
+    if isinstance(value, dict):
+        found = [[*path, _printable(k)] for k in value if not _encodes(k)]
+        inner = (_broken_text(v, [*path, _printable(k)]) for k, v in value.items())
+        return found + [p for paths in inner for p in paths]
+    return []
+
+
+def _printable(text: str) -> str:
+    """``text`` as an error may quote it: a lone surrogate as its escape."""
+    return text if _encodes(text) else text.encode("utf-8", "backslashreplace").decode()
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass

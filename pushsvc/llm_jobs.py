@@ -23,7 +23,8 @@ from .progress import Gauge
 ITEM_TRIES = 3  # per item, for malformed output and retryable upstream errors
 # What one item gives: its entry in the result, and the model call that made it.
 Made = tuple[dict[str, Any], Completion]
-FIELD_NAME = r"^[a-z_][a-z0-9_]{0,39}$"
+# A letter first: pydantic refuses model fields named "_x" or "__proto__".
+FIELD_NAME = r"^[a-z][a-z0-9_]{0,39}$"
 
 
 class GeneratePayload(BaseModel):

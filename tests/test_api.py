@@ -306,3 +306,21 @@ async def test_redis_down_gives_503_and_the_api_stays_up(redis_server: RedisServ
             assert (await http.get("/healthz")).status_code == 200
     finally:
         api.stop()
+
+
+async def test_text_that_is_not_unicode_and_dunder_field_names_are_refused_at_submit(
+    client: Client,
+) -> None:
+    """Were accepted, then failed the job as ``internal_error``: a lone surrogate (JSON's
+    ``\\ud800``) in a batch input, and a ``__proto__`` field in ``generate_items``."""
+    for body in (
+        {"type": "batch", "payload": {"template": "say {input}", "inputs": ["ok", "\ud800"]}},
+        {"type": "ticker", "payload": {"steps": 1, "\ud800": 1}},
+        {"type": "generate_items", "payload": {"kind": "k", "theme": "t", "fields": ["__proto__"]}},
+    ):
+        content = json.dumps(body)  # ASCII: the surrogate travels as \ud800
+        resp = await client.http.post(
+            "/v1/jobs", content=content, headers={"Content-Type": "application/json"}
+        )
+        assert resp.status_code == 422, (body["type"], resp.status_code, resp.text)
+        assert resp.json()["error"]["code"] == "validation_error", resp.text
