@@ -421,3 +421,18 @@ async def test_redis_connections_do_not_grow_with_open_streams(
     assert stats["pushsvc_redis_connections"] <= 3
     assert len(to_redis) <= 3, to_redis
     assert stats["pushsvc_bus_channels"] == 2  # one job channel, one tenant channel
+
+
+@pytest.mark.timeout(30)
+async def test_head_on_an_open_stream_answers_and_completes(client: Client) -> None:
+    """HEAD of a running job's stream gets the stream's headers and an end: with
+    sse-starlette before 3.6 it never completed (the floor in pyproject.toml)."""
+    job = await client.submit("ticker", {"steps": 200, "interval_ms": 100})  # 20 s
+    await client.wait(job["id"], lambda j: j["status"] == "running")
+    for path in (url(job), "/v1/events"):
+        async with asyncio.timeout(10):
+            resp = await client.http.head(path)
+        assert resp.status_code == 200, path
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.content == b""
+    await client.http.delete(f"/v1/jobs/{job['id']}")
