@@ -321,9 +321,16 @@ def _check_end_time(log: WatchLog, ctx: Context, out: _Findings) -> None:
     if log.done_at is None:
         out.add("hung", log.name, job, "still open when the run ended")
         return
-    ends = [ctx.outcomes[j].ended_at for j in log.jobs]
+    # A job's end: as stored, or the later end this watcher was sent (a loss took the
+    # first end back and the job ran again: the watcher rightly followed it).
+    told = {e.data.get("job_id"): e.at for e in log.events if e.kind in TERMINAL}
+    ends = [_later(ctx.outcomes[j].ended_at, told.get(j)) for j in log.jobs]
     if None in ends:
         return
     lag = log.done_at - max(e for e in ends if e is not None)
     if lag > ctx.hang_s:
         out.add("slow_end", log.name, job, f"stopped {lag:.1f} s after its job(s) ended")
+
+
+def _later(a: float | None, b: float | None) -> float | None:
+    return a if b is None else b if a is None else max(a, b)

@@ -257,3 +257,20 @@ def test_a_short_real_run_with_sentinel_failovers() -> None:
     assert result["jobs"] >= 3 and result["events_checked"] > result["jobs"]
     harness = {"submit_failed", "process_exited"}
     assert not [v for v in result["violations"] if v["rule"] in harness], result["violations"]
+
+
+def test_a_stream_that_follows_a_job_run_again_after_a_loss_is_not_slow_to_end() -> None:
+    """Its first end was taken back by a Redis loss; the job ran again and ended later:
+    the stream ends after that end, not 30 s "late" (its poller had stopped at the first)."""
+    events = correct()
+    again = [
+        ev(3, "snapshot", E2, reset=True, **{**SNAPSHOT, "status": "running"}),
+        ev(4, "completed", E2, result=None),
+    ]
+    late = [Received(0, e.id, e.kind, e.data, 40.0) for e in again]
+    log = WatchLog("job x", "job", [JOB], events + late, [Ending(0, CLOSED, 40.5)], 40.5)
+    ctx = Context({JOB: Outcome(JOB, None, "Hello world", ended_at=6.5)}, [(0.0, 9.0)], 20)
+    rules = [v.rule for v in check_run([log], ctx).violations]
+    assert "slow_end" not in rules, rules
+    log.done_at = 70.0  # but it must still end soon after the end it was sent
+    assert "slow_end" in [v.rule for v in check_run([log], ctx).violations]
