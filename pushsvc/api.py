@@ -33,7 +33,7 @@ from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
 from .queue import Queue
 from .reads import BulkReads
-from .responses import Drain
+from .responses import Drain, json_response
 from .settings import Settings
 from .store import EVENT_EXCLUDE, JobHead, JobStore, Published, Rejected, to_snapshot
 from .worker import new_arq_id
@@ -203,7 +203,7 @@ async def _job_response(
 ) -> Response:
     snap = await get_owned_job(svc, tenant, job_id)
     headers = {"Location": f"/v1/jobs/{job_id}", **headers}
-    return JSONResponse(job_json(svc, tenant, snap), status_code=status, headers=headers)
+    return await json_response(job_json(svc, tenant, snap), status, headers)
 
 
 def _job_id_valid(job_id: str) -> bool:
@@ -261,7 +261,7 @@ async def get_job(request: Request) -> Response:
         headers["Retry-After"] = f"{svc.settings.poll_hint_s:g}"
     if etag in _etags(request.headers.get("if-none-match", "")):
         return Response(status_code=304, headers=headers)
-    return JSONResponse(job_json(svc, tenant, snap), headers=headers)
+    return await json_response(job_json(svc, tenant, snap), headers=headers)
 
 
 def _etags(header: str) -> set[str]:
@@ -290,7 +290,8 @@ async def list_jobs(request: Request) -> Response:
     jobs, cursor = await listing.list_jobs(
         svc.reads, tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
     )
-    return JSONResponse({"jobs": [job_json(svc, tenant, j) for j in jobs], "next_cursor": cursor})
+    body = {"jobs": [job_json(svc, tenant, j) for j in jobs], "next_cursor": cursor}
+    return await json_response(body)
 
 
 async def cancel_job(request: Request) -> Response:

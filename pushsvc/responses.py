@@ -1,14 +1,20 @@
 """The SSE response of the job streams: sse-starlette's, run lighter; the writes it makes
-(``chunks``); and ``Drain``, which ends every open stream when the server shuts down."""
+(``chunks``); ``Drain``, which ends every open stream when the server shuts down; and
+``json_response``, JSON bodies with megabytes of text encoded a slice at a time."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import AsyncIterable, Iterable, Iterator
+import secrets
+from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
+from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
+from sse_starlette.event import ensure_bytes
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -87,7 +93,9 @@ class EventStream(EventSourceResponse):
     plain task, and ``drain`` watches for shutdown once per process. Either cancels the
     scope, as the task group would: the body iterator is cancelled where it waits (and
     again at every wait until it ends), so its ``finally`` runs. Heartbeats are the
-    body iterator's own (``ping`` is off).
+    body iterator's own (``ping`` is off). Each write is a plain ``send``: the library's
+    loop puts every one in a cancel scope of its own for ``send_timeout``, which we do not
+    set, and that scope cost as much CPU as the write.
     """
 
     FINAL_SEND_S = 1.0  # at shutdown, how long a client that reads nothing may hold us
@@ -107,16 +115,12 @@ class EventStream(EventSourceResponse):
             await super().__call__(scope, receive, send)  # no stream to run
             return
 
-        async def sending(message: Message) -> None:
-            await send(message)
-            self._started = True  # the response has begun (http.response.start went out)
-
         listener = asyncio.create_task(self._listen_for_disconnect(receive))
         listener.add_done_callback(self._listener_done)
         try:
             with self._scope:
                 self._drain.add(self)
-                await self._stream_response(sending)
+                await self._stream_response(send)
         finally:
             self._drain.discard(self)
             listener.cancel()
@@ -128,7 +132,173 @@ class EventStream(EventSourceResponse):
         if self.background is not None:
             await self.background()
 
+    async def _stream_response(self, send: Send) -> None:
+        """The library's loop (sse_starlette 3.7), each write without a cancel scope."""
+        if self.send_timeout is not None:  # not ours; the library's own, scopes and all
+            await super()._stream_response(self._noting_start(send))
+            return
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        self._response_started = self._started = True  # the response has begun
+        async for data in self.body_iterator:
+            try:
+                chunk = data if type(data) is bytes else ensure_bytes(data, self.sep)
+                try:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                except BaseException:
+                    self._send_interrupted = True
+                    raise
+            except BaseException:
+                await self._close_body()  # its cleanup runs before the error leaves
+                raise
+        async with self._send_lock:  # as the library: ``active`` flips after the send
+            try:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except BaseException:
+                self._send_interrupted = True
+                raise
+            self._response_complete = True
+            self.active = False
+
+    def _noting_start(self, send: Send) -> Send:
+        async def sending(message: Message) -> None:
+            await send(message)
+            self._started = True  # the response has begun (http.response.start went out)
+
+        return sending
+
+    async def _close_body(self) -> None:
+        """As the library does when a write or an encoding fails: close the body iterator
+        (suspended at its yield), shielded, for at most ``cleanup_timeout`` s."""
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is None:
+            return
+        with anyio.move_on_after(self._cleanup_timeout, shield=True) as cleanup:
+            try:
+                await aclose()
+            except Exception:
+                logger.exception("Error closing body iterator after encoding or send failure")
+        if cleanup.cancel_called:
+            logger.warning(
+                "Body iterator cleanup cancelled after %s seconds", self._cleanup_timeout
+            )
+
     def _listener_done(self, listener: asyncio.Task[None]) -> None:
         if not listener.cancelled() and listener.exception() is not None:
             logger.warning("SSE disconnect listener failed", exc_info=listener.exception())
         self.stop()
+
+
+# -- JSON bodies with large text ---------------------------------------------------------
+
+# A string this long (a job's output: up to megabytes) is encoded TEXT_SLICE characters
+# at a time, other tasks running between slices: json.dumps of 10 MiB of text with
+# quotes and newlines holds the event loop for about 40 ms, and the other tenants'
+# requests with it. The body goes out in writes of about PART_BYTES.
+LARGE_TEXT = 65536
+TEXT_SLICE = 131072
+PART_BYTES = 262144
+
+
+def _dumps(value: Any) -> str:
+    """As Starlette's JSONResponse renders."""
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    )
+
+
+def _has_large(value: Any) -> bool:
+    """Does ``value`` hold a string of LARGE_TEXT characters or more? (Asked of every
+    JSON body: leaves are looked at in place, not through a call each.)"""
+    kind = type(value)
+    if kind is str:
+        return len(value) >= LARGE_TEXT
+    if kind is not dict and kind is not list:
+        return False
+    for item in value.values() if kind is dict else value:
+        kind = type(item)
+        if kind is str:
+            if len(item) >= LARGE_TEXT:
+                return True
+        elif (kind is dict or kind is list) and _has_large(item):
+            return True
+    return False
+
+
+def _lift(value: Any, large: list[str], tag: str) -> Any:
+    """``value`` with each long string replaced by ``tag`` and its index in ``large``,
+    in the order json.dumps meets them."""
+    if type(value) is str:
+        if len(value) < LARGE_TEXT:
+            return value
+        large.append(value)
+        return f"{tag}{len(large) - 1}"
+    if type(value) is dict:
+        return {k: _lift(v, large, tag) for k, v in value.items()}
+    if type(value) is list:
+        return [_lift(v, large, tag) for v in value]
+    return value
+
+
+class JSONParts(Response):
+    """A JSON body encoded ahead in parts (bytes), sent one write per part."""
+
+    media_type = "application/json"
+
+    def __init__(
+        self, parts: list[bytes], status_code: int = 200, headers: Mapping[str, str] | None = None
+    ) -> None:
+        self.parts = parts
+        # The headers JSONResponse would send, in its order: the caller's, then the length.
+        size = str(sum(len(p) for p in parts))
+        super().__init__(None, status_code, {**(headers or {}), "content-length": size})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        last = len(self.parts) - 1
+        for i, part in enumerate(self.parts):
+            await send({"type": "http.response.body", "body": part, "more_body": i < last})
+        if self.background is not None:
+            await self.background()
+
+
+async def json_response(
+    content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    """Starlette's JSONResponse, the same bytes; a body with long strings (LARGE_TEXT) is
+    encoded TEXT_SLICE characters at a time, yielding to other tasks in between."""
+    if not _has_large(content):
+        return JSONResponse(content, status_code, headers)
+    large: list[str] = []
+    tag = f"\x00{secrets.token_hex(8)}:"  # no text the body holds (64 random bits)
+    rest = _dumps(_lift(content, large, tag))
+    pieces: list[bytes] = []
+    for i, text in enumerate(large):
+        head, found, rest = rest.partition(_dumps(f"{tag}{i}"))
+        assert found, "a lifted string is missing from its skeleton"
+        pieces.append(f'{head}"'.encode())
+        for at in range(0, len(text), TEXT_SLICE):
+            await asyncio.sleep(0)
+            pieces.append(_dumps(text[at : at + TEXT_SLICE])[1:-1].encode())
+        pieces.append(b'"')
+    pieces.append(rest.encode())
+    return JSONParts(_parts(pieces), status_code, headers)
+
+
+def _parts(pieces: list[bytes]) -> list[bytes]:
+    """``pieces`` joined into writes of at least PART_BYTES (the last may be smaller)."""
+    parts: list[bytes] = []
+    batch: list[bytes] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= PART_BYTES:
+            parts.append(b"".join(batch))
+            batch, size = [], 0
+    if batch or not parts:
+        parts.append(b"".join(batch))
+    return parts

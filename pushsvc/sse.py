@@ -39,6 +39,8 @@ async def _bus_ready(svc: Services) -> None:
         raise Unavailable(
             "streaming is turned off here; poll GET /v1/jobs/{id}", code="streams_disabled"
         )
+    if svc.bus.connected.is_set():
+        return  # as it nearly always is: no waiter task, no timer
     try:
         await asyncio.wait_for(svc.bus.connected.wait(), svc.settings.stream_subscribe_timeout_s)
     except TimeoutError as exc:
