@@ -113,12 +113,15 @@ def fake_llm(
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port")] = 8001,
     tokens_per_s: Annotated[float, typer.Option(help="how fast it writes")] = 50.0,
+    answer_tokens: Annotated[
+        int, typer.Option(min=1, max=100_000, help="words in an answer no [[tokens:N]] sets")
+    ] = 40,
 ) -> None:
     """An offline OpenAI-compatible model: deterministic text, faults on request."""
     from .fakellm import run_fake_llm
 
     _setup_logging(build_settings())
-    run_fake_llm(host, port, tokens_per_s)
+    run_fake_llm(host, port, tokens_per_s, answer_tokens)
 
 
 @cli.command()

@@ -19,7 +19,8 @@ MAX_DIRECTIVE = 100_000  # tokens and rate: keeps a typo from building a huge an
 
 # Directives, anywhere in the last user message (the header X-Fake-Fault: SPEC wins); none
 # changes the answer's words, which come from the message without its directives:
-#   [[tokens:N]]   answer N words (default 40, capped by max_tokens)
+#   [[tokens:N]]   answer N words (default 40, or the server's --answer-tokens; capped by
+#                  max_tokens)
 #   [[rate:N]]     write N tokens a second (0: unpaced)
 #   [[finish:R]]   end with finish_reason R: stop, length, content_filter (the text stays
 #                  whole), or none (no finish_reason at all; the stream still ends with [DONE])
@@ -148,7 +149,12 @@ def _json_keys(body: dict[str, Any], message: str) -> tuple[str, ...] | None:
     return None
 
 
-def read_ask(body: object, fault_header: str | None, default_rate: float) -> Ask:
+def read_ask(
+    body: object,
+    fault_header: str | None,
+    default_rate: float,
+    default_tokens: int = DEFAULT_TOKENS,
+) -> Ask:
     """Read a chat request's body and directives; raise BadRequest for what OpenAI refuses."""
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
@@ -172,7 +178,7 @@ def read_ask(body: object, fault_header: str | None, default_rate: float) -> Ask
         stream=bool(body.get("stream")),
         include_usage=wants_usage and "no_usage" not in directives,
         max_tokens=_max_tokens(body),
-        tokens=int(_number("tokens", directives.get("tokens", str(DEFAULT_TOKENS)))),
+        tokens=int(_number("tokens", directives.get("tokens", str(default_tokens)))),
         rate=_number("rate", directives["rate"]) if "rate" in directives else default_rate,
         json_keys=_json_keys(body, message),
         fault=parse_fault(fault_spec) if fault_spec else None,

@@ -24,6 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from .fakeask import (
     CUT_FAULTS,
+    DEFAULT_TOKENS,
     STATUS_FAULTS,
     STREAM_ERROR_FAULTS,
     Ask,
@@ -218,8 +219,9 @@ class CutResponse(JSONResponse):
 class FakeLLM:
     """The server's state (stats, fault counters) and its endpoints."""
 
-    def __init__(self, tokens_per_s: float, api_key: str | None) -> None:
+    def __init__(self, tokens_per_s: float, api_key: str | None, answer_tokens: int) -> None:
         self.tokens_per_s, self.api_key = tokens_per_s, api_key
+        self.answer_tokens = answer_tokens
         self.stats = Stats()
         self.fault_hits: dict[str, int] = {}  # times=K: requests seen per (spec, message) hash
 
@@ -255,7 +257,9 @@ class FakeLLM:
             return denied
         try:
             body = json.loads(await request.body())
-            ask = read_ask(body, request.headers.get(FAULT_HEADER), self.tokens_per_s)
+            ask = read_ask(
+                body, request.headers.get(FAULT_HEADER), self.tokens_per_s, self.answer_tokens
+            )
         except (BadRequest, ValueError) as exc:
             return error_response(400, f"{exc}")
         fault = self._active(ask)
@@ -297,9 +301,12 @@ class FakeLLM:
         return CutResponse(body) if fault == "drop" else JSONResponse(body)
 
 
-def create_fake_llm_app(tokens_per_s: float = 50.0, api_key: str | None = None) -> Starlette:
-    """The offline model as an ASGI app; ``api_key`` makes it require ``Bearer <key>``."""
-    fake = FakeLLM(tokens_per_s, api_key)
+def create_fake_llm_app(
+    tokens_per_s: float = 50.0, api_key: str | None = None, answer_tokens: int = DEFAULT_TOKENS
+) -> Starlette:
+    """The offline model as an ASGI app; ``api_key`` makes it require ``Bearer <key>``;
+    ``answer_tokens``: the length of an answer no ``[[tokens:N]]`` sets."""
+    fake = FakeLLM(tokens_per_s, api_key, answer_tokens)
     app = Starlette(
         routes=[
             Route("/v1/models", fake.models, methods=["GET"]),
@@ -311,13 +318,15 @@ def create_fake_llm_app(tokens_per_s: float = 50.0, api_key: str | None = None) 
     return app
 
 
-def run_fake_llm(host: str, port: int, tokens_per_s: float) -> None:
+def run_fake_llm(
+    host: str, port: int, tokens_per_s: float, answer_tokens: int = DEFAULT_TOKENS
+) -> None:
     """Serve the offline model until interrupted (blocking)."""
     import uvicorn
 
     # A stalled stream whose client never leaves would otherwise hold shutdown for an hour.
     uvicorn.run(
-        create_fake_llm_app(tokens_per_s),
+        create_fake_llm_app(tokens_per_s, answer_tokens=answer_tokens),
         log_config=None,  # logging is configured by the CLI (structured, redacted)
         host=host,
         port=port,

@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import transitions
 from .llm import LLM
 from .models import JobStatus
+from .progress import AnswerLengths
 from .settings import Settings
 from .store import (
     EVENT_EXCLUDE,
@@ -164,12 +165,18 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._llm: LLM | None = None
+        self._lengths: AnswerLengths | None = None
 
     @property
     def llm(self) -> LLM:
         if self._llm is None:
             self._llm = LLM(self.settings)
         return self._llm
+
+    def answer_lengths(self, store: JobStore) -> AnswerLengths:
+        if self._lengths is None:
+            self._lengths = AnswerLengths(store.redis, store.keys)
+        return self._lengths
 
     async def aclose(self) -> None:
         if self._llm is not None:
@@ -214,6 +221,7 @@ class JobContext:
     ) -> None:
         self.resources = resources or Resources(store.settings)
         self.job_id: str = fields["id"]
+        self.job_type: str = fields["type"]
         self.tenant: str = fields["tenant"]
         self.attempt: int = fields["attempt"]
         # Runs count POST /retry re-runs; attempts restart at 1 in each run.
@@ -242,6 +250,11 @@ class JobContext:
     def llm(self) -> LLM:
         """The worker's model client (``pushsvc.llm.LLM``)."""
         return self.resources.llm
+
+    @property
+    def answer_lengths(self) -> AnswerLengths:
+        """How long answers of a job type and model ran lately (``pushsvc.progress``)."""
+        return self.resources.answer_lengths(self._store)
 
     @property
     def is_cancelled(self) -> bool:

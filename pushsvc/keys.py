@@ -72,6 +72,10 @@ class Keys:
         """Sorted set: attempts waiting for their backoff, "<offset>|<arq id>" by due ms."""
         return f"{self.ns}:delayed"
 
+    def answer_lengths(self, job_type: str, model: str) -> str:
+        """List: the recent answers' lengths (characters) of a job type and model."""
+        return f"{self.ns}:alen:{job_type}:{model}"
+
     @property
     def workers(self) -> str:
         """Sorted set: worker ids by last heartbeat (ms)."""

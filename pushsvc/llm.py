@@ -23,7 +23,7 @@ import openai
 from openai.types.chat import ChatCompletionChunk
 
 from .errors import JobError
-from .progress import CHARS_PER_TOKEN, AnswerLengths
+from .progress import CHARS_PER_TOKEN
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -253,8 +253,7 @@ class LLM:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unset"
         self.default_model = settings.llm_model
         self.retry_window_s = settings.llm_retry_window_s
-        # Recent answers' lengths per model: how long the next one is likely to be.
-        self.lengths = AnswerLengths()
+        self.retry_windows = settings.llm_retry_windows  # per job type
         self.call_timeout_s = settings.llm_timeout_s
         # Retries are pushsvc's (backoff per job type), so the client makes none.
         self.client = openai.AsyncOpenAI(
@@ -277,16 +276,19 @@ class LLM:
         temperature: float | None = None,
         json_mode: bool = False,
         on_delta: Callable[[str], Awaitable[None]] | None = None,
+        job_type: str | None = None,
     ) -> Completion:
         """Stream a completion to its end, calling ``await on_delta(text)`` per delta.
 
         Raises ``JobError`` for every way the call can fail; see ARCHITECTURE.md,
         "Model calls". A retryable failure before the first delta (a server restarting,
-        a 5xx, a 429) is tried again with backoff for ``llm_retry_window_s``: nothing was
-        shown yet, and a model server that boots in seconds is ridden out.
+        a 5xx, a 429) is tried again with backoff for ``llm_retry_window_s`` (or the
+        ``llm_retry_windows`` entry of ``job_type``): nothing was shown yet, and a model
+        server that boots in seconds is ridden out.
         """
         args = self._args(messages, model, max_tokens, temperature, json_mode)
-        deadline = time.monotonic() + self.retry_window_s
+        window = self.retry_windows.get(job_type or "", self.retry_window_s)
+        deadline = time.monotonic() + window
         pause = 0.5
         while True:
             started = False

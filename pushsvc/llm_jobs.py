@@ -45,8 +45,8 @@ async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
     """Streams the model's answer to a prompt as output, with progress and ETA from the
     text received, the answer's expected length and the measured rate."""
     model = p.model or ctx.llm.default_model
-    lengths = ctx.llm.lengths
-    gauge = Gauge(lengths.expected(model, p.expected_tokens, p.max_tokens))
+    lengths = ctx.answer_lengths
+    gauge = Gauge(await lengths.expected(ctx.job_type, model, p.expected_tokens, p.max_tokens))
 
     async def on_delta(text: str) -> None:
         await ctx.output(text)
@@ -63,8 +63,9 @@ async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
         max_tokens=p.max_tokens,
         temperature=p.temperature,
         on_delta=on_delta,
+        job_type=ctx.job_type,
     )
-    lengths.record(model, len(done.text))
+    await lengths.record(ctx.job_type, model, len(done.text))
     await ctx.stage("finalizing")
     return {
         "text": done.text,
@@ -117,6 +118,7 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
             model=p.model,
             max_tokens=p.max_tokens,
             json_mode=True,
+            job_type=ctx.job_type,
         )
         try:
             item: dict[str, Any] = item_model.model_validate(json.loads(done.text)).model_dump()
@@ -158,7 +160,10 @@ async def batch(ctx: JobContext, p: BatchPayload) -> dict[str, Any]:
     async def make(i: int) -> Made:
         prompt = p.template.replace("{input}", p.inputs[i])
         done = await ctx.llm.complete(
-            [{"role": "user", "content": prompt}], model=p.model, max_tokens=p.max_tokens
+            [{"role": "user", "content": prompt}],
+            model=p.model,
+            max_tokens=p.max_tokens,
+            job_type=ctx.job_type,
         )
         return {"input": p.inputs[i], "output": done.text}, done
 

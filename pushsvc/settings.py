@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # A call that fails retryably before its first token (server down or restarting, 5xx,
     # 429) is tried again within this many seconds, inside the attempt (0: never).
     llm_retry_window_s: float = Field(30.0, ge=0)
+    # Per job type, over the one above: "generate=30,batch=5" (a caller passes its type).
+    llm_retry_windows: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     llm_parallel: int = Field(4, ge=1, le=64)
 
     # Stats and alerts (/v1/stats).
@@ -125,6 +127,24 @@ class Settings(BaseSettings):
                 raise ValueError("PUSHSVC_API_KEYS must look like 'key=tenant,key2=tenant2'")
             keys[key.strip()] = tenant.strip()
         return keys
+
+    @field_validator("llm_retry_windows", mode="before")
+    @classmethod
+    def _parse_windows(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        windows: dict[str, float] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            name, _, seconds = pair.partition("=")
+            try:
+                windows[name.strip()] = float(seconds)
+            except ValueError:
+                raise ValueError(
+                    "PUSHSVC_LLM_RETRY_WINDOWS must look like 'generate=30,batch=5'"
+                ) from None
+            if not name.strip() or not 0 <= windows[name.strip()] < float("inf"):
+                raise ValueError("PUSHSVC_LLM_RETRY_WINDOWS: a job type and seconds >= 0")
+        return windows
 
     @field_validator("job_modules", "cors_origins", mode="before")
     @classmethod

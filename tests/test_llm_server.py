@@ -10,7 +10,10 @@ import secrets
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from redis.asyncio import Redis
+
+from pushsvc.settings import Settings
 
 from .conftest import Client, make_client, model_answer, stack_env
 from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
@@ -29,7 +32,8 @@ async def test_a_model_server_coming_back_is_ridden_out_within_the_attempt(
     redis_server: RedisServer, redis: Redis
 ) -> None:
     """Was: a server killed and restarted 2 s later left ``generate`` failed
-    ``upstream_unreachable`` after 2.4 s, its attempts spent in the meantime."""
+    ``upstream_unreachable`` after 2.4 s, its attempts spent in the meantime. The window
+    is the job type's own here (the global one is 0)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/v1"
     ns = f"rs{secrets.token_hex(3)}"
@@ -39,7 +43,8 @@ async def test_a_model_server_coming_back_is_ridden_out_within_the_attempt(
         llm_base_url=url,
         llm_api_key="offline",
         llm_model="fake-1",
-        llm_retry_window_s="30",
+        llm_retry_window_s="0",
+        llm_retry_windows="generate=30",
     )
     model = Proc(["fake-llm", "--port", str(port), "--tokens-per-s", "400"], {})
     worker = Proc(["worker"], env).start()
@@ -59,6 +64,14 @@ async def test_a_model_server_coming_back_is_ridden_out_within_the_attempt(
         api.stop()
         worker.stop()
         model.stop()
+
+
+def test_retry_windows_per_job_type_are_read_from_the_environment() -> None:
+    settings = Settings(llm_retry_windows="generate=30, batch=2.5")  # type: ignore[arg-type]
+    assert settings.llm_retry_windows == {"generate": 30.0, "batch": 2.5}
+    for bad in ("generate", "generate=soon", "=3", "batch=-1", "batch=inf"):
+        with pytest.raises(ValidationError):
+            Settings(llm_retry_windows=bad)  # type: ignore[arg-type]
 
 
 async def run_one(
