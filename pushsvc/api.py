@@ -3,27 +3,27 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 from redis.asyncio import Redis
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from . import listing
 from .auth import Authenticator, job_scope
+from .bodies import read_json
 from .errors import (
+    DETAILS_MAX,
     ApiError,
     BadRequest,
     Conflict,
     NotFound,
-    PayloadTooLarge,
     RateLimited,
     Unavailable,
     ValidationFailed,
@@ -33,7 +33,7 @@ from .jobs import JobType, Registry
 from .models import JobSnapshot, JobStatus, SubmitRequest
 from .queue import Queue
 from .reads import BulkReads
-from .responses import Drain, json_response
+from .responses import Drain, JSONResponse, json_response
 from .settings import Settings
 from .store import EVENT_EXCLUDE, JobHead, JobStore, Published, Rejected, to_snapshot
 from .worker import new_arq_id
@@ -73,27 +73,12 @@ def job_json(svc: Services, tenant: str, snap: JobSnapshot) -> dict[str, Any]:
 
 
 def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """pydantic's errors, without the input (the error body would echo it back), the
+    first DETAILS_MAX of them."""
     return [
         {"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_input=False)
+        for e in exc.errors(include_url=False, include_input=False)[:DETAILS_MAX]
     ]
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, read no further than ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the body is over {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}", code="invalid_json") from exc
 
 
 def parse_submit(raw: Any, types: Registry) -> tuple[SubmitRequest, JobType[Any], BaseModel]:
@@ -199,18 +184,26 @@ def _idempotency(
 
 
 async def _job_response(
-    svc: Services, tenant: str, job_id: str, status: int, headers: dict[str, str]
+    svc: Services,
+    tenant: str,
+    job_id: str,
+    status: int,
+    headers: dict[str, str],
+    extra: dict[str, Any] | None = None,
 ) -> Response:
     snap = await get_owned_job(svc, tenant, job_id)
     headers = {"Location": f"/v1/jobs/{job_id}", **headers}
-    return await json_response(job_json(svc, tenant, snap), status, headers)
+    return await json_response({**job_json(svc, tenant, snap), **(extra or {})}, status, headers)
 
 
 def _job_id_valid(job_id: str) -> bool:
+    """A uuid4 as this API writes them: uuid.UUID alone would take other spellings
+    (braces, ``urn:uuid:``, no hyphens, capitals, fullwidth digits) of ids never issued."""
     try:
-        return uuid.UUID(job_id).version == 4
+        parsed = uuid.UUID(job_id)
     except ValueError:
         return False
+    return parsed.version == 4 and str(parsed) == job_id
 
 
 def _not_found(job_id: str) -> NotFound:
@@ -274,6 +267,15 @@ class ListQuery(BaseModel):
     limit: int = 50
     cursor: str | None = None
 
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _digits(cls, value: object) -> object:
+        # pydantic's lax int takes " 5 ", "+5", "5.0" and "1_0"; a query number is
+        # ASCII digits, as the document says (and never "３").
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise ValueError("limit must be a whole number in ASCII digits")
+        return value
+
 
 async def list_jobs(request: Request) -> Response:
     svc = services(request)
@@ -307,8 +309,11 @@ async def cancel_job(request: Request) -> Response:
                 await svc.queue.forget(fields["arq_id"], fields.get("priority", "normal"))
             else:
                 await svc.queue.abort(fields["arq_id"])
-            code = 200 if reply.status == JobStatus.CANCELLED else 202
-            return await _job_response(svc, tenant, job_id, code, {})
+            if reply.status == JobStatus.CANCELLED:
+                return await _job_response(svc, tenant, job_id, 200, {})
+            # Still running until the task is cancelled: say the cancel is under way.
+            extra = {"cancel_requested": True}
+            return await _job_response(svc, tenant, job_id, 202, {}, extra)
         if not isinstance(reply, Rejected) or reply.status.terminal:
             break
     status = reply.status if isinstance(reply, Rejected) else JobStatus(fields["status"])

@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,10 +25,11 @@ from .api import Services
 from .auth import Authenticator
 from .errors import ApiError, PushsvcError
 from .events import EventBus
+from .guard import RequestGuard
 from .jobs import Registry, registry
 from .queue import Queue, connect
 from .reads import BulkReads
-from .responses import Drain
+from .responses import Drain, JSONResponse
 from .settings import Settings
 from .stats import Stats
 from .store import JobStore
@@ -71,6 +72,13 @@ async def http_error(_request: Request, exc: Exception) -> Response:
 async def internal_error(_request: Request, exc: Exception) -> Response:
     logger.error("unhandled error", exc_info=exc)
     return error_response(PushsvcError("internal error", code="internal_error"), 500)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus, behind ``PUSHSVC_METRICS_TOKEN`` when one is set."""
+    svc: Services = request.app.state.services
+    svc.auth.check_metrics(request)
+    return await metrics.metrics(request)
 
 
 async def healthz(_request: Request) -> Response:
@@ -150,7 +158,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
         routes=[
             Route("/healthz", healthz),
             Route("/readyz", readyz),
-            Route("/metrics", metrics.metrics),
+            Route("/metrics", metrics_endpoint),
             *api.routes,
             *sse.routes,
             *stats.routes,
@@ -164,7 +172,8 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
             Exception: internal_error,
         },
         lifespan=lifespan,
-        middleware=[Middleware(AccessLog), *_cors(settings)],
+        # The guard inside CORS: an allowed origin can read the errors it answers.
+        middleware=[Middleware(AccessLog), *_cors(settings), Middleware(RequestGuard, settings)],
     )
     app.state.metrics = metrics.make_api_metrics(app)
     return app
@@ -193,7 +202,9 @@ def _cors(settings: Settings) -> list[Middleware]:
 class AccessLog:
     """Access lines without query strings: stream tokens travel in ``?token=``.
 
-    uvicorn's own access log prints the query string, so the CLI turns it off.
+    uvicorn's own access log prints the query string, so the CLI turns it off. An
+    exception that escapes the app before a response started is answered 500 by
+    Starlette's outermost middleware: the line says 500, not the 0 no status gives.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -212,6 +223,9 @@ class AccessLog:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            status[0] = status[0] or 500
+            raise
         finally:
             access_logger.info(
                 '"%s %s" %d %.1fms',

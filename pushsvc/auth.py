@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 
@@ -44,6 +45,9 @@ class Authenticator:
     def __init__(self, settings: Settings) -> None:
         # Looked up by digest: no key is compared character by character.
         self._tenants = {_digest(k): t for k, t in settings.api_keys.items()}
+        self._admins = {_digest(k.get_secret_value()) for k in settings.admin_keys}
+        metrics_token = settings.metrics_token.get_secret_value()
+        self._metrics = _digest(metrics_token) if metrics_token else None
         # Without a configured secret, tokens are valid only in this process (dev).
         secret = settings.secret.get_secret_value() or secrets.token_hex(32)
         self._secret = secret.encode()
@@ -56,13 +60,37 @@ class Authenticator:
     def tenant(self, conn: HTTPConnection) -> str:
         if not self.enabled:
             return LOCAL_TENANT  # only allowed on loopback; the CLI refuses otherwise
-        scheme, _, key = conn.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise Unauthorized("send 'Authorization: Bearer <api key>'", code="missing_credentials")
-        tenant = self._tenants.get(_digest(key.strip()))
+        tenant = self._tenants.get(_digest(_bearer(conn)))
         if tenant is None:
             raise Unauthorized("the API key is not valid", code="invalid_credentials")
         return tenant
+
+    def viewer(self, conn: HTTPConnection) -> str | None:
+        """Whose figures a stats request sees: ``None`` for an operator (an admin key, or
+        the one local user without API keys: every tenant's), else its tenant."""
+        if not self.enabled:
+            return None
+        key = _digest(_bearer(conn))
+        if key in self._admins:
+            return None
+        tenant = self._tenants.get(key)
+        if tenant is None:
+            raise Unauthorized("the API key is not valid", code="invalid_credentials")
+        return tenant
+
+    def stream_viewer(self, conn: HTTPConnection) -> str | None:
+        """As :meth:`viewer`, for a stream: a ``?token=`` (tenant-scoped) names its tenant."""
+        if conn.query_params.get("token") is None:
+            return self.viewer(conn)
+        tenant = self.stream_tenant(conn, {TENANT_SCOPE})
+        return tenant if self.enabled else None  # the local user's token: the operator
+
+    def check_metrics(self, conn: HTTPConnection) -> None:
+        """``/metrics`` asks for ``PUSHSVC_METRICS_TOKEN`` as a bearer token, when set."""
+        if self._metrics is not None and not hmac.compare_digest(
+            _digest(_bearer(conn)), self._metrics
+        ):
+            raise Unauthorized("the metrics token is not valid", code="invalid_credentials")
 
     def stream_tenant(self, conn: HTTPConnection, scopes: set[str]) -> str:
         """The tenant of a stream request: a ``?token=`` with one of ``scopes``, or a key."""
@@ -81,15 +109,46 @@ class Authenticator:
         return f"{body}.{self._sign(body)}", expires
 
     def verify(self, token: str) -> tuple[str, str]:
+        """The (tenant, scope) of a token this deployment signed and that has not expired."""
         body, _, signature = token.partition(".")
         # Bytes, not str: compare_digest refuses non-ASCII text (a 500 on a forged token).
         expected = self._sign(body).encode()
         if not hmac.compare_digest(signature.encode("utf-8", "replace"), expected):
             raise Unauthorized("the token is not valid", code="invalid_token")
-        tenant, scope, expires = json.loads(_unb64(body))
+        claims = _claims(body)
+        if claims is None:  # signed with our secret, but not a shape this version issues
+            raise Unauthorized("the token is not valid", code="invalid_token")
+        tenant, scope, expires = claims
         if expires < time.time():
             raise Unauthorized("the token has expired", code="token_expired")
-        return str(tenant), str(scope)
+        return tenant, scope
 
     def _sign(self, body: str) -> str:
-        return _b64(hmac.new(self._secret, body.encode(), hashlib.sha256).digest()[:24])
+        raw = body.encode("utf-8", "replace")
+        return _b64(hmac.new(self._secret, raw, hashlib.sha256).digest()[:24])
+
+
+def _bearer(conn: HTTPConnection) -> str:
+    scheme, _, key = conn.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthorized("send 'Authorization: Bearer <api key>'", code="missing_credentials")
+    return key.strip()
+
+
+def _claims(body: str) -> tuple[str, str, float] | None:
+    """``[tenant, scope, expiry]`` from a token's body, or None for any other shape (a
+    token of another version signed with the same secret must be a 401, not a 500)."""
+    try:
+        claims = json.loads(_unb64(body))
+    except ValueError:  # not base64 (binascii.Error), not UTF-8, not JSON: all ValueErrors
+        return None
+    match claims:
+        case [str(tenant), str(scope), int() | float() as expires] if (
+            tenant and scope and not isinstance(expires, bool)
+        ):
+            try:
+                expiry = float(expires)
+            except OverflowError:  # an integer of 400 digits
+                return None
+            return (tenant, scope, expiry) if math.isfinite(expiry) else None
+    return None

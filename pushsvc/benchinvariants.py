@@ -1,6 +1,6 @@
 """The chaos run's invariants for one watcher's events: what it recorded, how it rebuilds
 a job, and the rules its events keep. Pure functions (no I/O), written against the v1
-contract (DESIGN.md: events, guarantees 1-9) rather than against how the server does it.
+contract (docs/contract.md: events, guarantees 1-9) rather than against how the server does it.
 
 How a watcher rebuilds a job, as any generic SSE client would: a ``snapshot`` replaces
 the whole job; an ``output`` event's ``delta`` appends to ``output``; every other event

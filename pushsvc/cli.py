@@ -6,10 +6,8 @@ Every flag can also be given as a ``PUSHSVC_*`` environment variable.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
-import socket
 from typing import Annotated, Any
 
 import typer
@@ -62,29 +60,13 @@ def check_auth(settings: Settings) -> None:
 @cli.command()
 def api(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> None:
     """Serve the HTTP API (uvicorn)."""
-    import uvicorn
-
     from .app import create_app
+    from .server import serve
 
     settings = build_settings(host=host, port=port, redis_url=redis_url)
     _setup_logging(settings)
     check_auth(settings)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        log_config=None,  # keep our structured, redacting handler
-        access_log=False,  # ours (app.AccessLog) leaves out query strings, and so tokens
-    )
-    # uvicorn.run(), with a socket of ours: accepted connections inherit its SO_SNDBUF.
-    sock = config.bind_socket()
-    if settings.send_buffer_bytes:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer_bytes)
-    server = uvicorn.Server(config)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run(sockets=[sock])
-    if not server.started:
+    if not serve(create_app(settings), settings):
         raise typer.Exit(3)  # as uvicorn.run: the app did not start
 
 

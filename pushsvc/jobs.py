@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, ValidationError
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import transitions
+from .errors import DETAILS_MAX, ECHO_MAX, clip
 from .llm import LLM
 from .models import JobStatus
 from .progress import AnswerLengths
@@ -65,17 +67,18 @@ class JobType(Generic[P]):  # noqa: B903
         """Where ``payload`` breaks the type's published JSON Schema (empty: it fits), or
         holds text that is not Unicode (a lone surrogate, which JSON's ``\\ud800`` can
         carry: no model call or store could take it later)."""
+        # The first DETAILS_MAX: 100,000 wrong items are 100,000 errors, each quoting one.
         found = [
             {
                 "loc": ["payload", *(_printable(str(p)) for p in e.absolute_path)],
-                "msg": _printable(e.message),
+                "msg": _printable(_message(e)),
                 "type": e.validator,
             }
-            for e in self._validator.iter_errors(payload)
+            for e in itertools.islice(self._validator.iter_errors(payload), DETAILS_MAX)
         ]
         return found + [
             {"loc": ["payload", *path], "msg": "not valid Unicode text", "type": "unicode"}
-            for path in _broken_text(payload, [])
+            for path in _broken_text(payload, [])[: DETAILS_MAX - len(found)]
         ]
 
     def describe(self) -> dict[str, Any]:
@@ -86,6 +89,19 @@ class JobType(Generic[P]):  # noqa: B903
             "max_attempts": self.max_attempts,
             "payload_schema": self.payload_model.model_json_schema(),
         }
+
+
+def _message(error: ValidationError) -> str:
+    """jsonschema's message with the value it quotes clipped: ``'<200,000 characters>' is
+    too long`` keeps its head, its length and what it says of it."""
+    message = str(error.message)
+    if len(message) <= ECHO_MAX:
+        return message
+    quoted = repr(error.instance)
+    if quoted not in message:
+        return message  # clipped whole, with the other strings of the error body
+    room = ECHO_MAX - (len(message) - len(quoted))
+    return message.replace(quoted, clip(quoted, max(room, ECHO_MAX // 4)))
 
 
 def _broken_text(value: Any, path: list[str]) -> list[list[str]]:

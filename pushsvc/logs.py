@@ -197,6 +197,8 @@ def _log_uncaught(
 def settings_secrets(settings: Settings) -> list[str]:
     """Every credential in ``settings``: what ``configure_logging(secrets=...)`` masks."""
     values = [*settings.api_keys, settings.secret.get_secret_value()]
+    values += [k.get_secret_value() for k in settings.admin_keys]
+    values.append(settings.metrics_token.get_secret_value())
     if settings.llm_api_key is not None:
         values.append(settings.llm_api_key.get_secret_value())
     return [v for v in values if v]

@@ -11,11 +11,12 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from .jobs import Registry
 from .models import JobSnapshot, SubmitRequest
+from .responses import JSONResponse
 from .settings import Settings
 
 REF = "#/components/schemas/{model}"
@@ -307,7 +308,11 @@ def _job_paths(list_limit_max: int) -> dict[str, Schema]:
                 "Cancel: a queued job never starts, a running one ends `cancelled`",
                 {
                     "200": _job_response("cancelled (it was queued)"),
-                    "202": _job_response("cancel requested (it is running)"),
+                    "202": _json(
+                        {"allOf": [_ref("Job"), _obj(cancel_requested={"const": True})]},
+                        "cancel requested (it is running): `cancel_requested` says so",
+                        Location=_header("/v1/jobs/{id}"),
+                    ),
                     **_errors(404, 409),
                 },
             ),

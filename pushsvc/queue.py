@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -90,6 +92,45 @@ class Enqueue:
 # before every ready normal one, and so on; within a class, first in first out.
 PRIORITY_OFFSET_MS = {"high": 2 * 10**12, "normal": 10**12, "low": 0}
 
+# arq's line as an attempt starts (arq/worker.py, ``run_job``): the seconds since it was
+# enqueued, the job, its arguments, and `` delayed=<start - score>s`` when that passes
+# ARQ_LATE_MS. Our scores sit a priority offset below the time an attempt became ready,
+# so every normal attempt read ``delayed=1000000000.05s``.
+ARQ_START_LINE = "%6.2fs → %s(%s)%s"
+ARQ_LATE_MS = 1200
+_DELAYED = re.compile(r" delayed=([0-9]+(?:\.[0-9]+)?)s")
+
+
+def true_delay_ms(shown_s: float) -> float:
+    """How late an attempt started, from arq's ``delayed=`` (start minus score, seconds):
+    its priority offset taken off (no attempt waits 10^12 ms, 31 years)."""
+    late_ms = shown_s * 1000
+    offset = max((o for o in PRIORITY_OFFSET_MS.values() if o <= late_ms), default=0)
+    return late_ms - offset
+
+
+class ArqDelayFilter(logging.Filter):
+    """Puts the real delay into arq's start line (or leaves it out, as arq does, when the
+    attempt started in time). arq is frozen upstream: its line is mended, not its code."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.msg != ARQ_START_LINE or not isinstance(args, tuple) or len(args) != 4:
+            return True
+        extra = str(args[3])
+        found = _DELAYED.search(extra)
+        if found is not None:
+            late_ms = true_delay_ms(float(found[1]))
+            shown = f" delayed={late_ms / 1000:0.2f}s" if late_ms > ARQ_LATE_MS else ""
+            record.args = (*args[:3], extra.replace(found[0], shown))
+        return True
+
+
+def _mend_arq_log() -> None:
+    arq_log = logging.getLogger("arq.worker")
+    if not any(isinstance(f, ArqDelayFilter) for f in arq_log.filters):
+        arq_log.addFilter(ArqDelayFilter())
+
 
 class Queue:
     """Prepares and aborts attempts; the Lua publish path stores what ``prepare`` makes."""
@@ -160,6 +201,7 @@ def make_worker(
     handle_signals: bool = True,
 ) -> Worker:
     """An arq worker whose one function runs a pushsvc attempt. Build it inside a loop."""
+    _mend_arq_log()
     return Worker(
         functions=[
             # pushsvc enforces each type's timeout itself; arq's is a backstop above it.

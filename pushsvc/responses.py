@@ -1,6 +1,7 @@
 """The SSE response of the job streams: sse-starlette's, run lighter; the writes it makes
-(``chunks``); ``Drain``, which ends every open stream when the server shuts down; and
-``json_response``, JSON bodies with megabytes of text encoded a slice at a time."""
+(``chunks``); ``Drain``, which ends every open stream when the server shuts down;
+``JSONResponse`` (every JSON body ends with a newline); and ``json_response``, JSON
+bodies with megabytes of text encoded a slice at a time."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from typing import Any
 import anyio
 from sse_starlette import EventSourceResponse
 from sse_starlette.event import ensure_bytes
-from starlette.responses import JSONResponse, Response
+from starlette import responses as starlette
+from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger(__name__)
@@ -190,6 +192,18 @@ class EventStream(EventSourceResponse):
         self.stop()
 
 
+# -- JSON bodies ------------------------------------------------------------------------
+
+
+class JSONResponse(starlette.JSONResponse):
+    """Starlette's JSONResponse with a newline after the document, as a text file ends:
+    ``curl`` output then does not run into the shell prompt. Every JSON body of the API
+    is one of these (or ``json_response``'s slices, which end the same way)."""
+
+    def render(self, content: Any) -> bytes:
+        return super().render(content) + b"\n"
+
+
 # -- JSON bodies with large text ---------------------------------------------------------
 
 # A string this long (a job's output: up to megabytes) is encoded TEXT_SLICE characters
@@ -202,7 +216,7 @@ PART_BYTES = 262144
 
 
 def _dumps(value: Any) -> str:
-    """As Starlette's JSONResponse renders."""
+    """As Starlette's JSONResponse renders (without our newline)."""
     return json.dumps(
         value, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
     )
@@ -268,7 +282,7 @@ class JSONParts(Response):
 async def json_response(
     content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
-    """Starlette's JSONResponse, the same bytes; a body with long strings (LARGE_TEXT) is
+    """:class:`JSONResponse`, the same bytes; a body with long strings (LARGE_TEXT) is
     encoded TEXT_SLICE characters at a time, yielding to other tasks in between."""
     if not _has_large(content):
         return JSONResponse(content, status_code, headers)
@@ -284,7 +298,7 @@ async def json_response(
             await asyncio.sleep(0)
             pieces.append(_dumps(text[at : at + TEXT_SLICE])[1:-1].encode())
         pieces.append(b'"')
-    pieces.append(rest.encode())
+    pieces.append(rest.encode() + b"\n")
     return JSONParts(_parts(pieces), status_code, headers)
 
 

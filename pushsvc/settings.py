@@ -43,6 +43,27 @@ class Settings(BaseSettings):
     tenant_max_streams: int = Field(0, ge=0)
     # Browser origins allowed to call the API from other sites (empty: CORS off).
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Request hardening (CSRF, Host, slow clients, operator keys).
+    # Without API keys only loopback Host names are answered (localhost, *.localhost,
+    # 127.0.0.1, [::1]; 421 otherwise), so a page whose name was rebound to 127.0.0.1
+    # cannot reach the API. Names to answer to besides ("api.test", "*.test", "*": any).
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Operator keys (Authorization: Bearer, like API keys): /v1/stats shows them every
+    # tenant's figures; an API key shows its own tenant's. Secrets: never logged.
+    admin_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # A bearer token GET /metrics asks for (empty: /metrics is open).
+    metrics_token: SecretStr = SecretStr("")
+    # Open client connections of one API process (0: the open-file limit less 256 for
+    # Redis and files). Past it the connection waiting longest for a request's headers
+    # (idle or slow) is closed to make room, and while every one is busy (streams,
+    # requests) new requests get 503: idle sockets cannot use up the process's fds.
+    max_connections: int = Field(0, ge=0)
+    # A request's headers must arrive whole within this (408, then closed), and be no
+    # larger than this (431): a client that never finishes them holds no connection.
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_header_bytes: int = Field(65536, ge=1024)
+    # How long an idle keep-alive connection stays open between requests.
+    keep_alive_s: int = Field(5, ge=1)
     # Jobs one tenant may run at once (0: no limit); the rest wait queued, retried this
     # often (with jitter) while other tenants' jobs go first.
     tenant_max_running: int = Field(0, ge=0)
@@ -146,7 +167,7 @@ class Settings(BaseSettings):
                 raise ValueError("PUSHSVC_LLM_RETRY_WINDOWS: a job type and seconds >= 0")
         return windows
 
-    @field_validator("job_modules", "cors_origins", mode="before")
+    @field_validator("job_modules", "cors_origins", "allowed_hosts", "admin_keys", mode="before")
     @classmethod
     def _parse_modules(cls, value: object) -> object:
         if isinstance(value, str):

@@ -8,14 +8,14 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .api import Services, get_owned_head, missing_job, services
 from .auth import TENANT_SCOPE, job_scope
 from .epoch import StreamPosition
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
-from .responses import EventStream
+from .responses import EventStream, JSONResponse
 from .store import JobHead
 from .streams import JobStream, MuxStream, _Stream
 

@@ -11,22 +11,36 @@ import asyncio
 import json
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
 from .api import services
-from .errors import Unavailable
+from .auth import LOCAL_TENANT
+from .errors import RateLimited, Unavailable
 from .keys import Keys
 from .queue import PRIORITY_OFFSET_MS
+from .responses import JSONResponse
 from .settings import Settings
+from .sse import _counted
 
 CACHE_S = 1.0
+CLASS_SPAN_MS = 10**11  # arq scores of one priority class lie within this of now - offset
+
+
+def queued_age(score: float, now: float) -> float | None:
+    """Seconds an attempt has waited, from its arq score (its enqueue time minus its
+    priority class's offset, queue.py)."""
+    for offset in PRIORITY_OFFSET_MS.values():
+        if abs(now * 1000 - offset - score) <= CLASS_SPAN_MS:
+            return now - (score + offset) / 1000
+    return None
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -70,38 +84,90 @@ def summarize(rows: list[dict[bytes, bytes]], window_s: float) -> dict[str, Any]
     }
 
 
+@dataclass(frozen=True)
+class Running:
+    job_id: str
+    silent_s: float  # since its last event
+    tenant: str
+
+
+NO_QUEUE: dict[str, Any] = {"queue_depth": 0, "queued_ready": 0, "oldest_queued_age_s": None}
+
+
+@dataclass
+class Reading:
+    """One read of Redis; every view of it (operators', each tenant's) for CACHE_S."""
+
+    at: float
+    rows: list[dict[bytes, bytes]]
+    queue: dict[str, Any]  # every tenant's waiting attempts
+    running: list[Running]
+    workers: int
+    tenant_queues: dict[str, dict[str, Any]] | None = None  # read at a tenant's first view
+    views: dict[str | None, dict[str, Any]] = field(default_factory=dict)
+
+
 class Stats:
-    """Reads Redis and builds the stats document (cached briefly per process)."""
+    """Reads Redis and builds the stats documents (cached briefly per process).
+
+    An operator's document counts every tenant's jobs; a tenant's counts its own only
+    (finished attempts by the stats rows' tenant, waiting and running ones by their
+    job's): the load, failures and job ids of other tenants are none of its business.
+    The worker count and its alert are the service's, shown to everyone.
+    """
 
     def __init__(self, redis: Redis, settings: Settings) -> None:
         self.redis, self.settings, self.keys = redis, settings, Keys(settings.namespace)
-        self._cached: tuple[float, dict[str, Any]] | None = None
+        self._reading: tuple[float, Reading] | None = None
         self._lock = asyncio.Lock()
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self, tenant: str | None = None) -> dict[str, Any]:
+        """The document of ``tenant``'s jobs, or of every tenant's (None: operators)."""
         async with self._lock:
-            if self._cached is None or time.monotonic() - self._cached[0] > CACHE_S:
-                self._cached = (time.monotonic(), await self._compute())
-            return self._cached[1]
+            if self._reading is None or time.monotonic() - self._reading[0] > CACHE_S:
+                self._reading = (time.monotonic(), await self._read())
+            reading = self._reading[1]
+            if tenant not in reading.views:
+                reading.views[tenant] = await self._view(reading, tenant)
+            return reading.views[tenant]
 
-    async def _compute(self) -> dict[str, Any]:
+    async def _read(self) -> Reading:
         now = time.time()
+        since = int((now - self.settings.stats_window_s) * 1000)
+        rows = [f for _, f in await self.redis.xrange(self.keys.stats, since)]
+        queue = await self._queue(now)
+        return Reading(now, rows, queue, await self._running(now), await self._workers(now))
+
+    async def _view(self, reading: Reading, tenant: str | None) -> dict[str, Any]:
+        if tenant is None:
+            return self._document(reading, reading.rows, reading.queue, reading.running)
+        if reading.tenant_queues is None:
+            reading.tenant_queues = await self._tenant_queues(reading.at)
+        name = tenant.encode()
+        rows = [row for row in reading.rows if row.get(b"n") == name]
+        running = [r for r in reading.running if r.tenant == tenant]
+        queue = reading.tenant_queues.get(tenant, NO_QUEUE)
+        return self._document(reading, rows, queue, running)
+
+    def _document(
+        self,
+        reading: Reading,
+        rows: list[dict[bytes, bytes]],
+        queue: dict[str, Any],
+        running: list[Running],
+    ) -> dict[str, Any]:
         window = self.settings.stats_window_s
-        rows = [f for _, f in await self.redis.xrange(self.keys.stats, int((now - window) * 1000))]
         by_type: dict[str, list[dict[bytes, bytes]]] = {}
         for row in rows:
             by_type.setdefault(row[b"t"].decode(), []).append(row)
-        queue = await self._queue(now)
-        running = await self._running(now)
-        overall = summarize(rows, window)
         doc = {
             "window_s": window,
-            "at": now,
-            "overall": {**overall, **queue, "running": len(running)},
+            "at": reading.at,
+            "overall": {**summarize(rows, window), **queue, "running": len(running)},
             "types": {t: summarize(r, window) for t, r in sorted(by_type.items())},
-            "workers": await self._workers(now),
+            "workers": reading.workers,
         }
-        doc["alerts"] = self._alerts(doc, running, now)
+        doc["alerts"] = self._alerts(doc, running)
         return doc
 
     async def _queue(self, now: float) -> dict[str, Any]:
@@ -111,7 +177,7 @@ class Stats:
             pipe.zcard(self.keys.queue)
             pipe.zcard(self.keys.delayed)
             for offset in PRIORITY_OFFSET_MS.values():  # the oldest of each priority class
-                low, high = now * 1000 - offset - 10**11, now * 1000 - offset + 10**11
+                low, high = now * 1000 - offset - CLASS_SPAN_MS, now * 1000 - offset + CLASS_SPAN_MS
                 pipe.zrangebyscore(
                     self.keys.queue, low, high, start=0, num=len(running) + 1, withscores=True
                 )
@@ -128,23 +194,56 @@ class Stats:
             "oldest_queued_age_s": round(max(ages), 3) if ages else None,
         }
 
-    async def _running(self, now: float) -> list[tuple[str, float]]:
-        """(job id, seconds since its last event) for every running attempt."""
+    async def _running(self, now: float) -> list[Running]:
+        """Every running attempt: its job, how long since its last event, its tenant."""
         members = await self.redis.zrange(self.keys.leases, 0, -1)
         job_ids = [m.decode().rsplit(".", 1)[0] for m in members]
         async with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(job_id), ["updated_at", "tenant"])
             found = await pipe.execute()
-        return [(j, now - int(u) / 1000) for j, (u, _) in zip(job_ids, found, strict=True) if u]
+        return [
+            Running(j, now - int(u) / 1000, t.decode())
+            for j, (u, t) in zip(job_ids, found, strict=True)
+            if u and t
+        ]
+
+    async def _tenant_queues(self, now: float) -> dict[str, dict[str, Any]]:
+        """Each tenant's waiting attempts: every one's job read for its tenant. Read only
+        when a tenant asks (the operators' figures need counts alone)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrange(self.keys.leases, 0, -1)
+            pipe.zrange(self.keys.queue, 0, -1, withscores=True)
+            pipe.zrange(self.keys.delayed, 0, -1)
+            leases, queued, delayed = await pipe.execute()
+        running = set(leases)
+        # (arq id, seconds waited); an attempt in its backoff is waiting but not ready.
+        waiting = [(m.decode(), queued_age(score, now)) for m, score in queued if m not in running]
+        backoff = [m.decode().partition("|")[2] for m in delayed]
+        arq_ids = [arq_id for arq_id, _ in waiting] + backoff
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for arq_id in arq_ids:
+                pipe.hget(self.keys.job(arq_id.rsplit(".", 1)[0]), "tenant")
+            tenants = await pipe.execute()
+        figures: dict[str, dict[str, Any]] = {}
+        ages = [age for _, age in waiting] + [None] * len(backoff)
+        for i, (raw, age) in enumerate(zip(tenants, ages, strict=True)):
+            if raw is None:
+                continue  # ended (or expired) since the queue was read
+            mine = figures.setdefault(raw.decode(), dict(NO_QUEUE))
+            mine["queue_depth"] += 1
+            if i < len(waiting):
+                mine["queued_ready"] += 1
+            if age is not None:
+                oldest = mine["oldest_queued_age_s"]
+                mine["oldest_queued_age_s"] = round(max(age, oldest or age), 3)
+        return figures
 
     async def _workers(self, now: float) -> int:
         since = (now - self.settings.alert_workers_absent_s) * 1000
         return int(await self.redis.zcount(self.keys.workers, since, "+inf"))
 
-    def _alerts(
-        self, doc: dict[str, Any], running: list[tuple[str, float]], now: float
-    ) -> list[dict[str, Any]]:
+    def _alerts(self, doc: dict[str, Any], running: list[Running]) -> list[dict[str, Any]]:
         s, overall = self.settings, doc["overall"]
         alerts: list[dict[str, Any]] = []
         if overall["queue_depth"] > s.alert_queue_depth:
@@ -161,7 +260,7 @@ class Stats:
             alerts.append(
                 {"name": "failure_rate", "value": rate, "threshold": s.alert_failure_rate}
             )
-        stuck = [job_id for job_id, silent in running if silent > s.alert_stuck_s]
+        stuck = [r.job_id for r in running if r.silent_s > s.alert_stuck_s]
         if stuck:
             alerts.append(
                 {
@@ -178,53 +277,38 @@ class Stats:
         return alerts
 
 
-def for_tenant(doc: dict[str, Any], tenant_jobs: set[str]) -> dict[str, Any]:
-    """Stats are global; job ids in alerts are shown only for the caller's own jobs."""
-    alerts = [
-        {**a, "job_ids": [j for j in a["job_ids"] if j in tenant_jobs]} if "job_ids" in a else a
-        for a in doc["alerts"]
-    ]
-    return {**doc, "alerts": alerts}
-
-
-async def _own(request: Request, doc: dict[str, Any], tenant: str) -> dict[str, Any]:
-    svc = services(request)
-    ids = {j for a in doc["alerts"] for j in a.get("job_ids", [])}
-    mine = set()
-    for job_id in ids:
-        fields = await svc.store.load(job_id)
-        if fields is not None and fields["tenant"] == tenant:
-            mine.add(job_id)
-    return for_tenant(doc, mine)
-
-
 async def stats(request: Request) -> Response:
     svc = services(request)
-    tenant = svc.auth.tenant(request)
-    doc = await request.app.state.stats.get()
-    return JSONResponse(await _own(request, doc, tenant), headers={"Cache-Control": "no-cache"})
+    doc = await request.app.state.stats.get(svc.auth.viewer(request))
+    return JSONResponse(doc, headers={"Cache-Control": "no-cache"})
 
 
 async def stats_events(request: Request) -> Response:
-    """The same document, pushed every ``PUSHSVC_STATS_PUSH_S`` (the dashboard's feed)."""
+    """The same document, pushed every ``PUSHSVC_STATS_PUSH_S`` (the dashboard's feed). An
+    open stream of a tenant (or of the local user) counts towards its stream limit."""
     svc = services(request)
-    tenant = svc.auth.stream_tenant(request, {"tenant"})
+    viewer = svc.auth.stream_viewer(request)
     if not svc.settings.streams_enabled:
         raise Unavailable(
             "streaming is turned off here; poll GET /v1/stats", code="streams_disabled"
         )
+    counted = viewer if svc.auth.enabled else LOCAL_TENANT  # operators with a key: not
+    limit = svc.settings.tenant_max_streams
+    if counted is not None and limit and svc.open_streams.get(counted, 0) >= limit:
+        raise RateLimited(f"at most {limit} open streams per tenant", retry_after_s=5)
 
-    async def frames() -> AsyncIterator[bytes]:
+    async def frames() -> AsyncGenerator[bytes, None]:
         yield f"retry: {svc.settings.retry_ms}\n\n".encode()
         seq = 0
         while True:
-            doc = await _own(request, await request.app.state.stats.get(), tenant)
+            doc = await request.app.state.stats.get(viewer)
             seq += 1
             data = json.dumps(doc, separators=(",", ":"))
             yield f"id: {seq}\nevent: stats\ndata: {data}\n\n".encode()
             await asyncio.sleep(svc.settings.stats_push_s)
 
-    return EventSourceResponse(frames(), ping=svc.settings.heartbeat_s)
+    body = frames() if counted is None else _counted(svc.open_streams, counted, frames())
+    return EventSourceResponse(body, ping=svc.settings.heartbeat_s)
 
 
 routes = [

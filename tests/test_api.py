@@ -18,6 +18,7 @@ from .conftest import Client, error_of, settings_for, stack_env
 from .procs import Api, RedisServer
 
 TICK = {"steps": 1, "interval_ms": 0}
+JSON = {"Content-Type": "application/json"}  # raw bodies: the API takes JSON only
 
 
 async def test_submit_answers_202_with_location_and_snapshot(client: Client) -> None:
@@ -107,7 +108,7 @@ async def test_bad_input_gets_a_clear_4xx_and_writes_nothing(
     client_factory: Callable[..., Client], body: bytes, status: int, code: str
 ) -> None:
     client = client_factory("key-h")  # a tenant no other test submits for
-    resp = await client.http.post("/v1/jobs", content=body)
+    resp = await client.http.post("/v1/jobs", content=body, headers=JSON)
     assert error_of(resp, status)["code"] == code
     assert (await client.http.get("/v1/jobs")).json()["jobs"] == []
 
@@ -120,7 +121,7 @@ async def test_schema_errors_name_the_offending_field(client: Client) -> None:
 
 async def test_body_over_the_limit_is_413(client: Client) -> None:
     big = json.dumps({"type": "ticker", "payload": {"pad": "x" * 300_000}}).encode()
-    assert error_of(await client.http.post("/v1/jobs", content=big), 413)["code"] == (
+    assert error_of(await client.http.post("/v1/jobs", content=big, headers=JSON), 413)["code"] == (
         "payload_too_large"
     )
 
@@ -128,7 +129,7 @@ async def test_body_over_the_limit_is_413(client: Client) -> None:
         for _ in range(40):
             yield b" " * 10_000
 
-    resp = await client.http.post("/v1/jobs", content=chunked())
+    resp = await client.http.post("/v1/jobs", content=chunked(), headers=JSON)
     assert error_of(resp, 413)["code"] == "payload_too_large"
 
 

@@ -2,7 +2,8 @@
 the pieces made cheaper keep their behaviour.
 
 - JSON bodies with megabytes of text (a job's output) are encoded a slice at a time
-  (``responses.json_response``): the same bytes and headers as Starlette's JSONResponse.
+  (``responses.json_response``): the same bytes and headers as ``responses.JSONResponse``
+  (Starlette's, ending with a newline).
 - The log redactor runs its patterns only on text that holds what they need: the same
   lines as running every pattern on every string.
 - Stream responses write without a cancel scope per write: same frames, same ends.
@@ -19,11 +20,17 @@ import re
 from typing import Any
 
 import pytest
-from starlette.responses import JSONResponse
 
 from pushsvc import responses
 from pushsvc.logs import _AUTH_HEADER, _BEARER, _QUERY_TOKEN, _TOKEN, REDACTED, Redactor
-from pushsvc.responses import LARGE_TEXT, TEXT_SLICE, EventStream, JSONParts, json_response
+from pushsvc.responses import (
+    LARGE_TEXT,
+    TEXT_SLICE,
+    EventStream,
+    JSONParts,
+    JSONResponse,
+    json_response,
+)
 
 from .conftest import Client
 from .sse import events

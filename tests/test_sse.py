@@ -1,4 +1,4 @@
-"""The push guarantees of DESIGN.md ("Events"), each against real servers and sockets."""
+"""The push guarantees of docs/contract.md, each against real servers and sockets."""
 
 from __future__ import annotations
 

@@ -50,6 +50,7 @@ local function account(job, before, status, now_ms)
     if not TERMINAL[status] then row = 'retried' end
     redis.call('XADD', K_STATS, 'MAXLEN', '~', 20000, '*', 'j', A_JOB_ID,
       't', redis.call('HGET', job, 'type'), 's', row,
+      'n', redis.call('HGET', job, 'tenant') or '',
       'c', redis.call('HGET', job, 'created_at') or '',
       'r', redis.call('HGET', job, 'started_at') or '', 'f', now_ms / 1000)
   end
