@@ -1,5 +1,7 @@
-"""The OpenAPI 3.1 document of every endpoint (``/openapi.json``) and a plain HTML view
-of it (``/docs``, no scripts, works offline); payload schemas come from the job registry.
+"""The OpenAPI 3.1 document of every endpoint (``/openapi.json``), the API reference over
+it (``/docs``: Swagger UI, served from the ``swagger-ui-bundle-v2`` package, no other
+origin) and a plain HTML view (``/docs/plain``, no scripts); payload schemas come from the
+job registry.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from .jobs import Registry
 from .models import JobSnapshot, SubmitRequest
 from .responses import JSONResponse
 from .settings import Settings
+from .web import PAGE_HEADERS, Assets, swagger_ui_dir, web_dir
 
 REF = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -386,6 +389,9 @@ def _ops_paths() -> dict[str, Schema]:
     static = _public("static", "The browser client and the console's assets", "*/*", {}, "web")
     static["get"]["parameters"] = [_param("path", "path", string, "a file", required=True)]
     static["get"]["responses"]["404"] = {"$ref": "#/components/responses/NotFound"}
+    docs_assets = _public("docsAssets", "The API reference's Swagger UI files", "*/*", {}, "web")
+    docs_assets["get"]["parameters"] = static["get"]["parameters"]
+    docs_assets["get"]["responses"]["404"] = static["get"]["responses"]["404"]
     stats_summary = "Queue depth, running, throughput, success rate, durations, alerts"
     return {
         "/v1/stats": {
@@ -410,7 +416,13 @@ def _ops_paths() -> dict[str, Schema]:
         "/readyz": ready,
         "/metrics": _public("metrics", "Prometheus metrics of this process", "text/plain", string),
         "/openapi.json": _public("openapi", "This document", JSON, {"type": "object"}),
-        "/docs": _public("docs", "This document as a page", html_page, string),
+        "/docs": _public(
+            "docs", "The API reference: Swagger UI over this document", html_page, string
+        ),
+        "/docs/plain": _public(
+            "docsPlain", "This document as a page without scripts", html_page, string
+        ),
+        "/docs/assets/{path}": docs_assets,
         "/": _public("console", "The job console", html_page, string, "web"),
         "/dashboard": _public(
             "dashboard", "The live dashboard (stats and alerts over SSE)", html_page, string, "web"
@@ -463,7 +475,15 @@ def render_html(doc: dict[str, Any]) -> str:
         f"<title>{esc(doc['info']['title'])} API</title></head><body>",
         f"<h1>{esc(doc['info']['title'])} API</h1><p>{esc(doc['info']['description'])}</p>",
         '<p>The machine-readable document: <a href="/openapi.json">/openapi.json</a></p>',
+        *_operations_html(doc),
+        "</body></html>",
     ]
+    return "\n".join(parts)
+
+
+def _operations_html(doc: dict[str, Any]) -> list[str]:
+    esc = html.escape
+    parts: list[str] = []
     for path, item in doc["paths"].items():
         for method, op in item.items():
             if method == "parameters":
@@ -476,8 +496,14 @@ def render_html(doc: dict[str, Any]) -> str:
                 parts.append("<p>Parameters: " + ", ".join(map(esc, names)) + "</p>")
             codes = ", ".join(esc(code) for code in op["responses"])
             parts.append(f"<p>Responses: {codes}</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return parts
+
+
+def render_reference(doc: dict[str, Any]) -> str:
+    """``/docs`` (``web/docs.html``): Swagger UI over ``/openapi.json``; without scripts,
+    the plain list of operations."""
+    page = (web_dir() / "docs.html").read_text(encoding="utf-8")
+    return page.replace("{operations}", "\n".join(_operations_html(doc)))
 
 
 def _param_name(doc: dict[str, Any], param: Schema) -> str:
@@ -487,12 +513,19 @@ def _param_name(doc: dict[str, Any], param: Schema) -> str:
 
 
 async def docs_endpoint(request: Request) -> Response:
-    """``GET /docs``: readable without scripts or any other origin."""
+    """``GET /docs/plain``: readable without scripts or any other origin."""
     headers = {"Content-Security-Policy": "default-src 'none'", "Cache-Control": "no-cache"}
     return HTMLResponse(render_html(_document(request)), headers=headers)
 
 
-routes = [
+async def reference_endpoint(request: Request) -> Response:
+    """``GET /docs``: the pages' own policy (our scripts and styles, this origin only)."""
+    return HTMLResponse(render_reference(_document(request)), headers=PAGE_HEADERS)
+
+
+routes: list[BaseRoute] = [
     Route("/openapi.json", openapi_endpoint, methods=["GET"]),
-    Route("/docs", docs_endpoint, methods=["GET"]),
+    Route("/docs", reference_endpoint, methods=["GET"]),
+    Route("/docs/plain", docs_endpoint, methods=["GET"]),
+    Mount("/docs/assets", app=Assets(directory=swagger_ui_dir()), name="docs-assets"),
 ]

@@ -1,6 +1,6 @@
 """The browser side: the job console at ``/``, the dashboard at ``/dashboard``, and the
 static assets (``pushsvc.js``) under ``/static/``, served from the package's ``_web``
-(wheels) or the repository's ``web/``.
+(wheels) or the repository's ``web/``; where the API reference's Swagger UI files are.
 """
 
 from __future__ import annotations
@@ -25,6 +25,14 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
 }
 ASSET_HEADERS = [(b"cache-control", b"no-cache"), (b"x-content-type-options", b"nosniff")]
+
+
+def swagger_ui_dir() -> Path:
+    """Swagger UI's files (``swagger-ui-bundle.js``, ``swagger-ui.css``), as the
+    ``swagger-ui-bundle-v2`` package ships them: /docs loads nothing from elsewhere."""
+    from swagger_ui_bundle import swagger_ui_path  # type: ignore[import-untyped]
+
+    return Path(swagger_ui_path)
 
 
 def web_dir() -> Path:

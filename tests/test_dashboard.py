@@ -119,7 +119,9 @@ def test_dashboard_page_is_served_and_linked(dash: dict[str, Api]) -> None:
     assert '<script type="module" src="/static/dashboard.js"></script>' in page.text
     assert len(re.findall(r"<script\b", page.text)) == 1  # no inline script (the CSP)
     assert 'href="/"' in page.text  # back to the console ...
-    assert 'href="/dashboard"' in httpx.get(f"{base}/", timeout=10).text  # ... and to here
+    console = httpx.get(f"{base}/", timeout=10).text
+    assert 'href="/dashboard"' in console  # ... and to here
+    assert 'href="/docs"' in page.text and 'href="/docs"' in console  # the API reference
     js = httpx.get(f"{base}/static/dashboard.js", timeout=10)
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
 
@@ -259,6 +261,38 @@ def test_dashboard_on_a_narrow_screen(dash: dict[str, Api], browser: Browser) ->
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= NARROW["width"], "the page scrolls sideways on a phone"
         shoot(page, "dashboard-narrow.png")
+    finally:
+        context.close()
+
+
+def test_the_type_table_scrolls_sideways_on_a_phone_and_says_so(
+    dash: dict[str, Api], browser: Browser
+) -> None:
+    """Bug: on a 390 px phone the per-type table's last columns were cut off, with nothing
+    to say that it scrolls sideways."""
+    context = browser.new_context(viewport=NARROW, is_mobile=True)
+    try:
+        page = context.new_page()
+        page.goto(f"{dash['live'].url}/dashboard")
+        expect(page.locator("#conn")).to_have_attribute("data-mode", "stream")
+        job_id = submit(dash["live"], {"steps": 2, "interval_ms": 10})
+        expect(row(page, job_id).locator(".badge")).to_have_text("completed")
+        expect(page.locator('#types-body tr[data-type="ticker"]')).to_be_visible()
+
+        wrap = page.locator("#types").locator("xpath=..")
+        expect(wrap).to_have_css("overflow-x", "auto")
+        assert wrap.evaluate("w => w.scrollWidth > w.clientWidth"), "nothing to scroll"
+        cue = page.locator("#types-cue")
+        cue.scroll_into_view_if_needed()
+        expect(cue).to_be_visible()
+        expect(cue).to_have_text("Scroll sideways for more columns")
+        shoot(page, "dashboard-narrow-types.png")
+        wrap.evaluate("w => { w.scrollLeft = w.scrollWidth; }")  # read to the last column
+        expect(cue).to_be_hidden()
+        wrap.scroll_into_view_if_needed()
+        expect(page.locator("#types thead th").last).to_be_in_viewport()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= NARROW["width"], "the page scrolls sideways on a phone"
     finally:
         context.close()
 

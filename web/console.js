@@ -5,6 +5,7 @@ import {
   createClient,
   forgetJob,
   isTerminal,
+  isUnreachable,
   rememberedJobs,
   watchJobs,
 } from "./pushsvc.js";
@@ -13,12 +14,15 @@ import { askForKey, bindKeyPanel, storedKey } from "./keypanel.js";
 const CARDS_STORE = "pushsvc.console.cards"; // ids of the cards shown, newest first
 const TYPE_STORE = "pushsvc.console.type"; // the job type last submitted
 const MAX_CARDS = 50;
+const MAX_TOASTS = 3;
+const RECOVER_MS = [1000, 2000, 4000]; // while unreachable, ask again after these (then 4 s)
 
 const $ = (id) => document.getElementById(id);
 const cards = new Map(); // job id -> card state
 let client = createClient({ apiKey: storedKey() });
 let watcher = null;
 let types = [];
+let link = "connecting"; // the pill's mode; cards say "unreachable" while it is
 
 // ---- small helpers ----
 
@@ -84,13 +88,63 @@ const MODE_LABELS = {
   ready: "Ready",
   stream: "Live: streaming",
   polling: "Polling (streaming unavailable)",
+  unreachable: "Server unreachable, retrying…",
   offline: "Not connected",
 };
 
 function showMode(mode) {
+  link = mode;
   document.body.dataset.mode = mode;
   $("conn").dataset.mode = mode;
   $("conn-label").textContent = MODE_LABELS[mode] || mode;
+  for (const card of cards.values()) showVia(card);
+}
+
+/** What went wrong, in words a person can act on (the server's own words where useful). */
+function humanError(err) {
+  if (isUnreachable(err)) {
+    return "Cannot reach the server: it may be restarting, or the network is down. " +
+      "Try again in a moment.";
+  }
+  const detail = err.message ? ` (${err.message})` : "";
+  if (err.status === 429) {
+    const wait = err.retryAfterS ? ` in ${Math.ceil(err.retryAfterS)} s` : " shortly";
+    return `Too many requests: try again${wait}.`;
+  }
+  if (err.status === 413) return `The payload is too large for this server${detail}.`;
+  if (err.status === 503) return `The server cannot take requests right now${detail}.`;
+  if (err.status >= 500) return `The server failed${detail}.`;
+  return err.message || String(err);
+}
+
+// While nothing answers (and no watcher is polling): ask now and then, say when it is back.
+let recovering = null;
+
+function recover() {
+  if (recovering !== null) return;
+  showMode("unreachable");
+  let attempt = 0;
+  const tick = async () => {
+    try {
+      await client.jobTypes();
+    } catch (err) {
+      if (isUnreachable(err)) {
+        recovering = setTimeout(tick, RECOVER_MS[Math.min(attempt++, RECOVER_MS.length - 1)]);
+        return;
+      }
+    }
+    recovering = null;
+    if (types.length === 0) start(); // the form was never built: build it now
+    else recovered();
+  };
+  recovering = setTimeout(tick, RECOVER_MS[attempt++]);
+}
+
+/** Something answered: the pill says what the watcher knows again (typed input stays). */
+function recovered() {
+  clearTimeout(recovering);
+  recovering = null;
+  if (link === "unreachable") showMode(watcher?.mode || "ready");
 }
 
 function needKey(message) {
@@ -217,21 +271,63 @@ function buildFields(type) {
   if (moreBody.childElementCount) box.append(more);
 }
 
+// jsonschema's "required" error sits on the object that lacks the property, and names
+// it only in its message: "'prompt' is a required property".
+const REQUIRED = /^(['"])(.+)\1 is a required property$/;
+
+/** The form field a 422 detail ({loc, msg, type}) is about, if it is one of ours. */
+function fieldOf(detail) {
+  const loc = Array.isArray(detail.loc) ? detail.loc : [];
+  if (loc[0] !== "payload") return null;
+  let name = loc[1];
+  if (name === undefined && detail.type === "required") name = REQUIRED.exec(detail.msg)?.[2];
+  return readers.find((r) => r.name === name) || null;
+}
+
+/** Mark the fields the server named; returns the details no field took. */
 function showFieldErrors(details) {
-  for (const { error } of readers) error.hidden = true;
-  let shown = false;
+  const left = [];
+  let first = null;
   for (const detail of Array.isArray(details) ? details : []) {
-    const name = detail.loc?.[0] === "payload" ? detail.loc[1] : null;
-    const reader = readers.find((r) => r.name === name);
-    if (!reader) continue;
-    reader.error.textContent = detail.msg;
+    const reader = fieldOf(detail);
+    if (!reader) {
+      if (detail?.msg) left.push(detail.msg);
+      continue;
+    }
+    const shown = reader.error.hidden ? [] : [reader.error.textContent];
+    reader.error.textContent = [...shown, detail.msg].join("; ");
     reader.error.hidden = false;
     reader.input.setAttribute("aria-invalid", "true");
     if (reader.more) reader.more.open = true;
-    if (!shown) reader.input.focus();
-    shown = true;
+    first ??= reader;
   }
-  return shown;
+  first?.input.focus();
+  return { marked: first !== null, left };
+}
+
+function clearFieldErrors() {
+  for (const r of readers) {
+    r.error.hidden = true;
+    r.error.textContent = "";
+    r.input.removeAttribute("aria-invalid");
+  }
+}
+
+function showSubmitError(err) {
+  if (err.status === 401) {
+    needKey("This server needs an API key.");
+    return;
+  }
+  if (err.status === 422) {
+    const { marked, left } = showFieldErrors(err.details);
+    // The server's own words: what the fields do not say, or the summary.
+    const what = left.join("; ");
+    if (marked) formError(`Check the marked fields.${what ? ` Also: ${what}` : ""}`);
+    else formError(what ? `${err.message}: ${what}` : err.message);
+    return;
+  }
+  formError(humanError(err));
+  if (isUnreachable(err)) recover();
 }
 
 function formError(message) {
@@ -245,9 +341,11 @@ async function loadTypes() {
     types = await client.jobTypes();
   } catch (err) {
     if (err.status === 401) needKey("This server needs an API key.");
-    else formError(`Could not load the job types: ${err.message}`);
+    else formError(`Could not load the job types. ${humanError(err)}`);
+    if (isUnreachable(err)) recover();
     return false;
   }
+  formError("");
   const previous = (select.disabled ? "" : select.value) || load(TYPE_STORE, "");
   select.replaceChildren(...types.map((t) => el("option", { value: t.name }, t.name)));
   select.value = types.some((t) => t.name === previous) ? previous : types[0]?.name ?? "";
@@ -261,13 +359,20 @@ $("job-type").addEventListener("change", (event) => {
   formError("");
 });
 
+// The Idempotency-Key of the last submission that got no answer: sending the same
+// request again cannot make a second job if the first one did arrive.
+let unanswered = null; // {body, key}
+
+function idempotencyKey(body) {
+  if (unanswered?.body === body) return unanswered.key;
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 $("job-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   formError("");
-  for (const r of readers) {
-    r.error.hidden = true;
-    r.input.removeAttribute("aria-invalid");
-  }
+  clearFieldErrors();
   const payload = {};
   for (const { name, read, input, error } of readers) {
     try {
@@ -283,16 +388,21 @@ $("job-form").addEventListener("submit", async (event) => {
   const button = $("submit");
   button.disabled = true;
   button.textContent = "Submitting…";
+  const type = $("job-type").value;
+  const priority = $("priority").value;
+  const body = JSON.stringify([type, payload, priority]);
+  const key = idempotencyKey(body);
   try {
-    const job = await client.submit($("job-type").value, payload, {
-      priority: $("priority").value,
-    });
-    addCard(job.id, { fresh: true });
+    const job = await client.submit(type, payload, { priority, idempotencyKey: key });
+    unanswered = null;
+    const card = addCard(job.id, { fresh: true });
     watcher.add(job.id, job);
     save(TYPE_STORE, job.type);
+    recovered();
+    reveal(card.node);
   } catch (err) {
-    if (err.status === 401) needKey("This server needs an API key.");
-    else if (!showFieldErrors(err.details)) formError(err.message);
+    unanswered = isUnreachable(err) ? { body, key } : null;
+    showSubmitError(err);
   } finally {
     button.disabled = false;
     button.textContent = "Submit job";
@@ -319,6 +429,7 @@ function addCard(id, { fresh = false } = {}) {
     output: node.querySelector(".output"),
     outLen: 0,
     sawActive: fresh,
+    polled: false, // the last update came from a poll
     job: null,
   };
   node.querySelector(".cancel").addEventListener("click", () => cancel(card));
@@ -387,7 +498,9 @@ function render(card, job, event) {
   card.progress.setAttribute("aria-label", `${job.type || "job"} ${shortId(job.id)} progress`);
   card.progress.setAttribute("aria-valuetext", `${pct}% ${status}`);
   node.querySelector(".pct").textContent = `${pct}%`;
-  const stage = [job.stage, job.message].filter(Boolean).join(" · ");
+  const ended = isTerminal(job.status);
+  // The last stage ("finalizing") is history once the job ended: the outcome says the rest.
+  const stage = ended ? "" : [job.stage, job.message].filter(Boolean).join(" · ");
   node.querySelector(".stage").textContent = stage || (job.status === "queued" ? "waiting…" : "");
   node.querySelector(".eta").textContent = job.status === "running" ? formatEta(job.eta_s) : "";
   const meta = [`attempt ${job.attempt ?? 1} of ${job.max_attempts ?? 1}`];
@@ -400,21 +513,56 @@ function render(card, job, event) {
   const outcome = node.querySelector(".outcome");
   outcome.textContent = outcomeText(job);
   outcome.hidden = !outcome.textContent;
-  const ended = isTerminal(job.status);
   node.querySelector(".cancel").hidden = ended;
   node.querySelector(".cancel").disabled = Boolean(job.cancel_requested);
   node.querySelector(".retry").hidden = !(job.status === "failed" || job.status === "cancelled");
   node.querySelector(".dismiss").hidden = !ended;
-  const via = node.querySelector(".via");
-  via.dataset.via = event.polled ? "polling" : "stream";
-  node.dataset.via = via.dataset.via;
-  via.textContent = event.polled ? "updated by polling" : "live";
+  card.polled = Boolean(event.polled);
+  showVia(card);
   if (!ended) card.sawActive = true;
   updateEmpty();
 }
 
+const VIA_TEXT = {
+  connecting: "connecting…",
+  stream: "live",
+  polling: "updated by polling",
+  unreachable: "server unreachable, retrying",
+};
+
+/** How the card's news arrives: live, by polling, or not at all while the server is away. */
+function showVia(card) {
+  if (!card.job) return;
+  const ended = isTerminal(card.job.status);
+  // What the watcher says, once it has said anything (a new card waits for its stream).
+  let via = ["stream", "polling", "unreachable"].includes(link) ? link : "connecting";
+  if (ended) via = card.polled ? "polling" : "stream";
+  card.node.dataset.via = via;
+  card.node.querySelector(".eta").hidden = via === "unreachable"; // it counts from old news
+  const node = card.node.querySelector(".via");
+  node.dataset.via = via;
+  node.textContent = VIA_TEXT[via];
+}
+
+/** Bring a new card into view when it is not (on a phone the list is below the form). */
+function reveal(node) {
+  const box = node.getBoundingClientRect();
+  if (box.top >= 0 && box.bottom <= window.innerHeight) return;
+  const still = window.matchMedia("(prefers-reduced-motion: reduce)").matches;
+  node.scrollIntoView({ block: "nearest", behavior: still ? "auto" : "smooth" });
+}
+
+/** Say on the card itself that an action failed (a toast is gone in seconds). */
+function cardError(card, text) {
+  const note = card.node.querySelector(".card-error");
+  note.textContent = text || "";
+  note.hidden = !text;
+}
+
 function onEvent(job, event) {
   const card = cards.get(job.id) || addCard(job.id);
+  // A refused retry or cancel stays said until the job ends again (or the next click).
+  if (isTerminal(event.kind) && card.sawActive) cardError(card, "");
   render(card, job, event);
   if (isTerminal(event.kind) && card.sawActive) {
     card.sawActive = false;
@@ -426,10 +574,15 @@ async function cancel(card) {
   const button = card.node.querySelector(".cancel");
   button.disabled = true;
   button.textContent = "Cancelling…";
+  cardError(card, "");
   try {
     await client.cancel(card.id);
   } catch (err) {
-    if (err.status !== 409) toastText(`Could not cancel: ${err.message}`, "failed");
+    // 409: it ended meanwhile, and its end is on the way.
+    if (err.status !== 409) {
+      button.disabled = false;
+      cardError(card, `Could not cancel: ${humanError(err)}`);
+    }
   } finally {
     button.textContent = "Cancel";
   }
@@ -438,14 +591,23 @@ async function cancel(card) {
 async function retry(card) {
   const button = card.node.querySelector(".retry");
   button.disabled = true;
+  button.textContent = "Retrying…";
+  cardError(card, "");
   try {
     const job = await client.retry(card.id);
     card.sawActive = true;
     watcher.add(card.id, job);
   } catch (err) {
-    toastText(`Could not retry: ${err.message}`, "failed");
+    if (err.status === 409) {
+      cardError(card, `Retry refused by the server: ${err.message}.`);
+      // It moved on elsewhere (another tab retried it): show, and follow, where it is.
+      client.get(card.id).then((job) => watcher.add(card.id, job), () => {});
+    } else {
+      cardError(card, `Retry failed: ${humanError(err)}`);
+    }
   } finally {
     button.disabled = false;
+    button.textContent = "Retry";
   }
 }
 
@@ -490,9 +652,19 @@ function toastText(text, status) {
     el("span", { className: "toast-dot", ariaHidden: "true" }), el("span", {}, text), close);
   node.dataset.status = status;
   close.addEventListener("click", () => node.remove());
-  $("toasts").append(node);
+  const box = $("toasts");
+  box.append(node);
+  while (box.childElementCount > MAX_TOASTS) box.firstElementChild.remove();
   setTimeout(() => node.remove(), 8000);
 }
+
+// On one column the toasts float at the bottom: keep that much room below the last card.
+new ResizeObserver(() => {
+  const box = $("toasts");
+  const floating = getComputedStyle(box).position === "fixed";
+  const room = floating && box.childElementCount ? box.offsetHeight + 12 : 0;
+  document.body.style.setProperty("--toast-room", `${room}px`);
+}).observe($("toasts"));
 
 // ---- start ----
 

@@ -2,11 +2,12 @@
 // GET /v1/stats only while that stream fails; the tenant's recent jobs through pushsvc.js.
 
 import { askForKey, bindKeyPanel, storedKey } from "./keypanel.js";
-import { ApiError, createClient, watchJobs } from "./pushsvc.js";
+import { ApiError, createClient, isUnreachable, watchJobs } from "./pushsvc.js";
 
 const RECENT = 20; // rows in "Your recent jobs"
 const POLL_MS = 4000; // GET /v1/stats this often while the stream is down
 const POLL_MAX_MS = 30000;
+const UNREACHABLE_POLL_MAX_MS = 4000; // while nothing answers, notice its return quickly
 const STREAM_RETRY_MS = 30000; // while polling, try the stream again this often
 const FIRST_EVENT_MS = 10000; // a stream that sends nothing this long is buffered
 const MAX_STREAM_ERRORS = 3; // consecutive reconnects before polling
@@ -72,6 +73,7 @@ const MODE_LABELS = {
   connecting: "Connecting…",
   stream: "Live: streaming",
   polling: "Polling (streaming unavailable)",
+  unreachable: "Server unreachable, retrying…",
   offline: "Not connected",
 };
 
@@ -100,6 +102,7 @@ class StatsFeed {
     this.mode = null;
     this.errors = 0;
     this.got = false; // the current stream has sent a frame
+    this.opened = false; // the current stream has opened
     this.refreshed = false; // a fresh token was tried after the stream closed
     this.generation = 0;
     this.timers = { first: null, poll: null, retry: null };
@@ -155,6 +158,10 @@ class StatsFeed {
     const es = new EventSource(url);
     this.es = es;
     this.got = false;
+    this.opened = false;
+    es.onopen = () => {
+      if (es === this.es) this.opened = true;
+    };
     es.addEventListener("stats", (message) => this.onMessage(es, message));
     es.onerror = () => this.onError(es);
     this.later("first", () => {
@@ -195,8 +202,9 @@ class StatsFeed {
   onError(es) {
     if (es !== this.es || this.closed) return;
     if (es.readyState === EventSource.CONNECTING) {
-      // The browser reconnects by itself; a few failures in a row and we poll.
-      this.errors += 1;
+      // The browser reconnects by itself; a few failures in a row and we poll. A stream
+      // that never opened polls at once (the browser's retries take seconds each).
+      this.errors += this.opened ? 1 : MAX_STREAM_ERRORS;
       if (this.errors >= MAX_STREAM_ERRORS) this.fallBack();
       return;
     }
@@ -220,7 +228,7 @@ class StatsFeed {
   fallBack() {
     if (this.closed) return;
     this.drop();
-    if (this.mode !== "polling" && this.mode !== "offline") {
+    if (!["polling", "offline", "unreachable"].includes(this.mode)) {
       this.setMode("polling");
       this.poll();
     }
@@ -242,17 +250,20 @@ class StatsFeed {
     try {
       const doc = await this.client.call("/v1/stats");
       if (this.closed || this.mode === "stream") return;
+      const back = this.mode === "unreachable";
       this.pollMs = POLL_MS;
       this.setMode("polling");
       this.h.stats(doc);
+      if (back) this.retry(); // the server is back: its stream may be too
     } catch (err) {
       if (this.closed) return;
       if (err instanceof ApiError && err.status === 401) {
         this.h.error(err);
         return;
       }
-      this.pollMs = Math.min(this.pollMs * 2, POLL_MAX_MS);
-      this.setMode("offline");
+      const away = isUnreachable(err);
+      this.pollMs = Math.min(this.pollMs * 2, away ? UNREACHABLE_POLL_MAX_MS : POLL_MAX_MS);
+      this.setMode(away ? "unreachable" : "offline");
     }
     this.later("poll", () => this.poll(), this.pollMs);
   }
@@ -566,7 +577,8 @@ function jobHandlers() {
     failed: onJob,
     cancelled: onJob,
     mode: (mode) => {
-      setText($("recent-note"), mode === "stream" ? "live" : "polling");
+      const words = { stream: "live", unreachable: "server unreachable, retrying" };
+      setText($("recent-note"), words[mode] || "polling");
       $("recent-note").dataset.mode = mode;
     },
     error: (err) => {
@@ -574,6 +586,21 @@ function jobHandlers() {
     },
   };
 }
+
+// ---- tables wider than the screen scroll sideways, and say so ----
+
+function cueOverflow(wrap, cue) {
+  const update = () => {
+    const more = wrap.scrollWidth - wrap.clientWidth - wrap.scrollLeft > 1;
+    cue.hidden = !more;
+  };
+  new ResizeObserver(update).observe(wrap);
+  new ResizeObserver(update).observe(wrap.firstElementChild);
+  wrap.addEventListener("scroll", update, { passive: true });
+}
+
+cueOverflow($("types").parentElement, $("types-cue"));
+cueOverflow($("recent").parentElement, $("recent-cue"));
 
 // ---- start ----
 

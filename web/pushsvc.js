@@ -1,9 +1,11 @@
 // pushsvc.js: watch pushsvc jobs from a browser. A plain ES module, no dependencies.
 //
 // Server-Sent Events first (EventSource, with its native Last-Event-ID resume); when
-// streaming does not work (a 503, repeated errors, no EventSource, or no event in time
-// because a proxy buffers) it polls GET /v1/jobs/{id} with If-None-Match and backoff,
-// and calls the same handlers, then tries streaming again now and then.
+// streaming does not work (a stream that cannot open, a 503, repeated errors, no
+// EventSource, or no event in time because a proxy buffers) it polls GET /v1/jobs/{id}
+// with If-None-Match and backoff, and calls the same handlers, then tries streaming
+// again, soon at first, then less often. When neither reaches the server its mode
+// says so ("unreachable") until one does.
 //
 //   const handle = watchJob(job.id, {progress(job) {...}, output(job, ev) {...},
 //                                    done(job) {...}}, {apiKey, eventsUrl: job.links.events});
@@ -32,12 +34,24 @@ export const DEFAULTS = Object.freeze({
   maxStreamErrors: 3, // consecutive stream errors before polling
   pollMinMs: 1000,
   pollMaxMs: 15000,
-  streamRetryMs: 30000, // while polling, try streaming again this often
+  unreachablePollMaxMs: 4000, // while nothing reaches the server, poll at least this often
+  streamRetryMinMs: 2000, // while polling, try streaming again after this, doubling ...
+  streamRetryMs: 30000, // ... up to this (at once this, when the server refused a stream)
   storageKey: "pushsvc.jobs", // localStorage key of active job ids; false: none
 });
 
 export function isTerminal(status) {
   return TERMINAL.has(status);
+}
+
+/** No answer at all: the network or the server is down (fetch rejected). */
+export class UnreachableError extends Error {
+  constructor(cause) {
+    super("cannot reach the server", { cause });
+    this.name = "UnreachableError";
+    this.code = "unreachable";
+    this.status = 0;
+  }
 }
 
 /** An error answer of the API: {error: {code, message, details}} with its HTTP status. */
@@ -55,6 +69,23 @@ export class ApiError extends Error {
 function retryAfter(resp) {
   const value = Number.parseFloat(resp.headers.get("Retry-After") || "");
   return Number.isFinite(value) && value >= 0 ? value : null;
+}
+
+const GATEWAY = new Set([502, 504]); // a proxy answering for a server that is down
+
+/** Does `err` mean the server is out of reach (no answer, or a proxy saying so)? */
+export function isUnreachable(err) {
+  return err instanceof UnreachableError || (err instanceof ApiError && GATEWAY.has(err.status));
+}
+
+/** fetch, with a network failure turned into UnreachableError (an abort stays one). */
+async function reach(url, init) {
+  try {
+    return await fetch(url, init);
+  } catch (err) {
+    if (err && err.name === "AbortError") throw err;
+    throw new UnreachableError(err);
+  }
 }
 
 async function errorOf(resp) {
@@ -80,7 +111,7 @@ export function createClient({ baseUrl = "", apiKey = null } = {}) {
     const h = { Accept: "application/json", ...headers };
     if (apiKey) h.Authorization = `Bearer ${apiKey}`;
     if (body !== undefined) h["Content-Type"] = "application/json";
-    const resp = await fetch(baseUrl + path, {
+    const resp = await reach(baseUrl + path, {
       method,
       headers: h,
       body: body === undefined ? undefined : JSON.stringify(body),
@@ -230,9 +261,14 @@ class Watcher {
     this.eventsUrl = this.o.eventsUrl;
     this.token = null; // {token, expires_at} for the multiplexed stream
     this.es = null;
+    this.opened = false; // the current EventSource has opened (at least once)
     this.generation = 0; // bumped whenever a stream is dropped: stale opens give up
     this.cursor = null; // the last event id the stream sent
+    // What reaches the server: null (not yet known), "stream", "polling" (the stream does
+    // not work, polls do) or "unreachable" (neither: the polls go on, the stream retries).
     this.mode = null;
+    this.reason = null; // why we poll (the mode handler's second argument)
+    this.refused = false; // the server said it will not stream (retry it seldom)
     this.errors = 0;
     this.refreshed = false;
     this.listed = false;
@@ -242,6 +278,8 @@ class Watcher {
     this.retryTimer = null;
     this.reopenTimer = null;
     this.pollDelay = this.o.pollMinMs;
+    this.streamDelay = null; // the next stream retry's delay (doubles while it fails)
+    this.probing = false; // a reachability check is on its way
     this.closed = false;
     for (const id of this.ids) rememberJob(id, this.o.storageKey);
   }
@@ -286,9 +324,9 @@ class Watcher {
     if (this.closed || this.reopenTimer !== null) return;
     this.reopenTimer = this.later(() => {
       this.reopenTimer = null;
-      if (this.mode === "polling") {
+      if (this.polling()) {
         this.pollSoon();
-        this.retryTimer ??= this.later(() => this.retryStream(), this.o.streamRetryMs);
+        if (this.retryTimer === null) this.scheduleStreamRetry();
       } else {
         this.dropStream();
         this.openStream(null);
@@ -318,6 +356,11 @@ class Watcher {
     this.call("mode", mode, reason);
   }
 
+  /** Polling (the stream does not work), whether the polls reach the server or not. */
+  polling() {
+    return this.mode === "polling" || this.mode === "unreachable";
+  }
+
   call(name, ...args) {
     const fn = this.h[name];
     if (typeof fn !== "function") return;
@@ -338,7 +381,8 @@ class Watcher {
     const headers = { ...(init.headers || {}) };
     if (this.o.apiKey) headers.Authorization = `Bearer ${this.o.apiKey}`;
     try {
-      return await fetch(this.url(path), { ...init, headers, cache: "no-store", signal: ctl.signal });
+      const options = { ...init, headers, cache: "no-store", signal: ctl.signal };
+      return await reach(this.url(path), options);
     } finally {
       this.fetches.delete(ctl);
     }
@@ -469,16 +513,21 @@ class Watcher {
     const es = new EventSource(url);
     this.es = es;
     this.gotEvent = false;
+    this.opened = false;
     for (const kind of KINDS) es.addEventListener(kind, (m) => this.onMessage(es, kind, m));
     es.onopen = () => {
-      if (es === this.es) this.errors = 0;
+      if (es !== this.es) return;
+      this.opened = true;
+      this.errors = 0;
+      // Back after an outage: a resumed stream may have nothing to send for a while.
+      if (this.mode === "unreachable") this.streaming();
     };
     es.onerror = () => this.onStreamError(es);
     // A fresh stream starts with snapshots at once; silence means a buffering proxy.
     const expectsEvent = lastId === null && (this.single || this.active().length > 0);
     if (expectsEvent) {
       this.firstTimer = this.later(() => {
-        if (es === this.es && !this.gotEvent) this.fallBack("no_events");
+        if (es === this.es && !this.gotEvent) this.fallBack("no_events", true);
       }, this.o.firstEventTimeoutMs);
     }
   }
@@ -505,12 +554,7 @@ class Watcher {
     this.refreshed = false;
     this.cursor = message.lastEventId || this.cursor;
     this.firstTimer = this.cancelTimer(this.firstTimer ?? null);
-    if (this.mode !== "stream") {
-      this.pollTimer = this.cancelTimer(this.pollTimer);
-      this.retryTimer = this.cancelTimer(this.retryTimer);
-      this.pollDelay = this.o.pollMinMs;
-      this.setMode("stream");
-    }
+    if (this.mode !== "stream") this.streaming();
     this.apply(kind, data);
     // A job stream's id is the job's position "<seq>.<epoch>" (a multiplexed one's is
     // the tenant's): keep the epoch, so a polled snapshot of another history is news.
@@ -519,12 +563,28 @@ class Watcher {
     this.settle();
   }
 
+  streaming() {
+    this.pollTimer = this.cancelTimer(this.pollTimer);
+    this.retryTimer = this.cancelTimer(this.retryTimer);
+    this.pollDelay = this.o.pollMinMs;
+    this.streamDelay = null;
+    this.setMode("stream");
+  }
+
   onStreamError(es) {
     if (es !== this.es || this.closed) return;
+    if (es.readyState === EventSource.CONNECTING && !this.opened) {
+      // It never opened (blocked, refused by a proxy, no server): the browser's own
+      // retries would take seconds each. Poll now; the stream is tried again soon.
+      this.fallBack("stream_unavailable");
+      return;
+    }
     if (es.readyState === EventSource.CONNECTING) {
       // The browser reconnects by itself, sending Last-Event-ID: count, and give up at last.
+      // Meanwhile, say at once whether the server is there at all.
       this.errors += 1;
       if (this.errors >= this.o.maxStreamErrors) this.fallBack("stream_errors");
+      else this.probe();
       return;
     }
     // Closed for good: the server refused (401, 404, 503, 204...). Ask it why.
@@ -571,26 +631,65 @@ class Watcher {
       return;
     }
     if (err.status === 401 || err.status === 404) {
-      this.fallBack(err.code); // polling says which job, or that the key is wrong
+      this.fallBack(err.code, true); // polling says which job, or that the key is wrong
       return;
     }
-    this.fallBack(err.code); // 503 streams_disabled / redis_unavailable, 5xx, ...
+    // 503 streams_disabled / redis_unavailable, 5xx, ...; a gateway's 502 or 504 is the
+    // server missing rather than refusing.
+    this.fallBack(err.code, !GATEWAY.has(err.status));
   }
 
-  fallBack(reason) {
+  /** While the stream reconnects by itself: does anything answer? No: "unreachable". */
+  async probe() {
+    if (this.probing || this.mode === "unreachable") return;
+    this.probing = true;
+    try {
+      const resp = await this.fetch(this.probePath());
+      resp.body?.cancel().catch(() => {});
+      if (GATEWAY.has(resp.status)) this.unreachable();
+    } catch (err) {
+      if (isUnreachable(err)) this.unreachable();
+    } finally {
+      this.probing = false;
+    }
+  }
+
+  probePath() {
+    const [id] = this.active();
+    return id && !this.all ? `/v1/jobs/${encodeURIComponent(id)}` : "/v1/jobs?limit=1";
+  }
+
+  unreachable() {
+    if (this.closed || (this.es && this.es.readyState === EventSource.OPEN)) return; // back
+    this.setMode("unreachable", "network");
+  }
+
+  /** Poll instead of streaming; `refused`: the server answered that it will not stream. */
+  fallBack(reason, refused = false) {
     if (this.closed) return;
     this.dropStream();
     if (this.finished()) return this.settle();
-    this.setMode("polling", reason);
+    this.reason = reason;
+    this.refused = refused;
+    // Unreachable stays so until a poll gets an answer.
+    if (this.mode !== "unreachable") this.setMode("polling", reason);
     this.pollSoon();
-    if (reason !== "no_eventsource" && this.retryTimer === null) {
-      this.retryTimer = this.later(() => this.retryStream(), this.o.streamRetryMs);
-    }
+    if (reason !== "no_eventsource" && this.retryTimer === null) this.scheduleStreamRetry();
+  }
+
+  scheduleStreamRetry() {
+    // Soon after a stream that could not open, doubling while it still cannot; a server
+    // that answered "no" (503 streams off, a proxy that buffers) only every streamRetryMs.
+    const max = this.o.streamRetryMs;
+    const first = Math.min(this.o.streamRetryMinMs, max);
+    const delay = this.refused ? max : (this.streamDelay ?? first);
+    this.streamDelay = Math.min(delay * 2, max);
+    this.retryTimer = this.later(() => this.retryStream(), delay);
   }
 
   retryStream() {
     this.retryTimer = null;
-    if (this.mode !== "polling" || this.finished()) return;
+    if (!this.polling() || this.finished()) return;
     if (!this.es) {
       this.errors = 0;
       this.refreshed = false;
@@ -598,7 +697,7 @@ class Watcher {
       // named jobs start afresh with a snapshot each.
       this.openStream(this.all ? this.cursor : null);
     }
-    this.retryTimer = this.later(() => this.retryStream(), this.o.streamRetryMs);
+    this.scheduleStreamRetry();
   }
 
   // -- polling --
@@ -612,8 +711,9 @@ class Watcher {
   }
 
   async poll() {
-    if (this.closed || this.mode !== "polling") return;
+    if (this.closed || !this.polling()) return;
     let outcome;
+    let reached = true;
     try {
       outcome = this.all ? await this.pollList() : await this.pollJobs();
     } catch (err) {
@@ -624,16 +724,31 @@ class Watcher {
         this.close(); // a wrong or missing API key: nothing will work until it changes
         return;
       }
+      reached = !isUnreachable(err);
     }
-    if (this.closed || this.mode !== "polling") return;
+    if (this.closed || !this.polling()) return;
+    this.reached(reached);
     this.settle();
     if (this.finished()) return;
     // Quick after a change, doubling while nothing changes; never sooner than the hint.
-    this.pollDelay = outcome.changed
-      ? this.o.pollMinMs
-      : Math.min(this.pollDelay * 2, this.o.pollMaxMs);
+    // An unreachable server is asked often enough to notice its return within seconds.
+    const cap = this.mode === "unreachable" ? this.o.unreachablePollMaxMs : this.o.pollMaxMs;
+    this.pollDelay = outcome.changed ? this.o.pollMinMs : Math.min(this.pollDelay * 2, cap);
     const jittered = this.pollDelay * (0.75 + Math.random() * 0.5);
     this.pollSoon(Math.max(jittered, (outcome.hintS ?? 0) * 1000));
+  }
+
+  reached(reached) {
+    if (!reached) {
+      this.setMode("unreachable", "network");
+    } else if (this.mode === "unreachable") {
+      // The server is back: polling it works; try the stream at once (if there is one).
+      this.setMode("polling", this.reason);
+      if (this.reason === "no_eventsource") return;
+      this.streamDelay = null;
+      this.retryTimer = this.cancelTimer(this.retryTimer);
+      this.retryStream();
+    }
   }
 
   async pollJobs() {
@@ -699,7 +814,8 @@ function handleOf(watcher) {
  * Watch one job until it ends; returns {close(), mode, job(id)}.
  *
  * handlers: snapshot, status, progress, output, done, failed, cancelled, each (job, event);
- * mode(mode, reason) with "stream" | "polling"; error(err, jobId).
+ * mode(mode, reason) with "stream" | "polling" | "unreachable" (neither the stream nor a
+ * poll reaches the server; it keeps trying); error(err, jobId).
  * options: see DEFAULTS (apiKey, eventsUrl: the job's links.events, baseUrl, ...).
  */
 export function watchJob(jobId, handlers = {}, options = {}) {
