@@ -152,7 +152,7 @@ async def submit(request: Request) -> Response:
     }
     idem = _idempotency(request, svc, tenant, req)
     enqueue = svc.queue.prepare(arq_id, job_id, priority=req.priority.value)
-    found, earlier_fingerprint = await svc.store.create(tenant, fields, enqueue, idem)
+    found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, enqueue, idem)
     headers = {}
     if earlier_fingerprint is not None:
         assert idem is not None
@@ -165,7 +165,7 @@ async def submit(request: Request) -> Response:
         return await _job_response(svc, tenant, found, 202, headers)
     request.app.state.metrics.submitted.labels(job_type.name).inc()
     # The job is what was just written (its first event is seq 1): no need to read it back.
-    snap = to_snapshot({**fields, "seq": 1})
+    snap = to_snapshot({**fields, "seq": 1, "epoch": epoch})
     headers["Location"] = f"/v1/jobs/{job_id}"
     return JSONResponse(job_json(svc, tenant, snap), status_code=202, headers=headers)
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from dataclasses import field as dc_field
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
@@ -186,6 +186,14 @@ class PublishCall:
         return key_list, args
 
 
+class Created(NamedTuple):
+    """What ``JobStore.create`` did."""
+
+    job_id: str
+    earlier_fingerprint: str | None  # set when the idempotency key was used before
+    epoch: str = ""  # the new job's first event's
+
+
 class JobStore:
     """Reads and writes job state; every write goes through one Lua publish path."""
 
@@ -207,11 +215,11 @@ class JobStore:
         fields: dict[str, Any],
         enqueue: Enqueue,
         idem: tuple[str, str] | None,
-    ) -> tuple[str, str | None]:
+    ) -> Created:
         """Store a new job, publish its first event (a ``snapshot``) and enqueue it, at once.
 
-        ``idem`` is (key, request fingerprint). Returns (job id, None) for a new job, or
-        (earlier job id, its fingerprint) when the idempotency key was used before.
+        ``idem`` is (key, request fingerprint). Returns the new job's id and epoch, or the
+        earlier job's id and fingerprint when the idempotency key was used before.
         """
         job_id = fields["id"]
         call = PublishCall(
@@ -229,9 +237,9 @@ class JobStore:
         keys += [index, idem[0] if idem else index]
         created, found = await self._create(keys=keys, args=args)
         if created:
-            return job_id, None
+            return Created(job_id, None, found.decode())
         earlier, _, fingerprint = found.decode().partition(" ")
-        return earlier, fingerprint
+        return Created(earlier, fingerprint)
 
     async def publish(
         self,

@@ -49,6 +49,8 @@ async def test_submit_answers_202_with_location_and_snapshot(client: Client) -> 
     }
     assert set(job) == expected
     assert job["links"]["events"].startswith(f"/v1/jobs/{job['id']}/events?token=")
+    # Was: the 202 said ``"epoch": ""``; its first event is in the store's epoch.
+    assert job["epoch"] and job["epoch"] == (await client.get(job["id"]))["epoch"]
 
 
 async def test_job_ids_are_uuid4_and_distinct(client: Client) -> None:

@@ -51,7 +51,8 @@ async def new_job(store: JobStore, status: str = "running") -> dict[str, Any]:
         "created_at": time.time(),
     }
     enqueue = Queue(store.redis, store.settings).prepare(fields["arq_id"], job_id)
-    assert (await store.create("t", fields, enqueue, None)) == (job_id, None)
+    created = await store.create("t", fields, enqueue, None)
+    assert created[:2] == (job_id, None) and created.epoch
     return fields
 
 

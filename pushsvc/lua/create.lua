@@ -1,6 +1,6 @@
 -- A new job (see publish_fn.lua). KEYS[12]: the tenant's index, KEYS[13]: the
--- idempotency key. Returns {1, job id} created, or {0, "<job id> <fingerprint>"} of the
--- earlier job that used the same idempotency key.
+-- idempotency key. Returns {1, epoch} created (the epoch its first event is in), or
+-- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
 local K_INDEX, K_IDEM = KEYS[12], KEYS[13]
 if A_FINGERPRINT ~= '' then
   local existing = redis.call('GET', K_IDEM)
@@ -10,7 +10,7 @@ end
 if redis.call('EXISTS', K_JOB) == 1 then
   return redis.error_reply('job id collision')
 end
-apply()
+local applied = apply()
 redis.call('ZADD', K_INDEX, A_INDEX_SCORE, A_JOB_ID)
 redis.call('EXPIRE', K_INDEX, A_TTL)
-return {1, A_JOB_ID}
+return {1, applied[4]}
