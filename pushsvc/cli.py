@@ -6,12 +6,12 @@ Every flag can also be given as a ``PUSHSVC_*`` environment variable.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Annotated, Any
 
 import typer
 
+from .guard import is_loopback
 from .logs import configure_logging, settings_secrets
 from .settings import Settings
 
@@ -29,15 +29,6 @@ def build_settings(**overrides: Any) -> Settings:
 
 def _setup_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_json, settings_secrets(settings))
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_auth(settings: Settings) -> None:
@@ -83,7 +74,7 @@ def worker(redis_url: RedisUrl = None) -> None:
 @cli.command()
 def dev(host: Host = None, port: Port = None, redis_url: RedisUrl = None) -> None:
     """API + worker in one command, with an embedded Redis when none answers."""
-    from .dev import run_dev
+    from .tools.dev import run_dev
 
     settings = build_settings(host=host, port=port, redis_url=redis_url)
     check_auth(settings)
@@ -100,7 +91,7 @@ def fake_llm(
     ] = 40,
 ) -> None:
     """An offline OpenAI-compatible model: deterministic text, faults on request."""
-    from .fakellm import run_fake_llm
+    from .tools.fakellm import run_fake_llm
 
     _setup_logging(build_settings())
     run_fake_llm(host, port, tokens_per_s, answer_tokens)
@@ -117,7 +108,7 @@ def submit(
     api_key: Annotated[str | None, typer.Option(envvar="PUSHSVC_API_KEY", help="API key")] = None,
 ) -> None:
     """Submit a job; with --follow, show its progress bar and streamed text."""
-    from .client import submit_command
+    from .tools.submit import submit_command
 
     raise typer.Exit(submit_command(type_, payload, follow, url, api_key))
 
@@ -148,7 +139,13 @@ def bench(
     minutes: Annotated[float | None, typer.Option(help="minutes of faults (chaos)")] = None,
 ) -> None:
     """Load-test a stack (its own, unless given --url) and print the figures."""
-    from .bench import bench_command
+    try:
+        from .tools.bench.command import bench_command
+    except ModuleNotFoundError as exc:
+        if exc.name != "psutil":
+            raise
+        typer.echo("pushsvc bench needs psutil: pip install 'pushsvc[bench]'", err=True)
+        raise typer.Exit(2) from None
 
     options = {
         "streams": streams,

@@ -145,9 +145,14 @@ class HostNames:
 
 def is_loopback_name(name: str) -> bool:
     """localhost, a name under .localhost (RFC 6761: always loopback), a loopback IP."""
-    if name == "localhost" or name.endswith(".localhost"):
+    return name.endswith(".localhost") or is_loopback(name)
+
+
+def is_loopback(host: str) -> bool:
+    """A bind address (or ``--url`` host) on this machine only: localhost or a loopback IP."""
+    if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(name).is_loopback
+        return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False

@@ -1,4 +1,5 @@
-"""``pushsvc bench`` (bench.py): every scenario end to end at tiny sizes, on its own stack."""
+"""``pushsvc bench`` (tools/bench/command.py, load.py): every scenario end to end at tiny
+sizes, on its own stack."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from pushsvc.bench import bench_command, own_stack, staleness
+from pushsvc.tools.bench.command import bench_command
+from pushsvc.tools.bench.load import staleness
+from pushsvc.tools.bench.stack import own_stack
 
 
 def bench_json(

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from pushsvc import benchchaos
-from pushsvc.bench import bench_command
-from pushsvc.benchchaos import Plan, model_text, run_chaos
-from pushsvc.benchcheck import Context, Outcome, check_run
-from pushsvc.benchinvariants import (
+from pushsvc.tools.bench import chaos
+from pushsvc.tools.bench.chaos import Plan, model_text, run_chaos
+from pushsvc.tools.bench.check import Context, Outcome, check_run
+from pushsvc.tools.bench.command import bench_command
+from pushsvc.tools.bench.invariants import (
     CLOSED,
     CUT,
     GONE,
@@ -210,7 +210,7 @@ def test_the_exit_code_says_whether_anything_was_violated(
         "violations": found[:violations],
         "logs": None,
     }
-    monkeypatch.setattr(benchchaos, "run_chaos", lambda plan, log: result)
+    monkeypatch.setattr(chaos, "run_chaos", lambda plan, log: result)
     assert bench_command("chaos", None, True, {"minutes": 0.1}) == violations
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and json.loads(out[0])["violations"] == found[:violations]

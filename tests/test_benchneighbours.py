@@ -1,4 +1,4 @@
-"""``pushsvc bench neighbours`` (benchneighbours.py) end to end at a tiny size."""
+"""``pushsvc bench neighbours`` (tools/bench/neighbours.py) end to end at a tiny size."""
 
 from __future__ import annotations
 

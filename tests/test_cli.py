@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from pushsvc.cli import is_loopback
+from pushsvc.guard import is_loopback
 
 from .procs import ROOT, free_port
 

@@ -13,9 +13,9 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc.connections import SentinelURL, make_pool, primary_only
-from pushsvc.dev import redis_answers
 from pushsvc.keys import Keys
 from pushsvc.settings import Settings
+from pushsvc.tools.dev import redis_answers
 
 from .procs import SentinelSet, free_port, info
 

@@ -1,4 +1,4 @@
-"""``pushsvc dev`` (pushsvc/dev.py): which Redis it runs on, said at start, and the stack
+"""``pushsvc dev`` (pushsvc/tools/dev.py): which Redis it runs on, said at start, and the stack
 it brings up with zero setup."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
-from pushsvc.dev import redact_url
 from pushsvc.settings import Settings
+from pushsvc.tools.dev import redact_url
 
 from .procs import ROOT, RedisServer, free_port, http_ok, wait_until
 

@@ -19,7 +19,7 @@ import uvicorn
 from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
 
-from pushsvc.fakellm import create_fake_llm_app
+from pushsvc.tools.fakellm import create_fake_llm_app
 
 from .procs import wait_until
 

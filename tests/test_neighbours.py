@@ -252,7 +252,7 @@ async def test_noisy_streams_and_reads_leave_another_tenant_served(
     redis_server: RedisServer,
 ) -> None:
     raise_fd_limit(2 * (NON_READERS + LATE_READERS + HERD + REPLAYS + 50) + 256)
-    modules = "tests.jobtypes,pushsvc.benchjobs"  # bulky: a large output, then running
+    modules = "tests.jobtypes,pushsvc.tools.bench.jobtypes"  # bulky: a large output, then running
     env = stack_env(redis_server.url, f"n{secrets.token_hex(3)}", job_modules=modules)
     neighbour, seen, stop = Neighbour(), Seen(), asyncio.Event()
     with processes() as procs:

@@ -1,5 +1,5 @@
 """The chaos run's verdict: every watcher's events and every job's stored end, checked
-with the rules of ``benchinvariants``, as a list of violations.
+with the rules of ``invariants``, as a list of violations.
 
 Watcher kinds: "job" (``GET /v1/jobs/{id}/events``), "resume" (the same endpoint, left
 and resumed at random), "named" (``GET /v1/events?job=..``), "all" (``GET /v1/events``),
@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .benchinvariants import (
+from .invariants import (
     CUT,
     GONE,
     TERMINAL,

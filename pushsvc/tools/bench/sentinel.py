@@ -5,7 +5,7 @@ three sentinels (quorum 2, down after 3 s) on free ports, from Debian's
 ``redis-server`` (a sentinel is ``redis-server <conf> --sentinel``). Clients use
 :attr:`SentinelSet.url` (``redis+sentinel://...``).
 
-Each server sits behind a proxy (:class:`benchproxy.Proxies`, one child process for both): the
+Each server sits behind a proxy (:class:`proxy.Proxies`, one child process for both): the
 sentinels, the clients and the other server reach it only there, and it announces its
 proxy's address as its own, so the sentinels monitor, name and reconfigure proxies
 only. A proxy can hold back replication traffic (a link whose client sent
@@ -30,9 +30,9 @@ from typing import Any
 
 import redis
 
-from .benchproxy import Proxies
-from .benchstack import BenchError, wait_until
-from .dev import free_port
+from ..procs import free_port, kill, wait_until
+from .proxy import Proxies
+from .stack import BenchError
 
 # -- the servers --------------------------------------------------------------------------
 
@@ -100,8 +100,7 @@ class RedisNode:
     def kill(self) -> None:
         """SIGKILL: nothing is saved on the way out."""
         if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
+            kill(self.proc)
         self.proc = None
 
     def alive(self) -> bool:
@@ -162,8 +161,7 @@ class SentinelProcess:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            kill(self.proc)
 
 
 # -- the set ------------------------------------------------------------------------------
@@ -355,7 +353,7 @@ class SentinelSet:
 
         try:
             wait_until(asked, 20, "a sentinel accepting SENTINEL FAILOVER")
-        except BenchError as exc:
+        except TimeoutError as exc:
             raise BenchError(f"{exc}: {errors[-3:]}") from None
 
     def failover(self) -> None:

