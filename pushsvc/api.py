@@ -24,13 +24,25 @@ from .errors import (
     BadRequest,
     Conflict,
     NotFound,
+    PayloadTooLarge,
     RateLimited,
     Unavailable,
     ValidationFailed,
 )
 from .events import EventBus
 from .jobs import JobType, Registry
-from .models import JobSnapshot, JobStatus, SubmitRequest
+from .models import (
+    CancelRequested,
+    Job,
+    JobLinks,
+    JobPage,
+    JobSnapshot,
+    JobStatus,
+    JobTypeInfo,
+    JobTypes,
+    SubmitRequest,
+)
+from .operations import Header, Param, Reply, by_method, operation, schema_ref
 from .queue import Queue
 from .reads import BulkReads
 from .responses import Drain, JSONResponse, json_response
@@ -60,16 +72,16 @@ def services(request: Request) -> Services:
     return svc
 
 
-def job_json(svc: Services, tenant: str, snap: JobSnapshot) -> dict[str, Any]:
+def job_body(svc: Services, tenant: str, snap: JobSnapshot, model: type[Job] = Job) -> Job:
     """The snapshot plus links; ``events`` carries a job-scoped token for EventSource."""
-    data = snap.model_dump(mode="json")
     token, expires = svc.auth.issue(tenant, job_scope(snap.id))
-    data["links"] = {
-        "self": f"/v1/jobs/{snap.id}",
-        "events": f"/v1/jobs/{snap.id}/events?token={token}",
-        "events_expires_at": expires,
-    }
-    return data
+    links = JobLinks(
+        self=f"/v1/jobs/{snap.id}",
+        events=f"/v1/jobs/{snap.id}/events?token={token}",
+        events_expires_at=expires,
+    )
+    # Built, not validated: the snapshot was, and its output may be megabytes.
+    return model.model_construct(**dict(snap), links=links)
 
 
 def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -127,6 +139,33 @@ async def _check_rate(svc: Services, tenant: str) -> None:
         )
 
 
+LOCATION = Header("Location", "/v1/jobs/{id}")
+ETAG = Header("ETag", "the job's event sequence, quoted")
+POLL_HINT = Header("Retry-After", "seconds a poller should wait (while the job is not finished)")
+IDEMPOTENCY_KEY = Param(
+    "header",
+    "Idempotency-Key",
+    "the same key and body return the same job (else 409)",
+    {"type": "string", "minLength": 1, "maxLength": 255},
+)
+
+
+@operation(
+    "submitJob",
+    "jobs",
+    "Submit a job: validates the payload against its type, enqueues it",
+    Reply(
+        202,
+        "accepted: the job, queued",
+        Job,
+        (LOCATION, Header("Idempotent-Replayed", "`true` when a retry returned the job")),
+        # What can be done with the new job next (stateful tests follow these too).
+        links=("getJob", "cancelJob", "retryJob"),
+    ),
+    errors=(BadRequest, Conflict, PayloadTooLarge, ValidationFailed),
+    params=(IDEMPOTENCY_KEY,),
+    body=SubmitRequest,
+)
 async def submit(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
@@ -167,7 +206,7 @@ async def submit(request: Request) -> Response:
     # The job is what was just written (its first event is seq 1): no need to read it back.
     snap = to_snapshot({**fields, "seq": 1, "epoch": epoch})
     headers["Location"] = f"/v1/jobs/{job_id}"
-    return JSONResponse(job_json(svc, tenant, snap), status_code=202, headers=headers)
+    return JSONResponse(job_body(svc, tenant, snap).model_dump(mode="json"), 202, headers)
 
 
 def _idempotency(
@@ -189,11 +228,12 @@ async def _job_response(
     job_id: str,
     status: int,
     headers: dict[str, str],
-    extra: dict[str, Any] | None = None,
+    model: type[Job] = Job,
 ) -> Response:
     snap = await get_owned_job(svc, tenant, job_id)
     headers = {"Location": f"/v1/jobs/{job_id}", **headers}
-    return await json_response({**job_json(svc, tenant, snap), **(extra or {})}, status, headers)
+    body = job_body(svc, tenant, snap, model).model_dump(mode="json")
+    return await json_response(body, status, headers)
 
 
 def _job_id_valid(job_id: str) -> bool:
@@ -244,6 +284,15 @@ async def get_owned_head(svc: Services, tenant: str, job_id: str) -> JobHead:
     return head
 
 
+@operation(
+    "getJob",
+    "jobs",
+    "The job's snapshot (the polling fallback)",
+    Reply(200, "the snapshot", Job, (ETAG, POLL_HINT)),
+    Reply(304, "unchanged since If-None-Match", headers=(ETAG,)),
+    errors=(NotFound,),
+    params=(Param("header", "If-None-Match", "an earlier ETag: 304 while unchanged"),),
+)
 async def get_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
@@ -254,7 +303,7 @@ async def get_job(request: Request) -> Response:
         headers["Retry-After"] = f"{svc.settings.poll_hint_s:g}"
     if etag in _etags(request.headers.get("if-none-match", "")):
         return Response(status_code=304, headers=headers)
-    return await json_response(job_json(svc, tenant, snap), headers=headers)
+    return await json_response(job_body(svc, tenant, snap).model_dump(mode="json"), headers=headers)
 
 
 def _etags(header: str) -> set[str]:
@@ -277,6 +326,24 @@ class ListQuery(BaseModel):
         return value
 
 
+def _limit_schema(settings: Settings) -> dict[str, Any]:
+    most, default = settings.list_limit_max, ListQuery.model_fields["limit"].default
+    return {"type": "integer", "minimum": 1, "maximum": most, "default": default}
+
+
+@operation(
+    "listJobs",
+    "jobs",
+    "The tenant's jobs, newest first",
+    Reply(200, "one page", JobPage),
+    errors=(BadRequest, ValidationFailed),
+    params=(
+        Param("query", "status", "only jobs in this state", schema_ref(JobStatus)),
+        Param("query", "type", "only jobs of this type"),
+        Param("query", "limit", "page size", _limit_schema),
+        Param("query", "cursor", "opaque: `next_cursor` of the previous page"),
+    ),
+)
 async def list_jobs(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
@@ -292,10 +359,23 @@ async def list_jobs(request: Request) -> Response:
     jobs, cursor = await listing.list_jobs(
         svc.reads, tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
     )
-    body = {"jobs": [job_json(svc, tenant, j) for j in jobs], "next_cursor": cursor}
-    return await json_response(body)
+    page = JobPage(jobs=[job_body(svc, tenant, j) for j in jobs], next_cursor=cursor)
+    return await json_response(page.model_dump(mode="json"))
 
 
+@operation(
+    "cancelJob",
+    "jobs",
+    "Cancel: a queued job never starts, a running one ends `cancelled`",
+    Reply(200, "cancelled (it was queued)", Job, (LOCATION,)),
+    Reply(
+        202,
+        "cancel requested (it is running): `cancel_requested` says so",
+        CancelRequested,
+        (LOCATION,),
+    ),
+    errors=(NotFound, Conflict),
+)
 async def cancel_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
@@ -312,8 +392,7 @@ async def cancel_job(request: Request) -> Response:
             if reply.status == JobStatus.CANCELLED:
                 return await _job_response(svc, tenant, job_id, 200, {})
             # Still running until the task is cancelled: say the cancel is under way.
-            extra = {"cancel_requested": True}
-            return await _job_response(svc, tenant, job_id, 202, {}, extra)
+            return await _job_response(svc, tenant, job_id, 202, {}, CancelRequested)
         if not isinstance(reply, Rejected) or reply.status.terminal:
             break
     status = reply.status if isinstance(reply, Rejected) else JobStatus(fields["status"])
@@ -341,6 +420,13 @@ async def _load(svc: Services, tenant: str, job_id: str) -> dict[str, Any]:
     return fields
 
 
+@operation(
+    "retryJob",
+    "jobs",
+    "Run a failed or cancelled job again",
+    Reply(202, "queued again", Job, (LOCATION,)),
+    errors=(NotFound, Conflict),
+)
 async def retry_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
@@ -389,24 +475,25 @@ def _wrong_state(status: JobStatus, action: str) -> Conflict:
     )
 
 
+@operation(
+    "listJobTypes",
+    "jobs",
+    "The registered job types with their payload JSON Schemas",
+    Reply(200, "the types", JobTypes),
+)
 async def job_types(request: Request) -> Response:
     svc = services(request)
     svc.auth.tenant(request)
-    return JSONResponse({"types": [t.describe() for t in svc.types.types.values()]})
-
-
-async def jobs(request: Request) -> Response:
-    return await (submit if request.method == "POST" else list_jobs)(request)
-
-
-async def job(request: Request) -> Response:
-    return await (cancel_job if request.method == "DELETE" else get_job)(request)
+    info = [JobTypeInfo.model_construct(**t.describe()) for t in svc.types.types.values()]
+    return JSONResponse(JobTypes(types=info).model_dump(mode="json"))
 
 
 # One route per path (dispatching on the method), so a 405's Allow header lists them all.
 routes = [
-    Route("/v1/jobs", jobs, methods=["GET", "POST"]),
-    Route("/v1/jobs/{job_id}", job, methods=["GET", "DELETE"]),
+    Route("/v1/jobs", by_method(POST=submit, GET=list_jobs), methods=["GET", "POST"]),
+    Route(
+        "/v1/jobs/{job_id}", by_method(GET=get_job, DELETE=cancel_job), methods=["GET", "DELETE"]
+    ),
     Route("/v1/jobs/{job_id}/retry", retry_job, methods=["POST"]),
     Route("/v1/job-types", job_types, methods=["GET"]),
 ]

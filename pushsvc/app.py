@@ -15,10 +15,10 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import api, metrics, openapi, sse, stats, web
+from . import api, docs, metrics, openapi, sse, stats, web
 from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
 from . import ticker as _ticker  # noqa: F401
 from .api import Services
@@ -27,11 +27,13 @@ from .errors import ApiError, PushsvcError
 from .events import EventBus
 from .guard import RequestGuard
 from .jobs import Registry, registry
+from .models import Health, Ready
+from .operations import TEXT, Reply, public
 from .queue import Queue, connect
 from .reads import BulkReads
 from .responses import Drain, JSONResponse
 from .settings import Settings
-from .stats import Stats
+from .stats import StatsReader
 from .store import JobStore
 from .worker import load_job_modules
 
@@ -74,6 +76,7 @@ async def internal_error(_request: Request, exc: Exception) -> Response:
     return error_response(PushsvcError("internal error", code="internal_error"), 500)
 
 
+@public("metrics", "ops", "Prometheus metrics of this process", media="text/plain", schema=TEXT)
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus, behind ``PUSHSVC_METRICS_TOKEN`` when one is set."""
     svc: Services = request.app.state.services
@@ -81,17 +84,36 @@ async def metrics_endpoint(request: Request) -> Response:
     return await metrics.metrics(request)
 
 
+_UNREADY = Reply(503, "Redis is unreachable", Ready)
+
+
+@public("healthz", "ops", "Liveness", Health)
 async def healthz(_request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
+    return JSONResponse(Health().model_dump())
 
 
+@public("readyz", "ops", "Readiness: Redis answers", Ready, more=(_UNREADY,))
 async def readyz(request: Request) -> Response:
     svc: Services = request.app.state.services
     try:
         await svc.redis.ping()
     except (RedisError, OSError):
-        return JSONResponse({"status": "unavailable", "redis": False}, status_code=503)
-    return JSONResponse({"status": "ok", "redis": True})
+        return JSONResponse(Ready(status="unavailable", redis=False).model_dump(), status_code=503)
+    return JSONResponse(Ready(status="ok", redis=True).model_dump())
+
+
+# Every route, in the API document's order (openapi.py walks them).
+ROUTES: list[BaseRoute] = [
+    *api.routes,
+    *sse.routes,
+    *stats.routes,
+    Route("/healthz", healthz),
+    Route("/readyz", readyz),
+    Route("/metrics", metrics_endpoint),
+    *openapi.routes,
+    *docs.routes,
+    *web.routes,
+]
 
 
 _frozen = False
@@ -148,23 +170,14 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
                     drain,
                     reads,
                 )
-                app.state.stats = Stats(redis, settings)
+                app.state.stats = StatsReader(redis, settings)
                 _freeze_startup_heap()
                 yield
         finally:
             await redis.aclose()
 
     app = Starlette(
-        routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics_endpoint),
-            *api.routes,
-            *sse.routes,
-            *stats.routes,
-            *openapi.routes,
-            *web.routes,
-        ],
+        routes=ROUTES,
         exception_handlers={
             ApiError: api_error,
             RedisError: redis_error,

@@ -1,9 +1,10 @@
-"""Pydantic models at the edges: the job snapshot, the submit body, statuses."""
+"""Pydantic models at the edges: statuses, the job snapshot, the submit body, and every
+JSON response body (the API document's schemas are these models)."""
 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,8 +36,19 @@ class ErrorInfo(BaseModel):
     retryable: bool = False
 
 
+def _epoch_optional(schema: dict[str, Any]) -> None:
+    # A ``snapshot`` event leaves ``epoch`` out: its SSE id carries the position whole.
+    if "epoch" in schema.get("required", ()):
+        schema["required"].remove("epoch")
+
+
 class JobSnapshot(BaseModel):
     """What ``GET /v1/jobs/{id}`` returns and the ``snapshot`` event carries."""
+
+    # Dumped whole: every field is in a response (the document says required).
+    model_config = ConfigDict(
+        json_schema_serialization_defaults_required=True, json_schema_extra=_epoch_optional
+    )
 
     id: str
     type: str
@@ -66,3 +78,101 @@ class SubmitRequest(BaseModel):
     type: str = Field(min_length=1, max_length=100)
     payload: dict[str, Any] = Field(default_factory=dict)
     priority: Priority = Priority.NORMAL
+
+
+# -- response bodies: always dumped whole, so every field is required in the document --
+
+BODY = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+class JobLinks(BaseModel):
+    model_config = BODY
+
+    self: str
+    events: str = Field(description="the job's stream, with a job-scoped token")
+    events_expires_at: int
+
+
+class Job(JobSnapshot):
+    """A snapshot with its links: what the job endpoints answer."""
+
+    links: JobLinks
+
+
+class CancelRequested(Job):
+    """A running job whose cancel is under way: it ends `cancelled` when its task stops."""
+
+    cancel_requested: Literal[True] = True
+
+
+class JobPage(BaseModel):
+    model_config = BODY
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class JobTypeInfo(BaseModel):
+    model_config = BODY
+
+    name: str
+    description: str
+    timeout_s: float
+    max_attempts: int
+    payload_schema: dict[str, Any]
+
+
+class JobTypes(BaseModel):
+    model_config = BODY
+
+    types: list[JobTypeInfo]
+
+
+class StreamToken(BaseModel):
+    model_config = BODY
+
+    token: str
+    expires_at: int
+    events_url: str
+
+
+class Stats(BaseModel):
+    """queue depth, running, throughput, success rate, durations, alerts"""
+
+    model_config = BODY
+
+    window_s: float
+    at: float
+    overall: dict[str, Any]
+    types: dict[str, dict[str, Any]]
+    workers: int
+    alerts: list[dict[str, Any]]
+
+
+class Health(BaseModel):
+    model_config = BODY
+
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    model_config = BODY
+
+    status: Literal["ok", "unavailable"]
+    redis: bool
+
+
+class ErrorFields(BaseModel):
+    model_config = BODY
+
+    code: str
+    message: str
+    details: Any
+
+
+class Error(BaseModel):
+    """The body of every error answer."""
+
+    model_config = BODY
+
+    error: ErrorFields

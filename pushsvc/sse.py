@@ -15,11 +15,43 @@ from .api import Services, get_owned_head, missing_job, services
 from .auth import TENANT_SCOPE, job_scope
 from .epoch import StreamPosition
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
+from .models import StreamToken
+from .operations import SSE, TEXT, Param, Reply, operation
 from .responses import EventStream, JSONResponse
 from .store import JobHead
 from .streams import JobStream, MuxStream, _Stream
 
 MAX_NAMED_JOBS = 100
+
+# What the stream endpoints declare (the stats feed's too).
+TOKEN = Param("query", "token", "a stream token (EventSource)", component="Token")
+# An event id is a position, "<seq>.<epoch>" (a bare seq is read as in the current epoch).
+EVENT_ID = {
+    "type": "string",
+    "pattern": r"^[0-9]{1,18}(\.[0-9A-Za-z]{1,32})?$",
+    "examples": ["7.3f9a1c2e"],
+}
+RESUME = (
+    Param("query", "last_event_id", "resume after this event id", EVENT_ID, "LastEventIdQuery"),
+    Param(
+        "header",
+        "Last-Event-ID",
+        "resume after this event id (EventSource)",
+        EVENT_ID,
+        "LastEventIdHeader",
+    ),
+)
+EVENTS = Reply(
+    200, "the stream: `snapshot` first, then every event once, in order", media=SSE, schema=TEXT
+)
+ENDED = Reply(204, "resumed after the end: nothing more will come")
+JOBS = Param(
+    "query",
+    "job",
+    "jobs to follow (none: all the tenant's)",
+    {"type": "array", "items": {"type": "string"}, "maxItems": MAX_NAMED_JOBS},
+    explode=True,
+)
 
 
 def last_event_id(request: Request) -> StreamPosition | None:
@@ -76,6 +108,16 @@ async def _counted(
             del counts[tenant]
 
 
+@operation(
+    "jobEvents",
+    "streams",
+    "One job's events (SSE); closes after the terminal event",
+    EVENTS,
+    ENDED,
+    errors=(BadRequest, NotFound),
+    params=(TOKEN, *RESUME),
+    auth="stream",
+)
 async def job_events(request: Request) -> Response:
     svc = services(request)
     job_id = request.path_params["job_id"]
@@ -110,6 +152,16 @@ def _seen_the_end(head: JobHead, last_id: StreamPosition) -> bool:
     return head.status.terminal and last_id.seq == pos.seq and last_id.same_history(pos.epoch)
 
 
+@operation(
+    "manyEvents",
+    "streams",
+    "Many jobs' events over one connection (SSE)",
+    EVENTS,
+    ENDED,
+    errors=(BadRequest, NotFound, ValidationFailed),
+    params=(JOBS, TOKEN, *RESUME),
+    auth="stream",
+)
 async def many_events(request: Request) -> Response:
     svc = services(request)
     job_ids = list(dict.fromkeys(request.query_params.getlist("job")))
@@ -155,15 +207,19 @@ def _valid_id(job_id: str) -> None:
         raise NotFound(f"no job {job_id!r}", code="job_not_found") from exc
 
 
+@operation(
+    "issueStreamToken",
+    "streams",
+    "A tenant-scoped token for `GET /v1/events?token=`",
+    Reply(201, "the token", StreamToken),
+)
 async def stream_token(request: Request) -> Response:
     """A tenant-scoped token for ``GET /v1/events?token=`` (EventSource sends no headers)."""
     svc = services(request)
     tenant = svc.auth.tenant(request)
     token, expires = svc.auth.issue(tenant, TENANT_SCOPE)
-    return JSONResponse(
-        {"token": token, "expires_at": expires, "events_url": f"/v1/events?token={token}"},
-        status_code=201,
-    )
+    body = StreamToken(token=token, expires_at=expires, events_url=f"/v1/events?token={token}")
+    return JSONResponse(body.model_dump(), status_code=201)
 
 
 routes = [

@@ -25,10 +25,12 @@ from .api import services
 from .auth import LOCAL_TENANT
 from .errors import RateLimited, Unavailable
 from .keys import Keys
+from .models import Stats
+from .operations import SSE, TEXT, Reply, operation
 from .queue import PRIORITY_OFFSET_MS
 from .responses import JSONResponse
 from .settings import Settings
-from .sse import _counted
+from .sse import TOKEN, _counted
 
 CACHE_S = 1.0
 CLASS_SPAN_MS = 10**11  # arq scores of one priority class lie within this of now - offset
@@ -107,7 +109,7 @@ class Reading:
     views: dict[str | None, dict[str, Any]] = field(default_factory=dict)
 
 
-class Stats:
+class StatsReader:
     """Reads Redis and builds the stats documents (cached briefly per process).
 
     An operator's document counts every tenant's jobs; a tenant's counts its own only
@@ -277,12 +279,26 @@ class Stats:
         return alerts
 
 
+@operation(
+    "getStats",
+    "ops",
+    "Queue depth, running, throughput, success rate, durations, alerts",
+    Reply(200, "the stats", Stats),
+)
 async def stats(request: Request) -> Response:
     svc = services(request)
     doc = await request.app.state.stats.get(svc.auth.viewer(request))
     return JSONResponse(doc, headers={"Cache-Control": "no-cache"})
 
 
+@operation(
+    "statsEvents",
+    "ops",
+    "The stats, pushed periodically (SSE)",
+    Reply(200, "the stream: a `stats` event every PUSHSVC_STATS_PUSH_S", media=SSE, schema=TEXT),
+    params=(TOKEN,),
+    auth="stream",
+)
 async def stats_events(request: Request) -> Response:
     """The same document, pushed every ``PUSHSVC_STATS_PUSH_S`` (the dashboard's feed). An
     open stream of a tenant (or of the local user) counts towards its stream limit."""

@@ -13,6 +13,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 
+from .errors import NotFound
+from .operations import HTML, TEXT, public
+
 # The pages load only our own files and talk only to this origin.
 CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -55,20 +58,31 @@ class Assets(StaticFiles):
         await super().__call__(scope, receive, send_with_headers)
 
 
+def assets(directory: Path, op_id: str, summary: str) -> Assets:
+    """The files under ``directory``, declared for the API document."""
+    files = public(op_id, "web", summary, media="*/*", schema={}, errors=(NotFound,))
+    return files(Assets(directory=directory))
+
+
 def make_routes(directory: Path) -> list[BaseRoute]:
     index = directory / "index.html"
     board = directory / "dashboard.html"
 
+    @public("console", "web", "The job console", media=HTML, schema=TEXT)
     async def console(_request: Request) -> Response:
         return FileResponse(index, media_type="text/html", headers=PAGE_HEADERS)
 
+    summary = "The live dashboard (stats and alerts over SSE)"
+
+    @public("dashboard", "web", summary, media=HTML, schema=TEXT)
     async def dashboard(_request: Request) -> Response:
         return FileResponse(board, media_type="text/html", headers=PAGE_HEADERS)
 
+    static = assets(directory, "static", "The browser client and the console's assets")
     return [
         Route("/", console, methods=["GET", "HEAD"]),
         Route("/dashboard", dashboard, methods=["GET", "HEAD"]),
-        Mount("/static", app=Assets(directory=directory), name="static"),
+        Mount("/static", app=static, name="static"),
     ]
 
 

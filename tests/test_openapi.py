@@ -1,5 +1,6 @@
-"""The OpenAPI document: valid, complete (every route of the app), served as built, and
-true to the running API (schemathesis against a live API and worker)."""
+"""The OpenAPI document: valid, complete (every route of the app, by construction: it is
+derived from the routes and their handlers' declarations), served as built, and true to the
+running API (schemathesis against a live API and worker)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,17 @@ import pytest
 import schemathesis
 from openapi_spec_validator import validate
 from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from pushsvc.app import create_app
+from pushsvc.app import ROUTES, create_app
+from pushsvc.docs import render_html
 from pushsvc.jobs import JobContext, Registry, job_type, registry
-from pushsvc.openapi import openapi_document, render_html
+from pushsvc.models import Job, JobSnapshot
+from pushsvc.openapi import DocumentSchema, endpoints, openapi_document
+from pushsvc.operations import TEXT, by_method, public
 from pushsvc.settings import Settings
 
 from .conftest import stack_env
@@ -29,7 +36,10 @@ from .sse import read
 
 AUTH = {"Authorization": "Bearer key-a"}
 METHODS = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
+REF = "#/components/schemas/{model}"
 STREAMS = ("/v1/jobs/{job_id}/events", "/v1/events", "/v1/stats/events")
+# Routes left out of the document on purpose (``include_in_schema=False``): none.
+UNDOCUMENTED: set[str] = set()
 
 
 def builtin_types() -> Registry:
@@ -44,9 +54,13 @@ def documented(doc: dict[str, Any]) -> set[tuple[str, str]]:
 
 
 def served(settings: Settings) -> set[tuple[str, str]]:
-    """(path, method) of every route the app answers, HEAD aside (Starlette adds it to GET)."""
+    """(path, method) of every route the app answers, HEAD aside (Starlette adds it to GET),
+    but those left out on purpose."""
     found: set[tuple[str, str]] = set()
     for route in create_app(settings).routes:
+        if not getattr(route, "include_in_schema", True):
+            assert route.path in UNDOCUMENTED, f"{route.path} left out, not in UNDOCUMENTED"
+            continue
         if isinstance(route, Route):
             path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
             found |= {(path, m.lower()) for m in route.methods or () if m != "HEAD"}
@@ -89,21 +103,67 @@ def conforms(doc: dict[str, Any], path: str, method: str, resp: httpx.Response) 
 
 
 def test_document_is_valid_openapi_3_1() -> None:
-    doc = openapi_document(registry)
+    doc = openapi_document(registry, routes=ROUTES)
     assert doc["openapi"].startswith("3.1")
     validate(doc)
 
 
 def test_every_route_is_documented_and_nothing_else() -> None:
     """A route added without documentation (or documentation of a route that went) fails."""
-    doc = openapi_document(registry)
+    doc = openapi_document(registry, routes=ROUTES)
     app_routes = served(Settings())
     assert app_routes - documented(doc) == set(), "routes missing from /openapi.json"
     assert documented(doc) - app_routes == set(), "documented routes the app does not serve"
 
 
+async def _plain(_request: Request) -> Response:
+    return PlainTextResponse("")
+
+
+def test_a_route_without_a_declaration_fails_the_document() -> None:
+    """The document cannot leave a route out silently: undeclared, it does not build;
+    ``include_in_schema=False`` is the one way out."""
+    with pytest.raises(LookupError, match="GET /undeclared"):
+        openapi_document(registry, routes=[Route("/undeclared", _plain)])
+    doc = openapi_document(registry, routes=[Route("/hidden", _plain, include_in_schema=False)])
+    assert doc["paths"] == {}
+    declared = public("plain", "ops", "A plain page", media="text/plain", schema=TEXT)(_plain)
+    doc = openapi_document(registry, routes=[Route("/plain", declared)])
+    assert doc["paths"]["/plain"]["get"]["operationId"] == "plain"
+
+
+def test_one_route_per_path_documents_each_methods_handler() -> None:
+    """A path's route dispatching on the method documents each method's own handler, and
+    must have one for every method it serves."""
+    get = public("getIt", "ops", "Get it", schema=TEXT)(_plain)
+    found = list(endpoints([Route("/it", by_method(GET=get), methods=["GET", "HEAD"])]))
+    assert [(e.path, e.method, e.operation.id) for e in found] == [("/it", "get", "getIt")]
+    with pytest.raises(ValueError, match="serves"):
+        list(endpoints([Route("/it", by_method(GET=get), methods=["GET", "POST"])]))
+
+
+def test_an_extending_model_is_its_base_and_its_own_fields() -> None:
+    """``Job`` documents as ``allOf`` [``JobSnapshot``, its links], not a copy of the
+    snapshot's fields."""
+    refs, top = models_json_schema(
+        [(Job, "serialization")], ref_template=REF, schema_generator=DocumentSchema
+    )
+    job = top["$defs"]["Job"]
+    assert job["allOf"][0] == {"$ref": REF.format(model=JobSnapshot.__name__)}
+    assert job["allOf"][1]["required"] == ["links"]
+    assert set(job["allOf"][1]["properties"]) == {"links"}
+
+
+def test_each_description_says_what_its_own_field_is() -> None:
+    """Bug: the hand-written shapes shared one ``{"type": "string"}`` object and set a
+    description on it, so the error's code and message, the stream token and the job type's
+    name all said "the job's stream, with a job-scoped token"."""
+    text = str(openapi_document(registry, routes=ROUTES))
+    assert text.count("the job's stream, with a job-scoped token") == 1
+
+
 def test_every_operation_documents_its_errors_and_security() -> None:
-    doc = openapi_document(registry)
+    doc = openapi_document(registry, routes=ROUTES)
     for path, method in documented(doc):
         op = doc["paths"][path][method]
         assert op["operationId"] and op["summary"], (path, method)
@@ -123,7 +183,7 @@ def test_every_operation_documents_its_errors_and_security() -> None:
 
 
 def test_submit_body_is_one_variant_per_type_told_apart_by_type() -> None:
-    doc = openapi_document(registry)
+    doc = openapi_document(registry, routes=ROUTES)
     body = doc["components"]["schemas"]["SubmitJob"]
     assert body["discriminator"]["propertyName"] == "type"
     assert set(body["discriminator"]["mapping"]) == set(registry.types)
@@ -152,7 +212,7 @@ def test_payload_models_with_the_same_name_stay_apart() -> None:
 
     job_type("one", payload=make("alpha"), target=types)(run)
     job_type("two", payload=make("beta"), target=types)(run)
-    doc = openapi_document(types)
+    doc = openapi_document(types, routes=ROUTES)
     validate(doc)
     check = validator(doc, "SubmitJob")
     assert check.is_valid({"type": "one", "payload": {"alpha": 1}})
@@ -162,7 +222,7 @@ def test_payload_models_with_the_same_name_stay_apart() -> None:
 
 
 def test_job_snapshot_schema_matches_the_model_and_requires_links() -> None:
-    doc = openapi_document(registry)
+    doc = openapi_document(registry, routes=ROUTES)
     check = validator(doc, "Job")
     job = {
         "id": "7b1f0c2e-2a57-4b0e-9c55-1d1f3a5d8e77",
@@ -190,7 +250,7 @@ def test_job_snapshot_schema_matches_the_model_and_requires_links() -> None:
 
 
 def test_docs_page_lists_every_operation_without_scripts() -> None:
-    doc = openapi_document(registry)
+    doc = openapi_document(registry, routes=ROUTES)
     page = render_html(doc)
     assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
     for path, method in documented(doc):
@@ -228,7 +288,7 @@ def test_served_document_is_the_built_one(live: Api) -> None:
     resp = httpx.get(f"{live.url}/openapi.json", timeout=10)
     assert resp.status_code == 200
     assert resp.headers["content-type"] == "application/json"
-    assert resp.json() == openapi_document(builtin_types(), settings)
+    assert resp.json() == openapi_document(builtin_types(), settings, routes=ROUTES)
     page = httpx.get(f"{live.url}/docs", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "POST /v1/jobs" in page.text
@@ -239,7 +299,7 @@ def test_405_names_every_method_the_path_serves(live: Api) -> None:
     """Bug: each method of /v1/jobs and /v1/jobs/{job_id} is its own Starlette Route, and
     the 405 for an unknown method names only the first route's methods (``Allow: POST``
     on /v1/jobs, where GET works too; ``Allow: GET, HEAD`` where DELETE works too)."""
-    doc = openapi_document(builtin_types())
+    doc = openapi_document(builtin_types(), routes=ROUTES)
     for path, url in [("/v1/jobs", "/v1/jobs"), ("/v1/jobs/{job_id}", f"/v1/jobs/{uuid.uuid4()}")]:
         resp = httpx.request("PATCH", live.url + url, headers=AUTH, timeout=10)
         assert resp.status_code == 405
@@ -253,7 +313,7 @@ def test_payloads_are_held_to_their_published_schema(live: Api) -> None:
     """Bug: payloads are validated in pydantic's lax mode, so the API accepts what the
     schema it publishes (here and in /v1/job-types) refuses: ``0`` for a boolean, ``"3"``
     for an integer."""
-    check = validator(openapi_document(builtin_types()), "SubmitJob")
+    check = validator(openapi_document(builtin_types(), routes=ROUTES), "SubmitJob")
     for payload in ({"fail_retryable": 0}, {"steps": "3"}):
         body = {"type": "ticker", "payload": {"interval_ms": 0, **payload}}
         assert not check.is_valid(body)
@@ -296,7 +356,8 @@ FUZZ_CONFIG = schemathesis.Config.from_dict(
     }
 )
 fuzz = schemathesis.openapi.from_dict(
-    openapi_document(builtin_types(), Settings(list_limit_max=200)), config=FUZZ_CONFIG
+    openapi_document(builtin_types(), Settings(list_limit_max=200), routes=ROUTES),
+    config=FUZZ_CONFIG,
 ).exclude(path=list(STREAMS))  # streams never end by themselves: read bounded below
 
 
@@ -324,7 +385,7 @@ def test_job_workflows_conform_to_the_document(live: Api) -> None:
 @pytest.mark.timeout(30)
 async def test_streams_answer_as_documented(live: Api) -> None:
     """The stream endpoints, left out of fuzzing (they stay open), read to their end."""
-    doc = openapi_document(builtin_types())
+    doc = openapi_document(builtin_types(), routes=ROUTES)
     snapshot = validator(doc, "JobSnapshot")
     async with httpx.AsyncClient(base_url=live.url, timeout=10) as http:
         body = {"type": "ticker", "payload": {"steps": 2, "interval_ms": 1}}
