@@ -204,9 +204,10 @@ async def restart_mid_stream(
     watched: set[str] = set()
     changes = Changes()
     with logs_on_failure(procs):
-        async with http_for(api) as http, all_jobs_stream(
-            http, lambda s: ended(s, watched), changes
-        ) as (everything, all_task):
+        async with (
+            http_for(api) as http,
+            all_jobs_stream(http, lambda s: ended(s, watched), changes) as (everything, all_task),
+        ):
             job_id = await submit_generate(http, PROMPT)
             watched.add(job_id)
             w = Watchers(http, job_id, everything, changes)
@@ -285,9 +286,10 @@ async def test_idle_tenant_whose_sequence_expired_still_gets_new_jobs(
     changes = Changes()
     try:
         with logs_on_failure(procs):
-            async with http_for(api) as http, all_jobs_stream(
-                http, lambda s: ended(s, jobs), changes
-            ) as (everything, task):
+            async with (
+                http_for(api) as http,
+                all_jobs_stream(http, lambda s: ended(s, jobs), changes) as (everything, task),
+            ):
                 first = await submit_job(http, set())
                 await changes.until(lambda: ended(everything, {first}))
                 await gone(redis_server, env["PUSHSVC_NAMESPACE"])
@@ -331,9 +333,10 @@ async def test_a_superseded_attempt_stops_and_closes_its_model_call(
     expected = await model_answer(model_url, LONG_PROMPT)
     with logs_on_failure(procs):
         changes = Changes()
-        async with http_for(api) as http, all_jobs_stream(
-            http, lambda s: False, changes
-        ) as (everything, _):
+        async with (
+            http_for(api) as http,
+            all_jobs_stream(http, lambda s: False, changes) as (everything, _),
+        ):
             job_id = await submit_generate(http, LONG_PROMPT)
             w = Watchers(http, job_id, everything, changes)
             await w.until(lambda: outputs(w.per_job, job_id) >= 3)

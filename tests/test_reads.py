@@ -172,7 +172,6 @@ async def test_a_redis_error_in_a_started_stream_ends_it_as_a_response() -> None
     assert sent == [b"retry: 2000\n\n"]  # wait 0: ended at the first failure
 
 
-
 class LoggedStore:
     """A job at seq 5 whose log has moved on to seq 7 since."""
 
