@@ -1,4 +1,4 @@
-"""A Python client for the v1 API (httpx + httpx-sse), and ``pushsvc submit``.
+"""A Python client for the v1 API (httpx + httpx-sse).
 
 ``Client.follow()`` streams one job's events: it resumes with ``Last-Event-ID`` after
 a dropped connection (an API restart loses nothing), polls ``GET /v1/jobs/{id}`` when
@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import random
-import sys
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from typing import Any
 
 import httpx
 from httpx_sse import SSEError, aconnect_sse
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
 from .epoch import StreamPosition
 from .errors import (
@@ -83,29 +80,61 @@ def api_error(resp: httpx.Response) -> ApiError:
     return err
 
 
+# What an event carries besides the job's own fields: never part of the job.
+_TRANSPORT = ("job_id", "ts", "reset", "polled")
+# A new attempt starts afresh: the fields the worker resets as it starts one.
+_FRESH_ATTEMPT = {"progress": 0.0, "stage": None, "message": None, "output": "", "eta_s": None}
+
+
 def apply_event(job: dict[str, Any], kind: str, data: dict[str, Any]) -> dict[str, Any]:
-    """The job after one event, changed as the server's snapshot changes with it."""
-    fields = {k: v for k, v in data.items() if k not in ("job_id", "ts", "reset")}
+    """The job after one event, changed as the server's snapshot changes with it.
+
+    The rules are the contract's ("To keep a job's state from a stream"), and
+    ``tests/golden/events.json`` holds their cases: ``web/pushsvc.js``'s ``applyEvent``
+    passes the same ones. No event carries ``started_at`` or ``finished_at``: the server
+    stamps them as it publishes a new attempt's ``running`` and a final event, so they
+    are taken from that event's ``ts``.
+    """
+    fields = {k: v for k, v in data.items() if k not in _TRANSPORT}
     if kind == "snapshot":
         return {**fields, "id": data["job_id"]}
     after = {**job, "id": data["job_id"], "seq": data["seq"]}
     if kind == "status":
-        # A new attempt starts afresh: the worker resets these with its `running` event.
-        if fields.get("status") == "running" and job.get("status") != "running":
-            if not fields.get("cancel_requested"):
-                after.update(progress=0.0, stage=None, message=None, output="", eta_s=None)
+        if _starts_attempt(job, fields):
+            after.update(_FRESH_ATTEMPT, started_at=data.get("ts"))
+            after.pop("retry_in_s", None)  # the wait it announced is over
         after.update(fields)
     elif kind == "progress":
         after.update({k: data.get(k) for k in PROGRESS_FIELDS})
     elif kind == "output":
         after["output"] = (job.get("output") or "") + data["delta"]
-    elif kind == "completed":
-        after.update(status=kind, result=data.get("result"), progress=100.0, eta_s=0.0)
-    elif kind == "failed":
-        after.update(status=kind, error=data.get("error"), eta_s=None)
-    elif kind == "cancelled":
-        after.update(status=kind, eta_s=None)
+    elif kind in TERMINAL_KINDS:
+        ts = data.get("ts")
+        after.update(_final(kind, data), finished_at=job.get("finished_at") if ts is None else ts)
     return after
+
+
+def _starts_attempt(job: dict[str, Any], change: dict[str, Any]) -> bool:
+    """A ``running`` status for a job that was not running: not a cancel request."""
+    return (
+        change.get("status") == "running"
+        and job.get("status") != "running"
+        and not change.get("cancel_requested")
+    )
+
+
+def _final(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """What a final event sets. ``completed`` drops an earlier attempt's error; ``failed``
+    keeps the job's result unless it carries one (an end rebuilt from a snapshot does not)."""
+    if kind == "completed":
+        done = {"result": data.get("result"), "error": None, "progress": 100.0, "eta_s": 0.0}
+        return {"status": kind, **done}
+    if kind == "failed":
+        failed = {"status": kind, "error": data.get("error"), "eta_s": None}
+        if "result" in data:
+            failed["result"] = data["result"]
+        return failed
+    return {"status": kind, "eta_s": None}
 
 
 def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Event]:
@@ -338,122 +367,3 @@ class Client:
                 return
             delay = self.poll_min if changed else min(delay * 2, self.poll_max)
             await asyncio.sleep(max(hint or 0.0, delay * random.uniform(0.75, 1.25)))
-
-
-# ---- pushsvc submit ----
-
-
-def submit_command(type_: str, payload: str, follow: bool, url: str, api_key: str | None) -> int:
-    """``pushsvc submit``: print the job id; with ``follow``, its progress and text.
-
-    Returns the exit code: 0 when the job was submitted (and, followed, completed).
-    """
-    err = Console(stderr=True)
-    try:
-        body = json.loads(payload)
-    except ValueError as exc:
-        err.print(f"[red]--payload is not JSON:[/] {exc}", highlight=False)
-        return 2
-    if not isinstance(body, dict):
-        err.print("[red]--payload must be a JSON object[/]")
-        return 2
-    try:
-        return asyncio.run(_submit(type_, body, follow, url, api_key))
-    except KeyboardInterrupt:
-        err.print("stopped following; the job goes on")
-        return 130
-
-
-async def _submit(
-    type_: str, payload: dict[str, Any], follow: bool, url: str, api_key: str | None
-) -> int:
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
-    async with Client(url, api_key) as client:
-        try:
-            job = await client.submit(type_, payload)
-            print(job["id"], flush=True)  # plain: `id=$(pushsvc submit ...)` works
-            if not follow:
-                return 0
-            status = await _follow(client, job, out)
-        except ApiError as exc:
-            err.print(f"[red]error:[/] {exc.message} ({exc.code})")
-            if exc.details:
-                err.print(json.dumps(exc.details, indent=2), markup=False)
-            return 1
-        except (httpx.HTTPError, ConnectionError) as exc:
-            err.print(f"[red]cannot reach {url}:[/] {exc}")
-            return 1
-    return 0 if status == "completed" else 1
-
-
-class _TextPane:
-    """Writes streamed text as it arrives, once: the first text ends the progress bar's
-    live display (a bar redrawn below half-written lines would break them), and the
-    terminal wraps it."""
-
-    def __init__(self, bar: Progress, console: Console) -> None:
-        self.bar, self.console = bar, console
-        self.text = ""  # everything written
-
-    @property
-    def started(self) -> bool:
-        return bool(self.text)
-
-    def show(self, output: str) -> None:
-        if not output.startswith(self.text):  # a new attempt starts its text again
-            self._write("\n")
-            self.console.rule("output restarted", style="dim")
-            self.text = ""
-        if len(output) > len(self.text):
-            if not self.text:
-                self.bar.stop()
-            self._write(output[len(self.text) :])
-            self.text = output
-
-    def end(self) -> None:
-        if self.text and not self.text.endswith("\n"):
-            self._write("\n")
-
-    def _write(self, text: str) -> None:
-        self.console.file.write(text)
-        self.console.file.flush()
-
-
-async def _follow(client: Client, job: dict[str, Any], out: Console) -> str:
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("[dim]{task.fields[note]}"),
-    )
-    status = job["status"]
-    with Progress(*columns, console=out) as bar:
-        task = bar.add_task(job["type"], total=100, note=status)
-        pane = _TextPane(bar, out)
-        async for event in client.follow(job["id"]):
-            state = apply_event(job, event.kind, event.data)
-            job, status = state, state["status"]
-            pane.show(job.get("output") or "")
-            eta = job.get("eta_s")
-            note = job.get("stage") or status
-            if status == "running" and eta:
-                note = f"{note} · {eta:.0f}s left"
-            bar.update(task, completed=job.get("progress") or 0, note=note)
-        pane.end()
-    _report_end(job, out)
-    return str(status)
-
-
-def _report_end(job: dict[str, Any], out: Console) -> None:
-    status = job["status"]
-    if status == "completed":
-        result = job.get("result")
-        if isinstance(result, dict) and result.get("text") and result["text"] == job.get("output"):
-            result = {**result, "text": "(above)"}  # the text was printed as it came, once
-        out.print(f"[green]completed[/] {json.dumps(result)}", highlight=False)
-    elif status == "failed":
-        error = job.get("error") or {}
-        out.print(f"[red]failed:[/] {error.get('message')} ({error.get('code')})")
-    else:
-        out.print(f"[yellow]{status}[/]")
-    sys.stdout.flush()

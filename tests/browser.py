@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, Route, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -19,6 +19,9 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 WIDE = {"width": 1280, "height": 860}
+WEB = Path(__file__).resolve().parent.parent / "web"
+ORIGIN = "http://pages.test"  # made up: the page's routes answer for it
+TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 
 
 @pytest.fixture(scope="module")
@@ -42,3 +45,25 @@ def page(browser: Browser) -> Iterator[Page]:
     yield page
     context.close()
     assert not errors, errors
+
+
+def serve_web(page: Page, answers: dict[str, Callable[[Route], None]] | None = None) -> str:
+    """Open a blank page on a made-up origin whose ``/static/`` is ``web/``, so pushsvc.js
+    runs without a server; ``answers`` maps other paths to handlers (a fake API)."""
+    answers = answers or {}
+
+    def serve(route: Route) -> None:
+        path = route.request.url.removeprefix(ORIGIN).split("?")[0]
+        if path in answers:
+            answers[path](route)
+        elif path.startswith("/static/") and (WEB / path.removeprefix("/static/")).is_file():
+            file = WEB / path.removeprefix("/static/")
+            route.fulfill(body=file.read_text(), content_type=TYPES.get(file.suffix, "text/plain"))
+        elif path == "/":
+            route.fulfill(body="<!doctype html><title>pages</title>", content_type="text/html")
+        else:
+            route.fulfill(status=404, body="{}", content_type="application/json")
+
+    page.route(f"{ORIGIN}/**", serve)
+    page.goto(f"{ORIGIN}/")
+    return ORIGIN

@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from pushsvc.client import Client, Event, submit_command
+from pushsvc.client import Client, Event
 from pushsvc.errors import NotFound
+from pushsvc.tools.submit import submit_command
 
 from . import conftest
 from .procs import ROOT, Api

@@ -8,9 +8,10 @@ finishes before a page could reload); API and worker load it via PUSHSVC_JOB_MOD
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from starlette.testclient import TestClient
 from pushsvc.jobs import JobContext, job_type
 from pushsvc.web import make_routes, web_dir
 
+from .browser import serve_web
 from .conftest import stack_env
 from .procs import ROOT, Api, Proc, RedisServer
 
@@ -680,3 +682,62 @@ def test_a_wrong_api_key_is_reported_not_retried_forever(stack: dict[str, Any], 
     )
     assert got == [401, "invalid_credentials"]
     httpx.delete(f"{api.url}/v1/jobs/{job['id']}", headers={"Authorization": "Bearer key-c"})
+
+
+# ---- pushsvc.js's handlers, against a fake API (the page's routes) ----
+
+FINAL_DATA = {
+    "completed": {"result": {"ok": True}, "error": None},
+    "failed": {"error": {"code": "boom", "message": "it broke", "retryable": False}},
+    "cancelled": {},
+}
+
+
+def job_stream(final: str) -> str:
+    """A job's whole stream, as the API sends it for a job that just ended."""
+    snapshot = {"job_id": final, "seq": 1, "ts": 1.0, "id": final, "type": "ticker"}
+    snapshot |= {"status": "running", "progress": 50.0, "output": "", "attempt": 1}
+    end = {"job_id": final, "seq": 2, "ts": 2.0, **FINAL_DATA[final]}
+    return (
+        "retry: 2000\n\n"
+        f"id: 1.e\nevent: snapshot\ndata: {json.dumps(snapshot)}\n\n"
+        f"id: 2.e\nevent: {final}\ndata: {json.dumps(end)}\n\n"
+    )
+
+
+def test_done_follows_every_final_event(page: Page) -> None:
+    """Bug: pushsvc.js called ``done`` for ``completed`` only (it was that kind's handler),
+    so a page that waited on ``done`` waited forever for a failed or cancelled job."""
+
+    def stream(final: str) -> Callable[[Route], None]:
+        return lambda route: route.fulfill(body=job_stream(final), content_type="text/event-stream")
+
+    serve_web(page, {f"/v1/jobs/{final}/events": stream(final) for final in FINAL_DATA})
+    calls = page.evaluate(
+        """async (finals) => {
+          const lib = await import("/static/pushsvc.js");
+          const calls = {};
+          for (const final of finals) {
+            calls[final] = await new Promise((resolve) => {
+              const seen = [];
+              const handlers = {};
+              for (const name of ["snapshot", "completed", "failed", "cancelled", "done"]) {
+                handlers[name] = (job, ev) => {
+                  seen.push([name, ev.kind, job.status]);
+                  if (name === "done") resolve(seen);
+                };
+              }
+              lib.watchJob(final, handlers,
+                           {storageKey: false, eventsUrl: `/v1/jobs/${final}/events`});
+            });
+          }
+          return calls;
+        }""",
+        list(FINAL_DATA),
+    )
+    for final in FINAL_DATA:
+        assert calls[final] == [
+            ["snapshot", "snapshot", "running"],
+            [final, final, final],  # the kind's own handler first
+            ["done", final, final],
+        ], calls

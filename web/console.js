@@ -2,6 +2,17 @@
 // All live updates come through pushsvc.js (one multiplexed stream, or polling).
 
 import {
+  $,
+  askForKey,
+  bindKeyPanel,
+  clock,
+  load,
+  save,
+  seconds,
+  showMode,
+  storedKey,
+} from "./page.js";
+import {
   createClient,
   forgetJob,
   isTerminal,
@@ -9,7 +20,6 @@ import {
   rememberedJobs,
   watchJobs,
 } from "./pushsvc.js";
-import { askForKey, bindKeyPanel, storedKey } from "./keypanel.js";
 
 const CARDS_STORE = "pushsvc.console.cards"; // ids of the cards shown, newest first
 const TYPE_STORE = "pushsvc.console.type"; // the job type last submitted
@@ -17,8 +27,22 @@ const MAX_CARDS = 50;
 const MAX_TOASTS = 3;
 const RECOVER_MS = [1000, 2000, 4000]; // while unreachable, ask again after these (then 4 s)
 
-const $ = (id) => document.getElementById(id);
-const cards = new Map(); // job id -> card state
+/**
+ * A job's card and what the page knows of it.
+ * @typedef {object} Card
+ * @property {string} id
+ * @property {HTMLElement} node
+ * @property {HTMLElement} bar
+ * @property {HTMLElement} progress
+ * @property {HTMLElement} output
+ * @property {number} outLen the length of the text shown
+ * @property {boolean} sawActive the page saw it active: its end gets a toast
+ * @property {boolean} polled the last update came from a poll
+ * @property {import("./pushsvc.js").Job | null} job
+ */
+
+/** @type {Map<string, Card>} job id -> card */
+const cards = new Map();
 let client = createClient({ apiKey: storedKey() });
 let watcher = null;
 let types = [];
@@ -26,22 +50,12 @@ let link = "connecting"; // the pill's mode; cards say "unreachable" while it is
 
 // ---- small helpers ----
 
-function load(key, fallback) {
-  try {
-    return JSON.parse(localStorage.getItem(key)) ?? fallback;
-  } catch {
-    return fallback;
-  }
-}
-
-function save(key, value) {
-  try {
-    localStorage.setItem(key, JSON.stringify(value));
-  } catch {
-    // storage disabled: the page still works, it just forgets on reload
-  }
-}
-
+/**
+ * @param {string} tag
+ * @param {object} [props] properties, or attributes where no property is
+ * @param {...(Node | string)} children
+ * @returns {HTMLElement}
+ */
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
   for (const [key, value] of Object.entries(props)) {
@@ -53,6 +67,11 @@ function el(tag, props = {}, ...children) {
   return node;
 }
 
+/**
+ * A field's label from its name: "interval_ms" is "Interval (ms)".
+ * @param {string} name
+ * @returns {string}
+ */
 function humanize(name) {
   const unit = name.match(/_(ms|s)$/);
   const words = name.replace(/_(ms|s)$/, "").replace(/_/g, " ");
@@ -60,10 +79,18 @@ function humanize(name) {
   return unit ? `${label} (${unit[1]})` : label;
 }
 
+/**
+ * @param {string} id
+ * @returns {string}
+ */
 function shortId(id) {
   return id.slice(0, 8);
 }
 
+/**
+ * @param {number | null | undefined} seconds
+ * @returns {string}
+ */
 function formatEta(seconds) {
   if (seconds === null || seconds === undefined) return "";
   if (seconds < 1) return "almost done";
@@ -72,35 +99,23 @@ function formatEta(seconds) {
   return `about ${minutes} min left`;
 }
 
-function formatTime(epoch) {
-  return epoch ? new Date(epoch * 1000).toLocaleTimeString([], { hour12: false }) : "";
-}
-
-function formatDuration(seconds) {
-  if (seconds < 60) return `${seconds.toFixed(1)} s`;
-  return `${Math.floor(seconds / 60)} min ${Math.round(seconds % 60)} s`;
-}
-
 // ---- connection state and API key ----
 
-const MODE_LABELS = {
-  connecting: "Connecting…",
-  ready: "Ready",
-  stream: "Live: streaming",
-  polling: "Polling (streaming unavailable)",
-  unreachable: "Server unreachable, retrying…",
-  offline: "Not connected",
-};
-
-function showMode(mode) {
+/**
+ * The pill says how the page reaches the server; each card, how its news arrives.
+ * @param {string} mode
+ */
+function showLink(mode) {
   link = mode;
-  document.body.dataset.mode = mode;
-  $("conn").dataset.mode = mode;
-  $("conn-label").textContent = MODE_LABELS[mode] || mode;
+  showMode(mode);
   for (const card of cards.values()) showVia(card);
 }
 
-/** What went wrong, in words a person can act on (the server's own words where useful). */
+/**
+ * What went wrong, in words a person can act on (the server's own words where useful).
+ * @param {Error} err
+ * @returns {string}
+ */
 function humanError(err) {
   if (isUnreachable(err)) {
     return "Cannot reach the server: it may be restarting, or the network is down. " +
@@ -117,12 +132,12 @@ function humanError(err) {
   return err.message || String(err);
 }
 
-// While nothing answers (and no watcher is polling): ask now and then, say when it is back.
-let recovering = null;
+let recovering = null; // the timer of recover()'s next question, while it asks
 
+/** While nothing answers (and no watcher is polling): ask now and then, say when it is back. */
 function recover() {
   if (recovering !== null) return;
-  showMode("unreachable");
+  showLink("unreachable");
   let attempt = 0;
   const tick = async () => {
     try {
@@ -144,11 +159,12 @@ function recover() {
 function recovered() {
   clearTimeout(recovering);
   recovering = null;
-  if (link === "unreachable") showMode(watcher?.mode || "ready");
+  if (link === "unreachable") showLink(watcher?.mode || "ready");
 }
 
+/** @param {string} message why a key is needed */
 function needKey(message) {
-  showMode("offline");
+  showLink("offline");
   askForKey(message);
 }
 
@@ -159,6 +175,11 @@ bindKeyPanel((key) => {
 
 // ---- the form, built from the job types' JSON Schemas ----
 
+/**
+ * @param {object} schema a property's schema
+ * @param {object} root the payload's schema ($defs)
+ * @returns {{prop: object, nullable: boolean}}
+ */
 function resolve(schema, root) {
   // Pydantic writes optional fields as anyOf [X, null] and enums as $ref into $defs.
   let prop = schema;
@@ -172,6 +193,10 @@ function resolve(schema, root) {
   return { prop, nullable };
 }
 
+/**
+ * @param {object} prop
+ * @returns {string[]} its limits, in words
+ */
 function constraintsOf(prop) {
   const parts = [];
   const min = prop.minimum ?? prop.exclusiveMinimum;
@@ -183,6 +208,12 @@ function constraintsOf(prop) {
   return parts;
 }
 
+/**
+ * @param {string} name
+ * @param {object} prop its schema
+ * @param {boolean} required
+ * @returns {{input: HTMLElement, read: () => *, inline?: boolean}}
+ */
 function inputFor(name, prop, required) {
   const id = `f-${name}`;
   const common = { id, name, required };
@@ -236,6 +267,10 @@ function inputFor(name, prop, required) {
 
 let readers = [];
 
+/**
+ * The payload's fields for a job type (from GET /v1/job-types).
+ * @param {object | undefined} type
+ */
 function buildFields(type) {
   const box = $("fields");
   box.querySelectorAll(".field, .more").forEach((node) => node.remove());
@@ -275,7 +310,10 @@ function buildFields(type) {
 // it only in its message: "'prompt' is a required property".
 const REQUIRED = /^(['"])(.+)\1 is a required property$/;
 
-/** The form field a 422 detail ({loc, msg, type}) is about, if it is one of ours. */
+/**
+ * The form field a 422 detail ({loc, msg, type}) is about, if it is one of ours.
+ * @param {{loc?: Array<string | number>, msg?: string, type?: string}} detail
+ */
 function fieldOf(detail) {
   const loc = Array.isArray(detail.loc) ? detail.loc : [];
   if (loc[0] !== "payload") return null;
@@ -284,7 +322,11 @@ function fieldOf(detail) {
   return readers.find((r) => r.name === name) || null;
 }
 
-/** Mark the fields the server named; returns the details no field took. */
+/**
+ * Mark the fields the server named; returns the details no field took.
+ * @param {unknown} details a 422's details
+ * @returns {{marked: boolean, left: string[]}}
+ */
 function showFieldErrors(details) {
   const left = [];
   let first = null;
@@ -313,6 +355,7 @@ function clearFieldErrors() {
   }
 }
 
+/** @param {Error} err what submitting threw */
 function showSubmitError(err) {
   if (err.status === 401) {
     needKey("This server needs an API key.");
@@ -330,11 +373,16 @@ function showSubmitError(err) {
   if (isUnreachable(err)) recover();
 }
 
+/** @param {string} message ("": none) */
 function formError(message) {
   $("form-error").textContent = message || "";
   $("form-error").hidden = !message;
 }
 
+/**
+ * Fill the job type select; false when the types could not be loaded.
+ * @returns {Promise<boolean>}
+ */
 async function loadTypes() {
   const select = $("job-type");
   try {
@@ -363,6 +411,11 @@ $("job-type").addEventListener("change", (event) => {
 // request again cannot make a second job if the first one did arrive.
 let unanswered = null; // {body, key}
 
+/**
+ * The last unanswered submission's key when the same body is sent again, else a new one.
+ * @param {string} body
+ * @returns {string}
+ */
 function idempotencyKey(body) {
   if (unanswered?.body === body) return unanswered.key;
   const bytes = crypto.getRandomValues(new Uint8Array(16));
@@ -415,6 +468,11 @@ function saveCards() {
   save(CARDS_STORE, [...cards.keys()].reverse().slice(0, MAX_CARDS));
 }
 
+/**
+ * @param {string} id
+ * @param {{fresh?: boolean}} [options] fresh: the job is known to be active
+ * @returns {Card}
+ */
 function addCard(id, { fresh = false } = {}) {
   if (cards.has(id)) return cards.get(id);
   const node = $("card-template").content.firstElementChild.cloneNode(true);
@@ -448,6 +506,11 @@ function updateEmpty() {
   $("clear-finished").hidden = !finished;
 }
 
+/**
+ * @param {Card} card
+ * @param {import("./pushsvc.js").Job} job
+ * @param {import("./pushsvc.js").Event} event
+ */
 function renderOutput(card, job, event) {
   const text = job.output || "";
   const pre = card.output;
@@ -462,6 +525,10 @@ function renderOutput(card, job, event) {
   if (follow) pre.scrollTop = pre.scrollHeight;
 }
 
+/**
+ * @param {import("./pushsvc.js").Job} job
+ * @returns {string}
+ */
 function outcomeText(job) {
   if (job.status === "completed") {
     const result = job.result === null || job.result === undefined ? "" : JSON.stringify(job.result);
@@ -478,6 +545,11 @@ function outcomeText(job) {
   return "";
 }
 
+/**
+ * @param {Card} card
+ * @param {import("./pushsvc.js").Job} job
+ * @param {import("./pushsvc.js").Event} event
+ */
 function render(card, job, event) {
   card.job = job;
   const { node } = card;
@@ -504,9 +576,9 @@ function render(card, job, event) {
   node.querySelector(".stage").textContent = stage || (job.status === "queued" ? "waiting…" : "");
   node.querySelector(".eta").textContent = job.status === "running" ? formatEta(job.eta_s) : "";
   const meta = [`attempt ${job.attempt ?? 1} of ${job.max_attempts ?? 1}`];
-  if (job.created_at) meta.push(`submitted ${formatTime(job.created_at)}`);
+  if (job.created_at) meta.push(`submitted ${clock(job.created_at)}`);
   if (job.finished_at && job.started_at) {
-    meta.push(`ran ${formatDuration(job.finished_at - job.started_at)}`);
+    meta.push(`ran ${seconds(job.finished_at - job.started_at)}`);
   }
   node.querySelector(".meta").textContent = meta.join(" · ");
   renderOutput(card, job, event);
@@ -530,7 +602,10 @@ const VIA_TEXT = {
   unreachable: "server unreachable, retrying",
 };
 
-/** How the card's news arrives: live, by polling, or not at all while the server is away. */
+/**
+ * How the card's news arrives: live, by polling, or not at all while the server is away.
+ * @param {Card} card
+ */
 function showVia(card) {
   if (!card.job) return;
   const ended = isTerminal(card.job.status);
@@ -544,7 +619,10 @@ function showVia(card) {
   node.textContent = VIA_TEXT[via];
 }
 
-/** Bring a new card into view when it is not (on a phone the list is below the form). */
+/**
+ * Bring a new card into view when it is not (on a phone the list is below the form).
+ * @param {HTMLElement} node
+ */
 function reveal(node) {
   const box = node.getBoundingClientRect();
   if (box.top >= 0 && box.bottom <= window.innerHeight) return;
@@ -552,13 +630,22 @@ function reveal(node) {
   node.scrollIntoView({ block: "nearest", behavior: still ? "auto" : "smooth" });
 }
 
-/** Say on the card itself that an action failed (a toast is gone in seconds). */
+/**
+ * Say on the card itself that an action failed (a toast is gone in seconds).
+ * @param {Card} card
+ * @param {string} text ("": none)
+ */
 function cardError(card, text) {
   const note = card.node.querySelector(".card-error");
   note.textContent = text || "";
   note.hidden = !text;
 }
 
+/**
+ * Every job event of the watcher: render its card, toast its end.
+ * @param {import("./pushsvc.js").Job} job
+ * @param {import("./pushsvc.js").Event} event
+ */
 function onEvent(job, event) {
   const card = cards.get(job.id) || addCard(job.id);
   // A refused retry or cancel stays said until the job ends again (or the next click).
@@ -570,6 +657,7 @@ function onEvent(job, event) {
   }
 }
 
+/** @param {Card} card */
 async function cancel(card) {
   const button = card.node.querySelector(".cancel");
   button.disabled = true;
@@ -588,6 +676,7 @@ async function cancel(card) {
   }
 }
 
+/** @param {Card} card */
 async function retry(card) {
   const button = card.node.querySelector(".retry");
   button.disabled = true;
@@ -611,6 +700,7 @@ async function retry(card) {
   }
 }
 
+/** @param {Card} card */
 function dismiss(card) {
   const list = [...cards.keys()];
   const next = list[list.indexOf(card.id) - 1] || list[list.indexOf(card.id) + 1];
@@ -639,12 +729,17 @@ $("clear-finished").addEventListener("click", () => {
 
 // ---- toasts ----
 
+/** @param {import("./pushsvc.js").Job} job a job that just ended */
 function toast(job) {
   const words = { completed: "completed", failed: "failed", cancelled: "was cancelled" };
   const detail = job.status === "failed" && job.error ? `: ${job.error.message}` : "";
   toastText(`${job.type} ${shortId(job.id)} ${words[job.status]}${detail}`, job.status);
 }
 
+/**
+ * @param {string} text
+ * @param {string} status its tone
+ */
 function toastText(text, status) {
   const close = el("button", { type: "button", className: "toast-close", ariaLabel: "Dismiss" },
     "×");
@@ -668,16 +763,15 @@ new ResizeObserver(() => {
 
 // ---- start ----
 
+/** @returns {import("./pushsvc.js").Handlers} */
 function handlers() {
   return {
     snapshot: onEvent,
     status: onEvent,
     progress: onEvent,
     output: onEvent,
-    done: onEvent,
-    failed: onEvent,
-    cancelled: onEvent,
-    mode: (mode) => showMode(mode),
+    done: onEvent, // every final event: completed, failed or cancelled
+    mode: (mode) => showLink(mode),
     error: (err, id) => {
       if (err.status === 401) needKey("The API key was refused.");
       else if (err.status === 404 && id && cards.has(id)) {
@@ -693,9 +787,10 @@ function handlers() {
   };
 }
 
+/** Load the types, show the remembered cards, and watch the jobs still active. */
 async function start() {
   watcher?.close();
-  showMode("connecting");
+  showLink("connecting");
   if (!(await loadTypes())) return;
   const active = rememberedJobs();
   const shown = load(CARDS_STORE, []).filter((id) => typeof id === "string");
@@ -717,7 +812,7 @@ async function start() {
       },
     );
   }
-  if (active.length === 0) showMode("ready");
+  if (active.length === 0) showLink("ready");
 }
 
 start();

@@ -1,53 +1,77 @@
 // The live dashboard: the stats document pushed over SSE (GET /v1/stats/events), polling
-// GET /v1/stats only while that stream fails; the tenant's recent jobs through pushsvc.js.
+// GET /v1/stats only while that stream fails (pushsvc.js's Feed, as for jobs); the
+// tenant's recent jobs through pushsvc.js's watchJobs.
 
-import { askForKey, bindKeyPanel, storedKey } from "./keypanel.js";
-import { ApiError, createClient, isUnreachable, watchJobs } from "./pushsvc.js";
+import {
+  $,
+  askForKey,
+  bindKeyPanel,
+  clock,
+  seconds,
+  setText,
+  showMode,
+  storedKey,
+} from "./page.js";
+import { Feed, createClient, watchJobs } from "./pushsvc.js";
 
 const RECENT = 20; // rows in "Your recent jobs"
-const POLL_MS = 4000; // GET /v1/stats this often while the stream is down
-const POLL_MAX_MS = 30000;
-const UNREACHABLE_POLL_MAX_MS = 4000; // while nothing answers, notice its return quickly
-const STREAM_RETRY_MS = 30000; // while polling, try the stream again this often
-const FIRST_EVENT_MS = 10000; // a stream that sends nothing this long is buffered
-const MAX_STREAM_ERRORS = 3; // consecutive reconnects before polling
 const HISTORY = 40; // samples kept for the sparklines
-
-const $ = (id) => document.getElementById(id);
+/** The stats feed's pace: a new document comes every few seconds anyway. */
+const STATS_FEED = Object.freeze({
+  pollMinMs: 4000, // GET /v1/stats this often while the stream is down
+  pollMaxMs: 30000,
+  unreachablePollMaxMs: 4000, // while nothing answers, notice its return quickly
+  streamRetryMinMs: 30000, // while polling, try the stream again this often
+  streamRetryMs: 30000,
+  firstEventTimeoutMs: 10000, // a stream that sends nothing this long is buffered
+  maxStreamErrors: 3, // consecutive reconnects before polling
+});
 
 // ---- formatting ----
 
+/**
+ * @param {number | null | undefined} n
+ * @returns {string}
+ */
 function count(n) {
   return n === null || n === undefined ? "–" : Number(n).toLocaleString("en");
 }
 
+/**
+ * @param {number | null | undefined} x a fraction
+ * @param {number} [digits]
+ * @returns {string}
+ */
 function percent(x, digits = 1) {
   if (x === null || x === undefined) return "–";
   const pct = x * 100;
   return `${pct === 100 || pct === 0 ? pct.toFixed(0) : pct.toFixed(digits)}%`;
 }
 
-function seconds(s) {
-  if (s === null || s === undefined) return "–";
-  if (s < 1) return `${Math.round(s * 1000)} ms`;
-  if (s < 10) return `${s.toFixed(2)} s`;
-  if (s < 60) return `${s.toFixed(1)} s`;
-  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
-  return `${Math.floor(s / 3600)} h ${Math.round((s % 3600) / 60)} min`;
-}
-
+/**
+ * How long something has waited: whole seconds, so it does not flicker.
+ * @param {number | null | undefined} s
+ * @returns {string}
+ */
 function age(s) {
-  // How long something has waited: whole seconds, so it does not flicker.
   if (s === null || s === undefined) return "–";
   if (s < 1) return "< 1 s";
   return s < 60 ? `${Math.floor(s)} s` : seconds(Math.floor(s));
 }
 
+/**
+ * A threshold or window: "30 s", "5 min".
+ * @param {number} s
+ * @returns {string}
+ */
 function span(s) {
-  // A threshold or window: "30 s", "5 min".
   return s % 60 === 0 && s >= 60 ? `${s / 60} min` : `${s} s`;
 }
 
+/**
+ * @param {number | null | undefined} perS
+ * @returns {string}
+ */
 function rate(perS) {
   if (perS === null || perS === undefined) return "–";
   if (perS === 0) return "0";
@@ -55,34 +79,18 @@ function rate(perS) {
   return String(Number(perS.toPrecision(2)));
 }
 
-function clock(epoch) {
-  return epoch ? new Date(epoch * 1000).toLocaleTimeString([], { hour12: false }) : "";
-}
-
+/**
+ * @param {number} n
+ * @param {string} word
+ * @returns {string}
+ */
 function plural(n, word) {
   return `${n} ${word}${n === 1 ? "" : "s"}`;
 }
 
-function setText(node, text) {
-  if (node.textContent !== text) node.textContent = text; // no churn for screen readers
-}
+// ---- API key ----
 
-// ---- connection state and API key (as in the console) ----
-
-const MODE_LABELS = {
-  connecting: "Connecting…",
-  stream: "Live: streaming",
-  polling: "Polling (streaming unavailable)",
-  unreachable: "Server unreachable, retrying…",
-  offline: "Not connected",
-};
-
-function showMode(mode) {
-  document.body.dataset.mode = mode;
-  $("conn").dataset.mode = mode;
-  setText($("conn-label"), MODE_LABELS[mode] || mode);
-}
-
+/** @param {string} message why a key is needed */
 function needKey(message) {
   stop();
   showMode("offline");
@@ -94,190 +102,57 @@ bindKeyPanel((key) => start(key));
 
 // ---- the stats feed: one EventSource, GET /v1/stats only while it fails ----
 
-class StatsFeed {
-  constructor(client, { stats, mode, error }) {
-    this.client = client;
-    this.h = { stats, mode, error };
-    this.es = null;
-    this.mode = null;
-    this.errors = 0;
-    this.got = false; // the current stream has sent a frame
-    this.opened = false; // the current stream has opened
-    this.refreshed = false; // a fresh token was tried after the stream closed
-    this.generation = 0;
-    this.timers = { first: null, poll: null, retry: null };
-    this.pollMs = POLL_MS;
-    this.closed = false;
-  }
-
-  start() {
-    if (typeof EventSource === "undefined") this.fallBack();
-    else this.open();
-    return this;
-  }
-
-  close() {
-    this.closed = true;
-    this.drop();
-    for (const name of Object.keys(this.timers)) this.clear(name);
-  }
-
-  setMode(mode) {
-    if (this.mode === mode) return;
-    this.mode = mode;
-    this.h.mode(mode);
-  }
-
-  clear(name) {
-    clearTimeout(this.timers[name]);
-    this.timers[name] = null;
-  }
-
-  later(name, fn, ms) {
-    this.clear(name);
-    this.timers[name] = setTimeout(() => {
-      this.timers[name] = null;
-      if (!this.closed) fn();
-    }, ms);
-  }
-
-  async open() {
-    const generation = ++this.generation;
-    let url = "/v1/stats/events";
-    if (this.client.apiKey) {
+/**
+ * The stats document as a source of pushsvc.js's Feed.
+ * @param {(doc: object) => void} onStats
+ * @returns {import("./pushsvc.js").Source}
+ */
+function statsSource(onStats) {
+  return {
+    kinds: ["stats"],
+    resumes: false,
+    diagnoses: false, // the stream is asked once; the next poll says what is wrong
+    closesWhenFinished: false,
+    finished: () => false,
+    expectsEvent: () => true, // a document comes at once
+    probePath: () => null,
+    renew: () => {}, // every stream URL brings a fresh token
+    /**
+     * @param {string | null} _lastId stats frames are not resumed
+     * @param {import("./pushsvc.js").Requests} requests
+     */
+    async streamUrl(_lastId, requests) {
+      if (!requests.apiKey) return requests.url("/v1/stats/events");
       // EventSource sends no headers: a tenant-scoped stream token instead.
-      try {
-        const { token } = await this.client.streamToken();
-        url += `?token=${encodeURIComponent(token)}`;
-      } catch (err) {
-        if (!this.closed && generation === this.generation) this.onFailure(err);
-        return;
-      }
-    }
-    if (this.closed || generation !== this.generation) return;
-    const es = new EventSource(url);
-    this.es = es;
-    this.got = false;
-    this.opened = false;
-    es.onopen = () => {
-      if (es === this.es) this.opened = true;
-    };
-    es.addEventListener("stats", (message) => this.onMessage(es, message));
-    es.onerror = () => this.onError(es);
-    this.later("first", () => {
-      if (es === this.es && !this.got) this.fallBack();
-    }, FIRST_EVENT_MS);
-  }
-
-  drop() {
-    this.generation += 1;
-    this.clear("first");
-    if (this.es) {
-      this.es.close();
-      this.es = null;
-    }
-  }
-
-  onMessage(es, message) {
-    if (es !== this.es || this.closed) return;
-    let doc;
-    try {
-      doc = JSON.parse(message.data);
-    } catch {
-      return;
-    }
-    this.got = true;
-    this.errors = 0;
-    this.refreshed = false;
-    this.clear("first");
-    if (this.mode !== "stream") {
-      this.clear("poll");
-      this.clear("retry");
-      this.pollMs = POLL_MS;
-      this.setMode("stream");
-    }
-    this.h.stats(doc);
-  }
-
-  onError(es) {
-    if (es !== this.es || this.closed) return;
-    if (es.readyState === EventSource.CONNECTING) {
-      // The browser reconnects by itself; a few failures in a row and we poll. A stream
-      // that never opened polls at once (the browser's retries take seconds each).
-      this.errors += this.opened ? 1 : MAX_STREAM_ERRORS;
-      if (this.errors >= MAX_STREAM_ERRORS) this.fallBack();
-      return;
-    }
-    // Closed for good: refused (an expired token, 503...). A stream that worked gets
-    // one fresh token; anything else polls, and the poll's answer says what is wrong.
-    const worked = this.got;
-    this.drop();
-    if (worked && !this.refreshed) {
-      this.refreshed = true;
-      this.open();
-    } else {
-      this.fallBack();
-    }
-  }
-
-  onFailure(err) {
-    if (err instanceof ApiError && err.status === 401) this.h.error(err);
-    else this.fallBack();
-  }
-
-  fallBack() {
-    if (this.closed) return;
-    this.drop();
-    if (!["polling", "offline", "unreachable"].includes(this.mode)) {
-      this.setMode("polling");
-      this.poll();
-    }
-    if (this.timers.retry === null) this.later("retry", () => this.retry(), STREAM_RETRY_MS);
-  }
-
-  retry() {
-    if (this.mode === "stream") return;
-    if (!this.es) {
-      this.errors = 0;
-      this.refreshed = false;
-      this.open();
-    }
-    this.later("retry", () => this.retry(), STREAM_RETRY_MS);
-  }
-
-  async poll() {
-    if (this.closed || this.mode === "stream") return;
-    try {
-      const doc = await this.client.call("/v1/stats");
-      if (this.closed || this.mode === "stream") return;
-      const back = this.mode === "unreachable";
-      this.pollMs = POLL_MS;
-      this.setMode("polling");
-      this.h.stats(doc);
-      if (back) this.retry(); // the server is back: its stream may be too
-    } catch (err) {
-      if (this.closed) return;
-      if (err instanceof ApiError && err.status === 401) {
-        this.h.error(err);
-        return;
-      }
-      const away = isUnreachable(err);
-      this.pollMs = Math.min(this.pollMs * 2, away ? UNREACHABLE_POLL_MAX_MS : POLL_MAX_MS);
-      this.setMode(away ? "unreachable" : "offline");
-    }
-    this.later("poll", () => this.poll(), this.pollMs);
-  }
+      const { token } = await requests.json("/v1/stream-tokens", { method: "POST" });
+      return requests.url(`/v1/stats/events?token=${encodeURIComponent(token)}`);
+    },
+    take: (_kind, doc) => onStats(doc),
+    /** @param {import("./pushsvc.js").Requests} requests */
+    async poll(requests) {
+      onStats(await requests.json("/v1/stats"));
+      return { changed: true, hintS: null };
+    },
+  };
 }
 
 // ---- tiles ----
 
 const history = { queue_depth: [], running: [], throughput: [] };
 
+/** @param {string} metric a tile's data-metric */
 function tile(metric) {
   const node = document.querySelector(`.tile[data-metric="${metric}"]`);
   return { node, value: node.querySelector(".value"), sub: node.querySelector(".sub") };
 }
 
+/**
+ * @param {string} metric
+ * @param {string} value
+ * @param {string} unit shown small after the value ("": none)
+ * @param {string} sub the line under it
+ * @param {"" | "ok" | "warn" | "bad"} [state]
+ */
 function setTile(metric, value, unit, sub, state = "") {
   const t = tile(metric);
   const text = unit ? `${value} ${unit}` : value;
@@ -296,6 +171,11 @@ function setTile(metric, value, unit, sub, state = "") {
   else delete t.node.dataset.state;
 }
 
+/**
+ * Add a sample to the tile's sparkline.
+ * @param {string} metric
+ * @param {number | null} value
+ */
 function sparkline(metric, value) {
   const samples = history[metric];
   samples.push(value ?? 0);
@@ -325,6 +205,10 @@ function sparkline(metric, value) {
   svg.querySelector(".spark-area").setAttribute("d", `${line}L${HISTORY - 1},20L0,20Z`);
 }
 
+/**
+ * @param {object} doc the stats document
+ * @param {Set<string>} alerts the names of the alerts firing
+ */
 function renderTiles(doc, alerts) {
   const o = doc.overall;
   const windowText = span(doc.window_s);
@@ -404,6 +288,10 @@ const ALERTS = {
 const ORDER = ["workers_absent", "stuck_jobs", "failure_rate", "queue_depth"];
 const shownAlerts = new Map(); // name -> li
 
+/**
+ * @param {{name: string}} alert
+ * @returns {{title: string, severity: string, what: (a: object) => string, means: string}}
+ */
 function describe(alert) {
   const known = ALERTS[alert.name];
   if (known) return known;
@@ -415,6 +303,10 @@ function describe(alert) {
   };
 }
 
+/**
+ * @param {object} doc the stats document
+ * @returns {Set<string>} the names of the alerts firing
+ */
 function renderAlerts(doc) {
   const alerts = [...doc.alerts].sort((a, b) => {
     const rank = (n) => (ORDER.includes(n) ? ORDER.indexOf(n) : ORDER.length);
@@ -457,6 +349,7 @@ function renderAlerts(doc) {
 
 // ---- the table by job type ----
 
+/** @param {object} doc the stats document */
 function renderTypes(doc) {
   const body = $("types-body");
   const rows = Object.entries(doc.types || {});
@@ -496,6 +389,7 @@ function renderTypes(doc) {
   $("types").hidden = rows.length === 0;
 }
 
+/** @param {object} doc the stats document (GET /v1/stats) */
 function renderStats(doc) {
   const alerts = renderAlerts(doc);
   renderTiles(doc, alerts);
@@ -508,6 +402,10 @@ function renderStats(doc) {
 
 const rows = new Map(); // job id -> {node, job}
 
+/**
+ * @param {import("./pushsvc.js").Job} job
+ * @returns {{node: HTMLElement, job: import("./pushsvc.js").Job}}
+ */
 function addRow(job) {
   const node = $("recent-template").content.firstElementChild.cloneNode(true);
   node.dataset.jobId = job.id;
@@ -531,6 +429,7 @@ function addRow(job) {
   return row;
 }
 
+/** @param {import("./pushsvc.js").Job} job */
 function renderJob(job) {
   let row = rows.get(job.id);
   if (!row) {
@@ -564,18 +463,18 @@ function renderJob(job) {
   setText(node.querySelector(".when"), clock(job.created_at));
 }
 
+/** @param {import("./pushsvc.js").Job} job */
 function onJob(job) {
   renderJob(job);
 }
 
+/** @returns {import("./pushsvc.js").Handlers} */
 function jobHandlers() {
   return {
     snapshot: onJob,
     status: onJob,
     progress: onJob,
-    done: onJob,
-    failed: onJob,
-    cancelled: onJob,
+    done: onJob, // every final event: completed, failed or cancelled
     mode: (mode) => {
       const words = { stream: "live", unreachable: "server unreachable, retrying" };
       setText($("recent-note"), words[mode] || "polling");
@@ -589,6 +488,10 @@ function jobHandlers() {
 
 // ---- tables wider than the screen scroll sideways, and say so ----
 
+/**
+ * @param {HTMLElement} wrap the scrolling box
+ * @param {HTMLElement} cue shown while there is more to its right
+ */
 function cueOverflow(wrap, cue) {
   const update = () => {
     const more = wrap.scrollWidth - wrap.clientWidth - wrap.scrollLeft > 1;
@@ -607,21 +510,24 @@ cueOverflow($("recent").parentElement, $("recent-cue"));
 let feed = null;
 let watcher = null;
 
+/** Stop both feeds (a new key, or none that works). */
 function stop() {
   feed?.close();
   watcher?.close();
   feed = watcher = null;
 }
 
+/** @param {string | null} apiKey */
 async function start(apiKey) {
   stop();
   showMode("connecting");
   const client = createClient({ apiKey });
-  const current = (feed = new StatsFeed(client, {
-    stats: renderStats,
+  const handlers = {
     mode: showMode,
     error: () => needKey(apiKey ? "The API key was refused." : "This server needs an API key."),
-  }).start());
+  };
+  const current = (feed = new Feed(statsSource(renderStats), handlers, { ...STATS_FEED, apiKey }));
+  feed.start();
   let seed;
   try {
     seed = await client.list({ limit: RECENT });
