@@ -138,7 +138,12 @@ def _final(kind: str, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Event]:
-    """The events that turn snapshot ``prev`` into ``job`` (for pollers)."""
+    """The events that turn snapshot ``prev`` into ``job`` (for pollers).
+
+    Like the server's, an attempt's ``running`` and a final event carry the moment they
+    stand for (the job's ``started_at``, ``finished_at``) as ``ts``: ``apply_event``
+    takes those times from it. Other polled events carry the poll's time.
+    """
     seq = job["seq"]
     base = {"job_id": job["id"], "seq": seq, "ts": time.time()}
     status, output = job["status"], job.get("output") or ""
@@ -149,7 +154,8 @@ def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Eve
     else:
         events = []
         if status != prev.get("status") and not ended:
-            data = {**base, "status": status, "attempt": job.get("attempt")}
+            ts = _stamp(job, "started_at", base) if status == "running" else base["ts"]
+            data = {**base, "ts": ts, "status": status, "attempt": job.get("attempt")}
             events.append(Event(seq, "status", data, "poll"))
         shown = prev.get("output") or ""
         if len(output) > len(shown):
@@ -158,9 +164,25 @@ def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Eve
             data = {**base, **{k: job.get(k) for k in PROGRESS_FIELDS}}
             events.append(Event(seq, "progress", data, "poll"))
     if ended:
-        extra = {"completed": {"result": job.get("result")}, "failed": {"error": job.get("error")}}
-        events.append(Event(seq, status, {**base, **extra.get(status, {})}, "poll"))
+        events.append(Event(seq, status, _polled_end(job, base), "poll"))
     return events
+
+
+def _stamp(job: dict[str, Any], field: str, base: dict[str, Any]) -> Any:
+    """The job's own time ``field`` as an event's ``ts`` (the poll's when it has none)."""
+    at = job.get(field)
+    return base["ts"] if at is None else at
+
+
+def _polled_end(job: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The final event of a polled job that ended: what the server's carries. A failed
+    job may keep a partial result, which a poller that saw it running has not seen."""
+    end = {**base, "ts": _stamp(job, "finished_at", base)}
+    if job["status"] == "completed":
+        return {**end, "result": job.get("result")}
+    if job["status"] == "failed":
+        return {**end, "error": job.get("error"), "result": job.get("result")}
+    return end
 
 
 def _rewound(prev: dict[str, Any], job: dict[str, Any]) -> bool:
@@ -192,10 +214,19 @@ class _Tracker:
         # A finished job's stream repeats its terminal event with the snapshot's seq.
         echo = event.kind in TERMINAL_KINDS and not self.ended and seq == self.seq
         new_history = event.kind == "snapshot" and event.epoch != self.epoch
-        if self.job is not None and seq <= self.seq and not echo and not new_history:
+        seen = self.job is not None and seq <= self.seq
+        if seen and not echo and not new_history and not self._lost_end(event):
             return False
         self.apply(event)
         return True
+
+    def _lost_end(self, event: Event) -> bool:
+        """The end of a job the store lost (``failed``, ``state_lost``), not seen yet: it
+        counts whatever its seq, as in pushsvc.js. The API numbers it in a history that
+        may have started again below what we saw; once the job ended, it is a duplicate."""
+        error = event.data.get("error")
+        lost = isinstance(error, dict) and error.get("code") == "state_lost"
+        return event.kind == "failed" and lost and not self.ended
 
     def accept_snapshot(self, job: dict[str, Any]) -> list[Event]:
         """The events a polled snapshot brings (they share its seq: checked once, here)."""

@@ -5,8 +5,10 @@ restart, by polling when streams are off) and ``pushsvc submit`` end to end.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import secrets
 import subprocess
 import sys
 from typing import Any
@@ -14,12 +16,14 @@ from typing import Any
 import httpx
 import pytest
 
-from pushsvc.client import Client, Event
+from pushsvc.client import Client, Event, _Tracker, apply_event
+from pushsvc.epoch import StreamPosition, new_epoch
 from pushsvc.errors import NotFound
+from pushsvc.snapshots import lost_frame
 from pushsvc.tools.submit import submit_command
 
 from . import conftest
-from .procs import ROOT, Api
+from .procs import ROOT, Api, Proc, RedisServer
 
 TICKER = "ticker"
 
@@ -135,6 +139,77 @@ async def test_follow_polls_when_streams_are_disabled(
     seqs = [e.id for e in events]
     assert seqs == sorted(seqs)
     assert seqs[-1] == (await client.get(job["id"]))["seq"]
+
+
+@pytest.mark.timeout(60)
+async def test_polled_events_carry_the_jobs_times_and_partial_result(
+    redis_server: RedisServer,
+) -> None:
+    """Was: ``diff_snapshots`` stamped every polled event with the poll's time, so a
+    poller's ``started_at``/``finished_at`` (``apply_event`` takes them from ``ts``) were
+    when it polled, not the job's; and its ``failed`` event had no ``result``, so a
+    poller that saw the job running never got the partial result the failed job keeps."""
+    env = conftest.stack_env(
+        redis_server.url,
+        f"p{secrets.token_hex(3)}",
+        streams_enabled="false",
+        poll_hint_s="0.05",
+        job_modules="tests.jobtypes,tests.test_golden",  # "golden": fails keeping its text
+    )
+    api = Api([], env).start()
+    worker = Proc(["worker"], env)
+    try:
+        async with Client(api.url, "key-a", poll_min=0.05, poll_max=0.2) as pc:
+            job = await pc.submit("golden", {"words": 6, "interval_ms": 100, "fatal": True})
+            async with asyncio.timeout(30):
+                follow = pc.follow(job["id"])
+                events = [await anext(follow)]
+                assert events[0].data["status"] == "queued", events  # no worker yet
+                worker.start()
+                events += [event async for event in follow]
+            server = await pc.get(job["id"])
+    finally:
+        worker.stop()
+        api.stop()
+    assert {e.source for e in events} == {"poll"}
+    assert ("status", "running") in [(e.kind, e.data.get("status")) for e in events]
+    assert events[-1].kind == "failed" and server["result"]["text"], server
+    held: dict[str, Any] = {}
+    for event in events:
+        held = apply_event(held, event.kind, event.data)
+    for name in ("started_at", "finished_at", "result", "error", "output", "status"):
+        assert held[name] == server[name], (name, held[name], server[name])
+
+
+async def test_tracker_takes_a_state_lost_end_numbered_below_what_it_saw(
+    stack: dict[str, Any],
+) -> None:
+    """Was: ``_Tracker`` dropped a ``failed``/``state_lost`` end whose seq was not above
+    the job's last one, so ``follow()`` never ended a job the store lost when the API
+    numbered that end in a new history (from nothing it knows: seq 1), as pushsvc.js
+    does not. Stale events, and a second end, are still dropped."""
+    async with Client(stack["api"].url, "key-a") as pc:
+        job = await pc.submit(TICKER, {"steps": 200, "interval_ms": 50})
+        seen = _Tracker()
+        async with asyncio.timeout(30):
+            async for event in pc.follow(job["id"]):
+                assert seen.accept(event)
+                if event.kind == "progress":
+                    break
+        await pc.cancel(job["id"])
+    assert seen.seq > 1 and not seen.ended
+    stale = Event(seen.seq - 1, "progress", {**event.data, "seq": seen.seq - 1}, epoch=seen.epoch)
+    assert not seen.accept(stale)
+
+    # The end as an API process that knows nothing of the job sends it, in a new epoch.
+    frame = lost_frame(job["id"], StreamPosition(0, new_epoch()), None)
+    lost = Event(frame.seq, frame.kind, json.loads(frame.data), "stream", frame.epoch)
+    assert lost.id < seen.seq
+    assert seen.accept(lost)
+    assert seen.ended and seen.job is not None
+    assert seen.job["status"] == "failed" and seen.job["error"]["code"] == "state_lost"
+    assert seen.position == StreamPosition(lost.id, lost.epoch)
+    assert not seen.accept(lost)  # the same end again: a duplicate
 
 
 def test_submit_command_follows_to_the_end(
