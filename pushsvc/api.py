@@ -6,20 +6,17 @@ import hashlib
 import math
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError, field_validator
-from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import listing
-from .auth import Authenticator, job_scope
-from .bodies import read_json
+from . import actions, listing
+from .auth import job_scope
+from .bodies import parse_submit, read_json, validation_details
 from .errors import (
-    DETAILS_MAX,
     ApiError,
     BadRequest,
     Conflict,
@@ -29,8 +26,6 @@ from .errors import (
     Unavailable,
     ValidationFailed,
 )
-from .events import EventBus
-from .jobs import JobType, Registry
 from .models import (
     CancelRequested,
     Job,
@@ -43,31 +38,17 @@ from .models import (
     SubmitRequest,
 )
 from .operations import Header, Param, Reply, by_method, operation, schema_ref
-from .queue import Queue
-from .reads import BulkReads
-from .responses import Drain, JSONResponse, json_response
+from .queue import new_arq_id
+from .responses import JSONResponse, json_response
 from .settings import Settings
-from .store import EVENT_EXCLUDE, JobHead, JobStore, Published, Rejected, to_snapshot
-from .worker import new_arq_id
+from .store import JobHead, to_snapshot
 
-
-@dataclass
-class Services:
-    """What the lifespan opens and the handlers share."""
-
-    settings: Settings
-    redis: Redis
-    store: JobStore
-    queue: Queue
-    auth: Authenticator
-    types: Registry
-    bus: EventBus
-    drain: Drain
-    reads: BulkReads
-    open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
+if TYPE_CHECKING:  # app.py builds the services (and imports this module for its routes)
+    from .app import Services
 
 
 def services(request: Request) -> Services:
+    """What the lifespan opened (``app.Services``), for a handler."""
     svc: Services = request.app.state.services
     return svc
 
@@ -82,44 +63,6 @@ def job_body(svc: Services, tenant: str, snap: JobSnapshot, model: type[Job] = J
     )
     # Built, not validated: the snapshot was, and its output may be megabytes.
     return model.model_construct(**dict(snap), links=links)
-
-
-def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """pydantic's errors, without the input (the error body would echo it back), the
-    first DETAILS_MAX of them."""
-    return [
-        {"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
-        for e in exc.errors(include_url=False, include_input=False)[:DETAILS_MAX]
-    ]
-
-
-def parse_submit(raw: Any, types: Registry) -> tuple[SubmitRequest, JobType[Any], BaseModel]:
-    try:
-        req = SubmitRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise ValidationFailed(
-            "the request body is invalid", details=validation_details(exc)
-        ) from exc
-    job_type = types.get(req.type)
-    if job_type is None:
-        raise ValidationFailed(
-            f"unknown job type {req.type!r}",
-            code="unknown_job_type",
-            details={"known": sorted(types.types)},
-        )
-    schema_errors = job_type.schema_errors(req.payload)
-    if schema_errors:  # held to the published schema: no silent coercion ("3" -> 3)
-        raise ValidationFailed(
-            f"the payload does not match the {req.type!r} job type", details=schema_errors
-        )
-    try:
-        payload = job_type.payload_model.model_validate(req.payload)
-    except ValidationError as exc:
-        raise ValidationFailed(
-            f"the payload does not match the {req.type!r} job type",
-            details=validation_details(exc, ("payload",)),
-        ) from exc
-    return req, job_type, payload
 
 
 async def _check_rate(svc: Services, tenant: str) -> None:
@@ -380,44 +323,10 @@ async def cancel_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     job_id = (await get_owned_job(svc, tenant, request.path_params["job_id"])).id
-    # A job can move between queued and running (retries) while we act: try a few times.
-    for _ in range(3):
-        fields = await _load(svc, tenant, job_id)
-        reply = await _cancel_step(svc, fields)
-        if isinstance(reply, Published):
-            if reply.status == JobStatus.CANCELLED:  # it was queued: it never runs
-                await svc.queue.forget(fields["arq_id"], fields.get("priority", "normal"))
-            else:
-                await svc.queue.abort(fields["arq_id"])
-            if reply.status == JobStatus.CANCELLED:
-                return await _job_response(svc, tenant, job_id, 200, {})
-            # Still running until the task is cancelled: say the cancel is under way.
-            return await _job_response(svc, tenant, job_id, 202, {}, CancelRequested)
-        if not isinstance(reply, Rejected) or reply.status.terminal:
-            break
-    status = reply.status if isinstance(reply, Rejected) else JobStatus(fields["status"])
-    raise _wrong_state(status, "cancel")
-
-
-async def _cancel_step(svc: Services, fields: dict[str, Any]) -> object:
-    job_id, tenant = fields["id"], fields["tenant"]
-    if fields["status"] == JobStatus.QUEUED:
-        done = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
-        return await svc.store.publish(
-            job_id, tenant, "cancelled", {}, done, expect=(JobStatus.QUEUED,)
-        )
-    # Running: flag it and tell subscribers; the abort then cancels the task.
-    note = {"status": "running", "attempt": fields["attempt"], "cancel_requested": True}
-    return await svc.store.publish(
-        job_id, tenant, "status", note, {"cancel": "1"}, expect=(JobStatus.RUNNING,)
-    )
-
-
-async def _load(svc: Services, tenant: str, job_id: str) -> dict[str, Any]:
-    fields = await svc.store.load(job_id)
-    if fields is None or fields["tenant"] != tenant:  # expired since the first read
-        raise NotFound(f"no job {job_id!r}", code="job_not_found")
-    return fields
+    if await actions.cancel(svc.store, svc.queue, tenant, job_id) == JobStatus.CANCELLED:
+        return await _job_response(svc, tenant, job_id, 200, {})
+    # Still running until the task is cancelled: say the cancel is under way.
+    return await _job_response(svc, tenant, job_id, 202, {}, CancelRequested)
 
 
 @operation(
@@ -431,48 +340,8 @@ async def retry_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     snap = await get_owned_job(svc, tenant, request.path_params["job_id"])
-    fields = await _load(svc, tenant, snap.id)
-    arq_id = new_arq_id(snap.id)
-    reset = {
-        "status": "queued",
-        "attempt": 1,
-        "run": fields["run"] + 1,
-        "arq_id": arq_id,
-        "cancel": "",
-        "progress": 0.0,
-        "stage": None,
-        "message": None,
-        "output": "",
-        "result": None,
-        "error": None,
-        "started_at": None,
-        "finished_at": None,
-        "eta_s": None,
-    }
-    # A new run replaces the job's state, so subscribers get it whole, as a snapshot.
-    after = to_snapshot({**fields, **reset, "seq": 0})
-    after_data = after.model_dump(mode="json", exclude=EVENT_EXCLUDE)
-    reply = await svc.store.publish(
-        snap.id,
-        tenant,
-        "snapshot",
-        after_data,
-        reset,
-        expect=(JobStatus.FAILED, JobStatus.CANCELLED),
-        enqueue=svc.queue.prepare(arq_id, snap.id, priority=fields["priority"]),
-    )
-    if not isinstance(reply, Published):
-        status = reply.status if isinstance(reply, Rejected) else snap.status
-        raise _wrong_state(status, "retry")
+    await actions.retry(svc.store, svc.queue, tenant, snap.id, snap.status)
     return await _job_response(svc, tenant, snap.id, 202, {})
-
-
-def _wrong_state(status: JobStatus, action: str) -> Conflict:
-    return Conflict(
-        f"cannot {action} a job that is {status.value}",
-        code="invalid_state",
-        details={"status": status.value},
-    )
 
 
 @operation(

@@ -7,7 +7,9 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,14 +21,11 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api, docs, metrics, openapi, sse, stats, web
-from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
-from . import ticker as _ticker  # noqa: F401
-from .api import Services
 from .auth import Authenticator
 from .errors import ApiError, PushsvcError
 from .events import EventBus
 from .guard import RequestGuard
-from .jobs import Registry, registry
+from .jobs import Registry, load_job_modules
 from .models import Health, Ready
 from .operations import TEXT, Reply, public
 from .queue import Queue, connect
@@ -35,10 +34,25 @@ from .responses import Drain, JSONResponse
 from .settings import Settings
 from .stats import StatsReader
 from .store import JobStore
-from .worker import load_job_modules
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("pushsvc.access")
+
+
+@dataclass
+class Services:
+    """What the lifespan opens and the handlers share (``api.services(request)``)."""
+
+    settings: Settings
+    redis: Redis
+    store: JobStore
+    queue: Queue
+    auth: Authenticator
+    types: Registry
+    bus: EventBus
+    drain: Drain
+    reads: BulkReads
+    open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
 
 
 def error_response(
@@ -145,7 +159,7 @@ def _freeze_startup_heap() -> None:
 
 def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
     """Build the app; Redis is opened by the lifespan and closed in reverse."""
-    load_job_modules(settings)
+    loaded = load_job_modules(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -165,7 +179,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
                     store,
                     Queue(redis, settings),
                     Authenticator(settings),
-                    types or registry,
+                    types or loaded,
                     bus,
                     drain,
                     reads,

@@ -1,13 +1,17 @@
-"""Request bodies: JSON read within a size and a nesting limit, as the handlers take it."""
+"""Request bodies: JSON read within a size and a nesting limit, as the handlers take it,
+and the submit body checked against its job type."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from .errors import BadRequest, PayloadTooLarge
+from .errors import DETAILS_MAX, BadRequest, PayloadTooLarge, ValidationFailed
+from .jobs import JobType, Registry
+from .models import SubmitRequest
 
 # How deep a request body may nest. Ours nest 3 deep; past ~990 the parser itself fails
 # (RecursionError), and well before that every recursive walk after it (validation,
@@ -60,3 +64,41 @@ def _depth_over(value: Any, limit: int) -> bool:
                     return True
                 todo.append((child, depth + 1))
     return False
+
+
+def validation_details(exc: ValidationError, prefix: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """pydantic's errors, without the input (the error body would echo it back), the
+    first DETAILS_MAX of them."""
+    return [
+        {"loc": [*prefix, *map(str, e["loc"])], "msg": e["msg"], "type": e["type"]}
+        for e in exc.errors(include_url=False, include_input=False)[:DETAILS_MAX]
+    ]
+
+
+def parse_submit(raw: Any, types: Registry) -> tuple[SubmitRequest, JobType[Any], BaseModel]:
+    try:
+        req = SubmitRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            "the request body is invalid", details=validation_details(exc)
+        ) from exc
+    job_type = types.get(req.type)
+    if job_type is None:
+        raise ValidationFailed(
+            f"unknown job type {req.type!r}",
+            code="unknown_job_type",
+            details={"known": sorted(types.types)},
+        )
+    schema_errors = job_type.schema_errors(req.payload)
+    if schema_errors:  # held to the published schema: no silent coercion ("3" -> 3)
+        raise ValidationFailed(
+            f"the payload does not match the {req.type!r} job type", details=schema_errors
+        )
+    try:
+        payload = job_type.payload_model.model_validate(req.payload)
+    except ValidationError as exc:
+        raise ValidationFailed(
+            f"the payload does not match the {req.type!r} job type",
+            details=validation_details(exc, ("payload",)),
+        ) from exc
+    return req, job_type, payload

@@ -32,8 +32,8 @@ from .errors import (
     Unavailable,
     ValidationFailed,
 )
+from .models import TERMINAL
 
-TERMINAL_KINDS = frozenset({"completed", "failed", "cancelled"})
 PROGRESS_FIELDS = ("progress", "stage", "message", "eta_s")
 _ERRORS = (BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, ValidationFailed)
 _BY_STATUS: dict[int, type[ApiError]] = {e.status_code: e for e in (*_ERRORS, Unavailable)}
@@ -108,7 +108,7 @@ def apply_event(job: dict[str, Any], kind: str, data: dict[str, Any]) -> dict[st
         after.update({k: data.get(k) for k in PROGRESS_FIELDS})
     elif kind == "output":
         after["output"] = (job.get("output") or "") + data["delta"]
-    elif kind in TERMINAL_KINDS:
+    elif kind in TERMINAL:
         ts = data.get("ts")
         after.update(_final(kind, data), finished_at=job.get("finished_at") if ts is None else ts)
     return after
@@ -147,7 +147,7 @@ def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Eve
     seq = job["seq"]
     base = {"job_id": job["id"], "seq": seq, "ts": time.time()}
     status, output = job["status"], job.get("output") or ""
-    ended = status in TERMINAL_KINDS
+    ended = status in TERMINAL
     if prev is None or _rewound(prev, job):
         snapshot = {k: v for k, v in job.items() if k not in ("id", "links")}
         events = [Event(seq, "snapshot", {**base, **snapshot}, "poll")]
@@ -192,7 +192,7 @@ def _rewound(prev: dict[str, Any], job: dict[str, Any]) -> bool:
         or job.get("epoch", "") != prev.get("epoch", "")
         or (job.get("progress") or 0) < (prev.get("progress") or 0)
         or not (job.get("output") or "").startswith(prev.get("output") or "")
-        or (prev.get("status") in TERMINAL_KINDS and job["status"] not in TERMINAL_KINDS)
+        or (prev.get("status") in TERMINAL and job["status"] not in TERMINAL)
     )
 
 
@@ -212,7 +212,7 @@ class _Tracker:
     def accept(self, event: Event) -> bool:
         seq = int(event.data.get("seq", event.id))
         # A finished job's stream repeats its terminal event with the snapshot's seq.
-        echo = event.kind in TERMINAL_KINDS and not self.ended and seq == self.seq
+        echo = event.kind in TERMINAL and not self.ended and seq == self.seq
         new_history = event.kind == "snapshot" and event.epoch != self.epoch
         seen = self.job is not None and seq <= self.seq
         if seen and not echo and not new_history and not self._lost_end(event):
@@ -230,7 +230,7 @@ class _Tracker:
 
     def accept_snapshot(self, job: dict[str, Any]) -> list[Event]:
         """The events a polled snapshot brings (they share its seq: checked once, here)."""
-        unseen_end = job["status"] in TERMINAL_KINDS and not self.ended
+        unseen_end = job["status"] in TERMINAL and not self.ended
         new_history = job.get("epoch", "") != self.epoch
         if self.job is not None and job["seq"] <= self.seq and not unseen_end and not new_history:
             return []
@@ -246,7 +246,7 @@ class _Tracker:
         self.seq = seq
         if event.epoch:
             self.epoch = event.epoch
-        self.ended = event.kind in TERMINAL_KINDS
+        self.ended = event.kind in TERMINAL
 
 
 class _StreamsOff(Exception):

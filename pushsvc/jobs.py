@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import importlib
 import itertools
 import logging
 import time
@@ -145,6 +146,17 @@ class Registry:
 
 # The registry decorated functions join; like a route table, it is filled at import time.
 registry = Registry()
+
+# The built-in types, loaded like any module named in ``PUSHSVC_JOB_MODULES``.
+BUILTIN_MODULES = ("pushsvc.ticker", "pushsvc.llm_jobs")
+
+
+def load_job_modules(settings: Settings) -> Registry:
+    """Fill the registry an entry point serves: the built-in types, then the settings'
+    ``job_modules``; each module registers its types (``@job_type``) as it is imported."""
+    for name in (*BUILTIN_MODULES, *settings.job_modules):
+        importlib.import_module(name)
+    return registry
 
 
 def job_type(

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -69,6 +70,11 @@ def connect(settings: Settings, max_connections: int | None = None, **pool_kwarg
     )
     client.auto_close_connection_pool = True  # the client owns its pool: closed with it
     return client
+
+
+def new_arq_id(job_id: str) -> str:
+    """The arq id of a new attempt of ``job_id``: ``<job id>.<random>`` (the job's ``arq_id``)."""
+    return f"{job_id}.{secrets.token_hex(4)}"
 
 
 @dataclass(frozen=True)

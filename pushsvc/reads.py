@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .epoch import StreamPosition
-from .events import Frame
+from .frames import Frame
 from .models import JobSnapshot
 from .settings import Settings
 from .store import JobHead, JobStore, to_snapshot

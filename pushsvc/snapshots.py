@@ -8,8 +8,8 @@ import time
 from typing import Any
 
 from .epoch import StreamPosition
-from .events import TERMINAL_KINDS, Frame
-from .models import JobSnapshot
+from .frames import Frame
+from .models import TERMINAL, JobSnapshot
 from .reads import StoredJob
 from .store import EVENT_EXCLUDE
 
@@ -30,7 +30,7 @@ def snapshot_frame(snap: JobSnapshot, tpos: StreamPosition | None, reset: bool) 
 def terminal_frame(snap: JobSnapshot, last: Frame | None, tpos: StreamPosition | None) -> Frame:
     """The finished job's terminal event: from its log, or rebuilt from the snapshot."""
     tpos = tpos or NO_TENANT_POSITION
-    if last is not None and last.seq == snap.seq and last.kind in TERMINAL_KINDS:
+    if last is not None and last.seq == snap.seq and last.kind in TERMINAL:
         return Frame(tpos.seq, last.seq, last.kind, snap.id, last.data, snap.epoch, tpos.epoch)
     body: dict[str, Any] = {"job_id": snap.id, "seq": snap.seq, "ts": snap.finished_at}
     if snap.status == "completed":

@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .api import Services, get_owned_head, missing_job, services
+from .api import get_owned_head, missing_job, services
 from .auth import TENANT_SCOPE, job_scope
 from .epoch import StreamPosition
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
@@ -20,6 +21,9 @@ from .operations import SSE, TEXT, Param, Reply, operation
 from .responses import EventStream, JSONResponse
 from .store import JobHead
 from .streams import JobStream, MuxStream, _Stream
+
+if TYPE_CHECKING:  # app.py builds the services (and imports this module for its routes)
+    from .app import Services
 
 MAX_NAMED_JOBS = 100
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from redis.asyncio import Redis
 
 from .epoch import StreamPosition, new_epoch
-from .events import Frame
+from .frames import Frame
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
 from .queue import Enqueue

@@ -24,7 +24,9 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .epoch import StreamPosition
-from .events import TERMINAL_KINDS, EventBus, Frame, StreamQueue
+from .events import EventBus, StreamQueue
+from .frames import Frame
+from .models import TERMINAL
 from .reads import BulkReads, StoredJob
 from .responses import chunks
 from .settings import Settings
@@ -278,7 +280,7 @@ class JobStream(_Stream):
                 continue
             out.append(frame)
             self.pos = frame.position
-            if frame.kind in TERMINAL_KINDS:
+            if frame.kind in TERMINAL:
                 self.done = True
                 break
         return out
@@ -450,7 +452,7 @@ class MuxStream(_Stream):
             self.sent[frame.job_id] = frame.position
             self.cursor = frame.tenant_position
             self.missing.pop(frame.job_id, None)
-            if frame.kind in TERMINAL_KINDS:
+            if frame.kind in TERMINAL:
                 self.finished.add(frame.job_id)
             elif frame.kind == "snapshot":
                 self.finished.discard(frame.job_id)  # a retry starts the job again

@@ -1,9 +1,10 @@
-"""The job state machine: one function per transition a worker makes, each a typed value.
+"""The job state machine: one function per transition a worker or the API makes, each a
+typed value.
 
 A ``Transition`` says what to publish (event kind and data), which snapshot fields to
-set, from which states it may start, and what to enqueue with it; the worker hands it to
-the store together with who writes (``store.Writer``). Keeping them here means the
-fields a transition touches are written once, not at every call site.
+set, from which states it may start, and what to enqueue with it; the caller hands it to
+the store (a worker together with who writes, ``store.Writer``). Keeping them here means
+the fields a transition touches are written once, not at every call site.
 """
 
 from __future__ import annotations
@@ -114,3 +115,35 @@ def retry_later(
         "eta_s": None,
     }
     return Transition("status", data, fields, enqueue=enqueue)
+
+
+def request_cancel(attempt: int) -> Transition:
+    """running, flagged ``cancel`` (DELETE), announced as a ``status`` event with
+    ``cancel_requested``; the arq abort then cancels the task and the runner ends it."""
+    note = {"status": "running", "attempt": attempt, "cancel_requested": True}
+    return Transition("status", note, {"cancel": "1"}, RUNNING)
+
+
+def new_run(job: dict[str, Any], arq_id: str, enqueue: Enqueue) -> Transition:
+    """failed|cancelled -> queued (POST /retry): a new run from attempt 1."""
+    reset = {
+        "status": "queued",
+        "attempt": 1,
+        "run": job["run"] + 1,
+        "arq_id": arq_id,
+        "cancel": "",
+        "progress": 0.0,
+        "stage": None,
+        "message": None,
+        "output": "",
+        "result": None,
+        "error": None,
+        "started_at": None,
+        "finished_at": None,
+        "eta_s": None,
+    }
+    # A new run replaces the job's state, so subscribers get it whole, as a snapshot.
+    after = to_snapshot({**job, **reset, "seq": 0}).model_dump(mode="json", exclude=EVENT_EXCLUDE)
+    return Transition(
+        "snapshot", after, reset, (JobStatus.FAILED, JobStatus.CANCELLED), enqueue=enqueue
+    )

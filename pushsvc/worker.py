@@ -1,22 +1,18 @@
-"""Runs attempts of jobs: state transitions, timeouts, retries with backoff, crash recovery.
+"""Runs attempts of jobs: run -> attempt -> settle (timeouts, retries with backoff, cancel).
 
 Each attempt is an arq job whose id is stored in the job's ``arq_id``; an arq run whose
-id is not the current one is stale and does nothing. A running attempt holds a lease
-(``Keys.leases``) that its worker renews; when a worker dies the lease lapses and any
-worker's reaper re-queues the job as a new attempt, or fails it with ``worker_lost``.
+id is not the current one is stale and does nothing. Leases, crash recovery and the
+delayed attempts' mover are the worker's background loops (``leases.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 import logging
-import os
 import random
 import secrets
-import socket
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,14 +24,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
-from . import llm_jobs as _llm_jobs  # noqa: F401  (registers the built-in types)
-from . import ticker as _ticker  # noqa: F401
 from . import transitions
 from .errors import JobError
-from .jobs import JobContext, JobType, Registry, Resources, registry
+from .jobs import JobContext, JobType, Registry, Resources, load_job_modules
+from .leases import Leases, publish_as
 from .logs import bind_job
 from .metrics import WorkerMetrics
-from .queue import Queue, connect, make_worker
+from .queue import Queue, connect, make_worker, new_arq_id
 from .settings import Settings
 from .store import JobStore, Published, Writer
 from .transitions import Transition
@@ -43,20 +38,11 @@ from .transitions import Transition
 logger = logging.getLogger(__name__)
 
 
-def new_arq_id(job_id: str) -> str:
-    return f"{job_id}.{secrets.token_hex(4)}"
-
-
 def backoff_s(job_type: JobType[Any], attempt: int, settings: Settings, floor: float = 0) -> float:
     """Full-jitter exponential backoff, never below a server's ``Retry-After``."""
     base = job_type.retry.base_s * settings.retry_base_s
     cap = min(job_type.retry.max_s, settings.retry_max_s)
     return max(floor, random.uniform(0, min(cap, base * 2 ** (attempt - 1))))
-
-
-def load_job_modules(settings: Settings) -> None:
-    for name in settings.job_modules:
-        importlib.import_module(name)
 
 
 class Runner:
@@ -70,32 +56,15 @@ class Runner:
         self.running: dict[str, JobContext] = {}  # arq id -> its attempt, for the leases
         self.resources = Resources(settings)
         self.metrics = WorkerMetrics()
-        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        self._tasks: list[asyncio.Task[None]] = []
+        self.leases = Leases(settings, self.store, self.queue, self.running, self._lost)
 
     # -- arq hooks ---------------------------------------------------------
 
     async def start(self, _ctx: dict[str, Any]) -> None:
-        # arq calls this again each time run_worker re-enters its loop after an outage.
-        if not any(not t.done() for t in self._tasks):
-            self._tasks = [
-                asyncio.create_task(self._lease_loop(), name="pushsvc-leases"),
-                asyncio.create_task(self._move_loop(), name="pushsvc-delayed"),
-            ]
-
-    async def _move_loop(self) -> None:
-        """Hand attempts whose backoff is over to arq (see Queue.prepare)."""
-        while True:
-            try:
-                await self.queue.move_due()
-            except (RedisConnectionError, RedisTimeoutError):
-                logger.warning("moving delayed attempts failed; retrying", exc_info=True)
-            await asyncio.sleep(self.settings.poll_delay_s)
+        self.leases.start()
 
     async def stop(self, _ctx: dict[str, Any]) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.leases.stop()
         await self.resources.aclose()
 
     async def run(self, ctx: dict[str, Any], job_id: str) -> None:
@@ -104,7 +73,7 @@ class Runner:
         if fields is None or fields.get("arq_id") != arq_id:
             return  # expired, or a stale arq run of an attempt that was superseded
         if fields.get("cancel") == "1":  # cancel asked while an earlier attempt ran
-            await self._publish_as(fields, transitions.cancelled(transitions.QUEUED))
+            await publish_as(self.store, fields, transitions.cancelled(transitions.QUEUED))
             self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return
         with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
@@ -132,7 +101,7 @@ class Runner:
             change.fields,
             expect=change.expect,
             writer=Writer(arq_id),
-            lease_until_ms=self._deadline(),
+            lease_until_ms=self.leases.deadline(),
             max_running=limit,
             enqueue=self.queue.prepare(later, fields["id"], delay, fields.get("priority", "normal"))
             if limit
@@ -260,19 +229,6 @@ class Runner:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _publish_as(self, fields: dict[str, Any], change: Transition) -> None:
-        """Publish ``change`` for an attempt this worker does not run (the reaper's)."""
-        await self.store.publish(
-            fields["id"],
-            fields["tenant"],
-            change.kind,
-            change.data,
-            change.fields,
-            expect=change.expect,
-            writer=Writer(fields["arq_id"]),
-            enqueue=change.enqueue,
-        )
-
     async def _requeue(
         self, fields: dict[str, Any], exc: JobError, delay: float, *, next_attempt: bool
     ) -> Transition:
@@ -286,6 +242,10 @@ class Runner:
         attempt = fields["attempt"] + (1 if next_attempt else 0)
         enqueue = self.queue.prepare(arq_id, job_id, delay, fields.get("priority", "normal"))
         return transitions.retry_later(exc, attempt, arq_id, delay, enqueue)
+
+    async def _lost(self, fields: dict[str, Any], exc: JobError) -> Transition:
+        """A lost attempt (its worker stopped) as a new attempt, for the reaper."""
+        return await self._requeue(fields, exc, 0.0, next_attempt=True)
 
     async def _settle_cancelled(self, ctx: JobContext) -> None:
         await ctx.close()
@@ -302,66 +262,18 @@ class Runner:
             )
             await ctx.apply(await self._requeue(ctx.fields, exc, 0.0, next_attempt=False))
 
-    # -- leases and crash recovery --------------------------------------------
-
-    def _deadline(self) -> float:
-        return (time.time() + self.settings.lease_s) * 1000
-
-    async def _lease_loop(self) -> None:
-        period = self.settings.lease_s / 3
-        while True:
-            try:
-                for attempt in list(self.running.values()):
-                    await attempt.keep_lease(self._deadline())
-                await self.store.redis.zadd(
-                    self.store.keys.workers, {self.worker_id: time.time() * 1000}
-                )
-                await self.reap()
-            except (RedisConnectionError, RedisTimeoutError):
-                logger.warning("lease renewal or reaping failed; retrying", exc_info=True)
-            await asyncio.sleep(period)
-
-    async def reap(self) -> int:
-        """Recover jobs whose worker stopped renewing their lease; returns how many.
-
-        Every worker reaps; the transition names the lapsed attempt, so exactly one
-        reaper's write lands and the lease goes with it, atomically.
-        """
-        leases = self.store.keys.leases
-        lapsed = await self.store.redis.zrangebyscore(leases, "-inf", time.time() * 1000)
-        recovered = 0
-        for member in lapsed:
-            arq_id = member.decode()
-            if arq_id in self.running:
-                continue  # ours: the lease check just renewed or repaired it
-            fields = await self.store.load(arq_id.rsplit(".", 1)[0])
-            if fields is None or fields.get("arq_id") != arq_id or fields["status"] != "running":
-                await self.store.redis.zrem(leases, member)  # nothing left to recover
-                continue
-            await self.recover(fields)
-            await self.queue.forget(arq_id, fields.get("priority", "normal"))
-            recovered += 1
-        return recovered
-
-    async def recover(self, fields: dict[str, Any]) -> None:
-        exc = JobError("the worker running this job stopped", code="worker_lost", retryable=True)
-        if fields["attempt"] < fields["max_attempts"]:
-            await self._publish_as(fields, await self._requeue(fields, exc, 0.0, next_attempt=True))
-        else:
-            await self._publish_as(fields, transitions.fail(exc))
-
 
 @contextlib.asynccontextmanager
 async def worker_session(
     settings: Settings, *, burst: bool = False, handle_signals: bool = True
 ) -> AsyncIterator[Any]:
     """Yield a ready arq worker (run it with ``await worker.async_run()``)."""
-    load_job_modules(settings)
+    types = load_job_modules(settings)
     redis = connect(settings)
-    runner = Runner(settings, redis, registry)
+    runner = Runner(settings, redis, types)
     if settings.worker_metrics_port:
         runner.metrics.serve(settings.worker_metrics_port, runner.store)
-    max_timeout = max((t.timeout_s for t in registry.types.values()), default=300.0)
+    max_timeout = max((t.timeout_s for t in types.types.values()), default=300.0)
     worker = make_worker(
         settings,
         redis,

@@ -12,6 +12,9 @@ import openai
 import pytest
 from redis.asyncio import Redis
 
+# The built-in types, for the tests that read ``jobs.registry`` without an entry point
+# (``jobs.load_job_modules``) having filled it.
+from pushsvc import llm_jobs, ticker  # noqa: F401
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.settings import Settings

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 from httpx_sse import aconnect_sse
 
-TERMINAL = {"completed", "failed", "cancelled"}
+from pushsvc.models import TERMINAL
 
 
 @dataclass

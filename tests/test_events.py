@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pushsvc.events import Frame, QueueStats, StreamQueue
+from pushsvc.events import QueueStats, StreamQueue
+from pushsvc.frames import Frame
 
 
 def frame(seq: int, kind: str, job: str = "j", **data: object) -> Frame:

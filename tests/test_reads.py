@@ -11,7 +11,8 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc.epoch import StreamPosition
-from pushsvc.events import Frame, QueueStats
+from pushsvc.events import QueueStats
+from pushsvc.frames import Frame
 from pushsvc.reads import BulkReads, StoredJob
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
