@@ -1,4 +1,4 @@
-"""Bad input is a 4xx JSON error, never a 500, and answers stay small (issue 13): deep
+"""Bad input is a 4xx JSON error, never a 500, and answers stay small: deep
 nesting, numbers in other scripts, echoed values, the trailing newline, and what DELETE
 says of a running job."""
 

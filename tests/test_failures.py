@@ -1,4 +1,4 @@
-"""The failure suite (issue 7): what pushsvc does when things break under load.
+"""The failure suite: what pushsvc does when things break under load.
 
 An API process SIGKILLed under 100 open streams, a burst of 1,000 submissions, 500 slow
 readers of one chatty job, a worker SIGKILLed while it holds several jobs. Each test

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of every endpoint's input (issue 13): whatever a client sends,
+"""Property-based fuzzing of every endpoint's input: whatever a client sends,
 the answer is never a 5xx, and every 4xx is the contract's JSON error.
 
 Beside test_openapi.py's schemathesis run, which draws from the document (mostly valid

@@ -1,4 +1,4 @@
-"""What a herd of requests costs the other tenants (issue 11, ``bench neighbours`` herd):
+"""What a herd of requests costs the other tenants (``bench neighbours``' herd):
 the pieces made cheaper keep their behaviour.
 
 - JSON bodies with megabytes of text (a job's output) are encoded a slice at a time

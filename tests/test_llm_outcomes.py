@@ -1,5 +1,6 @@
 """How each way a model call ends shows on a job, for ``generate``, ``generate_items`` and
-``batch``: real fake-llm, worker, API and Redis processes (issue 12, items 1-4).
+``batch`` (truncated streams, in-stream errors, malformed chunks, finish_reason): real
+fake-llm, worker, API and Redis processes.
 
 A retryable outcome is checked where it is classified, on the ``status`` event of the
 retry it caused; a job's final ``error`` is never retryable (no attempt remains).
