@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import random
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
+from .backoff import EqualJitterBackoff, SpreadBackoff, floored
 from .epoch import StreamPosition
 from .errors import (
     ApiError,
@@ -35,8 +35,20 @@ from .errors import (
 from .models import TERMINAL
 
 PROGRESS_FIELDS = ("progress", "stage", "message", "eta_s")
-_ERRORS = (BadRequest, Unauthorized, NotFound, Conflict, PayloadTooLarge, ValidationFailed)
-_BY_STATUS: dict[int, type[ApiError]] = {e.status_code: e for e in (*_ERRORS, Unavailable)}
+# Between stream reconnects: half to all of 0.1, 0.2, 0.4 .. 2 s.
+RECONNECT = EqualJitterBackoff(cap=2.0, base=0.05)
+_BY_STATUS: dict[int, type[ApiError]] = {
+    e.status_code: e
+    for e in (
+        BadRequest,
+        Unauthorized,
+        NotFound,
+        Conflict,
+        PayloadTooLarge,
+        ValidationFailed,
+        Unavailable,
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -289,7 +301,7 @@ class Client:
     async def aclose(self) -> None:
         await self.http.aclose()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    async def _request_json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
         resp = await self.http.request(method, path, **kwargs)
         if resp.is_error:
             raise api_error(resp)
@@ -308,16 +320,16 @@ class Client:
         if priority is not None:
             body["priority"] = priority
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return await self._call("POST", "/v1/jobs", json=body, headers=headers)
+        return await self._request_json("POST", "/v1/jobs", json=body, headers=headers)
 
     async def get(self, job_id: str) -> dict[str, Any]:
-        return await self._call("GET", f"/v1/jobs/{job_id}")
+        return await self._request_json("GET", f"/v1/jobs/{job_id}")
 
     async def cancel(self, job_id: str) -> dict[str, Any]:
-        return await self._call("DELETE", f"/v1/jobs/{job_id}")
+        return await self._request_json("DELETE", f"/v1/jobs/{job_id}")
 
     async def retry(self, job_id: str) -> dict[str, Any]:
-        return await self._call("POST", f"/v1/jobs/{job_id}/retry")
+        return await self._request_json("POST", f"/v1/jobs/{job_id}/retry")
 
     async def follow(self, job_id: str) -> AsyncGenerator[Event, None]:
         """The job's events once each, in order, until its terminal event."""
@@ -345,7 +357,7 @@ class Client:
                 if now - failing_since > self.reconnect_for:
                     raise ConnectionError(f"the stream of job {job_id} is gone") from exc
             failures += 1
-            await asyncio.sleep(min(2.0, 0.05 * 2**failures) * random.uniform(0.5, 1.0))
+            await asyncio.sleep(RECONNECT.compute(failures))
 
     async def _stream(
         self, job_id: str, last_id: StreamPosition | None
@@ -376,7 +388,8 @@ class Client:
     async def _poll(self, job_id: str, seen: _Tracker) -> AsyncGenerator[Event, None]:
         """Poll with If-None-Match and backoff until the end, or until streams may be back."""
         etag: str | None = None
-        delay = self.poll_min
+        gaps = SpreadBackoff(cap=self.poll_max, base=self.poll_min, spread=0.25)
+        unchanged = 0  # polls in a row that found nothing new
         retry_stream_at = time.monotonic() + self.stream_retry
         while not seen.ended and time.monotonic() < retry_stream_at:
             changed, hint = False, None
@@ -396,5 +409,5 @@ class Client:
                 raise api_error(resp)
             if seen.ended:
                 return
-            delay = self.poll_min if changed else min(delay * 2, self.poll_max)
-            await asyncio.sleep(max(hint or 0.0, delay * random.uniform(0.75, 1.25)))
+            unchanged = 0 if changed else unchanged + 1
+            await asyncio.sleep(floored(gaps, unchanged, hint))

@@ -21,6 +21,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .backoff import Delays, ExponentialBackoff
 from .connections import is_sentinel_url, make_pool, primary_moved
 from .frames import Frame
 from .keys import Keys
@@ -262,17 +263,17 @@ class EventBus:
     # -- the reader ------------------------------------------------------------
 
     async def _run(self) -> None:
-        delay = 0.05
+        delays = Delays(ExponentialBackoff(cap=2.0, base=0.05))
         while True:
             try:
                 await self._connect()
-                delay = 0.05
-                await self._read()
+                delays.reset()
+                await self._read()  # returns only by raising
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                delay = delays.next()
                 logger.warning("pub/sub connection lost (%s); reconnecting in %.2fs", exc, delay)
-            self.connected.clear()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+                self.connected.clear()
+                await asyncio.sleep(delay)
 
     async def _connect(self) -> None:
         if self._pubsub is not None:

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import transitions
+from .backoff import FullJitterBackoff
 from .errors import DETAILS_MAX, ECHO_MAX, clip
 from .llm import LLM
 from .models import JobStatus
@@ -48,6 +49,11 @@ class RetryPolicy:
 
     base_s: float = 1.0
     max_s: float = 60.0
+
+    def backoff(self, settings: Settings) -> FullJitterBackoff:
+        """The type's policy scaled by ``retry_base_s`` and capped at ``retry_max_s``."""
+        cap = min(self.max_s, settings.retry_max_s)
+        return FullJitterBackoff(cap=cap, base=self.base_s * settings.retry_base_s)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -22,6 +21,7 @@ import httpx2
 import openai
 from openai.types.chat import ChatCompletionChunk
 
+from .backoff import Delays, EqualJitterBackoff
 from .errors import JobError
 from .progress import CHARS_PER_TOKEN
 from .settings import Settings
@@ -289,7 +289,7 @@ class LLM:
         args = self._args(messages, model, max_tokens, temperature, json_mode)
         window = self.retry_windows.get(job_type or "", self.retry_window_s)
         deadline = time.monotonic() + window
-        pause = 0.5
+        pauses = Delays(EqualJitterBackoff(cap=8.0, base=0.5))  # half to all of 0.5, 1, 2 .. 8 s
         while True:
             started = False
 
@@ -302,12 +302,11 @@ class LLM:
             try:
                 return await self._stream(args, delta)
             except JobError as exc:
-                wait = max(exc.retry_after_s or 0, random.uniform(pause / 2, pause))
+                wait = pauses.next(exc.retry_after_s)
                 if started or not exc.retryable or time.monotonic() + wait > deadline:
                     raise
                 logger.warning("model call failed (%s), trying again in %.1f s", exc.code, wait)
                 await asyncio.sleep(wait)
-                pause = min(pause * 2, 8.0)
 
     def _args(
         self,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -15,12 +14,15 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from .backoff import FullJitterBackoff, floored
 from .errors import JobError
 from .jobs import JobContext, job_type
 from .llm import Completion
 from .progress import Gauge
 
 ITEM_TRIES = 3  # per item, for malformed output and retryable upstream errors
+# Before an item's second and third try: up to 0.2 s, then up to 0.4 s.
+ITEM_BACKOFF = FullJitterBackoff(cap=0.4, base=0.2)
 # What one item gives: its entry in the result, and the model call that made it.
 Made = tuple[dict[str, Any], Completion]
 # A letter first: pydantic refuses model fields named "_x" or "__proto__".
@@ -261,5 +263,5 @@ async def _with_retries(
             if not exc.retryable:
                 break  # another try would fail the same way
             if attempt < ITEM_TRIES:  # backoff with jitter, at least the server's Retry-After
-                await asyncio.sleep(max(exc.retry_after_s or 0, random.uniform(0, 0.2 * attempt)))
+                await asyncio.sleep(floored(ITEM_BACKOFF, attempt - 1, exc.retry_after_s))
     return None, error

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import random
 import secrets
 import time
 import warnings
@@ -25,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 
 from . import transitions
+from .backoff import Delays, ExponentialBackoff, floored, jittered
 from .errors import JobError
 from .jobs import JobContext, JobType, Registry, Resources, load_job_modules
 from .leases import Leases, publish_as
@@ -40,9 +40,7 @@ logger = logging.getLogger(__name__)
 
 def backoff_s(job_type: JobType[Any], attempt: int, settings: Settings, floor: float = 0) -> float:
     """Full-jitter exponential backoff, never below a server's ``Retry-After``."""
-    base = job_type.retry.base_s * settings.retry_base_s
-    cap = min(job_type.retry.max_s, settings.retry_max_s)
-    return max(floor, random.uniform(0, min(cap, base * 2 ** (attempt - 1))))
+    return floored(job_type.retry.backoff(settings), attempt - 1, floor)
 
 
 class Runner:
@@ -91,7 +89,7 @@ class Runner:
         limit = self.settings.tenant_max_running or None
         now = time.time()
         later = new_arq_id(fields["id"])
-        delay = random.uniform(0.5, 1.0) * self.settings.throttle_delay_s
+        delay = jittered(self.settings.throttle_delay_s)
         change = transitions.start(fields, secrets.token_hex(6), now)
         started = await self.store.publish(
             fields["id"],
@@ -130,7 +128,7 @@ class Runner:
             bad = f"stored payload is invalid: {exc.error_count()} errors"
             await self._settle(ctx, job_type, JobError(bad, code="invalid_payload"))
             return
-        result, error = await self._call(ctx, job_type, payload)
+        result, error = await self._run_job_func(ctx, job_type, payload)
         if ctx.superseded:
             await ctx.close()
             logger.warning("job %s: attempt superseded; stopped it", fields["id"])
@@ -138,7 +136,7 @@ class Runner:
         # Shielded: the outcome must be recorded even if an abort lands right now.
         await asyncio.shield(self._settle(ctx, job_type, error, result))
 
-    async def _call(
+    async def _run_job_func(
         self, ctx: JobContext, job_type: JobType[Any], payload: Any
     ) -> tuple[Any, JobError | None]:
         deadline = asyncio.timeout(job_type.timeout_s)
@@ -218,7 +216,7 @@ class Runner:
     async def _reliably(self, call: Callable[[], Awaitable[Any]]) -> None:
         """Retry a write through a Redis outage for up to two lease periods."""
         give_up = time.monotonic() + 2 * self.settings.lease_s
-        delay = 0.05
+        delays = Delays(ExponentialBackoff(cap=1.0, base=0.05))
         while True:
             try:
                 await call()
@@ -226,8 +224,7 @@ class Runner:
             except (RedisConnectionError, RedisTimeoutError):
                 if time.monotonic() > give_up:
                     raise  # the lease lapses and a reaper takes the job over
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(delays.next())
 
     async def _requeue(
         self, fields: dict[str, Any], exc: JobError, delay: float, *, next_attempt: bool
@@ -301,7 +298,7 @@ async def run_worker(settings: Settings) -> None:
     the loop is simply entered again once Redis answers.
     """
     async with worker_session(settings) as worker:
-        delay = 0.1
+        delays = Delays(ExponentialBackoff(cap=5.0, base=0.1))
         while True:
             try:
                 await worker.async_run()
@@ -310,6 +307,6 @@ async def run_worker(settings: Settings) -> None:
                 return  # arq's SIGTERM/SIGINT handler cancelled its loop: a clean stop
             except (RedisConnectionError, RedisTimeoutError, WatchError, OSError) as exc:
                 # (WatchError: arq's WATCH lost its connection mid-transaction)
+                delay = delays.next()
                 logger.warning("Redis unavailable (%s); polling again in %.1fs", exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)

@@ -57,7 +57,7 @@ VOCAB = (
 ).split()
 
 
-class BadRequest(Exception):
+class InvalidAsk(Exception):
     """A request this server cannot answer; becomes a 400 in OpenAI's error shape."""
 
 
@@ -92,7 +92,7 @@ class Ask:
 def parse_fault(spec: str) -> Fault:
     name, *options = spec.strip().split(":")
     if name not in FAULTS:
-        raise BadRequest(f"unknown fault {name!r}; known: {', '.join(sorted(FAULTS))}")
+        raise InvalidAsk(f"unknown fault {name!r}; known: {', '.join(sorted(FAULTS))}")
     values: dict[str, Any] = {}
     for option in options:
         key, _, value = option.partition("=")
@@ -101,7 +101,7 @@ def parse_fault(spec: str) -> Fault:
         except (KeyError, ValueError):
             number = -1
         if not 0 <= number < math.inf:
-            raise BadRequest(f"bad fault option {option!r} in {spec!r}")
+            raise InvalidAsk(f"bad fault option {option!r} in {spec!r}")
         values["after_s" if key == "after" else key] = number
     return Fault(spec=spec.strip(), name=name, **values)
 
@@ -118,15 +118,15 @@ def _number(name: str, value: str) -> float:
     try:
         number = float(value)
     except ValueError:
-        raise BadRequest(f"bad directive [[{name}:{value}]]") from None
+        raise InvalidAsk(f"bad directive [[{name}:{value}]]") from None
     if not 0 <= number <= MAX_DIRECTIVE or not math.isfinite(number):
-        raise BadRequest(f"bad directive [[{name}:{value}]] (0 to {MAX_DIRECTIVE})")
+        raise InvalidAsk(f"bad directive [[{name}:{value}]] (0 to {MAX_DIRECTIVE})")
     return number
 
 
 def _finish(value: str | None) -> str | None:
     if value is not None and value not in FINISHES:
-        raise BadRequest(f"bad directive [[finish:{value}]]; one of {', '.join(sorted(FINISHES))}")
+        raise InvalidAsk(f"bad directive [[finish:{value}]]; one of {', '.join(sorted(FINISHES))}")
     return value
 
 
@@ -134,7 +134,7 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
     limits = [body.get("max_tokens"), body.get("max_completion_tokens")]
     ints = [v for v in limits if v is not None]
     if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in ints):
-        raise BadRequest("max_tokens must be a non-negative integer")
+        raise InvalidAsk("max_tokens must be a non-negative integer")
     return min(ints) if ints else None
 
 
@@ -155,14 +155,14 @@ def read_ask(
     default_rate: float,
     default_tokens: int = DEFAULT_TOKENS,
 ) -> Ask:
-    """Read a chat request's body and directives; raise BadRequest for what OpenAI refuses."""
+    """Read a chat request's body and directives; raise InvalidAsk for what OpenAI refuses."""
     if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
+        raise InvalidAsk("the body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise BadRequest("'messages' must be a non-empty array")
+        raise InvalidAsk("'messages' must be a non-empty array")
     if not isinstance(body.get("model"), str) or not body["model"]:
-        raise BadRequest("you must provide a model parameter")
+        raise InvalidAsk("you must provide a model parameter")
     turns = [m for m in messages if isinstance(m, dict)]
     users = [_text(m.get("content")) for m in turns if m.get("role") == "user"]
     message = users[-1] if users else ""

@@ -28,8 +28,8 @@ from .fakeask import (
     STATUS_FAULTS,
     STREAM_ERROR_FAULTS,
     Ask,
-    BadRequest,
     Fault,
+    InvalidAsk,
     answer,
     read_ask,
 )
@@ -41,7 +41,7 @@ STALL_S = 3600.0
 FAULT_HEADER = "x-fake-fault"
 
 # (type, code, message) of each error status, as OpenAI words them.
-_ERRORS: dict[int, tuple[str, str | None, str]] = {
+_OPENAI_ERRORS: dict[int, tuple[str, str | None, str]] = {
     400: ("invalid_request_error", None, "Invalid request (fake-llm fault)."),
     401: ("invalid_request_error", "invalid_api_key", "Incorrect API key provided."),
     429: ("rate_limit_error", "rate_limit_exceeded", "Rate limit reached (fake-llm fault)."),
@@ -51,24 +51,30 @@ _ERRORS: dict[int, tuple[str, str | None, str]] = {
 
 
 @dataclass
-class Stats:
+class Counters:
+    """What the fake model has served (its ``/stats`` answer)."""
+
     requests: int = 0
     open_streams: int = 0
     completed_streams: int = 0
     disconnects: int = 0  # responses whose client left before the server finished
 
 
-def error_body(status: int, message: str | None = None, retry_after: float = 0) -> dict[str, Any]:
+def openai_error_body(
+    status: int, message: str | None = None, retry_after: float = 0
+) -> dict[str, Any]:
     """OpenAI's error body for ``status``; a 429 says when to try again, as OpenAI's do."""
-    type_, code, default = _ERRORS[status]
+    type_, code, default = _OPENAI_ERRORS[status]
     if message is None and status == 429:
         default = f"{default} Please try again in {retry_after:g}s."
     return {"error": {"message": message or default, "type": type_, "param": None, "code": code}}
 
 
-def error_response(status: int, message: str | None = None, retry_after: float = 0) -> Response:
+def openai_error_response(
+    status: int, message: str | None = None, retry_after: float = 0
+) -> Response:
     headers = {"Retry-After": f"{retry_after:g}"} if status == 429 else None
-    body = error_body(status, message, retry_after)
+    body = openai_error_body(status, message, retry_after)
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -129,7 +135,7 @@ async def stream_frames(ask: Ask, pieces: list[str], finish: str | None) -> Asyn
     if cut is not None:
         if (last := _cut_frame(cut, writer)) is not None:
             yield last
-        return  # drop: the response never completes (see EventStream)
+        return  # drop: the response never completes (see CompletionStream)
     if not pieces:
         yield writer.delta({}, finish)
     if ask.include_usage:
@@ -158,19 +164,19 @@ def _cut_frame(fault: Fault, writer: ChunkWriter) -> bytes | None:
         whole = writer.delta({"content": " lost"}).rstrip()
         return whole[: len(whole) // 2] + b"\n\n"
     if fault.name in STREAM_ERROR_FAULTS:
-        body = error_body(int(fault.name.removeprefix("stream_")), retry_after=fault.after_s)
+        body = openai_error_body(int(fault.name.removeprefix("stream_")), retry_after=fault.after_s)
         return f"data: {json.dumps(body)}\n\n".encode()
     return None
 
 
-class EventStream(StreamingResponse):
+class CompletionStream(StreamingResponse):
     """An SSE response that stops the moment its client leaves, even mid-sleep, and counts.
 
     ``complete=False`` ends it without the final body message: the server then closes the
     connection, which the client sees as a connection error (the ``drop`` fault).
     """
 
-    def __init__(self, frames: AsyncIterator[bytes], stats: Stats, complete: bool) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], stats: Counters, complete: bool) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(frames, media_type="text/event-stream", headers=headers)
         self.stats, self.complete = stats, complete
@@ -222,7 +228,7 @@ class FakeLLM:
     def __init__(self, tokens_per_s: float, api_key: str | None, answer_tokens: int) -> None:
         self.tokens_per_s, self.api_key = tokens_per_s, api_key
         self.answer_tokens = answer_tokens
-        self.stats = Stats()
+        self.stats = Counters()
         self.fault_hits: dict[str, int] = {}  # times=K: requests seen per (spec, message) hash
 
     def _denied(self, request: Request) -> Response | None:
@@ -231,7 +237,7 @@ class FakeLLM:
         sent = request.headers.get("authorization", "")
         if secrets.compare_digest(sent.encode(), f"Bearer {self.api_key}".encode()):
             return None
-        return error_response(401)
+        return openai_error_response(401)
 
     def _active(self, ask: Ask) -> Fault | None:
         """The request's fault, unless its ``times=K`` budget is spent."""
@@ -260,19 +266,19 @@ class FakeLLM:
             ask = read_ask(
                 body, request.headers.get(FAULT_HEADER), self.tokens_per_s, self.answer_tokens
             )
-        except (BadRequest, ValueError) as exc:
-            return error_response(400, f"{exc}")
+        except (InvalidAsk, ValueError) as exc:
+            return openai_error_response(400, f"{exc}")
         fault = self._active(ask)
         if fault is not None:
             logger.info("fake-llm: injecting fault %s", fault.spec)
             status = fault.name.removeprefix("stream_")
             if fault.name in STATUS_FAULTS or (not ask.stream and status in STATUS_FAULTS):
-                return error_response(int(status), retry_after=fault.after_s)
+                return openai_error_response(int(status), retry_after=fault.after_s)
         ask = replace(ask, fault=fault)
         pieces, finish = answer(ask, malformed=fault is not None and fault.name == "malformed")
         if ask.stream:
             drop = fault is not None and fault.name == "drop"
-            return EventStream(stream_frames(ask, pieces, finish), self.stats, not drop)
+            return CompletionStream(stream_frames(ask, pieces, finish), self.stats, not drop)
         return await self._whole(request, ask, pieces, finish)
 
     async def _whole(

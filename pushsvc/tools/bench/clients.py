@@ -71,7 +71,7 @@ async def read_stream(
             on_event(sse.event, json.loads(sse.data))
 
 
-async def submit(http: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> str:
+async def submit_ticker(http: httpx.AsyncClient, url: str, payload: dict[str, Any]) -> str:
     resp = await http.post(f"{url}/v1/jobs", json={"type": "ticker", "payload": payload})
     if resp.status_code != 202:
         raise BenchError(f"POST /v1/jobs answered {resp.status_code}: {resp.text[:300]}")
@@ -87,7 +87,7 @@ async def submit_many(
 
     async def submitter(i: int, http: httpx.AsyncClient) -> None:
         for _ in todo:
-            ids.append(await submit(http, urls[i % len(urls)], payload))
+            ids.append(await submit_ticker(http, urls[i % len(urls)], payload))
 
     async with Clients(1) as clients:
         await asyncio.gather(*(submitter(i, clients[i]) for i in range(min(n, concurrency))))
@@ -101,7 +101,7 @@ async def tickers(
     payload = {"steps": min(10000, max(1, steps)), "interval_ms": round(1000 / rate)}
     ids = []
     for i in range(jobs):
-        ids.append(await submit(http, urls[i % len(urls)], payload))
+        ids.append(await submit_ticker(http, urls[i % len(urls)], payload))
         await asyncio.sleep(1 / rate / jobs)
     return ids
 

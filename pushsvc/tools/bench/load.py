@@ -275,11 +275,12 @@ def staleness(seen: list[tuple[float, int]], changes: dict[int, float]) -> list[
     return out
 
 
-Client = Callable[[httpx.AsyncClient, str, list[str]], Awaitable[_Watch]]
+# One kind of client in a watch round (``_sse_client``, ``_poll_client``).
+WatchFn = Callable[[httpx.AsyncClient, str, list[str]], Awaitable[_Watch]]
 
 
 async def _watch_round(
-    http: httpx.AsyncClient, target: Target, o: Options, client: Client
+    http: httpx.AsyncClient, target: Target, o: Options, client: WatchFn
 ) -> dict[str, Any]:
     watcher = Watcher()  # the oracle: each change's publish time
     async with watcher.running(http, target.urls[0]), Clients(PER_CLIENT) as clients:

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 import httpx
 from httpx_sse import SSEError, aconnect_sse
 
+from ...backoff import Delays, ExponentialBackoff
 from .invariants import CLOSED, CUT, GONE, NO_CONTENT, TERMINAL, Ending, Received, WatchLog
 
-BACKOFF_S = (0.25, 2.0)  # reconnect delays after an error: first, most (EventSource: 2 s)
+# Reconnect delays after an error: 0.25 s, doubling up to 2 s (EventSource: 2 s).
+RECONNECT_BACKOFF = ExponentialBackoff(cap=2.0, base=0.25)
 POLL_S = (0.6, 1.4)  # between two polls of one job
 STOPS = frozenset({NO_CONTENT, GONE})  # answers after which no client reconnects
 
@@ -61,7 +63,7 @@ class StreamWatcher:
         self.opened = asyncio.Event()  # the first connection answered 200
 
     async def run(self) -> None:
-        delay, conn = BACKOFF_S[0], 0
+        delays, conn = Delays(RECONNECT_BACKOFF), 0
         while True:
             url = self.api.urls[self._target()] + self.path
             try:
@@ -74,11 +76,10 @@ class StreamWatcher:
                 self.log.done_at = time.time()
                 return
             if how in (CLOSED, CUT):
-                delay = BACKOFF_S[0]
+                delays.reset()
                 await asyncio.sleep(self.rng.uniform(0, 0.5))
             else:
-                await asyncio.sleep(delay)
-                delay = min(2 * delay, BACKOFF_S[1])
+                await asyncio.sleep(delays.next())
 
     def _stops(self, how: str) -> bool:
         if how in STOPS or (how.startswith("http 4") and how != "http 429"):
