@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import httpx
@@ -18,11 +19,9 @@ from pushsvc import llm_jobs, ticker  # noqa: F401
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.settings import Settings
+from pushsvc.worker import worker_session
 
 from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
-
-# The browser fixtures (real Chromium) for tests/test_web.py and tests/test_dashboard.py.
-pytest_plugins = ["tests.browser"]
 
 TENANTS = {f"key-{name}": f"tenant-{name}" for name in "abcdefghijklmnopq"}
 
@@ -210,3 +209,40 @@ async def llm(llm_stack: dict[str, str], redis: Redis) -> AsyncIterator[Client]:
     c = make_client(llm_stack["api"], "key-a", redis, llm_stack["ns"])
     yield c
     await c.http.aclose()
+
+
+# An API of its own settings and workers as a test asks (stats, metrics, limits, priorities).
+
+TICK = {"steps": 1, "interval_ms": 0}
+
+
+@asynccontextmanager
+async def ops_api(
+    server: RedisServer, redis: Redis, key: str = "key-a", **settings: str
+) -> AsyncIterator[tuple[Client, dict[str, str]]]:
+    """An API of its own namespace and settings; the test decides about workers."""
+    env = stack_env(server.url, f"o{secrets.token_hex(3)}", **settings)
+    api = Api([], env).start()
+    client = make_client(api.url, key, redis, env["PUSHSVC_NAMESPACE"])
+    try:
+        yield client, env
+    finally:
+        await client.http.aclose()
+        api.stop()
+
+
+@contextmanager
+def worker(env: dict[str, str], **settings: str) -> Iterator[Proc]:
+    proc = Proc(["worker"], {**env, **{f"PUSHSVC_{k.upper()}": v for k, v in settings.items()}})
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+async def burst(env: dict[str, str], **update: Any) -> None:
+    """Run one in-process arq worker until the queue is empty."""
+    settings = settings_for(env).model_copy(update={"poll_delay_s": 0.01, **update})
+    async with worker_session(settings, burst=True, handle_signals=False) as w:
+        await w.async_run()

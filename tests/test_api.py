@@ -1,4 +1,5 @@
-"""The v1 job endpoints over HTTP: contract shapes, bad input, tenants, idempotency, paging."""
+"""The v1 job endpoints over HTTP: contract shapes, bad input, tenants, idempotency, paging,
+the per-tenant submissions limit."""
 
 from __future__ import annotations
 
@@ -14,7 +15,14 @@ from redis.asyncio import Redis
 
 from pushsvc.worker import worker_session
 
-from .conftest import Client, error_of, settings_for, stack_env
+from .conftest import (
+    Client,
+    error_of,
+    make_client,
+    ops_api,
+    settings_for,
+    stack_env,
+)
 from .procs import Api, RedisServer
 
 TICK = {"steps": 1, "interval_ms": 0}
@@ -327,3 +335,23 @@ async def test_text_that_is_not_unicode_and_dunder_field_names_are_refused_at_su
         )
         assert resp.status_code == 422, (body["type"], resp.status_code, resp.text)
         assert resp.json()["error"]["code"] == "validation_error", resp.text
+
+
+async def test_submissions_per_minute_limit_answers_429(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    async with ops_api(redis_server, redis, tenant_submits_per_minute="3") as (client, env):
+        codes = []
+        for _ in range(5):
+            resp = await client.http.post("/v1/jobs", json={"type": "ticker", "payload": TICK})
+            codes.append(resp.status_code)
+        assert codes == [202, 202, 202, 429, 429]
+        assert resp.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(resp.headers["retry-after"]) <= 60
+        other = make_client(str(client.http.base_url), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        try:  # a limit per tenant, not for everyone
+            assert (
+                await other.http.post("/v1/jobs", json={"type": "ticker", "payload": TICK})
+            ).status_code == 202
+        finally:
+            await other.http.aclose()

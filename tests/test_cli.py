@@ -1,4 +1,4 @@
-"""The ``pushsvc`` command: the refusal to serve without keys (``dev``: tests/test_dev.py)."""
+"""The ``pushsvc`` command: the refusal to serve without keys (``dev``: tests/tools/test_dev.py)."""
 
 from __future__ import annotations
 

@@ -24,10 +24,9 @@ from pushsvc.keys import Keys
 from pushsvc.logs import settings_secrets
 from pushsvc.settings import Settings
 
-from .conftest import error_of, stack_env
+from .conftest import burst, error_of, stack_env
 from .procs import Api, RedisServer, wait_until
 from .sse import events
-from .test_ops import burst
 
 TICK = {"steps": 1, "interval_ms": 0}
 JOB = {"type": "ticker", "payload": TICK}

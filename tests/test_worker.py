@@ -1,13 +1,16 @@
-"""Job lifecycle through real API and worker processes: runs, retries, timeouts, crashes."""
+"""Job lifecycle through real API and worker processes: runs, retries, timeouts, crashes,
+and the per-tenant running limit."""
 
 from __future__ import annotations
 
 import signal
 from typing import Any
 
+from redis.asyncio import Redis
+
 from pushsvc.models import TERMINAL
 
-from .conftest import Client, stack_env
+from .conftest import Client, make_client, ops_api, stack_env, worker
 from .procs import Proc, RedisServer
 
 
@@ -191,3 +194,27 @@ async def test_worker_sigterm_hands_the_job_on_without_using_an_attempt(
     assert done["status"] == "completed" and done["attempt"] == 1
     statuses = [d for k, d in await client.log(job["id"]) if k == "status"]
     assert statuses[1]["error"]["code"] == "worker_shutdown"
+
+
+async def test_tenant_running_limit_queues_the_rest_without_starving_others(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    async with ops_api(redis_server, redis, tenant_max_running="1", throttle_delay_s="0.2") as (
+        a,
+        env,
+    ):
+        b = make_client(a.http.base_url.__str__(), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        try:
+            slow = {"steps": 5, "interval_ms": 100}
+            mine = [(await a.submit("ticker", slow))["id"] for _ in range(3)]
+            theirs = (await b.submit("ticker", slow))["id"]
+            with worker(env, worker_concurrency="4"):
+                done_a = [await a.wait(j, timeout=30) for j in mine]
+                done_b = await b.wait(theirs, timeout=30)
+        finally:
+            await b.http.aclose()
+    spans = sorted((j["started_at"], j["finished_at"]) for j in done_a)
+    assert all(
+        s2 >= f1 for (_, f1), (s2, _) in zip(spans, spans[1:], strict=False)
+    )  # one at a time
+    assert done_b["started_at"] < spans[-1][0]  # tenant b did not wait behind all of a's

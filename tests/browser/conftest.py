@@ -19,7 +19,7 @@ CHROMIUM_ARGS = [
     "--no-first-run",
 ]
 WIDE = {"width": 1280, "height": 860}
-WEB = Path(__file__).resolve().parent.parent / "web"
+WEB = Path(__file__).resolve().parents[2] / "web"
 ORIGIN = "http://pages.test"  # made up: the page's routes answer for it
 TYPES = {".js": "text/javascript", ".css": "text/css", ".html": "text/html"}
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Locator, Page, Request, expect
 
-from .procs import Api, Proc, RedisServer
+from ..procs import Api, Proc, RedisServer
 from .test_web import NARROW, console_env, shoot
 
 PUSH_S = "0.3"  # a stats frame every 0.3 s: the page follows quickly

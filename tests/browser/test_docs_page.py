@@ -16,7 +16,7 @@ from pushsvc.app import ROUTES
 from pushsvc.jobs import registry
 from pushsvc.openapi import openapi_document
 
-from .procs import Api
+from ..procs import Api
 from .test_web import shoot
 
 expect.set_options(timeout=20_000)

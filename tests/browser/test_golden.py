@@ -1,11 +1,9 @@
 """One golden fixture, both clients: ``tests/golden/events.json`` holds event sequences
-and the job a client must hold after them; the Python client's ``apply_event`` and
-pushsvc.js's ``applyEvent`` (in real Chromium) each run every case. Then real jobs on
-real API and worker processes: what each client makes of a job's events ends equal to
-what ``GET /v1/jobs/{id}`` shows after them, for every field of the snapshot.
-
-Also defines ``golden``, a job type that writes text and fails as asked; the worker
-loads it via PUSHSVC_JOB_MODULES.
+and the job a client must hold after them; pushsvc.js's ``applyEvent`` (in real Chromium)
+runs every case (the Python client's ``apply_event``: tests/test_client.py). Then real
+jobs on real API and worker processes: what each client makes of a job's events ends
+equal to what ``GET /v1/jobs/{id}`` shows after them, for every field of the snapshot.
+The ``golden`` job type (tests/golden/__init__.py) writes text and fails as asked.
 """
 
 from __future__ import annotations
@@ -15,32 +13,20 @@ import concurrent.futures
 import json
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import Page
-from pydantic import BaseModel, Field
 
-from pushsvc.client import Client, apply_event
-from pushsvc.errors import JobError
-from pushsvc.jobs import JobContext, job_type
+from pushsvc.client import Client
 from pushsvc.models import JobSnapshot
 
-from .browser import serve_web
-from .conftest import stack_env
-from .procs import Api, Proc, RedisServer
+from ..conftest import stack_env
+from ..golden import CASES, fold
+from ..procs import Api, Proc, RedisServer
+from .conftest import serve_web
 
-GOLDEN = Path(__file__).parent / "golden" / "events.json"
-CASES: list[dict[str, Any]] = json.loads(GOLDEN.read_text())["cases"]
 KEY = "key-a"
-
-
-def fold(events: list[list[Any]]) -> dict[str, Any]:
-    job: dict[str, Any] = {}
-    for kind, data in events:
-        job = apply_event(job, kind, data)
-    return job
 
 
 def browser_fold(page: Page, sequences: list[list[list[Any]]]) -> list[dict[str, Any]]:
@@ -60,11 +46,6 @@ def browser_fold(page: Page, sequences: list[list[list[Any]]]) -> list[dict[str,
 # ---- the fixture, in each client ----
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_python_client_applies_the_golden_case(case: dict[str, Any]) -> None:
-    assert fold(case["events"]) == case["expect"], case["why"]
-
-
 def test_browser_client_applies_every_golden_case(page: Page) -> None:
     got = browser_fold(page, [case["events"] for case in CASES])
     wrong = {
@@ -78,38 +59,10 @@ def test_browser_client_applies_every_golden_case(page: Page) -> None:
 # ---- against the server: the snapshot after the same events ----
 
 
-class GoldenPayload(BaseModel):
-    words: int = Field(3, ge=1, le=1000)
-    interval_ms: int = Field(0, ge=0, le=1000)
-    fail_attempts: int = Field(0, ge=0, description="attempts that fail (retryable)")
-    fail_first: bool = Field(False, description="fail those attempts before writing text")
-    fatal: bool = Field(False, description="fail for good at the end, keeping the text")
-
-
-@job_type("golden", payload=GoldenPayload, max_attempts=3)
-async def golden(ctx: JobContext, payload: GoldenPayload) -> dict[str, str]:
-    """Writes numbered words with progress; fails as asked (before or after the text)."""
-    failing = ctx.attempt <= payload.fail_attempts
-    if failing and payload.fail_first:
-        raise JobError("asked to fail first", code="golden_retry", retryable=True)
-    text = ""
-    for i in range(payload.words):
-        await asyncio.sleep(payload.interval_ms / 1000)
-        word = f"a{ctx.attempt}w{i} "
-        text += word
-        await ctx.output(word)
-        await ctx.progress(100 * (i + 1) / payload.words, "writing", f"word {i + 1}")
-    if failing:
-        raise JobError("asked to fail after writing", code="golden_retry", retryable=True)
-    if payload.fatal:
-        raise JobError("asked to fail for good", code="golden_fatal", result={"text": text})
-    return {"text": text}
-
-
 @pytest.fixture(scope="module")
 def golden_api(redis_server: RedisServer) -> Iterator[Api]:
     env = stack_env(redis_server.url, f"g{secrets.token_hex(3)}")
-    env["PUSHSVC_JOB_MODULES"] = "tests.jobtypes,tests.test_golden"
+    env["PUSHSVC_JOB_MODULES"] = "tests.jobtypes,tests.golden"
     worker = Proc(["worker"], env).start()
     api = Api([], env).start()
     try:

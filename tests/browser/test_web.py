@@ -25,9 +25,9 @@ from starlette.testclient import TestClient
 from pushsvc.jobs import JobContext, job_type
 from pushsvc.web import make_routes, web_dir
 
-from .browser import serve_web
-from .conftest import stack_env
-from .procs import ROOT, Api, Proc, RedisServer
+from ..conftest import stack_env
+from ..procs import ROOT, Api, Proc, RedisServer
+from .conftest import serve_web
 
 ARTIFACTS = ROOT / "artifacts"
 expect.set_options(timeout=20_000)  # jobs take seconds; a shared 2-core machine, more
@@ -64,7 +64,7 @@ def console_env(redis_url: str, namespace: str, **extra: str) -> dict[str, str]:
     """No API keys (loopback allows it): the console needs no key."""
     env = stack_env(redis_url, namespace, **extra)
     del env["PUSHSVC_API_KEYS"], env["PUSHSVC_SECRET"]
-    env["PUSHSVC_JOB_MODULES"] = "tests.jobtypes,tests.test_web"
+    env["PUSHSVC_JOB_MODULES"] = "tests.jobtypes,tests.browser.test_web"
     env["PUSHSVC_PUBLISH_RATE_HZ"] = "20"  # what a real deployment would use
     return env
 

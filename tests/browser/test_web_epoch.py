@@ -2,10 +2,10 @@
 stream) and ``watchJob``/``watchJobs`` on a page apply the ``reset`` snapshots and the
 ``failed``/``state_lost`` ends a Redis that lost history brings.
 
-A private redis-server (``SnapshotRedis`` from test_epoch) is SAVEd mid-stream, killed
-with SIGKILL once the page showed text the RDB lacks, and started again from that older
-RDB, or empty; the API and worker run on it, never on the shared Redis. Every wait is
-for something the page shows or a watcher received, never for time.
+A private redis-server (``SnapshotRedis``, from scenarios/test_redis_loses_history.py) is
+SAVEd mid-stream, killed with SIGKILL once the page showed text the RDB lacks, and started
+again from that older RDB, or empty; the API and worker run on it, never on the shared
+Redis. Every wait is for something the page shows or a watcher received, never for time.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import pytest
 from playwright.sync_api import Page, expect
 from playwright.sync_api import TimeoutError as PageTimeout
 
-from .conftest import model_answer
-from .procs import Api, Proc
-from .test_epoch import SnapshotRedis
-from .test_faults import logs_on_failure
+from ..conftest import model_answer
+from ..procs import Api, Proc
+from ..scenarios.test_redis_loses_history import SnapshotRedis
+from ..scenarios.test_redis_outages import logs_on_failure
 from .test_web import card, console_env, get_job
 
 PROMPT = "[[tokens:170]] [[rate:25]] the lighthouse keeper's log"  # about 7 s of text

@@ -31,8 +31,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from .conftest import stack_env
-from .procs import Api, RedisServer
+from ..conftest import stack_env
+from ..procs import Api, RedisServer
 
 KEY = "key-a"
 TYPES = ["ticker", "generate", "generate_items", "batch", "sleepy", "chatty"]

@@ -32,8 +32,8 @@ from pushsvc.responses import (
     json_response,
 )
 
-from .conftest import Client
-from .sse import events
+from ..conftest import Client
+from ..sse import events
 
 # Text a JSON encoder escapes (quotes, backslashes, controls), wide characters, and
 # characters it does not (U+2028, non-ASCII): at every slice boundary somewhere.

@@ -6,7 +6,7 @@ brings its own ``pushsvc`` processes on the session's private redis-server, in a
 namespace of its own, reads streams with httpx over real sockets, and ends with every
 job's terminal event at every subscriber (or a failure saying what is missing).
 Redis restarts and outages, a worker killed mid-job, connect/disconnect cycles and bad
-bodies are covered by test_faults.py, test_worker.py, test_sse.py and test_api.py.
+bodies are covered by test_redis_outages.py, test_worker.py, test_sse.py and test_api.py.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from redis.asyncio import Redis
 
 from pushsvc.keys import Keys
 
-from .conftest import stack_env
-from .procs import Api, Proc, RedisServer
-from .sse import TERMINAL, Event, Stream, assert_gap_free, events, output_of
-from .test_faults import collect, describe, logs_on_failure, metric
+from ..conftest import stack_env
+from ..procs import Api, Proc, RedisServer
+from ..sse import TERMINAL, Event, Stream, assert_gap_free, events, output_of
+from .test_redis_outages import collect, describe, logs_on_failure, metric
 
 KEY = "key-a"
 

@@ -15,8 +15,8 @@ from redis.asyncio import Redis
 
 from pushsvc.settings import Settings
 
-from .conftest import Client, make_client, model_answer, stack_env
-from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
+from ..conftest import Client, make_client, model_answer, stack_env
+from ..procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
 
 PROMPT = "[[tokens:40]] the harbour at dawn"
 

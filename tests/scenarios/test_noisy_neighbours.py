@@ -28,10 +28,10 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from .conftest import stack_env
-from .procs import Api, Proc, RedisServer
-from .sse import Event, Stream, assert_gap_free, output_of
-from .test_failures import (
+from ..conftest import stack_env
+from ..procs import Api, Proc, RedisServer
+from ..sse import Event, Stream, assert_gap_free, output_of
+from .test_kills_under_load import (
     cancel_all,
     http_to,
     metrics_of,
@@ -39,7 +39,7 @@ from .test_failures import (
     raise_fd_limit,
     until_metric,
 )
-from .test_faults import collect, describe, metric
+from .test_redis_outages import collect, describe, metric
 
 NON_READERS, LATE_READERS, HERD, REPLAYS, LISTERS = 200, 4, 150, 10, 6
 LISTER_JOBS = 300

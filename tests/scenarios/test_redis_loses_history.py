@@ -23,10 +23,10 @@ import httpx
 import pytest
 import redis
 
-from .conftest import model_answer, stack_env
-from .procs import Api, Proc, RedisServer
-from .sse import TERMINAL, Event, Stream, settled
-from .test_faults import collect, describe, http_for, logs_on_failure
+from ..conftest import model_answer, stack_env
+from ..procs import Api, Proc, RedisServer
+from ..sse import TERMINAL, Event, Stream, settled
+from .test_redis_outages import collect, describe, http_for, logs_on_failure
 
 PROMPT = "[[tokens:150]] [[rate:25]] tides in a lighthouse town"  # about 6 s of text
 LONG_PROMPT = "[[tokens:400]] [[rate:25]] a long walk along the harbour"  # about 16 s

@@ -22,9 +22,9 @@ from redis.asyncio import Redis
 
 from pushsvc.keys import Keys
 
-from .conftest import TENANTS, stack_env
-from .procs import Api, DurableRedis, Proc, RedisServer
-from .sse import TERMINAL, Event, Stream, events
+from ..conftest import TENANTS, stack_env
+from ..procs import Api, DurableRedis, Proc, RedisServer
+from ..sse import TERMINAL, Event, Stream, events
 
 SLOW = {"steps": 40, "interval_ms": 100}  # about 4 s, one progress event per step
 

@@ -21,10 +21,10 @@ import redis
 from pushsvc.connections import SentinelPool
 from pushsvc.keys import Keys
 
-from .conftest import stack_env
-from .procs import Api, Proc, SentinelSet
-from .sse import TERMINAL, Event, Stream
-from .test_faults import collect, describe, http_for, logs_on_failure, submit
+from ..conftest import stack_env
+from ..procs import Api, Proc, SentinelSet
+from ..sse import TERMINAL, Event, Stream
+from .test_redis_outages import collect, describe, http_for, logs_on_failure, submit
 
 Stack = tuple[SentinelSet, Api, list[Proc], str]
 

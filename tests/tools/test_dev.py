@@ -21,7 +21,7 @@ import redis
 from pushsvc.settings import Settings
 from pushsvc.tools.dev import redact_url
 
-from .procs import ROOT, RedisServer, free_port, http_ok, wait_until
+from ..procs import ROOT, RedisServer, free_port, http_ok, wait_until
 
 STARTUP_S = 30  # two cores shared with other tests: a stack takes a while
 

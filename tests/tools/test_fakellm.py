@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 
 from pushsvc.tools.fakellm import create_fake_llm_app
 
-from .procs import wait_until
+from ..procs import wait_until
 
 FAST = 2000.0  # tokens a second: tests that do not measure pacing should not wait for it
 
