@@ -51,15 +51,7 @@ async def retry(store: JobStore, queue: Queue, tenant: str, job_id: str, seen: J
 
 
 async def _publish(store: JobStore, fields: dict[str, Any], change: Transition) -> Reply:
-    return await store.publish(
-        fields["id"],
-        fields["tenant"],
-        change.kind,
-        change.data,
-        change.fields,
-        expect=change.expect,
-        enqueue=change.enqueue,
-    )
+    return await transitions.publish(store, fields["id"], fields["tenant"], change)
 
 
 async def load(store: JobStore, tenant: str, job_id: str) -> dict[str, Any]:

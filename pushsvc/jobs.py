@@ -403,17 +403,13 @@ class JobContext:
             return reply
 
     async def _send(self, change: Transition, lease_until_ms: float | None) -> Reply:
-        return await self._store.publish(
+        return await transitions.publish(
+            self._store,
             self.job_id,
             self.tenant,
-            change.kind,
-            change.data,
-            change.fields,
-            expect=change.expect,
-            delta=change.delta,
+            change,
             writer=self.writer,
             lease_until_ms=lease_until_ms,
-            enqueue=change.enqueue,
         )
 
     def _note(self, reply: Published, delta: str) -> None:

@@ -36,16 +36,8 @@ Requeue = Callable[[dict[str, Any], JobError], Awaitable[Transition]]
 
 async def publish_as(store: JobStore, fields: dict[str, Any], change: Transition) -> None:
     """Publish ``change`` for an attempt this worker does not run (the reaper's)."""
-    await store.publish(
-        fields["id"],
-        fields["tenant"],
-        change.kind,
-        change.data,
-        change.fields,
-        expect=change.expect,
-        writer=Writer(fields["arq_id"]),
-        enqueue=change.enqueue,
-    )
+    writer = Writer(fields["arq_id"])
+    await transitions.publish(store, fields["id"], fields["tenant"], change, writer=writer)
 
 
 class Leases:

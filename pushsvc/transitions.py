@@ -17,7 +17,7 @@ from typing import Any
 from .errors import JobError
 from .models import JobStatus
 from .queue import Enqueue
-from .store import EVENT_EXCLUDE, to_snapshot
+from .store import EVENT_EXCLUDE, JobStore, Reply, to_snapshot
 
 RUNNING = (JobStatus.RUNNING,)
 QUEUED = (JobStatus.QUEUED,)
@@ -31,6 +31,20 @@ class Transition:
     expect: tuple[JobStatus, ...] = RUNNING
     delta: str = ""
     enqueue: Enqueue | None = None
+
+
+async def publish(
+    store: JobStore, job_id: str, tenant: str, change: Transition, **extra: Any
+) -> Reply:
+    """Publish ``change`` of one job; ``extra``: who writes, the lease, the tenant's limit,
+    or an enqueue of the caller's own (``JobStore.publish``'s options)."""
+    options: dict[str, Any] = {
+        "expect": change.expect,
+        "delta": change.delta,
+        "enqueue": change.enqueue,
+        **extra,
+    }
+    return await store.publish(job_id, tenant, change.kind, change.data, change.fields, **options)
 
 
 def start(job: dict[str, Any], owner: str, now: float) -> Transition:

@@ -91,19 +91,17 @@ class Runner:
         later = new_arq_id(fields["id"])
         delay = jittered(self.settings.throttle_delay_s)
         change = transitions.start(fields, secrets.token_hex(6), now)
-        started = await self.store.publish(
+        priority = fields.get("priority", "normal")
+        started = await transitions.publish(
+            self.store,
             fields["id"],
             fields["tenant"],
-            change.kind,
-            change.data,
-            change.fields,
-            expect=change.expect,
+            change,
             writer=Writer(arq_id),
             lease_until_ms=self.leases.deadline(),
             max_running=limit,
-            enqueue=self.queue.prepare(later, fields["id"], delay, fields.get("priority", "normal"))
-            if limit
-            else None,
+            # At the tenant's limit the attempt is queued again, later, in the same call.
+            enqueue=self.queue.prepare(later, fields["id"], delay, priority) if limit else None,
         )
         if not isinstance(started, Published):
             return None
