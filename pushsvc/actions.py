@@ -8,8 +8,9 @@ from typing import Any
 from . import transitions
 from .errors import Conflict, NotFound
 from .models import JobStatus
+from .publish import Published, Rejected, Reply
 from .queue import Queue, new_arq_id
-from .store import JobStore, Published, Rejected, Reply
+from .store import JobStore
 from .transitions import Transition
 
 

@@ -26,6 +26,8 @@ from .errors import (
     Unavailable,
     ValidationFailed,
 )
+from .fields import to_snapshot
+from .jobs import JobType
 from .models import (
     CancelRequested,
     Job,
@@ -41,7 +43,7 @@ from .operations import Header, Param, Reply, by_method, operation, schema_ref
 from .queue import new_arq_id
 from .responses import JSONResponse, json_response
 from .settings import Settings
-from .store import JobHead, to_snapshot
+from .store import JobHead
 
 if TYPE_CHECKING:  # app.py builds the services (and imports this module for its routes)
     from .app import Services
@@ -116,9 +118,26 @@ async def submit(request: Request) -> Response:
     req, job_type, payload = parse_submit(
         await read_json(request, svc.settings.max_body_bytes), svc.types
     )
+    fields = _new_job(tenant, job_type, req, payload)
+    job_id = fields["id"]
+    idem = _idempotency(request, svc, tenant, req)
+    enqueue = svc.queue.prepare(fields["arq_id"], job_id, priority=req.priority.value)
+    found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, enqueue, idem)
+    if earlier_fingerprint is not None:
+        return await _replayed(svc, tenant, found, earlier_fingerprint, idem)
+    request.app.state.metrics.submitted.labels(job_type.name).inc()
+    # The job is what was just written (its first event is seq 1): no need to read it back.
+    snap = to_snapshot({**fields, "seq": 1, "epoch": epoch})
+    headers = {"Location": f"/v1/jobs/{job_id}"}
+    return JSONResponse(job_body(svc, tenant, snap).model_dump(mode="json"), 202, headers)
+
+
+def _new_job(
+    tenant: str, job_type: JobType[Any], req: SubmitRequest, payload: BaseModel
+) -> dict[str, Any]:
+    """A new job's fields: queued, its first attempt of its first run."""
     job_id = str(uuid.uuid4())
-    arq_id = new_arq_id(job_id)
-    fields: dict[str, Any] = {
+    return {
         "id": job_id,
         "type": job_type.name,
         "tenant": tenant,
@@ -128,28 +147,28 @@ async def submit(request: Request) -> Response:
         "attempt": 1,
         "max_attempts": job_type.max_attempts,
         "run": 1,
-        "arq_id": arq_id,
+        "arq_id": new_arq_id(job_id),
         "created_at": time.time(),
         "output": "",
     }
-    idem = _idempotency(request, svc, tenant, req)
-    enqueue = svc.queue.prepare(arq_id, job_id, priority=req.priority.value)
-    found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, enqueue, idem)
-    headers = {}
-    if earlier_fingerprint is not None:
-        assert idem is not None
-        if earlier_fingerprint != idem[1]:
-            raise Conflict(
-                "this Idempotency-Key was used with a different request",
-                code="idempotency_key_reused",
-            )
-        headers["Idempotent-Replayed"] = "true"
-        return await _job_response(svc, tenant, found, 202, headers)
-    request.app.state.metrics.submitted.labels(job_type.name).inc()
-    # The job is what was just written (its first event is seq 1): no need to read it back.
-    snap = to_snapshot({**fields, "seq": 1, "epoch": epoch})
-    headers["Location"] = f"/v1/jobs/{job_id}"
-    return JSONResponse(job_body(svc, tenant, snap).model_dump(mode="json"), 202, headers)
+
+
+async def _replayed(
+    svc: Services,
+    tenant: str,
+    job_id: str,
+    earlier_fingerprint: str,
+    idem: tuple[str, str] | None,
+) -> Response:
+    """The job an earlier request with the same Idempotency-Key created; a Conflict when
+    that request was another."""
+    assert idem is not None
+    if earlier_fingerprint != idem[1]:
+        raise Conflict(
+            "this Idempotency-Key was used with a different request",
+            code="idempotency_key_reused",
+        )
+    return await _job_response(svc, tenant, job_id, 202, {"Idempotent-Replayed": "true"})
 
 
 def _idempotency(

@@ -6,7 +6,7 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -160,6 +160,26 @@ def _freeze_startup_heap() -> None:
 def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
     """Build the app; Redis is opened by the lifespan and closed in reverse."""
     loaded = load_job_modules(settings)
+    app = Starlette(
+        routes=ROUTES,
+        exception_handlers={
+            ApiError: api_error,
+            RedisError: redis_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },
+        lifespan=_lifespan(settings, types or loaded),
+        # The guard inside CORS: an allowed origin can read the errors it answers.
+        middleware=[Middleware(AccessLog), *_cors(settings), Middleware(RequestGuard, settings)],
+    )
+    app.state.metrics = metrics.make_api_metrics(app)
+    return app
+
+
+def _lifespan(
+    settings: Settings, types: Registry
+) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """What the app opens at startup (``Services``) and closes, in reverse, at shutdown."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -179,7 +199,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
                     store,
                     Queue(redis, settings),
                     Authenticator(settings),
-                    types or loaded,
+                    types,
                     bus,
                     drain,
                     reads,
@@ -190,20 +210,7 @@ def create_app(settings: Settings, types: Registry | None = None) -> Starlette:
         finally:
             await redis.aclose()
 
-    app = Starlette(
-        routes=ROUTES,
-        exception_handlers={
-            ApiError: api_error,
-            RedisError: redis_error,
-            HTTPException: http_error,
-            Exception: internal_error,
-        },
-        lifespan=lifespan,
-        # The guard inside CORS: an allowed origin can read the errors it answers.
-        middleware=[Middleware(AccessLog), *_cors(settings), Middleware(RequestGuard, settings)],
-    )
-    app.state.metrics = metrics.make_api_metrics(app)
-    return app
+    return lifespan
 
 
 def _cors(settings: Settings) -> list[Middleware]:

@@ -139,14 +139,6 @@ def bench(
     minutes: Annotated[float | None, typer.Option(help="minutes of faults (chaos)")] = None,
 ) -> None:
     """Load-test a stack (its own, unless given --url) and print the figures."""
-    try:
-        from .tools.bench.command import bench_command
-    except ModuleNotFoundError as exc:
-        if exc.name != "psutil":
-            raise
-        typer.echo("pushsvc bench needs psutil: pip install 'pushsvc[bench]'", err=True)
-        raise typer.Exit(2) from None
-
     options = {
         "streams": streams,
         "jobs": jobs,
@@ -157,7 +149,19 @@ def bench(
         "per_client": per_client,
         "minutes": minutes,
     }
-    raise typer.Exit(bench_command(scenario, url, as_json, options))
+    raise typer.Exit(_run_bench(scenario, url, as_json, options))
+
+
+def _run_bench(scenario: str, url: str | None, as_json: bool, options: dict[str, Any]) -> int:
+    """The bench's command, imported only now: it needs psutil, the ``bench`` extra."""
+    try:
+        from .tools.bench.command import bench_command
+    except ModuleNotFoundError as exc:
+        if exc.name != "psutil":
+            raise
+        typer.echo("pushsvc bench needs psutil: pip install 'pushsvc[bench]'", err=True)
+        raise typer.Exit(2) from None
+    return bench_command(scenario, url, as_json, options)
 
 
 def main() -> None:

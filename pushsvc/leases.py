@@ -20,11 +20,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import transitions
+from .context import JobContext
 from .errors import JobError
-from .jobs import JobContext
+from .publish import Writer
 from .queue import Queue
 from .settings import Settings
-from .store import JobStore, Writer
+from .store import JobStore
 from .transitions import Transition
 
 logger = logging.getLogger(__name__)

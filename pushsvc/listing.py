@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 from .errors import BadRequest
+from .fields import to_snapshot
 from .models import JobSnapshot, JobStatus
 from .reads import BulkReads
-from .store import to_snapshot
 
 # Index entries a filtered listing checks per round trip (status and type alone, in
 # Redis): 4,000 jobs are 8 short scripts, not 4,000 whole jobs read one after another.

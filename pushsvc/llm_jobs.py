@@ -9,14 +9,15 @@ import dataclasses
 import json
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .backoff import FullJitterBackoff, floored
+from .context import JobContext
 from .errors import JobError
-from .jobs import JobContext, job_type
+from .jobs import job_type
 from .llm import Completion
 from .progress import Gauge
 
@@ -213,6 +214,17 @@ async def run_items(
         if len(errors) > tolerance * count:
             raise _ToleranceExceeded
 
+    await _run_all(count, one)
+    await ctx.stage("finalizing")
+    outcome = _outcome(made, errors, name, inline_finish)
+    if len(errors) > tolerance * count:
+        raise _too_many_failures(errors, count, name, tolerance, outcome)
+    return outcome
+
+
+async def _run_all(count: int, one: Callable[[int], Coroutine[Any, Any, None]]) -> None:
+    """``one(i)`` for every item, in one task group; an item's error (not the tolerance
+    stopping the rest) is raised as itself, not as the group."""
     try:
         async with asyncio.TaskGroup() as group:
             for i in range(count):
@@ -221,18 +233,20 @@ async def run_items(
         bugs = [e for e in group_error.exceptions if not isinstance(e, _ToleranceExceeded)]
         if bugs:  # surface the error, not the group
             raise bugs[0] from None
-    await ctx.stage("finalizing")
-    outcome = _outcome(made, errors, name, inline_finish)
-    if len(errors) > tolerance * count:
-        codes = Counter(e["code"] for e in errors).most_common()
-        raise JobError(
-            f"{len(errors)} of {count} {name} failed (tolerance {tolerance:g}): "
-            + ", ".join(f"{n} {code}" for code, n in codes),
-            code="too_many_failures",
-            retryable=all(e["retryable"] for e in errors),
-            result=outcome,
-        )
-    return outcome
+
+
+def _too_many_failures(
+    errors: list[dict[str, Any]], count: int, name: str, tolerance: float, outcome: dict[str, Any]
+) -> JobError:
+    """The job's error past the tolerance: retryable when every failure was."""
+    codes = Counter(e["code"] for e in errors).most_common()
+    return JobError(
+        f"{len(errors)} of {count} {name} failed (tolerance {tolerance:g}): "
+        + ", ".join(f"{n} {code}" for code, n in codes),
+        code="too_many_failures",
+        retryable=all(e["retryable"] for e in errors),
+        result=outcome,
+    )
 
 
 def _outcome(

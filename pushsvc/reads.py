@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .epoch import StreamPosition
+from .fields import to_snapshot
 from .frames import Frame
 from .models import JobSnapshot
 from .settings import Settings
-from .store import JobHead, JobStore, to_snapshot
+from .store import JobHead, JobStore
 
 
 @dataclass(eq=False)

@@ -8,10 +8,10 @@ import time
 from typing import Any
 
 from .epoch import StreamPosition
+from .fields import EVENT_EXCLUDE
 from .frames import Frame
 from .models import TERMINAL, JobSnapshot
 from .reads import StoredJob
-from .store import EVENT_EXCLUDE
 
 NO_TENANT_POSITION = StreamPosition(0)
 

@@ -16,11 +16,13 @@ from .api import get_owned_head, missing_job, services
 from .auth import TENANT_SCOPE, job_scope
 from .epoch import StreamPosition
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
+from .job_stream import JobStream
 from .models import StreamToken
+from .mux_stream import MuxStream
 from .operations import SSE, TEXT, Param, Reply, operation
 from .responses import EventStream, JSONResponse
 from .store import JobHead
-from .streams import JobStream, MuxStream, _Stream
+from .streams import _Stream
 
 if TYPE_CHECKING:  # app.py builds the services (and imports this module for its routes)
     from .app import Services

@@ -1,96 +1,25 @@
-"""Job state in Redis: the atomic publish path (Lua), snapshots and event logs."""
+"""Job state in Redis: the publish scripts run (Lua), snapshots, heads and event logs."""
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
-from dataclasses import field as dc_field
 from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
-from .epoch import StreamPosition, new_epoch
+from .epoch import StreamPosition
+from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
+from .publish import Diverged, PublishCall, Published, Rejected, Reply, Throttled, Writer
 from .queue import Enqueue
 from .settings import Settings
-
-# Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
-RAW_FIELDS = frozenset(
-    {"status", "tenant", "arq_id", "cancel", "type", "priority", "epoch", "gen", "owner", "tep"}
-)
-INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run", "updated_at"})
-SNAPSHOT_FIELDS = frozenset(JobSnapshot.model_fields)
-# Event bodies leave these out: the script prepends the seq; the epoch is in the SSE id.
-EVENT_EXCLUDE: set[str] = {"seq", "epoch"}
 
 
 def _lua(name: str) -> str:
     return (resources.files(__package__) / "lua" / name).read_text()
-
-
-def encode_fields(fields: dict[str, Any]) -> list[str]:
-    """Flatten ``fields`` into HSET arguments, JSON-encoding all but the raw and int fields."""
-    flat: list[str] = []
-    for name, value in fields.items():
-        flat.append(name)
-        if name in RAW_FIELDS or name in INT_FIELDS:
-            flat.append(str(value))
-        else:
-            flat.append(json.dumps(value, separators=(",", ":")))
-    return flat
-
-
-def decode_fields(raw: dict[bytes, bytes], output: bytes | None) -> dict[str, Any]:
-    out: dict[str, Any] = {"output": (output or b"").decode()}
-    for key_b, value_b in raw.items():
-        key, value = key_b.decode(), value_b.decode()
-        if key in RAW_FIELDS:
-            out[key] = value
-        elif key in INT_FIELDS:
-            out[key] = int(value)
-        else:
-            out[key] = json.loads(value)
-    return out
-
-
-@dataclass(frozen=True)
-class Published:
-    seq: int
-    status: JobStatus
-    cancel_requested: bool
-    epoch: str = ""
-
-    @property
-    def position(self) -> StreamPosition:
-        return StreamPosition(self.seq, self.epoch)
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A transition refused because the job was in another state (or attempt, or owner)."""
-
-    status: JobStatus
-
-
-@dataclass(frozen=True)
-class Throttled:
-    """A start refused because the tenant is at its running limit; it was re-queued."""
-
-
-@dataclass(frozen=True)
-class Diverged:
-    """A worker's write refused: the stored job is not the history the worker wrote
-    (another epoch, or fewer events): Redis lost or rewound it. The worker repairs."""
-
-    status: JobStatus
-    position: StreamPosition
-
-
-Reply = Published | Rejected | Throttled | Diverged | None
 
 
 @dataclass(frozen=True)
@@ -101,89 +30,6 @@ class JobHead:
     tenant: str
     status: JobStatus
     position: StreamPosition
-
-
-@dataclass(frozen=True)
-class Writer:
-    """A running attempt as a writer: its arq id, the worker run that owns it, and the
-    last position it published (``known``), which the store must still hold."""
-
-    arq_id: str
-    owner: str = ""
-    known: StreamPosition | None = None
-
-
-@dataclass(frozen=True)
-class PublishCall:
-    """One call of the publish scripts: what to change and under which conditions.
-
-    ``layout`` turns it into the KEYS and ARGV that lua/publish_fn.lua names.
-    """
-
-    job_id: str
-    tenant: str
-    kind: str
-    data: dict[str, Any]
-    fields: dict[str, Any] = dc_field(default_factory=dict)
-    expect: tuple[JobStatus, ...] = ()  # refused unless the job is in one of these
-    delta: str = ""  # appended to the output
-    writer: Writer | None = None  # refused unless the job is still this attempt's
-    lease_until_ms: float | None = None  # running: take (or renew) the lease
-    enqueue: Enqueue | None = None  # an arq job written with the change
-    max_running: int | None = None  # a start refused at the tenant's running limit
-    fingerprint: str = ""  # create: the idempotency fingerprint
-    index_score: int = 0  # create and repair: the job's place in the tenant index
-
-    def layout(self, keys: Keys, settings: Settings) -> tuple[list[str], list[Any]]:
-        enq, writer = self.enqueue, self.writer
-        fields = dict(self.fields)
-        reset_output = fields.pop("output", None) is not None
-        # The script prepends '{"seq":N,' so stored and published JSON carry the seq.
-        body = json.dumps(
-            {"job_id": self.job_id, "ts": time.time(), **self.data}, separators=(",", ":")
-        )
-        known = writer.known if writer else None
-        key_list = [
-            keys.job(self.job_id),
-            keys.job_log(self.job_id),
-            keys.tenant_log(self.tenant),
-            keys.tenant_position(self.tenant),
-            keys.leases,
-            enq.target if enq else keys.leases,
-            enq.key if enq else keys.leases,
-            keys.job_output(self.job_id),
-            keys.tenant_running(self.tenant),
-            keys.stats,
-            keys.epoch,
-        ]
-        args: list[Any] = [
-            settings.job_ttl_s,
-            settings.job_log_cap,
-            settings.tenant_log_cap,
-            self.kind,
-            body[1:],
-            ",".join(self.expect),
-            self.delta,
-            keys.job_channel(self.job_id),
-            keys.tenant_channel(self.tenant),
-            writer.arq_id if writer else "",
-            "" if self.lease_until_ms is None else int(self.lease_until_ms),
-            self.job_id,
-            enq.payload if enq else "",
-            enq.px if enq else 0,
-            enq.score if enq else 0,
-            enq.member if enq else "",
-            self.fingerprint,
-            self.index_score,
-            "1" if reset_output else "",
-            self.max_running or "",
-            writer.owner if writer else "",
-            known.epoch if known else "",
-            new_epoch(),
-            known.seq if known else 0,
-            *encode_fields(fields),
-        ]
-        return key_list, args
 
 
 class Created(NamedTuple):
@@ -481,10 +327,6 @@ def _continues(after: StreamPosition, entries: list[Any], seq: int, epoch: str) 
     if not entries:
         return after.seq == seq  # nothing after it, unless the log lost it
     return _seq_of(entries[0][0]) == after.seq + 1
-
-
-def to_snapshot(fields: dict[str, Any]) -> JobSnapshot:
-    return JobSnapshot.model_validate({k: v for k, v in fields.items() if k in SNAPSHOT_FIELDS})
 
 
 def _sid(seq: int) -> str:

@@ -6,8 +6,9 @@ import asyncio
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .context import JobContext
 from .errors import JobError
-from .jobs import JobContext, job_type
+from .jobs import job_type
 
 
 class TickerPayload(BaseModel):

@@ -3,7 +3,7 @@ typed value.
 
 A ``Transition`` says what to publish (event kind and data), which snapshot fields to
 set, from which states it may start, and what to enqueue with it; the caller hands it to
-the store (a worker together with who writes, ``store.Writer``). Keeping them here means
+the store (a worker together with who writes, ``publish.Writer``). Keeping them here means
 the fields a transition touches are written once, not at every call site.
 """
 
@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import JobError
+from .fields import EVENT_EXCLUDE, to_snapshot
 from .models import JobStatus
+from .publish import Reply
 from .queue import Enqueue
-from .store import EVENT_EXCLUDE, JobStore, Reply, to_snapshot
+from .store import JobStore
 
 RUNNING = (JobStatus.RUNNING,)
 QUEUED = (JobStatus.QUEUED,)

@@ -25,14 +25,16 @@ from redis.exceptions import WatchError
 
 from . import transitions
 from .backoff import Delays, ExponentialBackoff, floored, jittered
+from .context import JobContext, Resources
 from .errors import JobError
-from .jobs import JobContext, JobType, Registry, Resources, load_job_modules
+from .jobs import JobType, Registry, load_job_modules
 from .leases import Leases, publish_as
 from .logs import bind_job
 from .metrics import WorkerMetrics
+from .publish import Published, Writer
 from .queue import Queue, connect, make_worker, new_arq_id
 from .settings import Settings
-from .store import JobStore, Published, Writer
+from .store import JobStore
 from .transitions import Transition
 
 logger = logging.getLogger(__name__)

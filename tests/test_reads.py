@@ -13,10 +13,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from pushsvc.epoch import StreamPosition
 from pushsvc.events import QueueStats
 from pushsvc.frames import Frame
+from pushsvc.job_stream import JobStream
 from pushsvc.reads import BulkReads, StoredJob
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
-from pushsvc.streams import PING, JobStream
+from pushsvc.streams import PING
 
 JOB = {
     "id": "j",

@@ -15,9 +15,10 @@ from pushsvc.connections import make_pool
 from pushsvc.epoch import StreamPosition
 from pushsvc.jobs import JobContext
 from pushsvc.models import JobStatus
+from pushsvc.publish import Diverged, PublishCall, Published, Rejected, Writer
 from pushsvc.queue import Queue
 from pushsvc.settings import Settings
-from pushsvc.store import Diverged, JobStore, PublishCall, Published, Rejected, Writer
+from pushsvc.store import JobStore
 
 from .procs import RedisServer
 

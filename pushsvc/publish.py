@@ -1,0 +1,146 @@
+"""One call of the publish scripts (lua/publish_fn.lua): who writes (``Writer``), the
+KEYS and ARGV it lays out (``PublishCall``), and what the script answers (``Reply``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from dataclasses import field as dc_field
+from typing import Any
+
+from .epoch import StreamPosition, new_epoch
+from .fields import encode_fields
+from .keys import Keys
+from .models import JobStatus
+from .queue import Enqueue
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class Published:
+    seq: int
+    status: JobStatus
+    cancel_requested: bool
+    epoch: str = ""
+
+    @property
+    def position(self) -> StreamPosition:
+        return StreamPosition(self.seq, self.epoch)
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A transition refused because the job was in another state (or attempt, or owner)."""
+
+    status: JobStatus
+
+
+@dataclass(frozen=True)
+class Throttled:
+    """A start refused because the tenant is at its running limit; it was re-queued."""
+
+
+@dataclass(frozen=True)
+class Diverged:
+    """A worker's write refused: the stored job is not the history the worker wrote
+    (another epoch, or fewer events): Redis lost or rewound it. The worker repairs."""
+
+    status: JobStatus
+    position: StreamPosition
+
+
+Reply = Published | Rejected | Throttled | Diverged | None
+
+
+@dataclass(frozen=True)
+class Writer:
+    """A running attempt as a writer: its arq id, the worker run that owns it, and the
+    last position it published (``known``), which the store must still hold."""
+
+    arq_id: str
+    owner: str = ""
+    known: StreamPosition | None = None
+
+
+@dataclass(frozen=True)
+class PublishCall:
+    """One call of the publish scripts: what to change and under which conditions.
+
+    ``layout`` turns it into the KEYS and ARGV that lua/publish_fn.lua names.
+    """
+
+    job_id: str
+    tenant: str
+    kind: str
+    data: dict[str, Any]
+    fields: dict[str, Any] = dc_field(default_factory=dict)
+    expect: tuple[JobStatus, ...] = ()  # refused unless the job is in one of these
+    delta: str = ""  # appended to the output
+    writer: Writer | None = None  # refused unless the job is still this attempt's
+    lease_until_ms: float | None = None  # running: take (or renew) the lease
+    enqueue: Enqueue | None = None  # an arq job written with the change
+    max_running: int | None = None  # a start refused at the tenant's running limit
+    fingerprint: str = ""  # create: the idempotency fingerprint
+    index_score: int = 0  # create and repair: the job's place in the tenant index
+
+    def layout(self, keys: Keys, settings: Settings) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them."""
+        return self._keys(keys), self._args(keys, settings)
+
+    def _keys(self, keys: Keys) -> list[str]:
+        enq = self.enqueue
+        return [
+            keys.job(self.job_id),
+            keys.job_log(self.job_id),
+            keys.tenant_log(self.tenant),
+            keys.tenant_position(self.tenant),
+            keys.leases,
+            enq.target if enq else keys.leases,
+            enq.key if enq else keys.leases,
+            keys.job_output(self.job_id),
+            keys.tenant_running(self.tenant),
+            keys.stats,
+            keys.epoch,
+        ]
+
+    def _body(self) -> str:
+        """The event JSON without its opening brace: the script prepends '{"seq":N,', so
+        stored and published JSON carry the seq."""
+        body = json.dumps(
+            {"job_id": self.job_id, "ts": time.time(), **self.data}, separators=(",", ":")
+        )
+        return body[1:]
+
+    def _args(self, keys: Keys, settings: Settings) -> list[Any]:
+        enq, writer = self.enqueue, self.writer
+        fields = dict(self.fields)
+        reset_output = fields.pop("output", None) is not None
+        known = writer.known if writer else None
+        return [
+            settings.job_ttl_s,
+            settings.job_log_cap,
+            settings.tenant_log_cap,
+            self.kind,
+            self._body(),
+            ",".join(self.expect),
+            self.delta,
+            keys.job_channel(self.job_id),
+            keys.tenant_channel(self.tenant),
+            writer.arq_id if writer else "",
+            "" if self.lease_until_ms is None else int(self.lease_until_ms),
+            self.job_id,
+            enq.payload if enq else "",
+            enq.px if enq else 0,
+            enq.score if enq else 0,
+            enq.member if enq else "",
+            self.fingerprint,
+            self.index_score,
+            "1" if reset_output else "",
+            self.max_running or "",
+            writer.owner if writer else "",
+            known.epoch if known else "",
+            new_epoch(),
+            known.seq if known else 0,
+            *encode_fields(fields),
+        ]
