@@ -1,0 +1,74 @@
+"""Leases and the reaper (pushsvc/leases.py), against a real Redis: a lapsed lease of a
+job on its last attempt fails it with ``worker_lost``; a lease with no job is dropped."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from pushsvc.errors import JobError
+from pushsvc.leases import Leases
+from pushsvc.queue import Queue
+from pushsvc.settings import Settings
+from pushsvc.store import JobStore
+from pushsvc.transitions import Transition
+
+from .procs import RedisServer
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
+    settings = Settings(redis_url=redis_server.url, namespace=f"l{secrets.token_hex(3)}", lease_s=3)
+    redis = Redis.from_url(settings.redis_url)
+    yield JobStore(redis, settings)
+    await redis.aclose()
+
+
+async def never_requeue(fields: dict[str, Any], exc: JobError) -> Transition:
+    raise AssertionError("a last attempt is not requeued")
+
+
+def leases_of(store: JobStore) -> Leases:
+    queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
+    return Leases(store.settings, store, queue, {}, never_requeue)
+
+
+@pytest.mark.timeout(10)
+async def test_a_lease_lapses_lease_s_from_now(store: JobStore) -> None:
+    before = time.time() * 1000
+    deadline = leases_of(store).deadline()
+    assert before + 3000 <= deadline <= time.time() * 1000 + 3000
+
+
+@pytest.mark.timeout(20)
+async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore) -> None:
+    job_id = secrets.token_hex(8)
+    arq_id = f"{job_id}.1"
+    fields = {
+        "id": job_id,
+        "type": "ticker",
+        "tenant": "t",
+        "status": "running",
+        "payload": {},
+        "attempt": 1,
+        "max_attempts": 1,
+        "run": 1,
+        "arq_id": arq_id,
+        "priority": "normal",
+        "output": "",
+        "created_at": time.time(),
+    }
+    queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
+    await store.create("t", fields, queue.prepare(arq_id, job_id), None)
+    gone = f"{secrets.token_hex(8)}.1"
+    await store.redis.zadd(store.keys.leases, {arq_id: 1, gone: 1})
+    assert await leases_of(store).reap() == 1
+    snap = await store.snapshot(job_id, "t")
+    assert snap is not None and snap.status == "failed"
+    assert snap.error is not None and snap.error.code == "worker_lost"
+    assert await store.redis.zscore(store.keys.leases, gone) is None

@@ -1,0 +1,73 @@
+"""The settings object (pushsvc/settings.py): ``PUSHSVC_*`` variables, comma lists,
+``key=value`` maps, and values it refuses."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from pushsvc.settings import Settings
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The environment, for one test, without the runner's own PUSHSVC_* variables."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("PUSHSVC_") or name.startswith("OPENAI_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+@pytest.mark.timeout(10)
+def test_comma_lists_and_key_maps_from_the_environment(env: pytest.MonkeyPatch) -> None:
+    env.setenv("PUSHSVC_API_KEYS", " k1=t1 , k2=t2,")
+    env.setenv("PUSHSVC_CORS_ORIGINS", "https://a.test, https://b.test")
+    env.setenv("PUSHSVC_JOB_MODULES", "pkg.one,,pkg.two")
+    env.setenv("PUSHSVC_LLM_RETRY_WINDOWS", "generate=30, batch=2.5")
+    env.setenv("PUSHSVC_ADMIN_KEYS", "op1,op2")
+    s = Settings()
+    assert s.api_keys == {"k1": "t1", "k2": "t2"} and s.auth_enabled
+    assert s.cors_origins == ["https://a.test", "https://b.test"]
+    assert s.job_modules == ["pkg.one", "pkg.two"]
+    assert s.llm_retry_windows == {"generate": 30.0, "batch": 2.5}
+    assert [k.get_secret_value() for k in s.admin_keys] == ["op1", "op2"]
+    assert "op1" not in repr(s)
+
+
+@pytest.mark.timeout(10)
+def test_defaults_need_no_environment(env: pytest.MonkeyPatch) -> None:
+    s = Settings()
+    assert s.namespace == "pushsvc" and s.api_keys == {} and not s.auth_enabled
+    assert s.allowed_hosts == []
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("PUSHSVC_API_KEYS", "justakey"),
+        ("PUSHSVC_API_KEYS", "k="),
+        ("PUSHSVC_API_KEYS", "=t"),
+        ("PUSHSVC_LLM_RETRY_WINDOWS", "generate=soon"),
+        ("PUSHSVC_LLM_RETRY_WINDOWS", "generate=-1"),
+        ("PUSHSVC_LLM_RETRY_WINDOWS", "=5"),
+        ("PUSHSVC_LLM_RETRY_WINDOWS", "generate=inf"),
+        ("PUSHSVC_JOB_TTL_S", "0"),
+        ("PUSHSVC_LLM_PARALLEL", "65"),
+        ("PUSHSVC_ALERT_FAILURE_RATE", "1.5"),
+    ],
+)
+def test_bad_values_are_refused(env: pytest.MonkeyPatch, name: str, value: str) -> None:
+    env.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+@pytest.mark.timeout(10)
+def test_openai_variables_work_and_pushsvc_ones_win(env: pytest.MonkeyPatch) -> None:
+    env.setenv("OPENAI_BASE_URL", "http://openai.test/v1")
+    assert Settings().llm_base_url == "http://openai.test/v1"
+    env.setenv("PUSHSVC_LLM_BASE_URL", "http://ours.test/v1")
+    assert Settings().llm_base_url == "http://ours.test/v1"
