@@ -1,0 +1,66 @@
+"""The publish call's layout (pushsvc/publish.py) against the names lua/publish_fn.lua
+gives its KEYS and ARGV: a field moved on one side only would corrupt jobs silently."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from pushsvc.epoch import StreamPosition
+from pushsvc.keys import Keys
+from pushsvc.models import JobStatus
+from pushsvc.publish import PublishCall, Writer
+from pushsvc.settings import Settings
+
+LUA = (Path(__file__).parents[1] / "pushsvc" / "lua" / "publish_fn.lua").read_text()
+
+
+def lua_names(table: str) -> dict[str, int]:
+    """``local A, B = ARGV[1], ARGV[2]`` lines: each name and its (0-based) index."""
+    names: dict[str, int] = {}
+    for lhs, rhs in re.findall(rf"^local ([A-Z_, ]+) = ((?:{table}\[\d+\],? ?)+)$", LUA, re.M):
+        indexes = re.findall(rf"{table}\[(\d+)\]", rhs)
+        named = [n.strip() for n in lhs.split(",")]
+        names.update(zip(named, (int(i) - 1 for i in indexes), strict=True))
+    return names
+
+
+@pytest.mark.timeout(10)
+def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
+    known = StreamPosition(7, "ep0ch")
+    call = PublishCall(
+        "job-1",
+        "tenant-a",
+        "progress",
+        {"progress": 50},
+        {"stage": "half"},
+        expect=(JobStatus.RUNNING,),
+        delta="text",
+        writer=Writer("arq-1", owner="w1", known=known),
+        lease_until_ms=1234.0,
+        max_running=3,
+    )
+    keys, args = call.layout(Keys("ns"), Settings(job_ttl_s=99))
+    k, a = lua_names("KEYS"), lua_names("ARGV")
+    fields_from = int(re.search(r"FIELDS_FROM = (\d+)", LUA)[1])  # type: ignore[index]
+    assert len(keys) == len(k) and len(args) == fields_from - 1 + 2  # one field pair
+    assert keys[k["K_JOB"]] == "ns:job:job-1" and keys[k["K_EPOCH"]] == "ns:epoch"
+    assert keys[k["K_TPOS"]] == Keys("ns").tenant_position("tenant-a")
+    expected = {
+        "A_TTL": 99,
+        "A_KIND": "progress",
+        "A_EXPECT": "running",
+        "A_DELTA": "text",
+        "A_ARQ_ID": "arq-1",
+        "A_LEASE_UNTIL": 1234,
+        "A_JOB_ID": "job-1",
+        "A_MAX_RUNNING": 3,
+        "A_OWNER": "w1",
+        "A_KNOWN_EPOCH": "ep0ch",
+        "A_KNOWN_SEQ": 7,
+    }
+    assert {name: args[a[name]] for name in expected} == expected
+    assert args[fields_from - 1 :] == ["stage", '"half"']
+    assert args[a["A_BODY"]].startswith('"job_id":"job-1"')  # the script prepends {"seq":N,
