@@ -19,6 +19,7 @@ from pushsvc import llm_jobs, ticker  # noqa: F401
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.settings import Settings
+from pushsvc.store import JobStore
 from pushsvc.worker import worker_session
 
 from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
@@ -246,3 +247,15 @@ async def burst(env: dict[str, str], **update: Any) -> None:
     settings = settings_for(env).model_copy(update={"poll_delay_s": 0.01, **update})
     async with worker_session(settings, burst=True, handle_signals=False) as w:
         await w.async_run()
+
+
+@asynccontextmanager
+async def open_store(redis_server: RedisServer, **overrides: Any) -> AsyncIterator[JobStore]:
+    """A job store on a namespace of its own in the test Redis."""
+    namespace = f"s{secrets.token_hex(3)}"
+    settings = Settings(redis_url=redis_server.url, namespace=namespace, **overrides)
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        yield JobStore(redis, settings)
+    finally:
+        await redis.aclose()

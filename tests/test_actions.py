@@ -9,24 +9,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from pushsvc import actions
 from pushsvc.errors import Conflict, NotFound
 from pushsvc.models import JobStatus
 from pushsvc.queue import Queue
-from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 
+from .conftest import open_store
 from .procs import RedisServer
 
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
-    settings = Settings(redis_url=redis_server.url, namespace=f"a{secrets.token_hex(3)}")
-    redis = Redis.from_url(settings.redis_url)
-    yield JobStore(redis, settings)
-    await redis.aclose()
+    async with open_store(redis_server) as opened:
+        yield opened
 
 
 async def new_job(store: JobStore, status: str) -> tuple[str, Queue]:

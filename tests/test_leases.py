@@ -9,24 +9,21 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from pushsvc.errors import JobError
 from pushsvc.leases import Leases
 from pushsvc.queue import Queue
-from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 from pushsvc.transitions import Transition
 
+from .conftest import open_store
 from .procs import RedisServer
 
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
-    settings = Settings(redis_url=redis_server.url, namespace=f"l{secrets.token_hex(3)}", lease_s=3)
-    redis = Redis.from_url(settings.redis_url)
-    yield JobStore(redis, settings)
-    await redis.aclose()
+    async with open_store(redis_server, lease_s=3) as opened:
+        yield opened
 
 
 async def never_requeue(fields: dict[str, Any], exc: JobError) -> Transition:

@@ -3,30 +3,26 @@ pages and cursors across its batches, expired jobs pruned."""
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from pushsvc import listing
 from pushsvc.models import JobStatus
 from pushsvc.queue import Queue
 from pushsvc.reads import BulkReads
-from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 
+from .conftest import open_store
 from .procs import RedisServer
 
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
-    settings = Settings(redis_url=redis_server.url, namespace=f"l{secrets.token_hex(3)}")
-    redis = Redis.from_url(settings.redis_url)
-    yield JobStore(redis, settings)
-    await redis.aclose()
+    async with open_store(redis_server) as opened:
+        yield opened
 
 
 async def add_jobs(store: JobStore, n: int) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The atomic publish path (Lua) and the worker-side throttle, against a real Redis."""
+"""The job store and its atomic publish path (Lua), against a real Redis."""
 
 from __future__ import annotations
 
@@ -13,27 +13,19 @@ from redis.asyncio import Redis
 
 from pushsvc.connections import make_pool
 from pushsvc.epoch import StreamPosition
-from pushsvc.jobs import JobContext
 from pushsvc.models import JobStatus
 from pushsvc.publish import Diverged, PublishCall, Published, Rejected, Writer
 from pushsvc.queue import Queue
-from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 
+from .conftest import open_store
 from .procs import RedisServer
 
 
 @pytest.fixture
 async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
-    settings = Settings(
-        redis_url=redis_server.url,
-        namespace=f"s{secrets.token_hex(3)}",
-        job_ttl_s=600,
-        job_log_cap=10,
-    )
-    redis = Redis.from_url(settings.redis_url)
-    yield JobStore(redis, settings)
-    await redis.aclose()
+    async with open_store(redis_server, job_ttl_s=600, job_log_cap=10) as opened:
+        yield opened
 
 
 async def new_job(store: JobStore, status: str = "running") -> dict[str, Any]:
@@ -115,36 +107,6 @@ async def test_event_log_is_capped_and_reports_trimmed_history(store: JobStore) 
     assert await store.events_after(job["id"], StreamPosition(1)) is None  # seq 2 is gone
     recent = await store.events_after(job["id"], StreamPosition(299))
     assert recent is not None and len(recent[0]) == 2
-
-
-async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> None:
-    job = await new_job(store)
-    ctx = JobContext(store, job, rate_hz=10)
-    text = []
-    started = time.monotonic()
-    for i in range(5000):
-        await ctx.progress(i / 50)
-        await ctx.output(f"{i} ")
-        text.append(f"{i} ")
-    await ctx.flush()
-    await ctx.close()
-    flushes_allowed = (time.monotonic() - started) * 10 + 2
-    found = await store.events_after(job["id"], StreamPosition(1))
-    assert found is not None
-    assert len(found[0]) <= 2 * flushes_allowed  # each flush: one progress, one output
-    snap = await store.snapshot(job["id"], "t")
-    assert snap is not None and snap.output == "".join(text)
-    assert snap.progress == pytest.approx(4999 / 50)
-
-
-async def test_progress_never_decreases_within_an_attempt(store: JobStore) -> None:
-    job = await new_job(store)
-    ctx = JobContext(store, job, rate_hz=1000)
-    for pct in [10, 50, 20, 120, -5]:
-        await ctx.progress(pct)
-    await ctx.flush()
-    snap = await store.snapshot(job["id"], "t")
-    assert snap is not None and snap.progress == 100
 
 
 async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
