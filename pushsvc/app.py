@@ -137,16 +137,16 @@ FULL_PASS_EVERY = 100
 
 def _freeze_startup_heap() -> None:
     """Once per process, at the first startup: collect, then leave what the imports and
-    the startup made (about 100,000 objects, all living as long as the process) out of the
-    collector's full passes. A full pass over them held the event loop for 70-110 ms
-    (more on a busy machine), and the allocations of a burst of requests (a herd of
+    the startup made (objects that all live as long as the process) out of the
+    collector's full passes. A full pass over them held the event loop long enough to
+    show in the herd's p99, and the allocations of a burst of requests (a herd of
     streams reopening) set one off: every other request waited. Frozen objects are still
     freed by reference counting; only reference cycles among them would stay.
 
     The collector holds back a full pass until the long-lived objects grew by a quarter;
     frozen ones no longer count, so a pass came every 10 middle ones (its threshold),
-    walking every open stream's objects: 21-27 ms each, about once a herd of 300 streams.
-    FULL_PASS_EVERY spaces them out; the young passes are unchanged."""
+    walking every open stream's objects, still about once a herd. FULL_PASS_EVERY spaces
+    them out; the young passes are unchanged. (The figures: BENCHMARKS.md.)"""
     global _frozen
     if _frozen:
         return

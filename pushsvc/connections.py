@@ -101,7 +101,7 @@ class SentinelPool(SentinelConnectionPool):
 
     redis-py asks the sentinels only when it opens a connection, and after a planned
     failover the old primary goes on serving the connections it has until Sentinel
-    demotes it (11 s measured): writes made there are then lost. So a checkout also
+    demotes it (seconds later: BENCHMARKS.md): writes made there are then lost. So a checkout also
     asks again, at most every ``recheck_s``, and never hands out a connection to
     another server than the one last named. Closing the pool closes its connections
     to the sentinels too.

@@ -89,8 +89,8 @@ class EventStream(EventSourceResponse):
 
     The library runs each response in an anyio task group: the stream, a disconnect
     listener and a shutdown listener. Since anyio 4.14 every task of a group carries a
-    handle, a cancel scope and an event of its own: 13.3 KiB of the 40 KiB an open
-    stream cost (tracemalloc, 2,000 streams). Here the library's stream loop runs in
+    handle, a cancel scope and an event of its own: about a third of what an open
+    stream cost in memory (BENCHMARKS.md). Here the library's stream loop runs in
     the request's own task inside one cancel scope, its disconnect listener in one
     plain task, and ``drain`` watches for shutdown once per process. Either cancels the
     scope, as the task group would: the body iterator is cancelled where it waits (and
@@ -207,9 +207,9 @@ class JSONResponse(starlette.JSONResponse):
 # -- JSON bodies with large text ---------------------------------------------------------
 
 # A string this long (a job's output: up to megabytes) is encoded TEXT_SLICE characters
-# at a time, other tasks running between slices: json.dumps of 10 MiB of text with
-# quotes and newlines holds the event loop for about 40 ms, and the other tenants'
-# requests with it. The body goes out in writes of about PART_BYTES.
+# at a time, other tasks running between slices: json.dumps of megabytes of text with
+# quotes and newlines in one piece held the event loop long enough to show in the other
+# tenants' latency (BENCHMARKS.md). The body goes out in writes of about PART_BYTES.
 LARGE_TEXT = 65536
 TEXT_SLICE = 131072
 PART_BYTES = 262144

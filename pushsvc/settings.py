@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     # SO_SNDBUF of the API's client connections (Linux doubles it; 0: the kernel's
     # autotuning, up to net.ipv4.tcp_wmem's max, 4 MiB by default). The kernel holds at
     # most this for a client that stopped reading, and the API copies no more into it:
-    # with autotuning, 300 such streams of a 10 MB job held 1 GB and took 6 s of CPU.
+    # with autotuning, a few hundred such streams of a large job held a gigabyte of kernel
+    # memory and seconds of the API's CPU (BENCHMARKS.md, noisy neighbours).
     # It also caps one connection's rate at about twice this per round trip.
     send_buffer_bytes: int = Field(131072, ge=0)
     stream_token_ttl_s: int = Field(900, ge=10)

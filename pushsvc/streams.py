@@ -30,8 +30,9 @@ from .responses import chunks
 from .settings import Settings
 
 # Log entries a replay reads at once. A stream far behind catches up a page at a time,
-# other work running between pages: a 4 MB tenant log read and encoded in one piece
-# held the event loop for 50 ms, and its frames in memory per stream.
+# other work running between pages: a tenant log of megabytes read and encoded in one
+# piece held the event loop long enough to delay other tenants (BENCHMARKS.md), and its
+# frames in memory per stream.
 REPLAY_PAGE = 256
 PING = b": ping\n\n"  # keeps proxies from cutting an idle stream
 REDIS_PAUSE_S = 0.5  # between a stream's reads while Redis is unreachable

@@ -3,7 +3,7 @@
 
 A private redis-server (:class:`RedisServer`), a Sentinel-managed Redis
 (:class:`SentinelSet`) and the waiting are the tools' own (``pushsvc.tools.procs``,
-``pushsvc.tools.bench.sentinel``), re-exported here."""
+``pushsvc.tools.bench.sentinel``, ``redis_nodes``), re-exported here."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pushsvc.tools.bench.sentinel import SentinelSet, info
+from pushsvc.tools.bench.redis_nodes import info
+from pushsvc.tools.bench.sentinel import SentinelSet
 from pushsvc.tools.procs import (
     RedisServer,
     free_port,

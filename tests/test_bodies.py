@@ -226,7 +226,7 @@ async def _until(
 ) -> dict[str, Any]:
     """Follow the job's stream until ``done(job)`` holds (the stream's snapshot and events
     applied, as the Python client does)."""
-    from pushsvc.client import apply_event
+    from pushsvc.job_view import apply_event
 
     from .sse import events
 

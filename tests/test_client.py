@@ -1,6 +1,6 @@
 """``pushsvc.client``: follow() against real API processes (in order, across an API
-restart, by polling when streams are off), and ``apply_event`` on every golden case
-(``pushsvc submit``: tests/tools/test_submit.py).
+restart, by polling when streams are off) (``pushsvc submit``: tests/tools/test_submit.py;
+the golden cases of ``apply_event``: tests/test_job_view.py).
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from pushsvc.client import Client, Event, _Tracker, apply_event
+from pushsvc.client import Client
 from pushsvc.epoch import StreamPosition, new_epoch
 from pushsvc.errors import NotFound
+from pushsvc.job_view import Event, JobTracker, apply_event
 from pushsvc.snapshots import lost_frame
 
 from . import conftest
-from .golden import CASES, fold
 from .procs import Api, Proc, RedisServer
 
 TICKER = "ticker"
@@ -180,13 +180,13 @@ async def test_polled_events_carry_the_jobs_times_and_partial_result(
 async def test_tracker_takes_a_state_lost_end_numbered_below_what_it_saw(
     stack: dict[str, Any],
 ) -> None:
-    """Was: ``_Tracker`` dropped a ``failed``/``state_lost`` end whose seq was not above
-    the job's last one, so ``follow()`` never ended a job the store lost when the API
-    numbered that end in a new history (from nothing it knows: seq 1), as pushsvc.js
-    does not. Stale events, and a second end, are still dropped."""
+    """Was: ``JobTracker`` (then ``client._Tracker``) dropped a ``failed``/``state_lost``
+    end whose seq was not above the job's last one, so ``follow()`` never ended a job the
+    store lost when the API numbered that end in a new history (from nothing it knows:
+    seq 1), as pushsvc.js does not. Stale events, and a second end, are still dropped."""
     async with Client(stack["api"].url, "key-a") as pc:
         job = await pc.submit(TICKER, {"steps": 200, "interval_ms": 50})
-        seen = _Tracker()
+        seen = JobTracker()
         async with asyncio.timeout(30):
             async for event in pc.follow(job["id"]):
                 assert seen.accept(event)
@@ -206,8 +206,3 @@ async def test_tracker_takes_a_state_lost_end_numbered_below_what_it_saw(
     assert seen.job["status"] == "failed" and seen.job["error"]["code"] == "state_lost"
     assert seen.position == StreamPosition(lost.id, lost.epoch)
     assert not seen.accept(lost)  # the same end again: a duplicate
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_python_client_applies_the_golden_case(case: dict[str, Any]) -> None:
-    assert fold(case["events"]) == case["expect"], case["why"]

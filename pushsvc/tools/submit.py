@@ -14,8 +14,9 @@ import httpx
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
-from ..client import Client, apply_event
+from ..client import Client
 from ..errors import ApiError
+from ..job_view import apply_event
 
 
 def submit_command(type_: str, payload: str, follow: bool, url: str, api_key: str | None) -> int:

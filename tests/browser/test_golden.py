@@ -1,6 +1,6 @@
 """One golden fixture, both clients: ``tests/golden/events.json`` holds event sequences
 and the job a client must hold after them; pushsvc.js's ``applyEvent`` (in real Chromium)
-runs every case (the Python client's ``apply_event``: tests/test_client.py). Then real
+runs every case (the Python client's ``apply_event``: tests/test_job_view.py). Then real
 jobs on real API and worker processes: what each client makes of a job's events ends
 equal to what ``GET /v1/jobs/{id}`` shows after them, for every field of the snapshot.
 The ``golden`` job type (tests/golden/__init__.py) writes text and fails as asked.

@@ -1,5 +1,5 @@
 """The golden fixture: ``events.json`` holds event sequences and the job a client must
-hold after them (both clients run every case: tests/test_client.py, the Python client's
+hold after them (both clients run every case: tests/test_job_view.py, the Python client's
 ``apply_event``; tests/browser/test_golden.py, pushsvc.js's ``applyEvent``).
 
 Also defines ``golden``, a job type that writes text and fails as asked; workers load it
@@ -15,8 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pushsvc.client import apply_event
 from pushsvc.errors import JobError
+from pushsvc.job_view import apply_event
 from pushsvc.jobs import JobContext, job_type
 
 GOLDEN = Path(__file__).parent / "events.json"

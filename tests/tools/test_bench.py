@@ -1,5 +1,5 @@
-"""``pushsvc bench`` (tools/bench/command.py, load.py): every scenario end to end at tiny
-sizes, on its own stack."""
+"""``pushsvc bench`` (tools/bench/command.py, load.py, push_poll.py): every scenario end to
+end at tiny sizes, on its own stack."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from pushsvc.tools.bench.command import bench_command
-from pushsvc.tools.bench.load import staleness
+from pushsvc.tools.bench.push_poll import staleness
 from pushsvc.tools.bench.stack import own_stack
 
 

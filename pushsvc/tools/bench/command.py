@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import resource
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -20,9 +20,10 @@ from rich.table import Table
 
 from ...guard import is_loopback
 from .chaos import chaos_command
-from .load import Options, run_scenario
+from .load import Options, fanout, scaleout, throughput
 from .neighbours import neighbours
-from .stack import BenchError, attach, own_stack
+from .push_poll import push_vs_poll
+from .stack import BenchError, Target, attach, own_stack
 
 DEFAULTS: dict[str, dict[str, float]] = {
     "fanout": {"streams": 1000, "jobs": 20, "workers": 1, "duration_s": 20, "rate": 1},
@@ -84,6 +85,23 @@ def raise_fd_limit(need: int) -> None:
         soft = want
     if need > soft:
         raise BenchError(f"about {need} sockets need more than the open-file limit, {soft}")
+
+
+SCENARIOS: dict[str, Callable[[Target, Options, Console], Awaitable[dict[str, Any]]]] = {
+    "fanout": fanout,
+    "push-vs-poll": push_vs_poll,
+    "throughput": throughput,
+}
+
+
+async def run_scenario(
+    name: str, target: Target, o: Options, log: Console, own: bool
+) -> dict[str, Any]:
+    """Scenario ``name`` (a key of SCENARIOS, or scaleout) against ``target``; ``own``:
+    a stack started for it, where scaleout also measures throughput via one API."""
+    if name == "scaleout":
+        return await scaleout(target, o, log, single=own)
+    return await SCENARIOS[name](target, o, log)
 
 
 def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict[str, Any]:

@@ -108,20 +108,7 @@ def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
     )
     stack = ChaosStack(workdir, sset, env, keys, lease_s)
     try:
-        sset.start()
-        model = ["fake-llm", "--port", str(model_port)]
-        stack.others.append(spawn(model, env, workdir / "fake-llm.log"))
-        for i in range(WORKERS):
-            stack.start_worker(i)
-        for i in range(APIS):
-            stack.start_api(i)
-        wait_until(lambda: http_ok(f"http://127.0.0.1:{model_port}/v1/models", 1), 30, "fake-llm")
-        headers = {"Authorization": f"Bearer {keys[TENANTS[0]]}"}
-        wait_until(lambda: workers_seen(stack.urls[0], WORKERS, headers), 30, "workers up")
-        ports = ", ".join(f":{n.port} (proxy :{n.proxy_port})" for n in sset.nodes)
-        sentinels = ", ".join(f":{s.port}" for s in sset.sentinels)
-        log.print(f"chaos: Redis {ports}, sentinels {sentinels}, API {', '.join(stack.urls)}")
-        log.print(f"chaos: logs in {workdir}")
+        _start_all(stack, model_port, log)
         yield stack
     except BaseException:
         stack.keep = True
@@ -130,6 +117,26 @@ def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
         stack.close()
         if not stack.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _start_all(stack: ChaosStack, model_port: int, log: Console) -> None:
+    """Start the Sentinel set, the offline model, the workers and the APIs; wait until
+    the model answers and the workers are seen."""
+    sset, workdir, env = stack.redis, stack.workdir, stack.env
+    sset.start()
+    model = ["fake-llm", "--port", str(model_port)]
+    stack.others.append(spawn(model, env, workdir / "fake-llm.log"))
+    for i in range(WORKERS):
+        stack.start_worker(i)
+    for i in range(APIS):
+        stack.start_api(i)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{model_port}/v1/models", 1), 30, "fake-llm")
+    headers = {"Authorization": f"Bearer {stack.keys[TENANTS[0]]}"}
+    wait_until(lambda: workers_seen(stack.urls[0], WORKERS, headers), 30, "workers up")
+    ports = ", ".join(f":{n.port} (proxy :{n.proxy_port})" for n in sset.nodes)
+    sentinels = ", ".join(f":{s.port}" for s in sset.sentinels)
+    log.print(f"chaos: Redis {ports}, sentinels {sentinels}, API {', '.join(stack.urls)}")
+    log.print(f"chaos: logs in {workdir}")
 
 
 # -- faults ---------------------------------------------------------------------------

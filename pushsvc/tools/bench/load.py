@@ -1,4 +1,5 @@
-"""The load scenarios of ``pushsvc bench``: fanout, push-vs-poll, throughput, scaleout.
+"""The load scenarios of ``pushsvc bench``: fanout, throughput, scaleout (push-vs-poll:
+``push_poll.py``), the :class:`Options` they all take, and their figures' arithmetic.
 
 Each takes a :class:`stack.Target` (its API URLs and, where known, their pids, for CPU
 and RSS from psutil) and :class:`Options`, and returns its figures.
@@ -10,10 +11,7 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 import time
-from collections import defaultdict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -43,7 +41,6 @@ from .stack import (
     scrape,
 )
 
-POLL_S = 2.0  # the polling design pushsvc replaces
 OPEN_BATCH = 100  # streams opened at once: a burst of thousands only measures the backlog
 
 
@@ -65,16 +62,19 @@ class Options:
     minutes: float = 0.0
 
 
-def _pct(values: list[float], q: float) -> float | None:
+def pct(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile of ``values`` (nearest rank), None for none."""
     ordered = sorted(values)
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
 
 
-def _delta(after: float | None, before: float | None) -> float | None:
+def delta(after: float | None, before: float | None) -> float | None:
+    """``after - before``, None if either is unknown."""
     return None if after is None or before is None else after - before
 
 
-def _ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+def ratio(num: float | None, den: float | None, scale: float = 1.0) -> float | None:
+    """``num * scale / den``, None if unknown or ``den`` is 0."""
     return None if num is None or not den else num * scale / den
 
 
@@ -148,7 +148,7 @@ async def _fan_window(
     state.measuring, started = True, time.monotonic()
     await asyncio.sleep(o.duration_s)
     state.measuring, elapsed = False, time.monotonic() - started
-    cpu, own = _delta(cpu_seconds(target.pids), cpu0), _own_cpu() - own0
+    cpu, own = delta(cpu_seconds(target.pids), cpu0), _own_cpu() - own0
     after = await scrape(http, target.urls)
     ms = [1000 * x for x in state.latencies]
     served = "pushsvc_events_delivered_total"
@@ -159,11 +159,11 @@ async def _fan_window(
         "server_events_delivered": sum(  # what the API routed to stream queues
             a.get(served, 0) - b.get(served, 0) for a, b in zip(after, before, strict=True)
         ),
-        "latency_p50_ms": _pct(ms, 0.5),
-        "latency_p99_ms": _pct(ms, 0.99),
+        "latency_p50_ms": pct(ms, 0.5),
+        "latency_p99_ms": pct(ms, 0.99),
         "latency_max_ms": max(ms, default=None),
         "api_cpu_s": cpu,
-        "cpu_us_per_event": _ratio(cpu, len(ms), 1e6),
+        "cpu_us_per_event": ratio(cpu, len(ms), 1e6),
         "client_cpu_s": own,
         "redis_connections": max(m.get("pushsvc_redis_connections", 0) for m in after),
         "redis_sockets": redis_sockets(target),
@@ -196,137 +196,13 @@ async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
         "streams_dropped": state.dropped,
         "rss_before_bytes": rss0,
         "rss_streams_bytes": rss,
-        "rss_per_stream_bytes": _ratio(_delta(rss, rss0), o.streams),
+        "rss_per_stream_bytes": ratio(delta(rss, rss0), o.streams),
     }
 
 
 def _own_cpu() -> float:
     times = os.times()
     return times.user + times.system
-
-
-# -- push vs poll -------------------------------------------------------------------
-
-
-@dataclass
-class _Watch:
-    """What one client learnt when, per job: (receive time, job seq); and what it cost."""
-
-    requests: int = 0
-    seen: dict[str, list[tuple[float, int]]] = field(default_factory=lambda: defaultdict(list))
-
-
-async def _sse_client(http: httpx.AsyncClient, url: str, jobs: list[str]) -> _Watch:
-    """One stream: the job's own, or one multiplexed stream naming every job watched."""
-    w = _Watch(requests=1)
-    path = (
-        f"/v1/jobs/{jobs[0]}/events"
-        if len(jobs) == 1
-        else "/v1/events?" + "&".join(f"job={j}" for j in jobs)
-    )
-    await read_stream(
-        http, url + path, lambda _, d: w.seen[d["job_id"]].append((time.time(), d["seq"]))
-    )
-    return w
-
-
-async def _poll_client(http: httpx.AsyncClient, url: str, jobs: list[str]) -> _Watch:
-    """Each job polled on its own timer, as a page of polling cards does."""
-    w = _Watch()
-    await asyncio.gather(*(_poll_job(http, url, j, w) for j in jobs))
-    return w
-
-
-async def _poll_job(http: httpx.AsyncClient, url: str, job_id: str, w: _Watch) -> None:
-    """GET every POLL_S from a random phase, with If-None-Match, until the job ended."""
-    headers = dict[str, str]()
-    await asyncio.sleep(random.uniform(0, POLL_S))
-    next_at = time.monotonic()
-    while True:
-        try:
-            resp = await http.get(f"{url}/v1/jobs/{job_id}", headers=headers)
-        except httpx.RemoteProtocolError:
-            # uvicorn closed the idle keep-alive connection as it was reused (its 5 s
-            # timeout vs. a 2 s poll from a pool): a real poller retries, so do we.
-            w.requests += 1
-            resp = await http.get(f"{url}/v1/jobs/{job_id}", headers=headers)
-        w.requests += 1
-        if resp.status_code == 200:
-            job = resp.json()
-            w.seen[job_id].append((time.time(), job["seq"]))
-            headers = {"If-None-Match": resp.headers["etag"]}
-            if job["status"] in TERMINAL:
-                return
-        next_at = max(next_at + POLL_S, time.monotonic())  # behind: no burst to catch up
-        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-
-
-def staleness(seen: list[tuple[float, int]], changes: dict[int, float]) -> list[float]:
-    """For each change after the first look: first time a state at least as new was seen,
-    minus the change's publish time (a change never seen is stale until a newer one is)."""
-    if not seen:
-        return []
-    out = []
-    for seq, ts in changes.items():
-        if seq > seen[0][1]:
-            at = next((t for t, s in seen if s >= seq), None)
-            if at is not None:
-                out.append(max(0.0, at - ts))
-    return out
-
-
-# One kind of client in a watch round (``_sse_client``, ``_poll_client``).
-WatchFn = Callable[[httpx.AsyncClient, str, list[str]], Awaitable[_Watch]]
-
-
-async def _watch_round(
-    http: httpx.AsyncClient, target: Target, o: Options, client: WatchFn
-) -> dict[str, Any]:
-    watcher = Watcher()  # the oracle: each change's publish time
-    async with watcher.running(http, target.urls[0]), Clients(PER_CLIENT) as clients:
-        cpu0 = cpu_seconds(target.pids)
-        ids = await tickers(http, target.urls, o.jobs, o.rate, round(o.duration_s * o.rate))
-        k = min(o.per_client, len(ids))
-        pairs = [
-            (target.urls[i % len(target.urls)], [ids[(i * k + j) % len(ids)] for j in range(k)])
-            for i in range(o.clients)
-        ]
-        watches = await asyncio.wait_for(
-            asyncio.gather(*(client(clients[i], u, js) for i, (u, js) in enumerate(pairs))),
-            o.duration_s + 60,
-        )
-        cpu = _delta(cpu_seconds(target.pids), cpu0)
-        with contextlib.suppress(BenchError):
-            await until(lambda: set(ids) <= watcher.ended, 5, "terminal events")
-    stale = [
-        s
-        for w, (_, js) in zip(watches, pairs, strict=True)
-        for j in js
-        for s in staleness(w.seen[j], watcher.changes[j])
-    ]
-    return {
-        "requests": sum(w.requests for w in watches),
-        "changes_seen": len(stale),
-        "staleness_p50_s": _pct(stale, 0.5),
-        "staleness_p99_s": _pct(stale, 0.99),
-        "staleness_max_s": max(stale, default=None),
-        "api_cpu_s": cpu,
-    }
-
-
-async def push_vs_poll(target: Target, o: Options, log: Console) -> dict[str, Any]:
-    """The same clients watch the same jobs to the end, by SSE and by polling."""
-    async with http_client() as http:
-        log.print(f"bench: {o.clients} clients over SSE")
-        sse = await _watch_round(http, target, o, _sse_client)
-        log.print(f"bench: {o.clients} clients polling every {POLL_S:g} s")
-        poll = await _watch_round(http, target, o, _poll_client)
-    return {
-        "sse": sse,
-        "poll": poll,
-        "requests_ratio": _ratio(poll["requests"], sse["requests"]),
-        "cpu_ratio": _ratio(poll["api_cpu_s"], sse["api_cpu_s"]),
-    }
 
 
 # -- throughput and scale-out -------------------------------------------------------
@@ -376,7 +252,7 @@ async def throughput(target: Target, o: Options, log: Console) -> dict[str, Any]
                     60 + o.jobs / 10,
                     "every job ending",
                 )
-            cpu = _delta(cpu_seconds(target.pids), cpu0)
+            cpu = delta(cpu_seconds(target.pids), cpu0)
         jobs = await _ended(http, target.urls[0], wanted, 60)
     elapsed = max(j["finished_at"] for j in jobs) - started
     waits = [j["started_at"] - j["created_at"] for j in jobs if j.get("started_at")]
@@ -385,10 +261,10 @@ async def throughput(target: Target, o: Options, log: Console) -> dict[str, Any]
         "elapsed_s": elapsed,
         "jobs_per_s": len(jobs) / elapsed,
         "submits_per_s": len(jobs) / submit_s,
-        "queue_wait_p50_s": _pct(waits, 0.5),
-        "queue_wait_p99_s": _pct(waits, 0.99),
+        "queue_wait_p50_s": pct(waits, 0.5),
+        "queue_wait_p99_s": pct(waits, 0.99),
         "api_cpu_s": cpu,
-        "api_cpu_us_per_job": _ratio(cpu, len(jobs), 1e6),
+        "api_cpu_us_per_job": ratio(cpu, len(jobs), 1e6),
     }
 
 
@@ -402,24 +278,8 @@ async def scaleout(target: Target, o: Options, log: Console, single: bool) -> di
     out["throughput"] = await throughput(target, o, log)
     out["fanout"] = await fanout(target, replace(o, jobs=max(1, o.streams // 50)), log)
     one = out.get("throughput_single", {}).get("jobs_per_s")
-    out["throughput_ratio"] = _ratio(out["throughput"]["jobs_per_s"], one)
+    out["throughput_ratio"] = ratio(out["throughput"]["jobs_per_s"], one)
     return out
 
 
 # -- by name ----------------------------------------------------------------------
-
-SCENARIOS: dict[str, Callable[[Target, Options, Console], Awaitable[dict[str, Any]]]] = {
-    "fanout": fanout,
-    "push-vs-poll": push_vs_poll,
-    "throughput": throughput,
-}
-
-
-async def run_scenario(
-    name: str, target: Target, o: Options, log: Console, own: bool
-) -> dict[str, Any]:
-    """Scenario ``name`` (a key of SCENARIOS, or scaleout) against ``target``; ``own``:
-    a stack started for it, where scaleout also measures throughput via one API."""
-    if name == "scaleout":
-        return await scaleout(target, o, log, single=own)
-    return await SCENARIOS[name](target, o, log)

@@ -13,88 +13,25 @@ outcomes, and the API log's internal errors.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import multiprocessing
-import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
-import psutil  # type: ignore[import-untyped]
-from httpx_sse import SSEError, aconnect_sse
 from rich.console import Console
 
-from ..procs import RedisServer, free_port, spawn, stop_all, wait_until
-from .clients import PER_CLIENT, TERMINAL, Clients, http_client
-from .stack import BenchError, scrape, stack_env, start_api, workers_seen
+from .attacks import herd_attack, listing_attack, readers_attack, replays_attack
+from .clients import http_client
+from .load import pct
+from .neighbours_stack import KEYS, Stack, neighbours_stack
+from .stack import BenchError, scrape
 
-KEYS = {"noisy": "bench-noisy", "neighbour": "bench-neighbour", "lister": "bench-lister"}
 OUTPUT_KIB = 10 * 1024  # the readers' and the herd's job
 REPLAY_KIB = 4400  # the replayed tenant log
-REPLAYS, LISTERS = 20, 12
 POLLERS, POLL_GAP_S = 4, 0.02  # the neighbour: 4 pollers, 20 ms between polls each
-RCVBUF = 16384  # a reader's receive window: the backlog lands in the API, not the kernel
-LOG_MARKS = {
-    "internal_errors": "Traceback",
-    "response_already_started": "response already started",
-    "pool_timeouts": "No connection available",
-}
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
-
-
-# -- the stack ----------------------------------------------------------------------
-
-
-@dataclass
-class Stack:
-    url: str
-    pid: int
-    log: Path
-
-    def auth(self, who: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {KEYS[who]}"}
-
-    def log_marks(self) -> dict[str, int]:
-        text = self.log.read_text(errors="replace")
-        return {name: text.count(mark) for name, mark in LOG_MARKS.items()}
-
-
-@contextlib.contextmanager
-def neighbours_stack(workers: int, log: Console) -> Iterator[Stack]:
-    """A private Redis, one API process (pool of 2, the default) and ``workers``
-    workers that know the bench's job types, with three tenants."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise BenchError("the neighbours bench needs redis-server on PATH")
-    with contextlib.ExitStack() as stack:
-        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
-        redis = RedisServer(dir=workdir, exe=exe)
-        redis.start()
-        stack.callback(redis.kill)
-        tenants = {key: key for key in KEYS.values()}
-        env = stack_env(redis.url, tenants, job_modules="pushsvc.tools.bench.jobtypes")
-        procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(stop_all, procs)
-        for i in range(workers):
-            procs.append(spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
-        port, api_log = free_port(), Path(workdir, "api.log")
-        procs.append(start_api(port, env, api_log))
-        url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {KEYS['noisy']}"}
-        wait_until(lambda: workers_seen(url, workers, headers), 30, f"{workers} workers up")
-        log.print(f"bench: Redis :{redis.port}, API {url}, {workers} worker(s)")
-        yield Stack(url, procs[-1].pid, api_log)
 
 
 # -- the neighbour ------------------------------------------------------------------
@@ -124,8 +61,8 @@ class Neighbour:
         return {
             "neighbour_requests": len(ms),
             "neighbour_failed": sum(n for a, n in self.answers.items() if a != "200"),
-            "neighbour_p50_ms": _pct(ms, 0.5),
-            "neighbour_p99_ms": _pct(ms, 0.99),
+            "neighbour_p50_ms": pct(ms, 0.5),
+            "neighbour_p99_ms": pct(ms, 0.99),
             "neighbour_max_ms": max(ms, default=None),
         }
 
@@ -170,135 +107,6 @@ async def measured(
     poller.join(10)
     after = stack.log_marks()
     return {**figures, **neighbour, **{k: after[k] - marks[k] for k in marks}}
-
-
-# -- the attacks --------------------------------------------------------------------
-
-
-async def _non_reader(url: str, path: str, key: str) -> tuple[int, asyncio.StreamWriter]:
-    """A socket with a small receive window that asks for a stream, reads the status
-    line, and then nothing."""
-    target = httpx.URL(url)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, (target.host, target.port or 80))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: {target.host}\r\nAuthorization: Bearer {key}\r\n"
-        "Accept: text/event-stream\r\n\r\n".encode()
-    )
-    status = await asyncio.wait_for(reader.readline(), 30)
-    parts = status.split()
-    return (int(parts[1]) if len(parts) > 1 else 0), writer
-
-
-async def readers_attack(stack: Stack, job_id: str, n: int, hold_s: float) -> dict[str, Any]:
-    """``n`` streams of one job opened at once by clients that never read; held open."""
-    path = f"/v1/jobs/{job_id}/events"
-    rss0 = psutil.Process(stack.pid).memory_info().rss
-    opened = await asyncio.gather(
-        *(_non_reader(stack.url, path, KEYS["noisy"]) for _ in range(n)), return_exceptions=True
-    )
-    statuses = Counter(str(o[0]) if isinstance(o, tuple) else type(o).__name__ for o in opened)
-    try:
-        await asyncio.sleep(hold_s)  # the job ticks on; the streams cannot send
-        async with http_client() as http:
-            (metrics,) = await scrape(http, [stack.url])
-        rss = psutil.Process(stack.pid).memory_info().rss
-    finally:
-        for o in opened:
-            if isinstance(o, tuple):
-                o[1].close()
-    return {
-        "streams": n,
-        "answers": dict(statuses),
-        "open_streams": metrics.get("pushsvc_open_streams", 0),
-        "api_rss_before_mib": rss0 / 2**20,
-        "api_rss_mib": rss / 2**20,
-    }
-
-
-async def _follow(
-    http: httpx.AsyncClient, url: str, headers: dict[str, str], done: Callable[[str, str], bool]
-) -> str:
-    """Read until ``done(kind, id)``; the outcome: ``good``, ``empty`` (200, closed with
-    nothing), ``ended`` (closed before done), the status, or the error."""
-    seen = 0
-    try:
-        async with aconnect_sse(http, "GET", url, headers=headers) as source:
-            if source.response.status_code != 200:
-                return str(source.response.status_code)
-            async for sse in source.aiter_sse():
-                if sse.event == "message" and sse.data == "":
-                    continue  # httpx-sse's rendering of a heartbeat
-                seen += 1
-                if done(sse.event, sse.id):
-                    return "good"
-    except (httpx.HTTPError, SSEError) as exc:
-        return type(exc).__name__
-    return "ended" if seen else "empty"
-
-
-async def herd_attack(stack: Stack, job_id: str, n: int) -> dict[str, Any]:
-    """``n`` clients reopen the running job's stream at once, each a few events behind
-    (``Last-Event-ID``); good once a live event after the resume point arrives."""
-    async with http_client() as http:
-        resp = await http.get(f"{stack.url}/v1/jobs/{job_id}", headers=stack.auth("noisy"))
-    seq, _, epoch = resp.headers["etag"].strip('"').partition(".")
-    headers = {**stack.auth("noisy"), "Last-Event-ID": f"{max(0, int(seq) - 3)}.{epoch}"}
-    url = f"{stack.url}/v1/jobs/{job_id}/events"
-
-    def live(kind: str, event_id: str) -> bool:
-        return int(event_id.partition(".")[0]) > int(seq) or kind in TERMINAL
-
-    async with Clients(PER_CLIENT) as clients:
-        outcomes = await asyncio.wait_for(
-            asyncio.gather(*(_follow(clients[i], url, headers, live) for i in range(n))), 60
-        )
-    return {"clients": n, "outcomes": dict(Counter(outcomes))}
-
-
-async def replays_attack(stack: Stack, job_id: str) -> dict[str, Any]:
-    """REPLAYS multiplexed streams of the lister's finished job, each replaying the
-    tenant's whole log (``Last-Event-ID: 0``) to the job's terminal event."""
-    headers = {**stack.auth("lister"), "Last-Event-ID": "0"}
-    url = f"{stack.url}/v1/events?job={job_id}"
-    times: list[float] = []
-
-    async def one(http: httpx.AsyncClient) -> str:
-        started = time.monotonic()
-        outcome = await _follow(http, url, headers, lambda kind, _: kind in TERMINAL)
-        times.append(time.monotonic() - started)
-        return outcome
-
-    async with Clients(1) as clients:
-        outcomes = await asyncio.gather(*(one(clients[i]) for i in range(REPLAYS)))
-    return {"replays": REPLAYS, "outcomes": dict(Counter(outcomes)), "replay_max_s": max(times)}
-
-
-async def listing_attack(stack: Stack, duration_s: float) -> dict[str, Any]:
-    """LISTERS clients listing a type no job has, back to back, for ``duration_s``."""
-    answers: Counter[str] = Counter()
-    times: list[float] = []
-    deadline = time.monotonic() + duration_s
-
-    async def lister(http: httpx.AsyncClient) -> None:
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            resp = await http.get(f"{stack.url}/v1/jobs", params={"type": "nonexistent"})
-            times.append(1000 * (time.perf_counter() - started))
-            answers[str(resp.status_code)] += 1
-
-    async with http_client(LISTERS) as http:
-        http.headers.update(stack.auth("lister"))
-        await asyncio.gather(*(lister(http) for _ in range(LISTERS)))
-    return {
-        "listers": LISTERS,
-        "answers": dict(answers),
-        "list_p50_ms": _pct(times, 0.5),
-        "list_max_ms": max(times, default=None),
-    }
 
 
 # -- the run ------------------------------------------------------------------------
