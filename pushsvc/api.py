@@ -111,7 +111,7 @@ IDEMPOTENCY_KEY = Param(
     params=(IDEMPOTENCY_KEY,),
     body=SubmitRequest,
 )
-async def submit(request: Request) -> Response:
+async def submit_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     await _check_rate(svc, tenant)
@@ -378,7 +378,7 @@ async def job_types(request: Request) -> Response:
 
 # One route per path (dispatching on the method), so a 405's Allow header lists them all.
 routes = [
-    Route("/v1/jobs", by_method(POST=submit, GET=list_jobs), methods=["GET", "POST"]),
+    Route("/v1/jobs", by_method(POST=submit_job, GET=list_jobs), methods=["GET", "POST"]),
     Route(
         "/v1/jobs/{job_id}", by_method(GET=get_job, DELETE=cancel_job), methods=["GET", "DELETE"]
     ),
