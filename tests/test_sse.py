@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from .conftest import Client, make_client, ops_api, stack_env
 from .procs import Api, Proc, RedisServer
 from .sse import assert_gap_free, events, read, settled
-from .test_streams import SLOW, url
+from .test_job_stream import SLOW, url
 
 
 @pytest.mark.parametrize("bad", ["abc", "-1", "1.5.5", "1.a-b", "9" * 30])
