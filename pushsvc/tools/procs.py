@@ -105,6 +105,17 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+def pings(port: int) -> bool:
+    """Does the Redis on ``port`` of 127.0.0.1 answer PING (not LOADING, not down)?"""
+    try:
+        with redis.Redis(
+            host=LOCALHOST, port=port, socket_connect_timeout=0.5, socket_timeout=1
+        ) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
 @dataclass
 class RedisServer:
     """A private ``redis-server`` on a free port of 127.0.0.1, its files in ``dir``.
@@ -143,13 +154,7 @@ class RedisServer:
         return self.answers()
 
     def answers(self) -> bool:
-        try:
-            with redis.Redis(
-                host=LOCALHOST, port=self.port, socket_connect_timeout=0.5, socket_timeout=1
-            ) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return pings(self.port)
 
     def kill(self) -> None:
         """SIGKILL: nothing is saved on the way out; the directory stays."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 
-from ..procs import free_port, kill, wait_until
+from ..procs import free_port, kill, pings, wait_until
 from .stack import BenchError
 
 
@@ -69,11 +69,7 @@ class RedisNode:
             log = self.dir / "redis.log"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise BenchError(f"{self.name} is not running:\n{tail}")
-        try:
-            with redis.Redis(port=self.port, socket_connect_timeout=0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return pings(self.port)
 
     def kill(self) -> None:
         """SIGKILL: nothing is saved on the way out."""
@@ -125,11 +121,7 @@ class SentinelProcess:
         wait_until(self.answers, 30, "redis-sentinel answering")
 
     def answers(self) -> bool:
-        try:
-            with redis.Redis(port=self.port, socket_connect_timeout=0.5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
+        return pings(self.port)
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port, socket_timeout=2)
