@@ -49,6 +49,10 @@ class Resources:
             await self._llm.aclose()
 
 
+def _rounded(until: float | None) -> float | None:
+    return None if until is None else round(until, 3)
+
+
 # What a repair keeps of the stored job: the attempt's identity and inputs.
 REPAIR_KEEP = (
     "id",
@@ -103,6 +107,8 @@ class JobContext:
         self._eta: float | None = None  # the job's own estimate, when it gives one
         self._stage: str | None = None
         self._message: str | None = None
+        self._waiting: dict[str, Any] | None = None  # why the attempt is not moving
+        self._llm: dict[str, Any] | None = None  # the model call's telemetry
         self._progress_dirty = False
         self._output: list[str] = []  # written, not yet published
         self._text: list[str] = []  # published this attempt: what a repair rewrites
@@ -145,6 +151,25 @@ class JobContext:
             self._message = message
         self._progress_dirty = True
         await self._maybe_flush()
+
+    async def waiting(self, reason: str | None, until: float | None = None) -> None:
+        """Say why the attempt is not moving (``rate_limited``, ``model_limit``) and until
+        when (epoch seconds; ``None``: unknown); ``reason=None`` says it moves again.
+        Published at once (a wait is news), as a ``progress`` event's ``waiting``."""
+        waiting = None if reason is None else {"reason": reason, "until": _rounded(until)}
+        if waiting == self._waiting:
+            return
+        self._waiting = waiting
+        self._progress_dirty = True
+        await self.flush(final=False)
+
+    async def telemetry(self, llm: dict[str, Any]) -> None:
+        """The model call's telemetry (``models.LLMTelemetry``'s fields), published with
+        the next throttled flush as a ``progress`` event's ``llm``."""
+        if llm != self._llm:
+            self._llm = dict(llm)
+            self._progress_dirty = True
+            await self._maybe_flush()
 
     async def stage(self, name: str, message: str | None = None) -> None:
         await self.progress(self._progress, stage=name, message=message)
@@ -194,6 +219,8 @@ class JobContext:
             "stage": self._stage,
             "message": self._message,
             "eta_s": self.eta_s(),
+            "waiting": self._waiting,
+            "llm": self._llm,
         }
 
     async def _send_pending(self) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 from .epoch import StreamPosition
 from .models import TERMINAL
 
-PROGRESS_FIELDS = ("progress", "stage", "message", "eta_s")
+PROGRESS_FIELDS = ("progress", "stage", "message", "eta_s", "waiting", "llm")
+QUEUE_FIELDS = ("queue_position", "starts_in_s")
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,16 @@ class Event:
 # What an event carries besides the job's own fields: never part of the job.
 _TRANSPORT = ("job_id", "ts", "reset", "polled")
 # A new attempt starts afresh: the fields the worker resets as it starts one.
-_FRESH_ATTEMPT = {"progress": 0.0, "stage": None, "message": None, "output": "", "eta_s": None}
+_FRESH_ATTEMPT = {
+    "progress": 0.0,
+    "stage": None,
+    "message": None,
+    "output": "",
+    "eta_s": None,
+    "waiting": None,
+    "llm": None,
+}
+_OUT_OF_LINE = dict.fromkeys(QUEUE_FIELDS)
 
 
 def apply_event(job: dict[str, Any], kind: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -53,14 +63,18 @@ def apply_event(job: dict[str, Any], kind: str, data: dict[str, Any]) -> dict[st
         if _starts_attempt(job, fields):
             after.update(_FRESH_ATTEMPT, started_at=data.get("ts"))
             after.pop("retry_in_s", None)  # the wait it announced is over
+        after.update(_OUT_OF_LINE)  # back in line only with the next ``queue`` event
         after.update(fields)
     elif kind == "progress":
         after.update({k: data.get(k) for k in PROGRESS_FIELDS})
+    elif kind == "queue":
+        after.update({k: data.get(k) for k in QUEUE_FIELDS})
     elif kind == "output":
         after["output"] = (job.get("output") or "") + data["delta"]
     elif kind in TERMINAL:
         ts = data.get("ts")
         after.update(_final(kind, data), finished_at=job.get("finished_at") if ts is None else ts)
+        after.update(_OUT_OF_LINE, waiting=None)
     return after
 
 
@@ -113,6 +127,9 @@ def diff_snapshots(prev: dict[str, Any] | None, job: dict[str, Any]) -> list[Eve
         if any(job.get(k) != prev.get(k) for k in PROGRESS_FIELDS):
             data = {**base, **{k: job.get(k) for k in PROGRESS_FIELDS}}
             events.append(Event(seq, "progress", data, "poll"))
+        if status == "queued" and (status != prev.get("status") or _moved_in_line(prev, job)):
+            data = {**base, **{k: job.get(k) for k in QUEUE_FIELDS}}
+            events.append(Event(seq, "queue", data, "poll"))
     if ended:
         events.append(Event(seq, status, _polled_end(job, base), "poll"))
     return events
@@ -133,6 +150,11 @@ def _polled_end(job: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     if job["status"] == "failed":
         return {**end, "error": job.get("error"), "result": job.get("result")}
     return end
+
+
+def _moved_in_line(prev: dict[str, Any], job: dict[str, Any]) -> bool:
+    """A queued job whose place in line changed (no event, so no seq, says it)."""
+    return job["status"] == "queued" and any(job.get(k) != prev.get(k) for k in QUEUE_FIELDS)
 
 
 def _rewound(prev: dict[str, Any], job: dict[str, Any]) -> bool:
@@ -165,7 +187,9 @@ class JobTracker:
         echo = event.kind in TERMINAL and not self.ended and seq == self.seq
         new_history = event.kind == "snapshot" and event.epoch != self.epoch
         seen = self.job is not None and seq <= self.seq
-        if seen and not echo and not new_history and not self._lost_end(event):
+        # A ``queue`` event tells the place in line at the job's current seq (no id).
+        in_line = event.kind == "queue" and seq == self.seq and not self.ended
+        if seen and not (echo or new_history or in_line or self._lost_end(event)):
             return False
         self.apply(event)
         return True
@@ -182,7 +206,9 @@ class JobTracker:
         """The events a polled snapshot brings (they share its seq: checked once, here)."""
         unseen_end = job["status"] in TERMINAL and not self.ended
         new_history = job.get("epoch", "") != self.epoch
-        if self.job is not None and job["seq"] <= self.seq and not unseen_end and not new_history:
+        moved = self.job is not None and _moved_in_line(self.job, job)
+        seen = self.job is not None and job["seq"] <= self.seq
+        if seen and not (unseen_end or new_history or moved):
             return []
         events = diff_snapshots(self.job, job)
         for event in events:

@@ -42,6 +42,29 @@ def _epoch_optional(schema: dict[str, Any]) -> None:
         schema["required"].remove("epoch")
 
 
+class Waiting(BaseModel):
+    """Why an attempt is not moving, and until when (epoch seconds; ``null``: unknown)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+    reason: Literal["backoff", "tenant_limit", "rate_limited", "model_limit"]
+    until: float | None = None
+
+
+class LLMTelemetry(BaseModel):
+    """What the model call of the current attempt is doing (updated while text streams)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+    model: str
+    ttft_s: float | None = Field(None, description="seconds from the request to the first token")
+    tokens_per_s: float | None = Field(None, description="answer tokens a second since the first")
+    prompt_tokens: int | None = None
+    completion_tokens: int = 0
+    estimated: bool = Field(False, description="token counts estimated from characters")
+    cost_usd: float | None = Field(None, description="from PUSHSVC_LLM_PRICES; null: no price")
+
+
 class JobSnapshot(BaseModel):
     """What ``GET /v1/jobs/{id}`` returns and the ``snapshot`` event carries."""
 
@@ -66,6 +89,14 @@ class JobSnapshot(BaseModel):
     started_at: float | None = None
     finished_at: float | None = None
     eta_s: float | None = None
+    queue_position: int | None = Field(
+        None, description="a queued attempt's place in line: 1 starts next (null: not in line)"
+    )
+    starts_in_s: float | None = Field(
+        None, description="seconds until the queued attempt starts, at the measured start rate"
+    )
+    waiting: Waiting | None = None
+    llm: LLMTelemetry | None = None
     seq: int = 0
     epoch: str = Field("", description="the history ``seq`` counts in; see stream positions")
 

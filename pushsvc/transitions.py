@@ -66,6 +66,8 @@ def start(job: dict[str, Any], owner: str, now: float) -> Transition:
         "message": None,
         "output": "",
         "eta_s": None,
+        "waiting": None,
+        "llm": None,
     }
     if job["attempt"] == 1 and not job.get("output"):
         data = {"status": "running", "attempt": job["attempt"]}
@@ -91,6 +93,7 @@ def complete(result: Any) -> Transition:
         "error": None,
         "progress": 100.0,
         "eta_s": 0.0,
+        "waiting": None,
         "finished_at": time.time(),
     }
     # ``error: null`` in the event too: a client that saw an earlier attempt's error drops it.
@@ -106,13 +109,14 @@ def fail(exc: JobError) -> Transition:
         "error": error,
         "result": result,
         "eta_s": None,
+        "waiting": None,
         "finished_at": time.time(),
     }
     return Transition("failed", {"error": error, "result": result}, fields)
 
 
 def cancelled(expect: tuple[JobStatus, ...] = RUNNING) -> Transition:
-    fields = {"status": "cancelled", "eta_s": None, "finished_at": time.time()}
+    fields = {"status": "cancelled", "eta_s": None, "waiting": None, "finished_at": time.time()}
     return Transition("cancelled", {}, fields, expect)
 
 
@@ -121,7 +125,14 @@ def retry_later(
 ) -> Transition:
     """running -> queued as ``attempt`` (the same one after a worker shutdown)."""
     error = exc.info()
-    data = {"status": "queued", "attempt": attempt, "error": error, "retry_in_s": round(delay, 3)}
+    waiting = {"reason": "backoff", "until": round(time.time() + delay, 3)} if delay > 0 else None
+    data = {
+        "status": "queued",
+        "attempt": attempt,
+        "error": error,
+        "retry_in_s": round(delay, 3),
+        "waiting": waiting,
+    }
     fields = {
         "status": "queued",
         "attempt": attempt,
@@ -129,6 +140,7 @@ def retry_later(
         "owner": "",
         "error": error,
         "eta_s": None,
+        "waiting": waiting,
     }
     return Transition("status", data, fields, enqueue=enqueue)
 
@@ -157,6 +169,8 @@ def new_run(job: dict[str, Any], arq_id: str, enqueue: Enqueue) -> Transition:
         "started_at": None,
         "finished_at": None,
         "eta_s": None,
+        "waiting": None,
+        "llm": None,
     }
     # A new run replaces the job's state, so subscribers get it whole, as a snapshot.
     after = to_snapshot({**job, **reset, "seq": 0}).model_dump(mode="json", exclude=EVENT_EXCLUDE)

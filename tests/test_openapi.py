@@ -241,6 +241,10 @@ def test_job_snapshot_schema_matches_the_model_and_requires_links() -> None:
         "started_at": 2.0,
         "finished_at": None,
         "eta_s": None,
+        "queue_position": None,
+        "starts_in_s": None,
+        "waiting": {"reason": "rate_limited", "until": 9.5},
+        "llm": None,
         "seq": 3,
     }
     links = {"self": "/v1/jobs/x", "events": "/v1/jobs/x/events?token=t", "events_expires_at": 9}

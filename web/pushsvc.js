@@ -44,14 +44,18 @@
  * @property {number | null} started_at the current attempt's start
  * @property {number | null} finished_at
  * @property {number | null} eta_s
+ * @property {number | null} [queue_position] a queued attempt's place in line (1: next)
+ * @property {number | null} [starts_in_s] seconds until it starts, at the measured rate
+ * @property {{reason: string, until: number | null} | null} [waiting] why it is not moving
+ * @property {object | null} [llm] the model call: model, ttft_s, tokens_per_s, tokens, cost
  * @property {number} seq the seq of its last event
  * @property {string} [epoch] the history seq counts in (snapshots that GET returns)
  * @property {boolean} [cancel_requested] a cancel was asked of the running job
  * @property {number} [retry_in_s] queued for its next attempt in this many seconds
  * @property {{self: string, events: string, events_expires_at: number}} [links]
  *
- * @typedef {"snapshot" | "status" | "progress" | "output" | "completed" | "failed" |
- *   "cancelled"} EventKind
+ * @typedef {"snapshot" | "status" | "progress" | "queue" | "output" | "completed" |
+ *   "failed" | "cancelled"} EventKind
  *
  * @typedef {object} Event an event's data (the `data:` of an SSE frame) and its kind
  * @property {EventKind} kind
@@ -72,6 +76,7 @@
  * @property {JobHandler} [snapshot] the whole job (first, and whenever it is replaced)
  * @property {JobHandler} [status]
  * @property {JobHandler} [progress]
+ * @property {JobHandler} [queue] a queued job's place in line changed (no `id:`)
  * @property {JobHandler} [output] text appended: `event.delta`
  * @property {JobHandler} [completed]
  * @property {JobHandler} [failed]
@@ -97,9 +102,16 @@
  */
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
-const KINDS = ["snapshot", "status", "progress", "output", "completed", "failed", "cancelled"];
+const KINDS = [
+  "snapshot", "status", "progress", "queue", "output", "completed", "failed", "cancelled",
+];
 const TRANSPORT = ["job_id", "ts", "reset", "polled"]; // an event's, never the job's
-const PROGRESS_FIELDS = ["progress", "stage", "message", "eta_s"];
+const PROGRESS_FIELDS = ["progress", "stage", "message", "eta_s", "waiting", "llm"];
+const QUEUE_FIELDS = ["queue_position", "starts_in_s"]; // a queued attempt's place in line
+const FRESH_ATTEMPT = {
+  progress: 0, stage: null, message: null, output: "", eta_s: null, waiting: null, llm: null,
+};
+const OUT_OF_LINE = { queue_position: null, starts_in_s: null };
 
 /** @type {Readonly<Options>} */
 export const DEFAULTS = Object.freeze({
@@ -338,17 +350,19 @@ export function applyEvent(job, kind, data) {
   const next = { ...job, id: data.job_id, seq: data.seq };
   if (kind === "status") {
     if (startsAttempt(job, fields)) {
-      Object.assign(next, { progress: 0, stage: null, message: null, output: "", eta_s: null });
+      Object.assign(next, FRESH_ATTEMPT);
       next.started_at = data.ts ?? null;
       delete next.retry_in_s; // the wait it announced is over
     }
-    Object.assign(next, fields);
+    Object.assign(next, OUT_OF_LINE, fields); // back in line with the next `queue` event
   } else if (kind === "progress") {
     for (const key of PROGRESS_FIELDS) next[key] = data[key] ?? null;
+  } else if (kind === "queue") {
+    for (const key of QUEUE_FIELDS) next[key] = data[key] ?? null;
   } else if (kind === "output") {
     next.output = (job.output || "") + data.delta;
   } else if (TERMINAL.has(kind)) {
-    Object.assign(next, finalFields(kind, data));
+    Object.assign(next, finalFields(kind, data), OUT_OF_LINE, { waiting: null });
     next.finished_at = data.ts ?? job.finished_at ?? null;
   }
   return next;
@@ -414,12 +428,27 @@ export function diffSnapshots(prev, job, polled = true) {
   if ((job.output || "").length > (prev.output || "").length) {
     events.push(["output", { ...base, delta: job.output.slice((prev.output || "").length) }]);
   }
-  if (PROGRESS_FIELDS.some((k) => job[k] !== prev[k])) {
-    const { progress, stage, message, eta_s } = job;
-    events.push(["progress", { ...base, progress, stage, message, eta_s }]);
+  if (PROGRESS_FIELDS.some((k) => !sameValue(job[k], prev[k]))) {
+    const fields = Object.fromEntries(PROGRESS_FIELDS.map((k) => [k, job[k] ?? null]));
+    events.push(["progress", { ...base, ...fields }]);
+  }
+  const moved = job.status !== prev.status || QUEUE_FIELDS.some((k) => job[k] !== prev[k]);
+  if (job.status === "queued" && moved) {
+    const fields = Object.fromEntries(QUEUE_FIELDS.map((k) => [k, job[k] ?? null]));
+    events.push(["queue", { ...base, ...fields }]);
   }
   if (isTerminal(job.status)) events.push(terminalOf(job, base));
   return events;
+}
+
+/**
+ * Equal as JSON (the fields that hold objects: `waiting`, `llm`).
+ * @param {unknown} a
+ * @param {unknown} b
+ * @returns {boolean}
+ */
+function sameValue(a, b) {
+  return a === b || JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
 }
 
 /**
@@ -1317,7 +1346,9 @@ class JobSet {
     const restart =
       (kind === "snapshot" && data.reset === true) ||
       (kind === "failed" && data.error?.code === "state_lost" && !st.ended);
-    if (st.job && data.seq <= st.seq && !echo && !fresh && !restart) return;
+    // A `queue` event tells the place in line at the job's current seq (it has no id).
+    const inLine = kind === "queue" && data.seq === st.seq && !st.ended;
+    if (st.job && data.seq <= st.seq && !echo && !fresh && !restart && !inLine) return;
     st.job = applyEvent(st.job || { id: data.job_id }, kind, data);
     st.seq = data.seq;
     if (kind === "snapshot") st.ended = false;
@@ -1340,7 +1371,8 @@ class JobSet {
     const st = this.#state(job.id);
     // Another epoch: the seq counts in another history, so a lower one is news too.
     const otherHistory = Boolean(job.epoch && st.epoch && job.epoch !== st.epoch);
-    if (st.job && job.seq <= st.seq && !otherHistory) return false;
+    const moved = job.status === "queued" && QUEUE_FIELDS.some((k) => job[k] !== st.job?.[k]);
+    if (st.job && job.seq <= st.seq && !otherHistory && !moved) return false;
     // The events made from one snapshot share its seq: checked once, here.
     for (const [kind, data] of diffSnapshots(st.job, job, polled)) this.#apply(kind, data, true);
     st.epoch = job.epoch || st.epoch;
