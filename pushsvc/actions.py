@@ -23,7 +23,8 @@ async def cancel(store: JobStore, queue: Queue, tenant: str, job_id: str) -> Job
         reply = await _cancel_step(store, fields)
         if isinstance(reply, Published):
             if reply.status == JobStatus.CANCELLED:  # it was queued: it never runs
-                await queue.forget(fields["arq_id"], fields.get("priority", "normal"))
+                priority = fields.get("priority", "normal")
+                await queue.forget(fields["arq_id"], priority, fields["tenant"])
             else:
                 await queue.abort(fields["arq_id"])
             return reply.status
@@ -45,7 +46,7 @@ async def retry(store: JobStore, queue: Queue, tenant: str, job_id: str, seen: J
     the state the store refused, or ``seen``)."""
     fields = await load(store, tenant, job_id)
     arq_id = new_arq_id(job_id)
-    enqueue = queue.prepare(arq_id, job_id, priority=fields["priority"])
+    enqueue = queue.prepare(arq_id, job_id, priority=fields["priority"], tenant=fields["tenant"])
     reply = await _publish(store, fields, transitions.new_run(fields, arq_id, enqueue))
     if not isinstance(reply, Published):
         raise wrong_state(reply.status if isinstance(reply, Rejected) else seen, "retry")

@@ -121,7 +121,9 @@ async def submit_job(request: Request) -> Response:
     fields = _new_job(tenant, job_type, req, payload)
     job_id = fields["id"]
     idem = _idempotency(request, svc, tenant, req)
-    enqueue = svc.queue.prepare(fields["arq_id"], job_id, priority=req.priority.value)
+    enqueue = svc.queue.prepare(
+        fields["arq_id"], job_id, priority=req.priority.value, tenant=fields["tenant"]
+    )
     found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, enqueue, idem)
     if earlier_fingerprint is not None:
         return await _replayed(svc, tenant, found, earlier_fingerprint, idem)

@@ -69,8 +69,20 @@ class Keys:
 
     @property
     def delayed(self) -> str:
-        """Sorted set: attempts waiting for their backoff, "<offset>|<arq id>" by due ms."""
+        """Sorted set: attempts waiting for their backoff (or the tenant's running limit),
+        "<priority>|<arq id>|<tenant>" by due ms."""
         return f"{self.ns}:delayed"
+
+    @property
+    def turns(self) -> str:
+        """Hash: per priority class, the turn of the attempt that started last (fair share:
+        queue.py)."""
+        return f"{self.ns}:turns"
+
+    def tenant_turns(self, tenant: str) -> str:
+        """Hash: per priority class, the tenant's last turn given (``<class>``) and its
+        turn size (``slot``); see queue.py."""
+        return f"{self.ns}:tturn:{tenant}"
 
     def answer_lengths(self, job_type: str, model: str) -> str:
         """List: the recent answers' lengths (characters) of a job type and model."""

@@ -120,7 +120,7 @@ class Leases:
                 await self.store.redis.zrem(leases, member)  # nothing left to recover
                 continue
             await self.recover(fields)
-            await self.queue.forget(arq_id, fields.get("priority", "normal"))
+            await self.queue.forget(arq_id, fields.get("priority", "normal"), fields["tenant"])
             recovered += 1
         return recovered
 

@@ -102,6 +102,9 @@ class PublishCall:
             keys.tenant_running(self.tenant),
             keys.stats,
             keys.epoch,
+            keys.turns,
+            keys.tenant_turns(enq.turn_owner if enq else ""),
+            keys.queue,
         ]
 
     def _body(self) -> str:
@@ -132,7 +135,7 @@ class PublishCall:
             self.job_id,
             enq.payload if enq else "",
             enq.px if enq else 0,
-            enq.score if enq else 0,
+            "" if enq is None or enq.score is None else enq.score,
             enq.member if enq else "",
             self.fingerprint,
             self.index_score,
@@ -142,5 +145,7 @@ class PublishCall:
             known.epoch if known else "",
             new_epoch(),
             known.seq if known else 0,
+            enq.priority if enq else "",
+            enq.turn_slot if enq else 0,
             *encode_fields(fields),
         ]

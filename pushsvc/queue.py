@@ -72,6 +72,11 @@ def connect(settings: Settings, max_connections: int | None = None, **pool_kwarg
     return client
 
 
+def record_key(arq_id: str) -> str:
+    """Where arq keeps an attempt's record (its enqueue time ``et``, among others)."""
+    return job_key_prefix + arq_id
+
+
 def new_arq_id(job_id: str) -> str:
     """The arq id of a new attempt of ``job_id``: ``<job id>.<random>`` (the job's ``arq_id``)."""
     return f"{job_id}.{secrets.token_hex(4)}"
@@ -81,54 +86,58 @@ def new_arq_id(job_id: str) -> str:
 class Enqueue:
     """An arq job record, ready for the publish script to store with a state change.
 
-    ``target`` is arq's queue (``member`` the arq id, ``score`` its place) or, for an
-    attempt that must wait, pushsvc's delayed set (``score`` the due time).
+    ``target`` is arq's queue (``member`` the arq id; its place, a turn, is taken by the
+    script: ``score`` None) or, for an attempt that must wait, pushsvc's delayed set
+    (``score`` the due time, ``member`` "<priority>|<arq id>|<turn owner>").
+    ``turn_slot``: how far one attempt moves its owner's turn (fair share, below).
     """
 
     key: str
     payload: bytes
     px: int
     target: str
-    score: int
+    score: int | None
     member: str
     arq_id: str
+    priority: str = "normal"
+    turn_owner: str = "*"
+    turn_slot: int = 1000
 
 
-# Priorities are offsets in arq's queue (ordered by score): every ready high job comes
-# before every ready normal one, and so on; within a class, first in first out.
-PRIORITY_OFFSET_MS = {"high": 2 * 10**12, "normal": 10**12, "low": 0}
+# Fair share. arq reads its queue in score order, so the order is the schedule. An
+# attempt's score is its *turn* minus its priority class's base: every ready high
+# attempt sorts before every normal one, and so on, and every score is far below now
+# (always ready). Within a class, turns are start-time fair queueing over tenants: a
+# tenant's next attempt takes the turn after its last one (one ``TURN`` further, less
+# for a heavier weight), but never earlier than the turn of the attempt that started
+# last in the class (the class's clock). So a tenant with 3,000 queued holds turns far
+# ahead, and another tenant's one job takes the clock's turn: it starts next, not
+# 3,000th. A tenant alone in the queue is first in, first out. The script takes the
+# turn (lua/publish_fn.lua ``take_turn``, lua/move.lua) in the same call that queues.
+TURN = 1000
+CLASS_BASE = {"high": 3 * 10**15, "normal": 2 * 10**15, "low": 10**15}
+ALL_TENANTS = "*"  # the one turn owner when fair share is off: first in, first out
 
 # arq's line as an attempt starts (arq/worker.py, ``run_job``): the seconds since it was
 # enqueued, the job, its arguments, and `` delayed=<start - score>s`` when that passes
-# ARQ_LATE_MS. Our scores sit a priority offset below the time an attempt became ready,
-# so every normal attempt read ``delayed=1000000000.05s``.
+# 1.2 s. Our scores are turns far below any time (fair share above), so every attempt
+# read ``delayed=2000001765000000.05s``: the line's first figure (since enqueued) is
+# the true wait, and the ``delayed=`` part is dropped.
 ARQ_START_LINE = "%6.2fs → %s(%s)%s"
-ARQ_LATE_MS = 1200
-_DELAYED = re.compile(r" delayed=([0-9]+(?:\.[0-9]+)?)s")
-
-
-def true_delay_ms(shown_s: float) -> float:
-    """How late an attempt started, from arq's ``delayed=`` (start minus score, seconds):
-    its priority offset taken off (no attempt waits 10^12 ms, 31 years)."""
-    late_ms = shown_s * 1000
-    offset = max((o for o in PRIORITY_OFFSET_MS.values() if o <= late_ms), default=0)
-    return late_ms - offset
+_DELAYED = re.compile(r" delayed=[0-9]+(?:\.[0-9]+)?s")
 
 
 class ArqDelayFilter(logging.Filter):
-    """Puts the real delay into arq's start line (or leaves it out, as arq does, when the
-    attempt started in time). arq is frozen upstream: its line is mended, not its code."""
+    """Drops the meaningless ``delayed=`` from arq's start line. arq is frozen upstream:
+    its line is mended, not its code."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if record.msg != ARQ_START_LINE or not isinstance(args, tuple) or len(args) != 4:
             return True
         extra = str(args[3])
-        found = _DELAYED.search(extra)
-        if found is not None:
-            late_ms = true_delay_ms(float(found[1]))
-            shown = f" delayed={late_ms / 1000:0.2f}s" if late_ms > ARQ_LATE_MS else ""
-            record.args = (*args[:3], extra.replace(found[0], shown))
+        if _DELAYED.search(extra):
+            record.args = (*args[:3], _DELAYED.sub("", extra))
         return True
 
 
@@ -143,34 +152,46 @@ class Queue:
 
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self.redis = redis
+        self.settings = settings
         self.keys = Keys(settings.namespace)
         self.queue_name = self.keys.queue
+        lua = resources.files(__package__) / "lua"
         self._move = redis.register_script(
-            (resources.files(__package__) / "lua" / "move.lua").read_text()
+            (lua / "turns_fn.lua").read_text() + (lua / "move.lua").read_text()
         )
 
     def prepare(
-        self, arq_id: str, job_id: str, defer_s: float = 0.0, priority: str = "normal"
+        self,
+        arq_id: str,
+        job_id: str,
+        defer_s: float = 0.0,
+        priority: str = "normal",
+        *,
+        tenant: str,
     ) -> Enqueue:
         """What ``ArqRedis.enqueue_job`` would write, so it can join an atomic transition.
 
-        A deferred attempt goes to the delayed set, not to arq: a score in the future
-        would mix badly with the priority offsets; :meth:`move_due` moves it when due.
+        A deferred attempt goes to the delayed set, not to arq: arq's scores are turns,
+        not times; :meth:`move_due` gives it a turn when it is due.
         """
         now_ms = timestamp_ms()
         defer_ms = int(defer_s * 1000)
-        offset = PRIORITY_OFFSET_MS[priority]
+        owner = tenant if self.settings.fair_share else ALL_TENANTS
+        slot = max(1, round(TURN / self.settings.tenant_weights.get(tenant, 1.0)))
         payload = serialize_job(RUN_FUNCTION, (job_id,), {}, None, now_ms, serializer=serialize)
         key, px = job_key_prefix + arq_id, defer_ms + expires_extra_ms
         if defer_ms > 0:
-            member = f"{offset}|{arq_id}"
-            return Enqueue(key, payload, px, self.keys.delayed, now_ms + defer_ms, member, arq_id)
-        return Enqueue(key, payload, px, self.queue_name, now_ms - offset, arq_id, arq_id)
+            member, due = f"{priority}|{arq_id}|{owner}", now_ms + defer_ms
+            target: tuple[str, int | None, str] = (self.keys.delayed, due, member)
+        else:
+            target = (self.queue_name, None, arq_id)
+        return Enqueue(key, payload, px, *target, arq_id, priority, owner, slot)
 
     async def move_due(self, limit: int = 500) -> int:
-        """Hand attempts whose backoff is over to arq, at their priority."""
-        keys = [self.keys.delayed, self.queue_name]
-        return int(await self._move(keys=keys, args=[timestamp_ms(), limit]))
+        """Hand attempts whose wait is over to arq, each taking its owner's next turn."""
+        keys = [self.keys.delayed, self.queue_name, self.keys.turns]
+        args: list[str | int] = [timestamp_ms(), limit, self.keys.tenant_turns(""), TURN]
+        return int(await self._move(keys=keys, args=args))
 
     async def abort(self, arq_id: str) -> None:
         """Ask arq to cancel the attempt: dropped before it starts, or its task cancelled."""
@@ -181,12 +202,13 @@ class Queue:
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
 
-    async def forget(self, arq_id: str, priority: str = "normal") -> None:
+    async def forget(self, arq_id: str, priority: str, tenant: str) -> None:
         """Drop an attempt that will never run (cancelled while queued, or its worker
         died) from arq's queue and pushsvc's delayed set; else it would stay counted."""
+        owner = tenant if self.settings.fair_share else ALL_TENANTS
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self.queue_name, arq_id)
-            pipe.zrem(self.keys.delayed, f"{PRIORITY_OFFSET_MS[priority]}|{arq_id}")
+            pipe.zrem(self.keys.delayed, f"{priority}|{arq_id}|{owner}")
             pipe.delete(
                 job_key_prefix + arq_id,
                 in_progress_key_prefix + arq_id,

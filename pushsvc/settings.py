@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     # often (with jitter) while other tenants' jobs go first.
     tenant_max_running: int = Field(0, ge=0)
     throttle_delay_s: float = Field(1.0, gt=0)
+    # Fair share: within a priority class, tenants' attempts take turns (one each, round
+    # robin), so one tenant's burst never keeps another's job waiting behind it. Off:
+    # first in, first out. Weights give a tenant more turns: "acme=2,trial=0.5" (1 else).
+    fair_share: bool = True
+    tenant_weights: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     # Extra modules whose decorated functions register job types ("pkg.mod,pkg2.mod").
     job_modules: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
@@ -167,6 +172,25 @@ class Settings(BaseSettings):
             if not name.strip() or not 0 <= windows[name.strip()] < float("inf"):
                 raise ValueError("PUSHSVC_LLM_RETRY_WINDOWS: a job type and seconds >= 0")
         return windows
+
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        weights: dict[str, float] = {}
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            name, _, weight = pair.rpartition("=")
+            try:
+                number = float(weight)
+            except ValueError:
+                number = 0.0
+            if not name.strip() or not 0.01 <= number <= 100:
+                raise ValueError(
+                    "PUSHSVC_TENANT_WEIGHTS must look like 'acme=2,trial=0.5' (0.01 to 100)"
+                )
+            weights[name.strip()] = number
+        return weights
 
     @field_validator("job_modules", "cors_origins", "allowed_hosts", "admin_keys", mode="before")
     @classmethod

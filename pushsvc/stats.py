@@ -27,22 +27,24 @@ from .errors import RateLimited, Unavailable
 from .keys import Keys
 from .models import Stats
 from .operations import SSE, TEXT, Reply, operation
-from .queue import PRIORITY_OFFSET_MS
+from .queue import CLASS_BASE, record_key
 from .responses import JSONResponse
 from .settings import Settings
 from .sse import TOKEN, _counted
 
 CACHE_S = 1.0
-CLASS_SPAN_MS = 10**11  # arq scores of one priority class lie within this of now - offset
+# arq's scores are turns (queue.py, fair share), not times: an attempt's wait is read
+# from its arq record's enqueue time. Each class's oldest is among its first attempts
+# (every tenant's oldest takes its class's next turns), so this many are read a class.
+HEAD_SAMPLE = 64
 
 
-def queued_age(score: float, now: float) -> float | None:
-    """Seconds an attempt has waited, from its arq score (its enqueue time minus its
-    priority class's offset, queue.py)."""
-    for offset in PRIORITY_OFFSET_MS.values():
-        if abs(now * 1000 - offset - score) <= CLASS_SPAN_MS:
-            return now - (score + offset) / 1000
-    return None
+def queued_age(record: bytes | None, now: float) -> float | None:
+    """Seconds an attempt has waited, from its arq record (``et``: enqueued at, ms)."""
+    try:
+        return max(0.0, now - float(json.loads(record or b"")["et"]) / 1000)
+    except (ValueError, KeyError, TypeError):
+        return None  # started or ended meanwhile (arq dropped it), or not arq's
 
 
 def percentile(values: list[float], pct: float) -> float | None:
@@ -178,18 +180,14 @@ class StatsReader:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.queue)
             pipe.zcard(self.keys.delayed)
-            for offset in PRIORITY_OFFSET_MS.values():  # the oldest of each priority class
-                low, high = now * 1000 - offset - CLASS_SPAN_MS, now * 1000 - offset + CLASS_SPAN_MS
-                pipe.zrangebyscore(
-                    self.keys.queue, low, high, start=0, num=len(running) + 1, withscores=True
-                )
-            in_queue, delayed, *oldest = await pipe.execute()
+            for base in CLASS_BASE.values():  # the first attempts of each priority class
+                num = len(running) + HEAD_SAMPLE
+                pipe.zrangebyscore(self.keys.queue, -base, -base + 10**15, start=0, num=num)
+            in_queue, delayed, *heads = await pipe.execute()
         ready = max(0, in_queue - len(running))
-        ages = []
-        for rows, offset in zip(oldest, PRIORITY_OFFSET_MS.values(), strict=True):
-            first = next((score for member, score in rows if member not in running), None)
-            if first is not None:
-                ages.append(now - (first + offset) / 1000)
+        waiting = [m.decode() for rows in heads for m in rows if m not in running]
+        records = await self.redis.mget([record_key(m) for m in waiting]) if waiting else []
+        ages = [a for a in (queued_age(r, now) for r in records) if a is not None]
         return {
             "queue_depth": ready + delayed,
             "queued_ready": ready,
@@ -215,20 +213,21 @@ class StatsReader:
         when a tenant asks (the operators' figures need counts alone)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zrange(self.keys.leases, 0, -1)
-            pipe.zrange(self.keys.queue, 0, -1, withscores=True)
+            pipe.zrange(self.keys.queue, 0, -1)
             pipe.zrange(self.keys.delayed, 0, -1)
             leases, queued, delayed = await pipe.execute()
         running = set(leases)
-        # (arq id, seconds waited); an attempt in its backoff is waiting but not ready.
-        waiting = [(m.decode(), queued_age(score, now)) for m, score in queued if m not in running]
-        backoff = [m.decode().partition("|")[2] for m in delayed]
-        arq_ids = [arq_id for arq_id, _ in waiting] + backoff
+        # An attempt in its backoff is waiting but not ready ("<class>|<arq id>|<owner>").
+        waiting = [m.decode() for m in queued if m not in running]
+        backoff = [m.decode().split("|")[1] for m in delayed]
+        arq_ids = waiting + backoff
         async with self.redis.pipeline(transaction=False) as pipe:
             for arq_id in arq_ids:
                 pipe.hget(self.keys.job(arq_id.rsplit(".", 1)[0]), "tenant")
             tenants = await pipe.execute()
+        records = await self.redis.mget([record_key(m) for m in waiting]) if waiting else []
         figures: dict[str, dict[str, Any]] = {}
-        ages = [age for _, age in waiting] + [None] * len(backoff)
+        ages = [queued_age(r, now) for r in records] + [None] * len(backoff)
         for i, (raw, age) in enumerate(zip(tenants, ages, strict=True)):
             if raw is None:
                 continue  # ended (or expired) since the queue was read

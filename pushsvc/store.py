@@ -47,7 +47,7 @@ class JobStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        fn = _lua("publish_fn.lua")
+        fn = _lua("turns_fn.lua") + _lua("publish_fn.lua")
         self._publish = redis.register_script(fn + _lua("publish.lua"))
         self._create = redis.register_script(fn + _lua("create.lua"))
         self._repair = redis.register_script(fn + _lua("repair.lua"))

@@ -145,6 +145,15 @@ def retry_later(
     return Transition("status", data, fields, enqueue=enqueue)
 
 
+def wait_in_line(reason: str, until: float | None) -> Transition:
+    """A queued job waits for something other than a free worker (its tenant's running
+    limit): a ``status`` event that says so, the job still queued."""
+    waiting = {"reason": reason, "until": None if until is None else round(until, 3)}
+    return Transition(
+        "status", {"status": "queued", "waiting": waiting}, {"waiting": waiting}, QUEUED
+    )
+
+
 def request_cancel(attempt: int) -> Transition:
     """running, flagged ``cancel`` (DELETE), announced as a ``status`` event with
     ``cancel_requested``; the arq abort then cancels the task and the runner ends it."""

@@ -31,8 +31,8 @@ from .jobs import JobType, Registry, load_job_modules
 from .leases import Leases, publish_as
 from .logs import bind_job
 from .metrics import WorkerMetrics
-from .publish import Published, Writer
-from .queue import Queue, connect, make_worker, new_arq_id
+from .publish import Published, Throttled, Writer
+from .queue import Enqueue, Queue, connect, make_worker, new_arq_id
 from .settings import Settings
 from .store import JobStore
 from .transitions import Transition
@@ -90,10 +90,8 @@ class Runner:
         """queued -> running, unless the tenant is at its running limit (then: later)."""
         limit = self.settings.tenant_max_running or None
         now = time.time()
-        later = new_arq_id(fields["id"])
         delay = jittered(self.settings.throttle_delay_s)
         change = transitions.start(fields, secrets.token_hex(6), now)
-        priority = fields.get("priority", "normal")
         started = await transitions.publish(
             self.store,
             fields["id"],
@@ -103,8 +101,10 @@ class Runner:
             lease_until_ms=self.leases.deadline(),
             max_running=limit,
             # At the tenant's limit the attempt is queued again, later, in the same call.
-            enqueue=self.queue.prepare(later, fields["id"], delay, priority) if limit else None,
+            enqueue=self._later(fields, delay) if limit else None,
         )
+        if isinstance(started, Throttled):
+            await self._waits_for_tenant(fields, now + delay)
         if not isinstance(started, Published):
             return None
         fields["started_at"] = now
@@ -113,6 +113,19 @@ class Runner:
             self.metrics.queue_wait.labels(fields["type"]).observe(max(0.0, wait))
         writer = Writer(arq_id, change.fields["owner"], started.position)
         return JobContext(self.store, fields, self.settings.publish_rate_hz, self.resources, writer)
+
+    def _later(self, fields: dict[str, Any], delay: float) -> Enqueue:
+        later = new_arq_id(fields["id"])
+        priority = fields.get("priority", "normal")
+        return self.queue.prepare(later, fields["id"], delay, priority, tenant=fields["tenant"])
+
+    async def _waits_for_tenant(self, fields: dict[str, Any], until: float) -> None:
+        """Say once that the job waits for its tenant's running limit (each later check
+        that finds the limit still full says nothing new)."""
+        waiting = fields.get("waiting") or {}
+        if waiting.get("reason") != "tenant_limit":
+            change = transitions.wait_in_line("tenant_limit", until)
+            await transitions.publish(self.store, fields["id"], fields["tenant"], change)
 
     # -- one attempt ---------------------------------------------------------
 
@@ -237,7 +250,8 @@ class Runner:
             return transitions.cancelled()
         job_id, arq_id = fields["id"], new_arq_id(fields["id"])
         attempt = fields["attempt"] + (1 if next_attempt else 0)
-        enqueue = self.queue.prepare(arq_id, job_id, delay, fields.get("priority", "normal"))
+        priority = fields.get("priority", "normal")
+        enqueue = self.queue.prepare(arq_id, job_id, delay, priority, tenant=fields["tenant"])
         return transitions.retry_later(exc, attempt, arq_id, delay, enqueue)
 
     async def _lost(self, fields: dict[str, Any], exc: JobError) -> Transition:

@@ -61,7 +61,7 @@ async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore) -> No
         "created_at": time.time(),
     }
     queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
-    await store.create("t", fields, queue.prepare(arq_id, job_id), None)
+    await store.create("t", fields, queue.prepare(arq_id, job_id, tenant="t"), None)
     gone = f"{secrets.token_hex(8)}.1"
     await store.redis.zadd(store.keys.leases, {arq_id: 1, gone: 1})
     assert await leases_of(store).reap() == 1

@@ -43,7 +43,9 @@ async def add_jobs(store: JobStore, n: int) -> list[dict[str, Any]]:
             "output": "o" * 100,
             "created_at": base + (i // 3) / 1000,
         }
-        enqueue = Queue(store.redis, store.settings).prepare(fields["arq_id"], fields["id"])
+        enqueue = Queue(store.redis, store.settings).prepare(
+            fields["arq_id"], fields["id"], tenant="t"
+        )
         await store.create("t", fields, enqueue, None)
         jobs.append(fields)
     return jobs

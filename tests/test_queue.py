@@ -1,5 +1,6 @@
-"""The arq boundary (pushsvc/queue.py): what arq's own log lines say of our attempts, and
-priorities (high before normal before low; a retry keeps its backoff whatever its priority)."""
+"""The arq boundary (pushsvc/queue.py): what arq's own log lines say of our attempts,
+priorities (high before normal before low; a retry keeps its backoff whatever its
+priority), and fair share (tenants take turns within a class)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from redis.asyncio import Redis
 from pushsvc.queue import ARQ_START_LINE, ArqDelayFilter
 from pushsvc.worker import worker_session
 
-from .conftest import TICK, Client, burst, ops_api, settings_for, stack_env, worker
+from .conftest import (
+    TICK,
+    Client,
+    burst,
+    make_client,
+    ops_api,
+    settings_for,
+    stack_env,
+    worker,
+)
 from .procs import RedisServer
 
 
@@ -27,15 +37,12 @@ def _arq_line(extra: str) -> str:
     ("shown", "means"),
     [
         ("", ""),
-        (" delayed=1000000000.05s", ""),  # normal, started at once
-        (" delayed=2000000000.00s", ""),  # high
-        (" delayed=1000000001.20s", ""),  # within arq's 1.2 s: not worth a word, as arq has it
-        (" delayed=1000000005.00s", " delayed=5.00s"),  # normal, 5 s late
-        (" try=2 delayed=2000000012.34s", " try=2 delayed=12.34s"),
-        (" delayed=3.50s", " delayed=3.50s"),  # low priority: no offset
+        (" delayed=2001765000000000.05s", ""),  # normal: a turn, not a time
+        (" delayed=3001765000001000.00s", ""),  # high
+        (" try=2 delayed=1001765000012000.34s", " try=2"),
     ],
 )
-def test_arq_start_line_gets_the_real_delay(shown: str, means: str) -> None:
+def test_arq_start_line_drops_the_meaningless_delay(shown: str, means: str) -> None:
     assert _arq_line(shown) == f"  0.05s → j:run('x'){means}"
 
 
@@ -120,3 +127,53 @@ async def test_retry_backoff_is_kept_whatever_the_priority(
         starts = [d["ts"] for k, d in log if k != "progress" and d.get("status") == "running"]
         assert done["status"] == "completed" and done["attempt"] == 2
         assert starts[-1] - retry["ts"] >= retry["retry_in_s"] - 0.05
+
+
+async def _submit_many(client: Client, n: int) -> list[str]:
+    return [(await client.submit("ticker", TICK))["id"] for _ in range(n)]
+
+
+@pytest.mark.timeout(90)
+async def test_one_tenants_burst_does_not_keep_another_tenants_job_waiting(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Before fair share, tenant-b's one job waited behind all 20 of tenant-a's (FIFO)."""
+    async with ops_api(redis_server, redis) as (a, env):
+        b = make_client(str(a.http.base_url), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        burst_ids = await _submit_many(a, 20)
+        (late,) = await _submit_many(b, 1)
+        await burst(env, worker_concurrency=1)
+        jobs = [await a.get(i) for i in burst_ids] + [await b.get(late)]
+        order = [j["id"] for j in sorted(jobs, key=lambda j: j["started_at"])]
+        assert order.index(late) <= 1, order.index(late)  # it takes the clock's turn
+        assert [i for i in order if i != late] == burst_ids  # one tenant: first in, first out
+        await b.http.aclose()
+
+
+@pytest.mark.timeout(90)
+async def test_without_fair_share_the_queue_is_first_in_first_out(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    async with ops_api(redis_server, redis, fair_share="false") as (a, env):
+        b = make_client(str(a.http.base_url), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        ids = await _submit_many(a, 5) + await _submit_many(b, 1) + await _submit_many(a, 2)
+        await burst(env, worker_concurrency=1, fair_share=False)
+        jobs = [await a.get(i) for i in ids[:5] + ids[6:]] + [await b.get(ids[5])]
+        assert [j["id"] for j in sorted(jobs, key=lambda j: j["started_at"])] == ids
+        await b.http.aclose()
+
+
+@pytest.mark.timeout(90)
+async def test_a_tenants_weight_gives_it_that_many_turns(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Weight 2 against 1: turns 0, 500, 1000... against 0, 1000...: of the first nine
+    starts (every turn below 3000), six are the heavier tenant's."""
+    async with ops_api(redis_server, redis, tenant_weights="tenant-a=2") as (a, env):
+        b = make_client(str(a.http.base_url), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        ids_a, ids_b = await _submit_many(a, 10), await _submit_many(b, 10)
+        await burst(env, worker_concurrency=1)
+        jobs = [await a.get(i) for i in ids_a] + [await b.get(i) for i in ids_b]
+        first = [j["id"] for j in sorted(jobs, key=lambda j: j["started_at"])][:9]
+        assert len(set(first) & set(ids_a)) == 6 and len(set(first) & set(ids_b)) == 3
+        await b.http.aclose()

@@ -27,11 +27,13 @@ def test_comma_lists_and_key_maps_from_the_environment(env: pytest.MonkeyPatch) 
     env.setenv("PUSHSVC_JOB_MODULES", "pkg.one,,pkg.two")
     env.setenv("PUSHSVC_LLM_RETRY_WINDOWS", "generate=30, batch=2.5")
     env.setenv("PUSHSVC_ADMIN_KEYS", "op1,op2")
+    env.setenv("PUSHSVC_TENANT_WEIGHTS", "acme=2, trial=0.5")
     s = Settings()
     assert s.api_keys == {"k1": "t1", "k2": "t2"} and s.auth_enabled
     assert s.cors_origins == ["https://a.test", "https://b.test"]
     assert s.job_modules == ["pkg.one", "pkg.two"]
     assert s.llm_retry_windows == {"generate": 30.0, "batch": 2.5}
+    assert s.tenant_weights == {"acme": 2.0, "trial": 0.5} and s.fair_share
     assert [k.get_secret_value() for k in s.admin_keys] == ["op1", "op2"]
     assert "op1" not in repr(s)
 
@@ -54,6 +56,10 @@ def test_defaults_need_no_environment(env: pytest.MonkeyPatch) -> None:
         ("PUSHSVC_LLM_RETRY_WINDOWS", "generate=-1"),
         ("PUSHSVC_LLM_RETRY_WINDOWS", "=5"),
         ("PUSHSVC_LLM_RETRY_WINDOWS", "generate=inf"),
+        ("PUSHSVC_TENANT_WEIGHTS", "acme"),
+        ("PUSHSVC_TENANT_WEIGHTS", "acme=0"),
+        ("PUSHSVC_TENANT_WEIGHTS", "acme=lots"),
+        ("PUSHSVC_TENANT_WEIGHTS", "=2"),
         ("PUSHSVC_JOB_TTL_S", "0"),
         ("PUSHSVC_LLM_PARALLEL", "65"),
         ("PUSHSVC_ALERT_FAILURE_RATE", "1.5"),

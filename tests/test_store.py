@@ -43,7 +43,7 @@ async def new_job(store: JobStore, status: str = "running") -> dict[str, Any]:
         "output": "",
         "created_at": time.time(),
     }
-    enqueue = Queue(store.redis, store.settings).prepare(fields["arq_id"], job_id)
+    enqueue = Queue(store.redis, store.settings).prepare(fields["arq_id"], job_id, tenant="t")
     created = await store.create("t", fields, enqueue, None)
     assert created[:2] == (job_id, None) and created.epoch
     return fields

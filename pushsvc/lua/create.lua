@@ -1,7 +1,7 @@
--- A new job (see publish_fn.lua). KEYS[12]: the tenant's index, KEYS[13]: the
+-- A new job (see publish_fn.lua). KEYS[15]: the tenant's index, KEYS[16]: the
 -- idempotency key. Returns {1, epoch} created (the epoch its first event is in), or
 -- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
-local K_INDEX, K_IDEM = KEYS[12], KEYS[13]
+local K_INDEX, K_IDEM = KEYS[15], KEYS[16]
 if A_FINGERPRINT ~= '' then
   local existing = redis.call('GET', K_IDEM)
   if existing then return {0, existing} end

@@ -4,20 +4,24 @@
 local K_JOB, K_LOG, K_TLOG, K_TPOS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_LEASES, K_QUEUE, K_ARQ_JOB, K_OUTPUT = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local K_RUNNING, K_STATS, K_EPOCH = KEYS[9], KEYS[10], KEYS[11]
--- (create.lua: KEYS[12] tenant index, KEYS[13] idempotency key; repair.lua: KEYS[12] index)
+local K_TURNS, K_TENANT_TURNS, K_ARQ_QUEUE = KEYS[12], KEYS[13], KEYS[14]
+-- (create.lua: KEYS[15] tenant index, KEYS[16] idempotency key; repair.lua: KEYS[15] index)
 local A_TTL, A_LOG_CAP, A_TLOG_CAP, A_KIND, A_BODY = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local A_EXPECT, A_DELTA, A_JOB_CHANNEL, A_TENANT_CHANNEL = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local A_ARQ_ID, A_LEASE_UNTIL, A_JOB_ID = ARGV[10], ARGV[11], ARGV[12]
 local A_ENQ_PAYLOAD, A_ENQ_PX, A_ENQ_SCORE, A_ENQ_MEMBER = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local A_FINGERPRINT, A_INDEX_SCORE, A_RESET_OUTPUT = ARGV[17], ARGV[18], ARGV[19]
 local A_MAX_RUNNING, A_OWNER, A_KNOWN_EPOCH, A_FRESH_EPOCH = ARGV[20], ARGV[21], ARGV[22], ARGV[23]
-local A_KNOWN_SEQ = ARGV[24]
-local FIELDS_FROM = 25  -- ARGV[25..]: field/value pairs to HSET
+local A_KNOWN_SEQ, A_ENQ_CLASS, A_TURN_SLOT = ARGV[24], ARGV[25], ARGV[26]
+local FIELDS_FROM = 27  -- ARGV[27..]: field/value pairs to HSET
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
+-- A score of '' asks for the attempt's turn in arq's queue (turns_fn.lua).
 local function enqueue()
   redis.call('SET', K_ARQ_JOB, A_ENQ_PAYLOAD, 'PX', A_ENQ_PX)
-  redis.call('ZADD', K_QUEUE, A_ENQ_SCORE, A_ENQ_MEMBER)
+  local score = A_ENQ_SCORE
+  if score == '' then score = turn_score(K_TURNS, K_TENANT_TURNS, A_ENQ_CLASS, A_TURN_SLOT) end
+  redis.call('ZADD', K_QUEUE, score, A_ENQ_MEMBER)
 end
 
 -- The store's epoch; normally set by the connection check (epoch.py). Missing only
@@ -83,6 +87,9 @@ local function apply()
   end
   if status == 'running' and A_LEASE_UNTIL ~= '' then
     redis.call('ZADD', K_LEASES, A_LEASE_UNTIL, redis.call('HGET', job, 'arq_id'))
+  end
+  if before == 'queued' and status == 'running' and arq_before then
+    turn_started(K_TURNS, K_ARQ_QUEUE, redis.call('HGET', job, 'priority') or 'normal', arq_before)
   end
   account(job, before, status, now_ms)
   if A_ENQ_PAYLOAD ~= '' then enqueue() end
