@@ -1,13 +1,16 @@
 """The API's own state changes (pushsvc/actions.py), against a real Redis: cancel of a
-queued job, a new run of a failed one, and the conflicts and 404s they answer."""
+queued job, a new run of a failed one, the conflicts and 404s they answer; and stop is
+not disconnect (a dropped stream never cancels, DELETE on any API process does)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 
 from pushsvc import actions
@@ -17,7 +20,8 @@ from pushsvc.queue import Queue
 from pushsvc.store import JobStore
 
 from .conftest import open_store
-from .procs import RedisServer
+from .procs import Api, RedisServer
+from .sse import Event, Stream, assert_gap_free, events, read
 
 
 @pytest.fixture
@@ -83,3 +87,48 @@ async def test_another_tenants_job_is_not_found(store: JobStore) -> None:
     assert actions.wrong_state(JobStatus.FAILED, "cancel").message == (
         "cannot cancel a job that is failed"
     )
+
+
+# -- stop is not disconnect (the contract's promise) ----------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_dropped_stream_never_cancels_and_delete_on_any_api_process_does(
+    stack: dict[str, Any],
+) -> None:
+    """A client that goes away (a closed tab) leaves its job running; DELETE, sent to
+    another API process than the one streaming, cancels it, and the stream says so."""
+    second = Api([], stack["env"]).start()
+    auth = {"Authorization": "Bearer key-a"}
+    try:
+        async with (
+            httpx.AsyncClient(base_url=stack["api"].url, headers=auth, timeout=10) as first_api,
+            httpx.AsyncClient(base_url=second.url, headers=auth, timeout=10) as second_api,
+        ):
+            payload = {"steps": 400, "interval_ms": 50}
+            job = await first_api.post("/v1/jobs", json={"type": "ticker", "payload": payload})
+            job_id, path = job.json()["id"], f"/v1/jobs/{job.json()['id']}/events"
+            dropped = await read(first_api, path, stop=lambda s: _progress(s.events) >= 2)
+            resumed, deleted = Stream(), False
+            async with asyncio.timeout(40):
+                headers = {"Last-Event-ID": dropped.resume_id}
+                async for event in events(second_api, path, headers=headers):
+                    resumed.events.append(event)
+                    # Once it went on after the drop, one DELETE, on the other process.
+                    if _progress(resumed.events) >= 3 and not deleted:
+                        resp = await first_api.delete(f"/v1/jobs/{job_id}")
+                        assert resp.status_code == 202, resp.text
+                        assert resp.json()["cancel_requested"]
+                        deleted = True
+            assert deleted, "the job ended before it was cancelled"  # the drop cancelled it?
+            assert resumed.events[-1].kind == "cancelled"
+            assert resumed.events[0].data["seq"] == dropped.events[-1].data["seq"] + 1
+            assert_gap_free(resumed, job_id)
+            final = (await second_api.get(f"/v1/jobs/{job_id}")).json()
+            assert final["status"] == "cancelled" and 0 < final["progress"] < 100
+    finally:
+        second.stop()
+
+
+def _progress(evs: list[Event]) -> int:
+    return sum(e.kind == "progress" for e in evs)

@@ -16,7 +16,7 @@ for _, member in ipairs(due) do
   if arq_id then
     local owner_key = ARGV[3] .. owner
     local slot = redis.call('HGET', owner_key, 'slot') or ARGV[4]
-    redis.call('ZADD', KEYS[2], turn_score(KEYS[3], owner_key, class, slot), arq_id)
+    redis.call('ZADD', KEYS[2], turn_score(KEYS[3], KEYS[2], owner_key, class, slot), arq_id)
   end
   redis.call('ZREM', KEYS[1], member)
 end

@@ -20,7 +20,7 @@ local TERMINAL = {completed = true, failed = true, cancelled = true}
 local function enqueue()
   redis.call('SET', K_ARQ_JOB, A_ENQ_PAYLOAD, 'PX', A_ENQ_PX)
   local score = A_ENQ_SCORE
-  if score == '' then score = turn_score(K_TURNS, K_TENANT_TURNS, A_ENQ_CLASS, A_TURN_SLOT) end
+  if score == '' then score = turn_score(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, A_ENQ_CLASS, A_TURN_SLOT) end
   redis.call('ZADD', K_QUEUE, score, A_ENQ_MEMBER)
 end
 
