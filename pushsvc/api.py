@@ -85,7 +85,7 @@ async def _check_rate(svc: Services, tenant: str) -> None:
 
 
 LOCATION = Header("Location", "/v1/jobs/{id}")
-ETAG = Header("ETag", "the job's event sequence, quoted")
+ETAG = Header("ETag", "the job's position (and place in line, while queued), quoted")
 POLL_HINT = Header("Retry-After", "seconds a poller should wait (while the job is not finished)")
 IDEMPOTENCY_KEY = Param(
     "header",
@@ -261,7 +261,10 @@ async def get_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     snap = await get_owned_job(svc, tenant, request.path_params["job_id"])
-    etag = f'"{snap.seq}.{snap.epoch}"'
+    (snap,) = await svc.line.show([snap])
+    # A queued job's place changes with no event: it is part of the tag.
+    place = "" if snap.queue_position is None else f".{snap.queue_position}"
+    etag = f'"{snap.seq}.{snap.epoch}{place}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if not snap.status.terminal:
         headers["Retry-After"] = f"{svc.settings.poll_hint_s:g}"
@@ -323,6 +326,7 @@ async def list_jobs(request: Request) -> Response:
     jobs, cursor = await listing.list_jobs(
         svc.reads, tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
     )
+    jobs = await svc.line.show(jobs)
     page = JobPage(jobs=[job_body(svc, tenant, j) for j in jobs], next_cursor=cursor)
     return await json_response(page.model_dump(mode="json"))
 

@@ -26,6 +26,7 @@ from .errors import ApiError, PushsvcError
 from .events import EventBus
 from .guard import RequestGuard
 from .jobs import Registry, load_job_modules
+from .line import Line
 from .models import Health, Ready
 from .operations import TEXT, Reply, public
 from .queue import Queue, connect
@@ -52,6 +53,7 @@ class Services:
     bus: EventBus
     drain: Drain
     reads: BulkReads
+    line: Line
     open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
 
 
@@ -192,6 +194,7 @@ def _lifespan(
                 EventBus(settings, app.state.metrics.observe_event) as bus,
                 Drain() as drain,
                 BulkReads(store, settings) as reads,
+                Line(redis, settings) as line,
             ):
                 app.state.services = Services(
                     settings,
@@ -203,6 +206,7 @@ def _lifespan(
                     bus,
                     drain,
                     reads,
+                    line,
                 )
                 app.state.stats = StatsReader(redis, settings)
                 _freeze_startup_heap()

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -20,6 +21,7 @@ from .progress import AnswerLengths
 from .publish import Diverged, PublishCall, Published, Rejected, Reply, Writer
 from .settings import Settings
 from .store import JobStore
+from .telemetry import CallLog, Telemetry
 from .transitions import Transition
 
 logger = logging.getLogger(__name__)
@@ -28,16 +30,25 @@ logger = logging.getLogger(__name__)
 class Resources:
     """Clients a worker's job functions share, made on first use and closed with it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, observe_llm: Callable[[Telemetry], None] | None = None
+    ) -> None:
         self.settings = settings
+        self._observe_llm = observe_llm  # every model call's telemetry (worker metrics)
         self._llm: LLM | None = None
         self._lengths: AnswerLengths | None = None
+        self._calls: CallLog | None = None
 
     @property
     def llm(self) -> LLM:
         if self._llm is None:
-            self._llm = LLM(self.settings)
+            self._llm = LLM(self.settings, self._observe_llm)
         return self._llm
+
+    def call_log(self, store: JobStore) -> CallLog:
+        if self._calls is None:
+            self._calls = CallLog(store.redis, store.keys)
+        return self._calls
 
     def answer_lengths(self, store: JobStore) -> AnswerLengths:
         if self._lengths is None:
@@ -129,6 +140,11 @@ class JobContext:
         return self.resources.answer_lengths(self._store)
 
     @property
+    def call_log(self) -> CallLog:
+        """Finished model calls, for ``/v1/stats`` (``pushsvc.telemetry``)."""
+        return self.resources.call_log(self._store)
+
+    @property
     def is_cancelled(self) -> bool:
         """True once a cancel was requested; long loops should check it and stop."""
         return self._cancelled
@@ -155,13 +171,18 @@ class JobContext:
     async def waiting(self, reason: str | None, until: float | None = None) -> None:
         """Say why the attempt is not moving (``rate_limited``, ``model_limit``) and until
         when (epoch seconds; ``None``: unknown); ``reason=None`` says it moves again.
-        Published at once (a wait is news), as a ``progress`` event's ``waiting``."""
+        A new reason is published at once (a wait is news), a new ``until`` alone with the
+        throttle, as a ``progress`` event's ``waiting``."""
         waiting = None if reason is None else {"reason": reason, "until": _rounded(until)}
         if waiting == self._waiting:
             return
+        same_reason = (self._waiting or {}).get("reason") == reason
         self._waiting = waiting
         self._progress_dirty = True
-        await self.flush(final=False)
+        if same_reason:  # only ``until`` moved (parallel calls): with the throttle
+            await self._maybe_flush()
+        else:
+            await self.flush(final=False)
 
     async def telemetry(self, llm: dict[str, Any]) -> None:
         """The model call's telemetry (``models.LLMTelemetry``'s fields), published with

@@ -23,7 +23,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backoff import Delays, ExponentialBackoff
 from .connections import is_sentinel_url, make_pool, primary_moved
-from .frames import Frame
+from .frames import VOLATILE, Frame
 from .keys import Keys
 from .settings import Settings
 
@@ -51,12 +51,15 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
     Past ``coalesce_after`` frames, progress and output frames merge with the job's
     latest pending frame of the same kind. Past ``max_frames`` or ``max_bytes`` the
     buffer is dropped and the reader is told to resync from stored state. Status and
-    terminal frames are never merged.
+    terminal frames are never merged. A job's ``queue`` frame (line.py) replaces its
+    pending one and goes after the other frames; being at most one per job, those count
+    toward no limit.
     """
 
     __slots__ = (
         "stats",
         "_pending",
+        "_places",
         "_last_of",
         "_barrier",
         "_next",
@@ -73,6 +76,7 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
         self.stats = stats
         # Insertion-ordered; merged frames are re-inserted under a new, larger key.
         self._pending: dict[int, Frame] = {}
+        self._places: dict[str, Frame] = {}  # job -> its latest ``queue`` frame
         self._last_of: dict[tuple[str, str], int] = {}  # (job, kind) -> pending position
         self._barrier: dict[str, int] = {}  # job -> position of its last unmergeable frame
         self._next = 0
@@ -84,6 +88,11 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
         self.overflowed = False
 
     def put(self, frame: Frame) -> None:
+        if frame.kind in VOLATILE:
+            self._places.pop(frame.job_id, None)
+            self._places[frame.job_id] = frame
+            self._wake()
+            return
         coalesce_after, max_frames, max_bytes = self._limits
         if len(self._pending) >= coalesce_after and frame.kind in MERGEABLE:
             frame = self._merge_into_latest(frame)
@@ -130,6 +139,7 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
 
     def clear(self) -> None:
         self._pending.clear()
+        self._places.clear()
         self._last_of.clear()
         self._barrier.clear()
         self._add_bytes(-self._bytes)
@@ -137,7 +147,7 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
     async def get(self, timeout: float) -> list[Frame]:
         """Everything pending, oldest first; empty after ``timeout`` s of silence (time for
         a heartbeat) or when only a resync is due."""
-        if not self._pending and not self.resync:
+        if not self._pending and not self._places and not self.resync:
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
             # A timer handle, not wait_for: no extra task on every delivery.
@@ -147,12 +157,12 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
             finally:
                 timer.cancel()
                 self._waiter = None
-        frames = list(self._pending.values())
+        frames = [*self._pending.values(), *self._places.values()]
         self.clear()
         return frames
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._places)
 
 
 @dataclass

@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from .epoch import StreamPosition
 
+# Kinds sent without an SSE ``id:``: computed per API process, never logged, never
+# replayed (a client applies one when its seq is the one it holds; see line.py).
+VOLATILE = frozenset({"queue"})
+
 
 @dataclass(slots=True)
 class Frame:
@@ -49,6 +53,10 @@ class Frame:
 
     def sse(self, by_tseq: bool) -> bytes:
         """The SSE frame, ``id:`` being the job's or the tenant's position; encoded once."""
+        if self.kind in VOLATILE:
+            if self._by_seq is None:
+                self._by_seq = _encode(None, self.kind, self.data)
+            return self._by_seq
         if by_tseq:
             if self._by_tseq is None:
                 self._by_tseq = _encode(self.tenant_position, self.kind, self.data)
@@ -78,5 +86,7 @@ class Frame:
 
 # Encoded by hand rather than with sse-starlette's ServerSentEvent: a frame is encoded
 # once and the bytes are shared by every stream that sends it.
-def _encode(event_id: StreamPosition, kind: str, data: str) -> bytes:
+def _encode(event_id: StreamPosition | None, kind: str, data: str) -> bytes:
+    if event_id is None:  # EventSource keeps the last id it had: a resume is unchanged
+        return f"event: {kind}\ndata: {data}\n\n".encode()
     return f"id: {event_id}\nevent: {kind}\ndata: {data}\n\n".encode()

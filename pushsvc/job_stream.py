@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from .epoch import StreamPosition
 from .events import EventBus
-from .frames import Frame
+from .frames import VOLATILE, Frame
+from .line import Line
 from .models import TERMINAL
 from .reads import BulkReads
 from .settings import Settings
@@ -21,13 +22,17 @@ class JobStream(_Stream):
         tenant: str,
         job_id: str,
         last_id: StreamPosition | None,
+        line: Line | None = None,
     ) -> None:
-        super().__init__(reads, bus, settings, tenant)
+        super().__init__(reads, bus, settings, tenant, line)
         self.job_id, self.pos = job_id, last_id
         self.retired: set[str] = set()  # epochs this stream has moved on from
 
     def channel(self) -> str:
         return self.store.keys.job_channel(self.job_id)
+
+    def followed(self) -> list[str]:
+        return [] if self.done else [self.job_id]
 
     async def start(self) -> list[Frame]:
         if self.pos is None:
@@ -92,6 +97,11 @@ class JobStream(_Stream):
         for frame in frames:
             if self.done or self.behind:
                 break  # behind: these are in the log, after the page sent
+            if frame.kind in VOLATILE:
+                pos = self.pos
+                if pos is not None and pos.seq == frame.seq and pos.same_history(frame.epoch):
+                    out.append(frame)  # else the client holds another seq: not for it
+                continue
             if frame.epoch in self.retired:
                 continue  # published before the history the stream now follows
             assert self.pos is not None

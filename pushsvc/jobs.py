@@ -136,6 +136,13 @@ registry = Registry()
 BUILTIN_MODULES = ("pushsvc.ticker", "pushsvc.llm_jobs")
 
 
+def summary(doc: str | None) -> str:
+    """A job type's description: its docstring's first paragraph, on one line (its first
+    line alone cut sentences mid-way)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(first.split())
+
+
 def load_job_modules(settings: Settings) -> Registry:
     """Fill the registry an entry point serves: the built-in types, then the settings'
     ``job_modules``; each module registers its types (``@job_type``) as it is imported."""
@@ -164,7 +171,7 @@ def job_type(
                 timeout_s=timeout_s,
                 max_attempts=max_attempts,
                 retry=retry or RetryPolicy(),
-                description=(func.__doc__ or "").strip().split("\n")[0],
+                description=summary(func.__doc__),
             )
         )
         return func

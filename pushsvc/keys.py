@@ -68,6 +68,11 @@ class Keys:
         return f"{self.ns}:stats"
 
     @property
+    def llm_calls(self) -> str:
+        """Stream: one row per finished model call (type, tenant, model, telemetry)."""
+        return f"{self.ns}:llmcalls"
+
+    @property
     def delayed(self) -> str:
         """Sorted set: attempts waiting for their backoff (or the tenant's running limit),
         "<priority>|<arq id>|<tenant>" by due ms."""
@@ -80,13 +85,22 @@ class Keys:
         return f"{self.ns}:turns"
 
     def tenant_turns(self, tenant: str) -> str:
-        """Hash: per priority class, the tenant's last turn given (``<class>``) and its
-        turn size (``slot``); see queue.py."""
+        """Sorted set: the tenant's attempts in arq's queue (arq id by arq score): its line,
+        whose last turn its next attempt follows (fair share: queue.py)."""
         return f"{self.ns}:tturn:{tenant}"
 
     def answer_lengths(self, job_type: str, model: str) -> str:
         """List: the recent answers' lengths (characters) of a job type and model."""
         return f"{self.ns}:alen:{job_type}:{model}"
+
+    def model_buckets(self, model: str) -> str:
+        """Hash: a model's request and token buckets (level and time of each); see
+        model_limits.py."""
+        return f"{self.ns}:mlim:{model}"
+
+    def model_holders(self, model: str) -> str:
+        """Sorted set: the model calls holding a concurrency slot, scored by expiry (ms)."""
+        return f"{self.ns}:mhold:{model}"
 
     @property
     def workers(self) -> str:
@@ -97,3 +111,7 @@ class Keys:
     def queue(self) -> str:
         """The arq queue name."""
         return f"{self.ns}:queue"
+
+    def starts(self, second: int) -> str:
+        """Counter: attempts started in one clock second (the start rate; see line.py)."""
+        return f"{self.ns}:starts:{second}"

@@ -23,8 +23,10 @@ from openai.types.chat import ChatCompletionChunk
 
 from .backoff import Delays, EqualJitterBackoff
 from .errors import JobError
-from .progress import CHARS_PER_TOKEN
+from .model_limits import ModelLimiter, request_tokens
 from .settings import Settings
+from .telemetry import CallHooks, CallWatch, OnWait, Telemetry, price_of
+from .telemetry import estimate_tokens as estimate_chars
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ def estimate_tokens(text: str) -> int:
     """Tokens in ``text`` when the server does not say: about 4 characters a token for
     English with the common BPE vocabularies (no tokenizer that works offline for every
     model)."""
-    return -(-len(text) // CHARS_PER_TOKEN)
+    return estimate_chars(len(text))
 
 
 @dataclass
@@ -191,6 +193,7 @@ class Completion:
     model: str = ""
     usage: Usage = field(default_factory=Usage)
     finish_reason: str | None = None
+    telemetry: Telemetry = field(default_factory=dict)  # models.LLMTelemetry's fields
 
     @property
     def truncated(self) -> bool:
@@ -249,12 +252,17 @@ class _Reader:
 class LLM:
     """A configured client; one per worker process, closed with the worker."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, observe: Callable[[Telemetry], None] | None = None
+    ) -> None:
         key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else "unset"
         self.default_model = settings.llm_model
         self.retry_window_s = settings.llm_retry_window_s
         self.retry_windows = settings.llm_retry_windows  # per job type
         self.call_timeout_s = settings.llm_timeout_s
+        self.prices = settings.llm_prices
+        self.observe = observe  # every finished call's telemetry (the worker's metrics)
+        self.limits = ModelLimiter(settings)  # PUSHSVC_MODEL_LIMITS, shared by every worker
         # Retries are pushsvc's (backoff per job type), so the client makes none.
         self.client = openai.AsyncOpenAI(
             api_key=key,
@@ -266,6 +274,7 @@ class LLM:
 
     async def aclose(self) -> None:
         await self.client.close()
+        await self.limits.aclose()
 
     async def complete(
         self,
@@ -277,6 +286,8 @@ class LLM:
         json_mode: bool = False,
         on_delta: Callable[[str], Awaitable[None]] | None = None,
         job_type: str | None = None,
+        on_wait: OnWait | None = None,
+        on_telemetry: Callable[[Telemetry], Awaitable[None]] | None = None,
     ) -> Completion:
         """Stream a completion to its end, calling ``await on_delta(text)`` per delta.
 
@@ -284,29 +295,60 @@ class LLM:
         "Model calls". A retryable failure before the first delta (a server restarting,
         a 5xx, a 429) is tried again with backoff for ``llm_retry_window_s`` (or the
         ``llm_retry_windows`` entry of ``job_type``): nothing was shown yet, and a model
-        server that boots in seconds is ridden out.
+        server that boots in seconds is ridden out. While it waits after a 429,
+        ``await on_wait("rate_limited", until)`` (epoch seconds), then ``on_wait(None,
+        None)`` once text flows or the call ends. ``await on_telemetry(llm)`` gets the
+        call's telemetry (telemetry.py) with each delta and at the end; the final one is
+        also ``Completion.telemetry``.
         """
         args = self._args(messages, model, max_tokens, temperature, json_mode)
         window = self.retry_windows.get(job_type or "", self.retry_window_s)
+        hooks = CallHooks(on_delta, on_wait, on_telemetry)
+        price = price_of(self.prices, args["model"])
+        watch = CallWatch(args["model"], price, len(_prompt(args)), hooks)
+        try:
+            done = await self._tries(args, window, watch)
+        except JobError:
+            await watch.over()
+            raise
+        usage = done.usage
+        done.telemetry = await watch.finish(
+            usage.prompt_tokens, usage.completion_tokens, usage.estimated
+        )
+        if self.observe is not None:
+            self.observe(done.telemetry)
+        return done
+
+    async def _tries(self, args: dict[str, Any], window: float, watch: CallWatch) -> Completion:
+        """The call, tried again after a retryable failure before its first token."""
         deadline = time.monotonic() + window
         pauses = Delays(EqualJitterBackoff(cap=8.0, base=0.5))  # half to all of 0.5, 1, 2 .. 8 s
+        limit_waits: list[float] = []  # the window does not count waits for the model's limits
         while True:
-            started = False
-
-            async def delta(text: str) -> None:
-                nonlocal started
-                started = True
-                if on_delta is not None:
-                    await on_delta(text)
-
             try:
-                return await self._stream(args, delta)
+                return await self._limited(args, watch, limit_waits)
             except JobError as exc:
                 wait = pauses.next(exc.retry_after_s)
-                if started or not exc.retryable or time.monotonic() + wait > deadline:
+                late = time.monotonic() + wait > deadline + sum(limit_waits)
+                if watch.started or not exc.retryable or late:
                     raise
                 logger.warning("model call failed (%s), trying again in %.1f s", exc.code, wait)
-                await asyncio.sleep(wait)
+                await watch.pause(exc.code, wait)
+
+    async def _limited(
+        self, args: dict[str, Any], watch: CallWatch, limit_waits: list[float]
+    ) -> Completion:
+        """One try, under the model's limits (model_limits.py): it waits for its turn
+        (the job says ``waiting: model_limit``; ``limit_waits`` gets how long), then holds
+        its place while it runs."""
+        tokens = request_tokens(args)
+        asked = time.monotonic()
+        async with self.limits.hold(args["model"], tokens, watch.hooks.on_wait):
+            limit_waits.append(time.monotonic() - asked)
+            watch.start()
+            done = await self._stream(args, watch.delta)
+        await self.limits.used(args["model"], tokens, done.usage.total_tokens)
+        return done
 
     def _args(
         self,
@@ -353,8 +395,12 @@ class LLM:
                 retryable=reader.chunks == 0,
             ) from exc
         watch = stream.response.stream
-        prompt = "\n".join(str(m.get("content", "")) for m in args["messages"])
-        return reader.finish(isinstance(watch, _EndWatch) and watch.done, prompt)
+        return reader.finish(isinstance(watch, _EndWatch) and watch.done, _prompt(args))
+
+
+def _prompt(args: dict[str, Any]) -> str:
+    """The request's messages as one text (what a usage estimate counts)."""
+    return "\n".join(str(m.get("content", "")) for m in args["messages"])
 
 
 async def _next(stream: openai.AsyncStream[ChatCompletionChunk], reader: _Reader) -> str | None:

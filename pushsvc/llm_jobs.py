@@ -20,6 +20,7 @@ from .errors import JobError
 from .jobs import job_type
 from .llm import Completion
 from .progress import Gauge
+from .telemetry import Telemetry, Totals, price_of
 
 ITEM_TRIES = 3  # per item, for malformed output and retryable upstream errors
 # Before an item's second and third try: up to 0.2 s, then up to 0.4 s.
@@ -67,15 +68,59 @@ async def generate(ctx: JobContext, p: GeneratePayload) -> dict[str, Any]:
         temperature=p.temperature,
         on_delta=on_delta,
         job_type=ctx.job_type,
+        on_wait=ctx.waiting,
+        on_telemetry=ctx.telemetry,
     )
     await lengths.record(ctx.job_type, model, len(done.text))
+    await ctx.call_log.record(ctx.job_type, ctx.tenant, done.telemetry)
     await ctx.stage("finalizing")
     return {
         "text": done.text,
         "model": done.model,
         "usage": dataclasses.asdict(done.usage),
         **finish_of(done),
+        "llm": done.telemetry,
     }
+
+
+class Calls:
+    """What a job's many model calls show together: one ``waiting`` (while any call waits
+    after a 429, until the earliest retry) and the totals of their telemetry
+    (``telemetry.Totals``), published as the job's ``llm``."""
+
+    def __init__(self, ctx: JobContext, model: str | None) -> None:
+        self.ctx = ctx
+        name = model or ctx.llm.default_model
+        self.totals = Totals(name, price_of(ctx.llm.prices, name), time.monotonic())
+        self._waits: dict[int, tuple[str, float | None]] = {}  # by item
+
+    def hooks(self, i: int) -> dict[str, Any]:
+        """``LLM.complete``'s ``on_wait`` and ``on_telemetry`` for item ``i``'s call."""
+
+        async def on_wait(reason: str | None, until: float | None) -> None:
+            if reason is None:
+                self._waits.pop(i, None)
+            else:
+                self._waits[i] = (reason, until)
+            await self._say_waiting()
+
+        async def on_telemetry(llm: Telemetry) -> None:
+            await self.ctx.telemetry(self.totals.update(i, llm, time.monotonic()))
+
+        return {"on_wait": on_wait, "on_telemetry": on_telemetry}
+
+    async def _say_waiting(self) -> None:
+        if not self._waits:
+            await self.ctx.waiting(None)
+            return
+        soonest = min(self._waits.values(), key=lambda w: w[1] or float("inf"))
+        await self.ctx.waiting(*soonest)
+
+    async def final(self) -> Telemetry:
+        """The totals at the end, published as the job's ``llm`` and put in its result."""
+        final = self.totals.view(final=True)
+        await self.ctx.telemetry(final)
+        return final
 
 
 def finish_of(done: Completion) -> dict[str, Any]:
@@ -111,6 +156,8 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
         **{k: (str, Field(min_length=1)) for k in keys},
     )
 
+    calls = Calls(ctx, p.model)
+
     async def make(i: int) -> Made:
         prompt = (
             f"Create {p.kind} number {i + 1} of {p.count} for this theme: {p.theme}\n"
@@ -122,6 +169,7 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
             max_tokens=p.max_tokens,
             json_mode=True,
             job_type=ctx.job_type,
+            **calls.hooks(i),
         )
         try:
             item: dict[str, Any] = item_model.model_validate(json.loads(done.text)).model_dump()
@@ -136,7 +184,7 @@ async def generate_items(ctx: JobContext, p: ItemsPayload) -> dict[str, Any]:
 
     # Items are the caller's objects (any field name): how each answer ended goes beside them.
     return await run_items(
-        ctx, p.count, make, p.parallel, p.failure_tolerance, "items", inline_finish=False
+        ctx, calls, p.count, make, p.parallel, p.failure_tolerance, "items", inline_finish=False
     )
 
 
@@ -159,6 +207,7 @@ class BatchPayload(BaseModel):
 @job_type("batch", payload=BatchPayload, timeout_s=3600, max_attempts=2)
 async def batch(ctx: JobContext, p: BatchPayload) -> dict[str, Any]:
     """Applies a prompt template to every input; partial success within a tolerance."""
+    calls = Calls(ctx, p.model)
 
     async def make(i: int) -> Made:
         prompt = p.template.replace("{input}", p.inputs[i])
@@ -167,11 +216,19 @@ async def batch(ctx: JobContext, p: BatchPayload) -> dict[str, Any]:
             model=p.model,
             max_tokens=p.max_tokens,
             job_type=ctx.job_type,
+            **calls.hooks(i),
         )
         return {"input": p.inputs[i], "output": done.text}, done
 
     return await run_items(
-        ctx, len(p.inputs), make, p.parallel, p.failure_tolerance, "outputs", inline_finish=True
+        ctx,
+        calls,
+        len(p.inputs),
+        make,
+        p.parallel,
+        p.failure_tolerance,
+        "outputs",
+        inline_finish=True,
     )
 
 
@@ -182,6 +239,7 @@ class _ToleranceExceeded(Exception):
 
 async def run_items(
     ctx: JobContext,
+    calls: Calls,
     count: int,
     make: Callable[[int], Awaitable[Made]],
     parallel: int | None,
@@ -195,7 +253,8 @@ async def run_items(
     A retryable error or malformed item is tried again (up to ``ITEM_TRIES``), then
     counted as failed; a fatal one (a bad request, bad credentials) counts at once.
     Failures within ``tolerance`` leave the job completed; past it the job fails with
-    ``too_many_failures`` at once, retryable when every failure was.
+    ``too_many_failures`` at once, retryable when every failure was. The result's
+    ``llm`` is the totals over each item's last call (``Calls``).
     """
     gate = asyncio.Semaphore(parallel or ctx.resources.settings.llm_parallel)
     made: list[Made | None] = [None] * count
@@ -207,6 +266,7 @@ async def run_items(
         made[i] = item
         if item is not None:
             await ctx.output(json.dumps({"index": i, **item[0]}) + "\n")
+            await ctx.call_log.record(ctx.job_type, ctx.tenant, item[1].telemetry)
         else:
             errors.append({"index": i, **(error or {})})
         done = count - made.count(None) + len(errors)
@@ -216,7 +276,7 @@ async def run_items(
 
     await _run_all(count, one)
     await ctx.stage("finalizing")
-    outcome = _outcome(made, errors, name, inline_finish)
+    outcome = {**_outcome(made, errors, name, inline_finish), "llm": await calls.final()}
     if len(errors) > tolerance * count:
         raise _too_many_failures(errors, count, name, tolerance, outcome)
     return outcome

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import (
@@ -26,6 +26,10 @@ from .events import EventBus
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+# A model's first token: a fast hosted model 0.2-1 s, a loaded one or a long prompt 5-30 s.
+TTFT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60)
+# Answer tokens a second: a local CPU model 5-20, hosted models 30-200, small fast ones more.
+TOKENS_PER_S_BUCKETS = (5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 
 def redis_connections(bus: EventBus, pool_in_use: int, pool_idle: int) -> int:
@@ -136,7 +140,10 @@ async def metrics(request: Request) -> Response:
 class WorkerMetrics:
     """A worker process's instruments (served by prometheus_client's own HTTP server)."""
 
-    def __init__(self) -> None:
+    def __init__(self, models: Iterable[str] = ()) -> None:
+        # The models a ``model`` label may name (the operator's: the default, priced and
+        # limited ones); any other is "other": a payload's free text must not make series.
+        self.models = frozenset(models)
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
         self.outcomes = Counter(
@@ -159,6 +166,49 @@ class WorkerMetrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self._llm_instruments(r)
+
+    def _llm_instruments(self, r: CollectorRegistry) -> None:
+        """Per model (the name a job asked for, as in PUSHSVC_LLM_PRICES): every finished
+        call's time to first token, answer rate, tokens and cost."""
+        self.llm_ttft = Histogram(
+            "pushsvc_llm_ttft_seconds",
+            "model calls: from the request to the first token",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.llm_rate = Histogram(
+            "pushsvc_llm_tokens_per_second",
+            "model calls: answer tokens a second since the first token",
+            ["model"],
+            buckets=TOKENS_PER_S_BUCKETS,
+            registry=r,
+        )
+        self.llm_tokens = Counter(
+            "pushsvc_llm_tokens",
+            "tokens of finished model calls, by kind: prompt, completion",
+            ["model", "kind"],
+            registry=r,
+        )
+        self.llm_cost = Counter(
+            "pushsvc_llm_cost_usd",
+            "what finished model calls cost, from PUSHSVC_LLM_PRICES (priced models only)",
+            ["model"],
+            registry=r,
+        )
+
+    def observe_llm(self, llm: dict[str, Any]) -> None:
+        """One finished model call's telemetry (``models.LLMTelemetry``'s fields)."""
+        model = llm["model"] if llm["model"] in self.models else "other"
+        if llm["ttft_s"] is not None:
+            self.llm_ttft.labels(model).observe(llm["ttft_s"])
+        if llm["tokens_per_s"] is not None:
+            self.llm_rate.labels(model).observe(llm["tokens_per_s"])
+        self.llm_tokens.labels(model, "prompt").inc(llm["prompt_tokens"] or 0)
+        self.llm_tokens.labels(model, "completion").inc(llm["completion_tokens"])
+        if llm["cost_usd"] is not None:
+            self.llm_cost.labels(model).inc(llm["cost_usd"])
 
     def serve(self, port: int, published: Any) -> None:
         """prometheus_client's own HTTP server (a thread), plus the live publish count."""

@@ -8,7 +8,8 @@ import time
 from .epoch import StreamPosition
 from .events import EventBus
 from .fields import to_snapshot
-from .frames import Frame
+from .frames import VOLATILE, Frame
+from .line import Line
 from .models import TERMINAL
 from .reads import BulkReads
 from .settings import Settings
@@ -30,8 +31,9 @@ class MuxStream(_Stream):
         tenant: str,
         job_ids: list[str],
         last_id: StreamPosition | None,
+        line: Line | None = None,
     ) -> None:
-        super().__init__(reads, bus, settings, tenant)
+        super().__init__(reads, bus, settings, tenant, line)
         self.named = set(job_ids)
         self.cursor = last_id
         self.sent: dict[str, StreamPosition] = {}  # job id -> last position sent
@@ -43,6 +45,9 @@ class MuxStream(_Stream):
 
     def jobs(self) -> set[str] | None:
         return self.named or None
+
+    def followed(self) -> list[str]:
+        return sorted(self.named - self.finished)
 
     async def start(self) -> list[Frame]:
         if self.cursor is not None:
@@ -138,6 +143,9 @@ class MuxStream(_Stream):
         for frame in frames:
             if self.behind:
                 break  # these are in the log, after the page sent
+            if frame.kind in VOLATILE:
+                out += self._placed(frame)
+                continue
             if not self._wanted(frame.job_id) or frame.tepoch in self.retired:
                 continue
             if self._other_history(frame):
@@ -151,6 +159,15 @@ class MuxStream(_Stream):
                     break
             out += self._emit([frame])
         return out
+
+    def _placed(self, frame: Frame) -> list[Frame]:
+        """A ``queue`` frame, sent when the client holds the job at the frame's seq, or
+        may: a resumed stream sent nothing of a job that did not change since the cursor
+        (the client then holds it at its head, and applies the frame only if so)."""
+        if frame.job_id in self.finished:
+            return []
+        held = self.sent.get(frame.job_id)
+        return [frame] if held is None or held == frame.position else []
 
     def _other_history(self, frame: Frame) -> bool:
         """Is ``frame`` of another tenant or job history than what this stream sent?"""

@@ -13,7 +13,7 @@ from .epoch import StreamPosition, new_epoch
 from .fields import encode_fields
 from .keys import Keys
 from .models import JobStatus
-from .queue import Enqueue
+from .queue import Enqueue, turn_owner
 from .settings import Settings
 
 
@@ -86,10 +86,11 @@ class PublishCall:
 
     def layout(self, keys: Keys, settings: Settings) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them."""
-        return self._keys(keys), self._args(keys, settings)
+        return self._keys(keys, settings), self._args(keys, settings)
 
-    def _keys(self, keys: Keys) -> list[str]:
+    def _keys(self, keys: Keys, settings: Settings) -> list[str]:
         enq = self.enqueue
+        owner = turn_owner(self.tenant, settings)
         return [
             keys.job(self.job_id),
             keys.job_log(self.job_id),
@@ -103,7 +104,7 @@ class PublishCall:
             keys.stats,
             keys.epoch,
             keys.turns,
-            keys.tenant_turns(enq.turn_owner if enq else ""),
+            keys.tenant_turns(owner),
             keys.queue,
         ]
 

@@ -118,6 +118,18 @@ TURN = 1000
 CLASS_BASE = {"high": 3 * 10**15, "normal": 2 * 10**15, "low": 10**15}
 ALL_TENANTS = "*"  # the one turn owner when fair share is off: first in, first out
 
+
+def turn_owner(tenant: str, settings: Settings) -> str:
+    """Whose line an attempt of ``tenant`` waits in: the tenant's own, or with fair share
+    off, the one line of every tenant."""
+    return tenant if settings.fair_share else ALL_TENANTS
+
+
+def turn_slot(tenant: str, settings: Settings) -> int:
+    """How far one attempt moves its owner's turn: less for a heavier weight."""
+    return max(1, round(TURN / settings.tenant_weights.get(tenant, 1.0)))
+
+
 # arq's line as an attempt starts (arq/worker.py, ``run_job``): the seconds since it was
 # enqueued, the job, its arguments, and `` delayed=<start - score>s`` when that passes
 # 1.2 s. Our scores are turns far below any time (fair share above), so every attempt
@@ -176,8 +188,7 @@ class Queue:
         """
         now_ms = timestamp_ms()
         defer_ms = int(defer_s * 1000)
-        owner = tenant if self.settings.fair_share else ALL_TENANTS
-        slot = max(1, round(TURN / self.settings.tenant_weights.get(tenant, 1.0)))
+        owner, slot = turn_owner(tenant, self.settings), turn_slot(tenant, self.settings)
         payload = serialize_job(RUN_FUNCTION, (job_id,), {}, None, now_ms, serializer=serialize)
         key, px = job_key_prefix + arq_id, defer_ms + expires_extra_ms
         if defer_ms > 0:
@@ -191,6 +202,8 @@ class Queue:
         """Hand attempts whose wait is over to arq, each taking its owner's next turn."""
         keys = [self.keys.delayed, self.queue_name, self.keys.turns]
         args: list[str | int] = [timestamp_ms(), limit, self.keys.tenant_turns(""), TURN]
+        for tenant in self.settings.tenant_weights if self.settings.fair_share else ():
+            args += [tenant, turn_slot(tenant, self.settings)]
         return int(await self._move(keys=keys, args=args))
 
     async def abort(self, arq_id: str) -> None:
@@ -205,7 +218,7 @@ class Queue:
     async def forget(self, arq_id: str, priority: str, tenant: str) -> None:
         """Drop an attempt that will never run (cancelled while queued, or its worker
         died) from arq's queue and pushsvc's delayed set; else it would stay counted."""
-        owner = tenant if self.settings.fair_share else ALL_TENANTS
+        owner = turn_owner(tenant, self.settings)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zrem(self.queue_name, arq_id)
             pipe.zrem(self.keys.delayed, f"{priority}|{arq_id}|{owner}")

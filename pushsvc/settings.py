@@ -4,8 +4,45 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_LIMITS_SHAPE = (
+    "PUSHSVC_MODEL_LIMITS must look like "
+    "'gpt-4o-mini=rpm:500,tpm:200000,concurrency:50;llama3=concurrency:4'"
+)
+
+
+class ModelLimit(BaseModel):
+    """One model's limits (None: no such limit); see ``pushsvc.model_limits``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    concurrency: int | None = Field(None, ge=1)
+    window_s: float = Field(60.0, gt=0, le=3600)  # what rpm and tpm count over
+
+    @classmethod
+    def parse(cls, name: str, spec: str) -> ModelLimit:
+        """``rpm:500,tpm:200000,concurrency:50`` for model ``name``; a clear ValueError."""
+        pairs = [p.strip().partition(":") for p in spec.split(",") if p.strip()]
+        known = set(cls.model_fields)
+        if not name or not pairs or any(not sep or k.strip() not in known for k, sep, _ in pairs):
+            raise ValueError(f"{_LIMITS_SHAPE}; keys: {', '.join(sorted(known))}")
+        try:
+            return cls.model_validate({k.strip(): v.strip() for k, _, v in pairs})
+        except ValidationError as exc:
+            problems = "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"PUSHSVC_MODEL_LIMITS, model {name!r}: {problems}") from None
 
 
 class Settings(BaseSettings):
@@ -94,6 +131,13 @@ class Settings(BaseSettings):
     # Per job type, over the one above: "generate=30,batch=5" (a caller passes its type).
     llm_retry_windows: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict)
     llm_parallel: int = Field(4, ge=1, le=64)
+    # Prices per model, USD per million tokens, input/output: "gpt-4o-mini=0.15/0.60,
+    # llama3=0/0". A job's ``llm.cost_usd`` comes from it; a model absent: no cost (null).
+    llm_prices: Annotated[dict[str, tuple[float, float]], NoDecode] = Field(default_factory=dict)
+    # Per-model limits every worker shares (in Redis): "gpt-4o-mini=rpm:500,tpm:200000,
+    # concurrency:50;llama3=concurrency:4" (";" between models; each key optional).
+    # ``window_s:N`` counts rpm and tpm per N seconds instead of 60 (tests, the bench).
+    model_limits: Annotated[dict[str, ModelLimit], NoDecode] = Field(default_factory=dict)
 
     # Stats and alerts (/v1/stats).
     stats_window_s: float = Field(300.0, gt=0)
@@ -134,6 +178,10 @@ class Settings(BaseSettings):
     state_lost_grace_s: float = Field(10.0, gt=0)
     # How many recent jobs an all-jobs stream scans for active ones when it starts.
     stream_recent_jobs: int = Field(500, ge=1)
+    # Queued jobs' places in line (line.py): how often an API process recomputes them for
+    # its open streams, and the window (s) the start rate is measured over.
+    line_interval_s: float = Field(1.0, gt=0)
+    start_rate_window_s: int = Field(60, ge=5, le=600)
     host: str = "127.0.0.1"
     port: int = 8000
     poll_hint_s: float = Field(2.0, gt=0)
@@ -191,6 +239,35 @@ class Settings(BaseSettings):
                 )
             weights[name.strip()] = number
         return weights
+
+    @field_validator("llm_prices", mode="before")
+    @classmethod
+    def _parse_prices(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        prices: dict[str, tuple[float, float]] = {}
+        shape = "PUSHSVC_LLM_PRICES must look like 'gpt-4o-mini=0.15/0.60,llama3=0/0'"
+        for pair in filter(None, (p.strip() for p in value.split(","))):
+            name, _, price = pair.rpartition("=")  # a model's name may hold "=": not a price
+            given, _, taken = price.partition("/")
+            try:
+                prices[name.strip()] = (float(given), float(taken))
+            except ValueError:
+                raise ValueError(f"{shape} (USD per million input/output tokens)") from None
+            if not name.strip() or not all(0 <= p < float("inf") for p in prices[name.strip()]):
+                raise ValueError(f"{shape}: a model name and two prices >= 0")
+        return prices
+
+    @field_validator("model_limits", mode="before")
+    @classmethod
+    def _parse_model_limits(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        limits: dict[str, ModelLimit] = {}
+        for entry in filter(None, (e.strip() for e in value.split(";"))):
+            name, _, spec = entry.rpartition("=")  # a model's name may hold "=" or ":"
+            limits[name.strip()] = ModelLimit.parse(name.strip(), spec)
+        return limits
 
     @field_validator("job_modules", "cors_origins", "allowed_hosts", "admin_keys", mode="before")
     @classmethod

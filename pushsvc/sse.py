@@ -48,7 +48,13 @@ RESUME = (
     ),
 )
 EVENTS = Reply(
-    200, "the stream: `snapshot` first, then every event once, in order", media=SSE, schema=TEXT
+    200,
+    "the stream: `snapshot` first, then every event once, in order. Events (`event:`):"
+    " `snapshot` (the Job), `status`, `progress` (with `waiting` and `llm`), `output`"
+    " (`delta`), `completed`, `failed`, `cancelled`, each with `id: <seq>.<epoch>`; and"
+    " `queue` (`queue_position`, `starts_in_s` of a queued job), which has no `id:`",
+    media=SSE,
+    schema=TEXT,
 )
 ENDED = Reply(204, "resumed after the end: nothing more will come")
 JOBS = Param(
@@ -134,7 +140,9 @@ async def job_events(request: Request) -> Response:
     if head is not None and last_id is not None and _seen_the_end(head, last_id):
         return Response(status_code=204)  # nothing more will come: EventSource stops here
     return _respond(
-        svc, JobStream(svc.reads, svc.bus, svc.settings, tenant, job_id, last_id), tenant
+        svc,
+        JobStream(svc.reads, svc.bus, svc.settings, tenant, job_id, last_id, svc.line),
+        tenant,
     )
 
 
@@ -189,7 +197,7 @@ async def many_events(request: Request) -> Response:
     ended = last_id is not None and last_id.same_history(tpos.epoch)
     if last_id is not None and heads and ended and await _all_ended_before(svc, heads, last_id):
         return Response(status_code=204)  # the named jobs are over: EventSource stops
-    stream = MuxStream(svc.reads, svc.bus, svc.settings, tenant, job_ids, last_id)
+    stream = MuxStream(svc.reads, svc.bus, svc.settings, tenant, job_ids, last_id, svc.line)
     return _respond(svc, stream, tenant)
 
 

@@ -1,8 +1,10 @@
 """``/v1/stats``: throughput, success rate, durations and alerts over a sliding window.
 
 Computed from the stats stream the publish script appends to (one row per finished or
-retried attempt), the queues, the leases and the worker heartbeats; pushed to the
-dashboard as SSE. One computation per API process serves every caller for a second.
+retried attempt), the model calls' log (``telemetry.CallLog``, one row per finished
+call: each type's ``llm`` figures by model), the queues, the leases and the worker
+heartbeats; pushed to the dashboard as SSE. One computation per API process serves
+every caller for a second.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .queue import CLASS_BASE, record_key
 from .responses import JSONResponse
 from .settings import Settings
 from .sse import TOKEN, _counted
+from .telemetry import summarize_calls
 
 CACHE_S = 1.0
 # arq's scores are turns (queue.py, fair share), not times: an attempt's wait is read
@@ -88,6 +91,13 @@ def summarize(rows: list[dict[bytes, bytes]], window_s: float) -> dict[str, Any]
     }
 
 
+def _by_type(rows: list[dict[bytes, bytes]]) -> dict[str, list[dict[bytes, bytes]]]:
+    grouped: dict[str, list[dict[bytes, bytes]]] = {}
+    for row in rows:
+        grouped.setdefault(row[b"t"].decode(), []).append(row)
+    return grouped
+
+
 @dataclass(frozen=True)
 class Running:
     job_id: str
@@ -108,6 +118,7 @@ class Reading:
     running: list[Running]
     workers: int
     tenant_queues: dict[str, dict[str, Any]] | None = None  # read at a tenant's first view
+    calls: list[dict[bytes, bytes]] = field(default_factory=list)  # finished model calls
     views: dict[str | None, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -139,19 +150,24 @@ class StatsReader:
         now = time.time()
         since = int((now - self.settings.stats_window_s) * 1000)
         rows = [f for _, f in await self.redis.xrange(self.keys.stats, since)]
+        calls = [f for _, f in await self.redis.xrange(self.keys.llm_calls, since)]
         queue = await self._queue(now)
-        return Reading(now, rows, queue, await self._running(now), await self._workers(now))
+        running, workers = await self._running(now), await self._workers(now)
+        return Reading(now, rows, queue, running, workers, calls=calls)
 
     async def _view(self, reading: Reading, tenant: str | None) -> dict[str, Any]:
         if tenant is None:
-            return self._document(reading, reading.rows, reading.queue, reading.running)
+            return self._document(
+                reading, reading.rows, reading.queue, reading.running, reading.calls
+            )
         if reading.tenant_queues is None:
             reading.tenant_queues = await self._tenant_queues(reading.at)
         name = tenant.encode()
         rows = [row for row in reading.rows if row.get(b"n") == name]
         running = [r for r in reading.running if r.tenant == tenant]
         queue = reading.tenant_queues.get(tenant, NO_QUEUE)
-        return self._document(reading, rows, queue, running)
+        calls = [row for row in reading.calls if row.get(b"n") == name]
+        return self._document(reading, rows, queue, running, calls)
 
     def _document(
         self,
@@ -159,16 +175,23 @@ class StatsReader:
         rows: list[dict[bytes, bytes]],
         queue: dict[str, Any],
         running: list[Running],
+        calls: list[dict[bytes, bytes]],
     ) -> dict[str, Any]:
         window = self.settings.stats_window_s
-        by_type: dict[str, list[dict[bytes, bytes]]] = {}
-        for row in rows:
-            by_type.setdefault(row[b"t"].decode(), []).append(row)
+        by_type, calls_by_type = _by_type(rows), _by_type(calls)
         doc = {
             "window_s": window,
             "at": reading.at,
             "overall": {**summarize(rows, window), **queue, "running": len(running)},
-            "types": {t: summarize(r, window) for t, r in sorted(by_type.items())},
+            # Each type's ``llm``: its model calls by model (a long job's calls show
+            # before its attempt ends, so a type may have calls and no finished rows).
+            "types": {
+                t: {
+                    **summarize(by_type.get(t, []), window),
+                    "llm": summarize_calls(calls_by_type.get(t, [])),
+                }
+                for t in sorted(by_type.keys() | calls_by_type.keys())
+            },
             "workers": reading.workers,
         }
         doc["alerts"] = self._alerts(doc, running)
@@ -182,7 +205,7 @@ class StatsReader:
             pipe.zcard(self.keys.delayed)
             for base in CLASS_BASE.values():  # the first attempts of each priority class
                 num = len(running) + HEAD_SAMPLE
-                pipe.zrangebyscore(self.keys.queue, -base, -base + 10**15, start=0, num=num)
+                pipe.zrangebyscore(self.keys.queue, -base, f"({10**15 - base}", start=0, num=num)
             in_queue, delayed, *heads = await pipe.execute()
         ready = max(0, in_queue - len(running))
         waiting = [m.decode() for rows in heads for m in rows if m not in running]

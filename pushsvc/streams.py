@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -28,6 +29,9 @@ from .frames import Frame
 from .reads import BulkReads, StoredJob
 from .responses import chunks
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .line import Line
 
 # Log entries a replay reads at once. A stream far behind catches up a page at a time,
 # other work running between pages: a tenant log of megabytes read and encoded in one
@@ -43,9 +47,17 @@ class _Stream:
     by_tseq = False
     redis_wait_s = 30.0  # how long a stream waits for an unreachable Redis
 
-    def __init__(self, reads: BulkReads, bus: EventBus, settings: Settings, tenant: str) -> None:
+    def __init__(
+        self,
+        reads: BulkReads,
+        bus: EventBus,
+        settings: Settings,
+        tenant: str,
+        line: Line | None = None,
+    ) -> None:
         self.reads, self.store = reads, reads.store
         self.bus, self.settings, self.tenant = bus, settings, tenant
+        self.line = line  # places in line of the queued jobs it sends (None: not shown)
         self.done = False
         self.queue = StreamQueue(
             settings.stream_coalesce_after,
@@ -132,6 +144,7 @@ class _Stream:
                     if out is None:
                         yield PING
                     else:
+                        self._tell_line(out, step == self.start)
                         for i, chunk in enumerate(chunks(f.sse(self.by_tseq) for f in out)):
                             if i:  # a write that did not pause returns at once: let others run
                                 await asyncio.sleep(0)
@@ -145,6 +158,21 @@ class _Stream:
                 logger.warning("stream ended, Redis unavailable (%s); the client resumes", exc)
             else:
                 logger.error("stream ended by a Redis error", exc_info=exc)
+        finally:
+            if self.line is not None:
+                self.line.leave(self.queue)
+
+    def followed(self) -> list[str]:
+        """The jobs a started stream follows, whatever it sent (a resume may send none)."""
+        return []
+
+    def _tell_line(self, out: list[Frame], started: bool) -> None:
+        """The places in line of the queued jobs it follows (line.py): those it just
+        started on, and those whose snapshot or status it sends."""
+        if self.line is not None:
+            if started:
+                self.line.follow(self.queue, self.followed())
+            self.line.note(self.queue, out)
 
     def _wait_for_redis(
         self,

@@ -29,6 +29,7 @@ from .context import JobContext, Resources
 from .errors import JobError
 from .jobs import JobType, Registry, load_job_modules
 from .leases import Leases, publish_as
+from .line import count_start
 from .logs import bind_job
 from .metrics import WorkerMetrics
 from .publish import Published, Throttled, Writer
@@ -54,8 +55,9 @@ class Runner:
         self.queue = Queue(redis, settings)
         self.types = types
         self.running: dict[str, JobContext] = {}  # arq id -> its attempt, for the leases
-        self.resources = Resources(settings)
-        self.metrics = WorkerMetrics()
+        known = {settings.llm_model, *settings.llm_prices, *settings.model_limits}
+        self.metrics = WorkerMetrics(known)
+        self.resources = Resources(settings, self.metrics.observe_llm)
         self.leases = Leases(settings, self.store, self.queue, self.running, self._lost)
 
     # -- arq hooks ---------------------------------------------------------
@@ -104,9 +106,10 @@ class Runner:
             enqueue=self._later(fields, delay) if limit else None,
         )
         if isinstance(started, Throttled):
-            await self._waits_for_tenant(fields, now + delay)
+            await self._waits_for_tenant(fields)
         if not isinstance(started, Published):
             return None
+        await count_start(self.store.redis, self.store.keys)  # the start rate (line.py)
         fields["started_at"] = now
         if fields["attempt"] == 1:
             wait = now - fields["created_at"]
@@ -119,12 +122,13 @@ class Runner:
         priority = fields.get("priority", "normal")
         return self.queue.prepare(later, fields["id"], delay, priority, tenant=fields["tenant"])
 
-    async def _waits_for_tenant(self, fields: dict[str, Any], until: float) -> None:
+    async def _waits_for_tenant(self, fields: dict[str, Any]) -> None:
         """Say once that the job waits for its tenant's running limit (each later check
-        that finds the limit still full says nothing new)."""
+        that finds the limit still full says nothing new). No ``until``: it starts when
+        one of the tenant's running jobs ends, which nobody knows."""
         waiting = fields.get("waiting") or {}
         if waiting.get("reason") != "tenant_limit":
-            change = transitions.wait_in_line("tenant_limit", until)
+            change = transitions.wait_in_line("tenant_limit", None)
             await transitions.publish(self.store, fields["id"], fields["tenant"], change)
 
     # -- one attempt ---------------------------------------------------------

@@ -50,15 +50,23 @@ class Stream:
 
 
 async def events(
-    http: httpx.AsyncClient, url: str, *, headers: dict[str, str] | None = None
+    http: httpx.AsyncClient,
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    queue: bool = False,
 ) -> AsyncIterator[Event]:
+    """The stream's events; ``queue`` events (volatile: no id, never replayed) only when
+    asked for, so the history the other tests check is the logged one."""
     async with aconnect_sse(http, "GET", url, headers=headers or {}) as source:
         source.response.raise_for_status()
         async for sse in source.aiter_sse():
             if sse.event == "message" and sse.data == "":
                 continue  # httpx-sse 0.4.3 turns heartbeat comments into these
-            seq, _, epoch = sse.id.partition(".")
-            yield Event(int(seq), sse.event, json.loads(sse.data), epoch)
+            if sse.event == "queue" and not queue:
+                continue
+            seq, _, epoch = sse.id.partition(".")  # none before a first ``queue`` event
+            yield Event(int(seq or 0), sse.event, json.loads(sse.data), epoch)
 
 
 async def read(
@@ -68,11 +76,12 @@ async def read(
     headers: dict[str, str] | None = None,
     stop: Callable[[Stream], bool] | None = None,
     timeout: float = 20,
+    queue: bool = False,
 ) -> Stream:
     """Read until the server closes the stream, or ``stop`` says enough."""
     out = Stream()
     async with asyncio.timeout(timeout):
-        async for event in events(http, url, headers=headers):
+        async for event in events(http, url, headers=headers, queue=queue):
             out.events.append(event)
             if stop is not None and stop(out):
                 return out

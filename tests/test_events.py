@@ -84,3 +84,16 @@ async def test_get_returns_empty_after_silence_for_a_heartbeat() -> None:
     assert await q.get(0.01) == []
     q.put(frame(1, "status", status="running"))
     assert [f.seq for f in await q.get(0.01)] == [1]
+
+
+async def test_a_queue_frame_replaces_the_jobs_pending_one_and_comes_last() -> None:
+    """One place per job at most (line.py), after the frames it may depend on; those count
+    toward no limit, so places alone never make a stream resync."""
+    q = queue(coalesce_after=1, max_frames=2)
+    for position in (3, 2, 1):
+        q.put(frame(5, "queue", queue_position=position))
+    q.put(frame(5, "queue", "k", queue_position=7))
+    q.put(frame(6, "status", status="running"))
+    frames = await q.get(1)
+    assert [(f.kind, f.job_id) for f in frames] == [("status", "j"), ("queue", "j"), ("queue", "k")]
+    assert json.loads(frames[1].data)["queue_position"] == 1 and not q.resync

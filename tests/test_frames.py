@@ -52,3 +52,11 @@ def test_merging_joins_output_and_keeps_the_newest_progress() -> None:
         Frame(2, 2, "progress", "j", '{"progress":20}')
     )
     assert progress.data == '{"progress":20}' and progress.first_seq == 1
+
+
+@pytest.mark.timeout(10)
+def test_a_queue_frame_has_no_id_on_either_stream() -> None:
+    """Volatile (line.py): EventSource keeps the last id, so a resume is unchanged."""
+    frame = Frame(0, 4, "queue", "job1", '{"queue_position":2}', "jepoch")
+    assert frame.sse(False) == b'event: queue\ndata: {"queue_position":2}\n\n'
+    assert frame.sse(True) is frame.sse(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 
 from pushsvc.errors import JobError
 from pushsvc.llm import LLM, classify
+from pushsvc.models import LLMTelemetry
 from pushsvc.settings import Settings
 
 from .conftest import Client, model_answer
@@ -332,3 +334,108 @@ def test_http_retry_hints() -> None:
     assert limited({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
     assert limited({"retry-after": "2"}) == 2.0
     assert limited({"retry-after": "Wed, 21 Oct 2026 07:28:00 GMT"}) is None
+
+
+# -- telemetry and waits (pushsvc/telemetry.py) ---------------------------------------------
+
+PRICES = {"fake-1": (1000.0, 2000.0)}  # USD per million tokens: a few tokens cost cents
+
+
+def priced_llm(model_url: str, **settings: Any) -> tuple[LLM, list[dict[str, Any]]]:
+    """An LLM on the offline model with a price for ``fake-1``, and the calls it observed."""
+    observed: list[dict[str, Any]] = []
+    s = Settings(PUSHSVC_LLM_BASE_URL=model_url, llm_model="fake-1", llm_prices=PRICES)
+    return LLM(s.model_copy(update=settings), observed.append), observed
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("usage", [True, False])
+async def test_complete_reports_telemetry_while_the_text_streams(
+    model_url: str, usage: bool
+) -> None:
+    llm, observed = priced_llm(model_url)
+    views: list[dict[str, Any]] = []
+
+    async def on_telemetry(view: dict[str, Any]) -> None:
+        views.append(view)
+
+    prompt = f"meter me {secrets.token_hex(4)} [[tokens:40]] [[rate:80]]"
+    prompt += "" if usage else " [[no_usage]]"
+    try:
+        done = await llm.complete([{"role": "user", "content": prompt}], on_telemetry=on_telemetry)
+    finally:
+        await llm.aclose()
+    final = done.telemetry
+    assert views[-1] == final and observed == [final]
+    assert LLMTelemetry.model_validate(final).model == "fake-1"
+    streaming = views[:-1]
+    counts = [v["completion_tokens"] for v in streaming]
+    assert counts == sorted(counts) and counts[0] < counts[-1]  # rising as text arrives
+    assert all(v["estimated"] for v in streaming)  # counted from characters meanwhile
+    assert any(v["tokens_per_s"] for v in streaming) and final["tokens_per_s"] > 0
+    assert final["ttft_s"] > 0
+    assert (final["prompt_tokens"], final["completion_tokens"]) == (
+        done.usage.prompt_tokens,
+        done.usage.completion_tokens,
+    )
+    assert final["estimated"] is (not usage)
+    if usage:
+        assert final["completion_tokens"] == 40
+    cost = (final["prompt_tokens"] * 1000 + final["completion_tokens"] * 2000) / 1e6
+    assert final["cost_usd"] == pytest.approx(cost)
+
+
+@pytest.mark.timeout(30)
+async def test_a_model_without_a_price_has_no_cost(model_url: str) -> None:
+    llm, observed = priced_llm(model_url)
+    try:
+        done = await llm.complete(
+            [{"role": "user", "content": "free [[tokens:5]]"}], model="unpriced-model"
+        )
+    finally:
+        await llm.aclose()
+    assert done.telemetry["model"] == "unpriced-model" and done.telemetry["cost_usd"] is None
+    assert observed == [done.telemetry]
+
+
+@pytest.mark.timeout(30)
+async def test_a_429_wait_says_rate_limited_until_the_retry_then_clears(model_url: str) -> None:
+    llm, _ = priced_llm(model_url, llm_retry_window_s=20)
+    told: list[tuple[str, Any]] = []
+
+    async def on_wait(reason: str | None, until: float | None) -> None:
+        told.append(("wait", (reason, until)))
+
+    async def on_delta(text: str) -> None:
+        told.append(("delta", text))
+
+    prompt = f"limited {secrets.token_hex(4)} [[tokens:5]] [[fault:429:after=2:times=1]]"
+    asked = time.time()
+    try:
+        done = await llm.complete(
+            [{"role": "user", "content": prompt}], on_wait=on_wait, on_delta=on_delta
+        )
+    finally:
+        await llm.aclose()
+    assert done.text
+    (kind, (reason, until)), cleared, first = told[:3]
+    assert (kind, reason) == ("wait", "rate_limited")
+    assert asked + 2 <= until <= time.time()  # Retry-After's floor, and it did wait until then
+    assert cleared == ("wait", (None, None)) and first[0] == "delta"  # cleared as text flows
+    assert [t for t in told if t[0] == "wait"] == told[:2]
+
+
+@pytest.mark.timeout(30)
+async def test_a_server_error_wait_claims_no_rate_limit(model_url: str) -> None:
+    llm, _ = priced_llm(model_url, llm_retry_window_s=20)
+    told: list[Any] = []
+
+    async def on_wait(reason: str | None, until: float | None) -> None:
+        told.append((reason, until))
+
+    prompt = f"flaky {secrets.token_hex(4)} [[tokens:5]] [[fault:503:times=1]]"
+    try:
+        done = await llm.complete([{"role": "user", "content": prompt}], on_wait=on_wait)
+    finally:
+        await llm.aclose()
+    assert done.text and told == []

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from redis.asyncio import Redis
 
-from .conftest import Client, model_answer
+from .conftest import Client, make_client, model_answer, stack_env
+from .procs import Api, Proc, RedisServer
+from .sse import Stream, read
 
 RETRYABLE = [  # (fault, the code each failed try gets)
     ("truncate", "upstream_truncated"),
@@ -304,3 +308,109 @@ async def test_batch_reports_how_each_output_ended(llm: Client, model: str) -> N
         ("content_filter", True),
         ("length", True),
     ]
+
+
+# -- live model telemetry and rate-limit waits ---------------------------------------------
+
+PRICE_IN, PRICE_OUT = 1000.0, 2000.0  # USD per million tokens: cents for a few tokens
+
+
+def cost_of(llm: dict[str, Any]) -> float:
+    return (llm["prompt_tokens"] * PRICE_IN + llm["completion_tokens"] * PRICE_OUT) / 1e6
+
+
+@pytest.fixture(scope="module")
+def priced_stack(redis_server: RedisServer, model_url: str) -> Iterator[dict[str, str]]:
+    """A worker and an API on the offline model with a price for ``fake-1`` and a retry
+    window (so a 429 is waited out inside the attempt, as in production)."""
+    env = stack_env(
+        redis_server.url,
+        f"llmt{secrets.token_hex(3)}",
+        llm_base_url=model_url,
+        llm_api_key="offline",
+        llm_model="fake-1",
+        llm_prices=f"fake-1={PRICE_IN:g}/{PRICE_OUT:g}",
+        llm_retry_window_s="20",
+    )
+    worker = Proc(["worker"], env).start()
+    api = Api([], env).start()
+    yield {"api": api.url, "ns": env["PUSHSVC_NAMESPACE"]}
+    api.stop()
+    worker.stop()
+
+
+@pytest.fixture
+async def priced(priced_stack: dict[str, str], redis: Redis) -> AsyncIterator[Client]:
+    c = make_client(priced_stack["api"], "key-a", redis, priced_stack["ns"])
+    yield c
+    await c.http.aclose()
+
+
+def llm_of(stream: Stream) -> list[dict[str, Any]]:
+    """The ``llm`` of every progress event that had one, in order."""
+    return [e.data["llm"] for e in stream.events if e.kind == "progress" and e.data["llm"]]
+
+
+async def test_generate_shows_live_telemetry_and_a_final_cost(priced: Client) -> None:
+    prompt = f"meter {tag()} [[tokens:60]] [[rate:150]]"
+    job = await priced.submit("generate", {"prompt": prompt, "expected_tokens": 60})
+    stream = await read(priced.http, f"/v1/jobs/{job['id']}/events")
+    done = await priced.get(job["id"])
+    assert done["status"] == "completed"
+    live = llm_of(stream)
+    # Counted from characters while the text streams (rising), then the server's usage.
+    tokens = [t["completion_tokens"] for t in live if t["estimated"]]
+    assert tokens == sorted(tokens) and len(set(tokens)) > 3
+    assert live[0]["estimated"] and live[0]["model"] == "fake-1"
+    final = done["result"]["llm"]
+    assert done["llm"] == live[-1] == final  # the snapshot and the last event agree
+    usage = done["result"]["usage"]
+    assert (final["prompt_tokens"], final["completion_tokens"]) == (
+        usage["prompt_tokens"],
+        usage["completion_tokens"],
+    )
+    assert final["completion_tokens"] == 60 and final["estimated"] is False
+    assert final["ttft_s"] > 0 and final["tokens_per_s"] > 0
+    assert final["cost_usd"] == pytest.approx(cost_of(final))
+
+
+async def test_a_provider_429_shows_rate_limited_until_its_retry_then_clears(
+    priced: Client,
+) -> None:
+    prompt = f"limited {tag()} [[tokens:20]] [[fault:429:after=2:times=1]]"
+    job = await priced.submit("generate", {"prompt": prompt})
+    stream = await read(priced.http, f"/v1/jobs/{job['id']}/events")
+    kinds = [(e.kind, e.data.get("waiting")) for e in stream.events]
+    said = next(i for i, (k, w) in enumerate(kinds) if k == "progress" and w)
+    waiting, at = stream.events[said].data["waiting"], stream.events[said].data["ts"]
+    assert waiting["reason"] == "rate_limited"
+    assert 1.5 < waiting["until"] - at <= 8  # Retry-After (2 s) ahead, within the backoff cap
+    cleared = next(i for i, (k, w) in enumerate(kinds[said:], said) if k == "progress" and not w)
+    first_text = next(i for i, (k, _) in enumerate(kinds) if k == "output")
+    assert said < cleared < first_text  # no text while waiting; cleared before it flows
+    done = await priced.get(job["id"])
+    assert done["status"] == "completed" and done["attempt"] == 1 and done["waiting"] is None
+
+
+@pytest.mark.parametrize("type_", ["batch", "generate_items"])
+async def test_many_calls_report_their_totals(priced: Client, type_: str) -> None:
+    payload = (
+        batch_payload([f"t{i} {tag()}" for i in range(3)], template="{input} [[tokens:10]]")
+        if type_ == "batch"
+        else items_payload(f"totals {tag()}")
+    )
+    job = await priced.submit(type_, payload)
+    stream = await read(priced.http, f"/v1/jobs/{job['id']}/events")
+    done = await priced.get(job["id"])
+    assert done["status"] == "completed"
+    final = done["result"]["llm"]
+    assert done["llm"] == final and final["model"] == "fake-1"
+    if type_ == "batch":
+        assert final["completion_tokens"] == 30  # 3 answers of 10 tokens
+    assert final["prompt_tokens"] > 0 and final["estimated"] is False
+    assert final["ttft_s"] > 0 and final["tokens_per_s"] > 0
+    assert final["cost_usd"] == pytest.approx(cost_of(final))
+    # Live totals while the answers stream (estimates for the calls still running), then
+    # the final totals.
+    live = llm_of(stream)
+    assert len({t["completion_tokens"] for t in live}) > 3 and live[-1] == final

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from .conftest import TICK, ops_api, worker
@@ -36,3 +37,34 @@ async def test_metrics_move_as_jobs_run(redis_server: RedisServer, redis: Redis)
             # running, progress, completed each; running, failed for the failing one
             assert await _metric(client.http, wurl, "pushsvc_events_published_total") == 11
             assert await _metric(client.http, api, "pushsvc_queue_depth") == 0
+
+
+async def test_worker_metrics_time_model_calls_per_model(
+    redis_server: RedisServer, redis: Redis, model_url: str
+) -> None:
+    port = free_port()
+    llm = {"llm_base_url": model_url, "llm_model": "fake-1", "llm_prices": "fake-1=1000/2000"}
+    async with ops_api(redis_server, redis, **llm) as (client, env):
+        with worker(env, worker_metrics_port=str(port)):
+            wurl = f"http://127.0.0.1:{port}/metrics"
+            wait_until(lambda: http_ok(wurl), 20, "worker metrics")
+            ids = [
+                (await client.submit("generate", {"prompt": f"m{i} [[tokens:10]]", **model}))["id"]
+                for i, model in enumerate([{}, {}, {"model": "free-2"}])
+            ]
+            done = [await client.wait(job_id) for job_id in ids]
+            assert [j["status"] for j in done] == ["completed"] * 3
+
+            async def metric(name: str) -> float:
+                return await _metric(client.http, wurl, name)
+
+            # free-2 is no model the operator named (default, price, limit): "other".
+            fake, free = '{model="fake-1"}', '{model="other"}'
+            assert await metric(f"pushsvc_llm_ttft_seconds_count{fake}") == 2
+            assert await metric(f"pushsvc_llm_ttft_seconds_count{free}") == 1
+            assert await metric(f"pushsvc_llm_tokens_per_second_count{fake}") == 2
+            completion = 'pushsvc_llm_tokens_total{kind="completion",model="fake-1"}'
+            assert await metric(completion) == 20
+            cost = sum(j["result"]["llm"]["cost_usd"] for j in done[:2])
+            assert await metric(f"pushsvc_llm_cost_usd_total{fake}") == pytest.approx(cost)
+            assert await metric(f"pushsvc_llm_cost_usd_total{free}") == 0  # no price: no cost

@@ -5,6 +5,7 @@ priority), and fair share (tenants take turns within a class)."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 from redis.asyncio import Redis
@@ -177,3 +178,40 @@ async def test_a_tenants_weight_gives_it_that_many_turns(
         first = [j["id"] for j in sorted(jobs, key=lambda j: j["started_at"])][:9]
         assert len(set(first) & set(ids_a)) == 6 and len(set(first) & set(ids_b)) == 3
         await b.http.aclose()
+
+
+@pytest.mark.timeout(90)
+async def test_a_tenant_that_cancelled_its_queue_takes_the_next_turn_again(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Review finding: a tenant's cancelled attempts kept the turns they took, so after
+    cancelling 20 its next job waited behind every other tenant's queued ones."""
+    async with ops_api(redis_server, redis) as (a, env):
+        b = make_client(str(a.http.base_url), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        for job_id in await _submit_many(a, 20):
+            assert (await a.http.delete(f"/v1/jobs/{job_id}")).status_code == 200
+        others = await _submit_many(b, 5)
+        (mine,) = await _submit_many(a, 1)
+        await burst(env, worker_concurrency=1)
+        jobs = [await b.get(i) for i in others] + [await a.get(mine)]
+        order = [j["id"] for j in sorted(jobs, key=lambda j: j["started_at"])]
+        assert order.index(mine) <= 1, order.index(mine)
+        await b.http.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_attempts_queued_before_fair_share_take_turns(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """Review finding: an attempt left in arq's queue by the version before fair share
+    (score: its time less a priority offset) sorted after every turn given since."""
+    async with ops_api(redis_server, redis) as (a, env):
+        old, new = await _submit_many(a, 1), await _submit_many(a, 1)
+        queue = f"{env['PUSHSVC_NAMESPACE']}:queue"
+        old_arq = (await a.get(old[0]))["id"]
+        members = {m.decode(): s for m, s in await redis.zrange(queue, 0, -1, withscores=True)}
+        (arq_id,) = [m for m in members if m.startswith(old_arq)]
+        await redis.zadd(queue, {arq_id: time.time() * 1000 - 10**12})  # as it was scored
+        await burst(env, worker_concurrency=1)
+        jobs = [await a.get(i) for i in old + new]
+        assert all(j["status"] == "completed" for j in jobs)

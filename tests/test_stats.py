@@ -117,3 +117,30 @@ async def test_stats_are_pushed_over_sse(redis_server: RedisServer, redis: Redis
                 break
         assert [e.kind for e in got] == ["stats", "stats"] and got[1].id == 2
         assert "overall" in got[0].data and "alerts" in got[0].data
+
+
+async def test_model_calls_show_per_type_and_model_to_their_own_tenant(
+    redis_server: RedisServer, redis: Redis, model_url: str
+) -> None:
+    llm = {"llm_base_url": model_url, "llm_model": "fake-1", "llm_prices": "fake-1=1000/2000"}
+    async with ops_api(redis_server, redis, admin_keys="op-key", **llm) as (a, env):
+        b = make_client(str(a.http.base_url), "key-b", redis, env["PUSHSVC_NAMESPACE"])
+        operator = make_client(str(a.http.base_url), "op-key", redis, env["PUSHSVC_NAMESPACE"])
+        with worker(env):
+            mine = [await a.submit("generate", {"prompt": f"a{i} [[tokens:10]]"}) for i in (1, 2)]
+            theirs = await b.submit("generate", {"prompt": "b [[tokens:7]]", "model": "other-1"})
+            for owner, job in [(a, mine[0]), (a, mine[1]), (b, theirs)]:
+                await owner.wait(job["id"], timeout=30)
+            seen_a, seen_b, seen_all = await _stats(a), await _stats(b), await _stats(operator)
+        await b.http.aclose()
+        await operator.http.aclose()
+    fake = seen_a["types"]["generate"]["llm"]
+    assert set(fake) == {"fake-1"}  # the other tenant's model is none of its business
+    figures = fake["fake-1"]
+    assert figures["calls"] == 2 and figures["completion_tokens"] == 20
+    assert figures["ttft_p50_s"] > 0 and figures["tokens_per_s_p50"] > 0
+    assert figures["estimated_calls"] == 0 and figures["cost_usd"] > 0
+    other = seen_b["types"]["generate"]["llm"]
+    assert set(other) == {"other-1"} and other["other-1"]["cost_usd"] is None  # no price
+    assert set(seen_all["types"]["generate"]["llm"]) == {"fake-1", "other-1"}
+    assert seen_all["types"]["generate"]["llm"]["other-1"]["completion_tokens"] == 7

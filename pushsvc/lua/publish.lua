@@ -24,7 +24,7 @@ if A_OWNER ~= '' and cur[5] ~= A_OWNER then
 end
 if A_MAX_RUNNING ~= '' and redis.call('SCARD', K_RUNNING) >= tonumber(A_MAX_RUNNING) then
   -- Over the tenant's limit: hand the attempt a later slot; others' jobs go first.
-  redis.call('HSET', K_JOB, 'arq_id', A_ENQ_MEMBER:match('^[^|]*|([^|]+)'))
+  redis.call('HSET', K_JOB, 'arq_id', A_ENQ_MEMBER:match('^[^|]*|([^|]+)') or A_ENQ_MEMBER)
   enqueue()
   return {-2}
 end

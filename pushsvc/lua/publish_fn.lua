@@ -20,7 +20,10 @@ local TERMINAL = {completed = true, failed = true, cancelled = true}
 local function enqueue()
   redis.call('SET', K_ARQ_JOB, A_ENQ_PAYLOAD, 'PX', A_ENQ_PX)
   local score = A_ENQ_SCORE
-  if score == '' then score = turn_score(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, A_ENQ_CLASS, A_TURN_SLOT) end
+  if score == '' then
+    score = turn_score(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, A_ENQ_CLASS, A_TURN_SLOT,
+      A_ENQ_MEMBER)
+  end
   redis.call('ZADD', K_QUEUE, score, A_ENQ_MEMBER)
 end
 
@@ -89,7 +92,8 @@ local function apply()
     redis.call('ZADD', K_LEASES, A_LEASE_UNTIL, redis.call('HGET', job, 'arq_id'))
   end
   if before == 'queued' and status == 'running' and arq_before then
-    turn_started(K_TURNS, K_ARQ_QUEUE, redis.call('HGET', job, 'priority') or 'normal', arq_before)
+    local class = redis.call('HGET', job, 'priority') or 'normal'
+    turn_started(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, class, arq_before)
   end
   account(job, before, status, now_ms)
   if A_ENQ_PAYLOAD ~= '' then enqueue() end

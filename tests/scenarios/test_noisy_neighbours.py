@@ -108,6 +108,8 @@ async def late_reader(
         opened()
         await done.wait()
         async for sse in source.aiter_sse():
+            if sse.event == "queue":
+                continue  # volatile (no id): not part of the history checked
             if sse.event == "message" and sse.data == "":
                 continue  # httpx-sse's rendering of a heartbeat
             seq, _, epoch = sse.id.partition(".")

@@ -66,6 +66,8 @@ async def read_stream(
         if opened is not None:
             opened()
         async for sse in source.aiter_sse():
+            if sse.event == "queue":
+                continue  # a queued job's place in line: not a published event
             if sse.event == "message" and sse.data == "":
                 continue  # httpx-sse 0.4.3 turns heartbeat comments into these
             on_event(sse.event, json.loads(sse.data))

@@ -102,6 +102,8 @@ class StreamWatcher:
                         return {204: NO_CONTENT, 404: GONE}.get(status, f"http {status}")
                     self.opened.set()
                     async for sse in source.aiter_sse():
+                        if sse.event == "queue":
+                            continue  # volatile (no id): not part of the history judged
                         if sse.event == "message" and sse.data == "":
                             continue  # httpx-sse 0.4 turns heartbeat comments into these
                         self._record(conn, sse.id, sse.event, sse.data)

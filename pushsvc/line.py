@@ -1,0 +1,364 @@
+"""A queued attempt's place in line: its position in arq's queue (1 starts next) and
+when it should start, computed in Redis for a batch of jobs (``lua/line.lua``) and pushed
+to the open streams that watch them as volatile ``queue`` events.
+
+Nothing of it is stored: a place changes whenever any attempt ahead starts, so storing
+it would be a write per queued job per start. Each API process computes places only for
+the jobs its open streams watch (once a second, ``PUSHSVC_LINE_INTERVAL_S``) and for the
+reads that show them (``GET /v1/jobs/{id}``, the listing); at most one such call per
+process is in flight, later askers join the next one. The start rate is counted by the
+workers, one ``INCR`` per attempt start into a per-second counter (``Keys.starts``), and
+read over the last ``PUSHSVC_START_RATE_WINDOW_S`` seconds by the same call. It is the
+rate of all attempt starts, not per job type: every type waits in the one queue, so a
+place counts the attempts of every type ahead of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from .frames import Frame
+from .keys import Keys
+from .models import TERMINAL, JobSnapshot, JobStatus
+from .settings import Settings
+
+if TYPE_CHECKING:  # the streams' queues; line.py is imported by workers too
+    from .events import StreamQueue
+
+logger = logging.getLogger(__name__)
+
+BATCH = 2000  # jobs per script call: one call holds Redis for about a millisecond
+STARTS_TTL_S = 900  # a start counter outlives the longest window (600 s)
+# A rate is never measured over less: the first starts (a burst as slots free at once)
+# are not a rate; too short a span read 2 slots of 8 s jobs as 0.4 starts/s, not 0.25.
+MIN_SPAN_S = 20.0
+# What makes a place news for a stream that has the last one: a move of 2 % of the
+# position (every move below 50), or of the start estimate by more than 5 % or a second.
+POSITION_STEP = 0.02
+ETA_STEP, ETA_STEP_S = 0.05, 1.0
+STATE_KINDS = frozenset({"snapshot", "status"})  # events that clear a client's place
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A job's place as read now, at its ``seq`` (the ``queue`` event's seq)."""
+
+    status: str
+    seq: int
+    epoch: str
+    position: int | None  # None: not in arq's queue (running, backoff, finished)
+    starts_in_s: float | None  # None: no start rate measured yet
+
+    @property
+    def in_line(self) -> bool:
+        return self.status == "queued"
+
+
+def moved(last: Place | None, new: Place) -> bool:
+    """Is ``new`` worth a ``queue`` event to a stream whose client holds ``last`` (None:
+    what a snapshot or status event left, both fields null)?"""
+    if last is None:
+        return new.position is not None
+    if (last.seq, last.epoch) != (new.seq, new.epoch):
+        return True
+    if last.position is None or new.position is None:
+        return last.position != new.position
+    if abs(new.position - last.position) >= max(1, last.position * POSITION_STEP):
+        return True
+    if last.starts_in_s is None or new.starts_in_s is None:
+        return last.starts_in_s != new.starts_in_s
+    return abs(new.starts_in_s - last.starts_in_s) > max(ETA_STEP_S, last.starts_in_s * ETA_STEP)
+
+
+def start_rate(counts: list[int], now: float) -> float | None:
+    """Starts a second from per-second ``counts`` (oldest first, the last one ``now``'s
+    second): over the time since the window's first start, at least MIN_SPAN_S, so that a
+    queue that was idle most of the window is not read as slow. None: nothing started."""
+    total = sum(counts)
+    if not total:
+        return None
+    first = next(i for i, c in enumerate(counts) if c)
+    first_second = math.floor(now) - (len(counts) - 1 - first)
+    return total / max(MIN_SPAN_S, now - first_second)
+
+
+def starts_in(position: int | None, rate: float | None) -> float | None:
+    if position is None or rate is None:
+        return None
+    return round(position / rate, 1)
+
+
+async def count_start(redis: Redis, keys: Keys) -> None:
+    """Count one attempt start (a worker, as it starts one). A count lost to a Redis error
+    only makes the estimate a little low: never a reason to fail the attempt."""
+    key = keys.starts(int(time.time()))
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            pipe.expire(key, STARTS_TTL_S)
+            await pipe.execute()
+    except RedisError:
+        logger.debug("an attempt start went uncounted", exc_info=True)
+
+
+def place_frame(job_id: str, place: Place) -> Frame:
+    """The ``queue`` event: no SSE id (frames.VOLATILE), never logged or replayed."""
+    body = {
+        "job_id": job_id,
+        "seq": place.seq,
+        "ts": time.time(),
+        "queue_position": place.position,
+        "starts_in_s": place.starts_in_s,
+    }
+    return Frame(0, place.seq, "queue", job_id, json.dumps(body), place.epoch)
+
+
+class Line:
+    """One API process's places in line: the watched jobs, the ticker, the batched asks."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis, self.keys = redis, Keys(settings.namespace)
+        self.interval_s, self.window_s = settings.line_interval_s, settings.start_rate_window_s
+        self._script = redis.register_script(
+            (resources.files(__package__) / "lua" / "line.lua").read_text()
+        )
+        # job id -> the streams (their queues) watching it, each with the place it last got
+        self._watches: dict[str, dict[StreamQueue, Place | None]] = {}
+        self._by_queue: dict[StreamQueue, set[str]] = {}
+        self._live: set[str] = set()  # in line at the last look: asked every tick
+        self._looked: dict[str, Place] = {}  # each watched job's place at the last look
+        self._fresh: set[str] = set()  # changed state (or newly watched): asked at once
+        self._wake = asyncio.Event()
+        self._asking: set[str] = set()  # the next call's jobs
+        self._answer: asyncio.Future[dict[str, Place]] | None = None  # the next call's result
+        self._sender: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self.calls = 0  # script calls sent
+        self.asked = 0  # jobs asked about
+        self.sent = 0  # queue frames put into streams
+
+    async def __aenter__(self) -> Line:
+        self._ticker = asyncio.create_task(self._run(), name="pushsvc-line")
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        tasks = [t for t in (self._ticker, self._sender) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def watched(self) -> int:
+        return len(self._watches)
+
+    # -- what streams tell -------------------------------------------------------
+
+    def note(self, queue: StreamQueue, frames: list[Frame]) -> None:
+        """What a stream is about to send, in order: a snapshot or status event clears the
+        client's place (the next one is looked up at once), a ``queue`` frame is the
+        place it holds, a terminal event ends the watch. A place put into a stream that
+        did not send it (the client held another seq) is put again at the next look."""
+        for frame in frames:
+            if frame.kind == "queue":
+                self._shown(queue, frame)
+            elif frame.kind in STATE_KINDS:
+                self._watch(queue, frame.job_id)
+            elif frame.kind in TERMINAL:
+                self._unwatch(queue, frame.job_id)
+
+    def follow(self, queue: StreamQueue, job_ids: list[str]) -> None:
+        """A stream started on these jobs (a resume may have sent no state of them)."""
+        for job_id in job_ids:
+            self._watch(queue, job_id)
+
+    def leave(self, queue: StreamQueue) -> None:
+        """The stream ended: its watches go."""
+        for job_id in self._by_queue.pop(queue, set()):
+            self._unwatch(queue, job_id)
+
+    def _watch(self, queue: StreamQueue, job_id: str) -> None:
+        self._watches.setdefault(job_id, {})[queue] = None
+        self._by_queue.setdefault(queue, set()).add(job_id)
+        self._fresh.add(job_id)
+        self._wake.set()
+
+    def _shown(self, queue: StreamQueue, frame: Frame) -> None:
+        watchers = self._watches.get(frame.job_id)
+        if watchers is not None and queue in watchers:
+            data = json.loads(frame.data)
+            held = (data["queue_position"], data["starts_in_s"])
+            watchers[queue] = Place("queued", frame.seq, frame.epoch, *held)
+
+    def _unwatch(self, queue: StreamQueue, job_id: str) -> None:
+        watchers = self._watches.get(job_id)
+        if watchers is not None:
+            watchers.pop(queue, None)
+            if not watchers:
+                del self._watches[job_id]
+                self._live.discard(job_id)
+                self._looked.pop(job_id, None)
+                self._fresh.discard(job_id)
+        jobs = self._by_queue.get(queue)
+        if jobs is not None:
+            jobs.discard(job_id)
+
+    # -- the ticker ----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Every interval the jobs in line; at once the ones whose state just changed."""
+        next_tick = time.monotonic()
+        while True:
+            wait = next_tick - time.monotonic()
+            if wait > 0 and not self._fresh:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wake.wait()
+            self._wake.clear()
+            ask = set(self._fresh)
+            self._fresh.clear()
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + self.interval_s
+                ask |= self._live
+            ask &= self._watches.keys()
+            if ask:
+                await self._tick(ask)
+
+    async def _tick(self, job_ids: set[str]) -> None:
+        try:
+            found = await self.places(job_ids)
+        except (RedisError, OSError) as exc:
+            logger.warning("places in line not read (%s); trying again next tick", exc)
+            self._live |= job_ids
+            return
+        except Exception:  # a bug: the ticker must live on for every other stream
+            logger.exception("places in line not read")
+            return
+        for job_id in job_ids:
+            if job_id not in self._watches:  # its last stream left while we read
+                self._live.discard(job_id)
+                self._looked.pop(job_id, None)
+                continue
+            place = found.get(job_id)
+            if place is not None and place.in_line:
+                self._live.add(job_id)
+            else:
+                self._live.discard(job_id)
+            if place is not None and not self._rose(job_id, place):
+                self._deliver(job_id, place)
+
+    def _rose(self, job_id: str, place: Place) -> bool:
+        """Is the job further back than at the last look? Then it is sent once the next
+        look agrees: an attempt that just ended stays in arq's set for a moment after its
+        lease went (arq removes it after the job function returned), and looks ahead."""
+        before = self._looked.get(job_id)
+        self._looked[job_id] = place
+        if before is None or (before.seq, before.epoch) != (place.seq, place.epoch):
+            return False
+        return (place.position or 0) > (before.position or place.position or 0)
+
+    def _deliver(self, job_id: str, place: Place) -> None:
+        """One frame, shared by every watching stream whose client's place it changes."""
+        watchers = self._watches.get(job_id)
+        if not watchers:
+            return
+        frame: Frame | None = None
+        for queue, last in watchers.items():
+            if not place.in_line:
+                watchers[queue] = None  # its status event clears the client's place
+            elif moved(last, place):  # ``last``: what the stream sent (``note``)
+                frame = frame or place_frame(job_id, place)
+                queue.put(frame)
+                self.sent += 1
+
+    # -- asking Redis ----------------------------------------------------------------
+
+    async def show(self, snaps: list[JobSnapshot]) -> list[JobSnapshot]:
+        """``snaps`` with the places of the queued ones (what reads answer); without them
+        when Redis cannot say (the snapshot is worth more than its place)."""
+        try:
+            found = await self.places(s.id for s in snaps if s.status == JobStatus.QUEUED)
+        except (RedisError, OSError) as exc:
+            logger.warning("places in line not read for a read (%s)", exc)
+            return snaps
+        out = []
+        for snap in snaps:
+            place = found.get(snap.id)
+            if place is not None and place.in_line and snap.status == JobStatus.QUEUED:
+                update = {"queue_position": place.position, "starts_in_s": place.starts_in_s}
+                snap = snap.model_copy(update=update)  # shallow: the output is not copied
+            out.append(snap)
+        return out
+
+    async def places(self, job_ids: Iterable[str]) -> dict[str, Place]:
+        """The jobs' places as stored now (a job the store does not hold: absent).
+        Joins the next call: one call per process in flight, however many ask."""
+        want = list(job_ids)
+        if not want:
+            return {}
+        self._asking.update(want)
+        if self._answer is None:
+            self._answer = asyncio.get_running_loop().create_future()
+            self._answer.add_done_callback(_seen)
+        answer = self._answer
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send(), name="pushsvc-line-ask")
+        found = await asyncio.shield(answer)
+        return {j: found[j] for j in want if j in found}
+
+    async def _send(self) -> None:
+        while self._asking:
+            assert self._answer is not None
+            asking, answer = self._asking, self._answer
+            self._asking, self._answer = set(), None
+            try:
+                found = await self._read(sorted(asking))
+            except Exception as exc:  # every asker gets it
+                answer.set_exception(exc)
+            else:
+                answer.set_result(found)
+            finally:
+                answer.cancel()  # when cancelled itself (shutdown): no asker waits on
+
+    async def _read(self, job_ids: list[str]) -> dict[str, Place]:
+        found: dict[str, Place] = {}
+        for at in range(0, len(job_ids), BATCH):
+            found.update(await self._read_batch(job_ids[at : at + BATCH]))
+        return found
+
+    async def _read_batch(self, job_ids: list[str]) -> dict[str, Place]:
+        now = time.time()
+        second = math.floor(now)
+        counters = [self.keys.starts(s) for s in range(second - self.window_s + 1, second + 1)]
+        keys = [self.keys.queue, self.keys.leases, *map(self.keys.job, job_ids), *counters]
+        rows, counts = await self._script(keys=keys, args=[len(job_ids)])
+        self.calls += 1
+        self.asked += len(job_ids)
+        rate = start_rate([int(c or 0) for c in counts], now)
+        return dict(_places(job_ids, rows, rate))
+
+
+def _places(job_ids: list[str], rows: list[Any], rate: float | None) -> Iterable[tuple[str, Place]]:
+    for i, job_id in enumerate(job_ids):
+        status, seq, epoch, position = rows[4 * i : 4 * i + 4]
+        if not status:
+            continue  # not in the store
+        at = int(position) or None
+        place = Place(status.decode(), int(seq), epoch.decode(), at, starts_in(at, rate))
+        yield job_id, place
+
+
+def _seen(answer: asyncio.Future[dict[str, Place]]) -> None:
+    if not answer.cancelled():
+        answer.exception()  # retrieved: every asker may have left
