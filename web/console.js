@@ -6,11 +6,15 @@ import {
   askForKey,
   bindKeyPanel,
   clock,
+  lineWords,
+  llmWords,
   load,
   save,
   seconds,
+  setText,
   showMode,
   storedKey,
+  waitWords,
 } from "./page.js";
 import {
   createClient,
@@ -38,6 +42,8 @@ const RECOVER_MS = [1000, 2000, 4000]; // while unreachable, ask again after the
  * @property {number} outLen the length of the text shown
  * @property {boolean} sawActive the page saw it active: its end gets a toast
  * @property {boolean} polled the last update came from a poll
+ * @property {number} lineAt when its place in line last changed (epoch s): starts_in_s
+ *   counts down from there
  * @property {import("./pushsvc.js").Job | null} job
  */
 
@@ -488,6 +494,7 @@ function addCard(id, { fresh = false } = {}) {
     outLen: 0,
     sawActive: fresh,
     polled: false, // the last update came from a poll
+    lineAt: 0,
     job: null,
   };
   node.querySelector(".cancel").addEventListener("click", () => cancel(card));
@@ -539,8 +546,10 @@ function outcomeText(job) {
   }
   if (job.status === "cancelled") return `Cancelled at ${Math.round(job.progress || 0)}%.`;
   if (job.status === "queued" && job.attempt > 1 && job.error) {
+    const failed = `Attempt ${job.attempt - 1} failed (${job.error.message})`;
+    if (job.waiting) return `${failed}.`; // the wait line counts down to the retry
     const wait = job.retry_in_s ? ` in ${Math.ceil(job.retry_in_s)} s` : "";
-    return `Attempt ${job.attempt - 1} failed (${job.error.message}); retrying${wait}.`;
+    return `${failed}; retrying${wait}.`;
   }
   return "";
 }
@@ -551,6 +560,8 @@ function outcomeText(job) {
  * @param {import("./pushsvc.js").Event} event
  */
 function render(card, job, event) {
+  const moved = ["queue_position", "starts_in_s"].some((k) => job[k] !== card.job?.[k]);
+  if (moved) card.lineAt = Date.now() / 1000;
   card.job = job;
   const { node } = card;
   const status = job.cancel_requested && job.status === "running" ? "cancelling" : job.status;
@@ -573,7 +584,12 @@ function render(card, job, event) {
   const ended = isTerminal(job.status);
   // The last stage ("finalizing") is history once the job ended: the outcome says the rest.
   const stage = ended ? "" : [job.stage, job.message].filter(Boolean).join(" · ");
-  node.querySelector(".stage").textContent = stage || (job.status === "queued" ? "waiting…" : "");
+  const line = renderLine(card);
+  const idle = job.status === "queued" && !line ? "waiting…" : "";
+  node.querySelector(".stage").textContent = stage || idle;
+  const llm = node.querySelector(".llm");
+  setText(llm, llmWords(job.llm));
+  llm.hidden = !llm.textContent;
   node.querySelector(".eta").textContent = job.status === "running" ? formatEta(job.eta_s) : "";
   const meta = [`attempt ${job.attempt ?? 1} of ${job.max_attempts ?? 1}`];
   if (job.created_at) meta.push(`submitted ${clock(job.created_at)}`);
@@ -594,6 +610,38 @@ function render(card, job, event) {
   if (!ended) card.sawActive = true;
   updateEmpty();
 }
+
+/**
+ * A card's wait or place in line (counting down), in words; "" when neither.
+ * @param {Card} card
+ * @returns {string}
+ */
+function renderLine(card) {
+  const { job, node } = card;
+  const now = Date.now() / 1000;
+  let text = "";
+  let reason = "";
+  if (job && !isTerminal(job.status) && job.waiting) {
+    text = waitWords(job.waiting, now);
+    reason = job.waiting.reason;
+  } else if (job?.status === "queued") {
+    const startsIn = job.starts_in_s ?? null;
+    text = lineWords(job.queue_position, startsIn === null ? null : startsIn - (now - card.lineAt));
+    reason = text ? "line" : "";
+  }
+  const box = node.querySelector(".line");
+  setText(box, text);
+  box.dataset.reason = reason;
+  box.hidden = !text;
+  return text;
+}
+
+// Waits and start estimates count down each second, between events too.
+setInterval(() => {
+  for (const card of cards.values()) {
+    if (card.job && !isTerminal(card.job.status)) renderLine(card);
+  }
+}, 1000);
 
 const VIA_TEXT = {
   connecting: "connecting…",
@@ -769,6 +817,7 @@ function handlers() {
     snapshot: onEvent,
     status: onEvent,
     progress: onEvent,
+    queue: onEvent,
     output: onEvent,
     done: onEvent, // every final event: completed, failed or cancelled
     mode: (mode) => showLink(mode),

@@ -80,6 +80,17 @@ function rate(perS) {
 }
 
 /**
+ * US dollars: cents and up to the cent, less to two significant digits ("$0.00042").
+ * @param {number | null | undefined} usd
+ * @returns {string}
+ */
+function dollars(usd) {
+  if (usd === null || usd === undefined) return "–";
+  if (usd === 0) return "$0";
+  return usd >= 0.01 ? `$${usd.toFixed(2)}` : `$${Number(usd.toPrecision(2))}`;
+}
+
+/**
  * @param {number} n
  * @param {string} word
  * @returns {string}
@@ -389,11 +400,73 @@ function renderTypes(doc) {
   $("types").hidden = rows.length === 0;
 }
 
+// ---- the model calls by job type and model (each type's ``llm``) ----
+
+/**
+ * One row of the model table.
+ * @param {string} type
+ * @param {string} model
+ * @param {object} m the type's figures of that model (stats.py, telemetry.summarize_calls)
+ * @returns {string[]}
+ */
+function modelCells(type, model, m) {
+  // Counted from characters where the server sent no usage: "≈".
+  const approx = m.estimated_calls > 0 ? "≈ " : "";
+  return [
+    type,
+    model,
+    count(m.calls),
+    seconds(m.ttft_p50_s),
+    seconds(m.ttft_p95_s),
+    rate(m.tokens_per_s_p50),
+    approx + count(m.prompt_tokens),
+    approx + count(m.completion_tokens),
+    dollars(m.cost_usd),
+  ];
+}
+
+/** @param {object} doc the stats document */
+function renderModels(doc) {
+  const body = $("models-body");
+  const rows = Object.entries(doc.types || {}).flatMap(([type, t]) =>
+    Object.entries(t.llm || {}).map(([model, m]) => ({ key: `${type} ${model}`, type, model, m })),
+  );
+  const keep = new Set(rows.map((r) => r.key));
+  const existing = new Map([...body.rows].map((tr) => [tr.dataset.key, tr]));
+  for (const [key, tr] of existing) {
+    if (!keep.has(key)) tr.remove();
+  }
+  for (const { key, type, model, m } of rows) {
+    let tr = existing.get(key);
+    if (!tr) {
+      tr = document.createElement("tr");
+      tr.dataset.key = key;
+      tr.dataset.type = type;
+      tr.dataset.model = model;
+      const head = document.createElement("th");
+      head.scope = "row";
+      tr.append(head);
+      for (let i = 1; i < 9; i += 1) {
+        const td = document.createElement("td");
+        td.className = i === 1 ? "model-cell" : "num";
+        tr.append(td);
+      }
+      tr.cells[8].title = "from PUSHSVC_LLM_PRICES; – : no price for this model";
+    }
+    modelCells(type, model, m).forEach((text, i) => setText(tr.cells[i], text));
+    body.append(tr); // sorted by the server: type, then model
+  }
+  $("models-empty").hidden = rows.length > 0;
+  $("models").hidden = rows.length === 0;
+}
+
 /** @param {object} doc the stats document (GET /v1/stats) */
 function renderStats(doc) {
   const alerts = renderAlerts(doc);
   renderTiles(doc, alerts);
   renderTypes(doc);
+  renderModels(doc);
+  setText($("models-note"), `all tenants · last ${span(doc.window_s)}`);
   setText($("window-note"), `All tenants · last ${span(doc.window_s)} · updated ${clock(doc.at)}`);
   setText($("types-note"), `all tenants · last ${span(doc.window_s)}`);
 }
@@ -503,6 +576,7 @@ function cueOverflow(wrap, cue) {
 }
 
 cueOverflow($("types").parentElement, $("types-cue"));
+cueOverflow($("models").parentElement, $("models-cue"));
 cueOverflow($("recent").parentElement, $("recent-cue"));
 
 // ---- start ----

@@ -1,4 +1,5 @@
-// pushsvc.js: watch pushsvc jobs from a browser. A plain ES module, no dependencies.
+// pushsvc.js: watch pushsvc jobs from a browser. Plain ES modules (this and tabs.js), no
+// dependencies.
 //
 // Server-Sent Events first (EventSource, with its native Last-Event-ID resume); when
 // streaming does not work (a stream that cannot open, a 503, repeated errors, no
@@ -18,6 +19,13 @@
 // One `Feed` keeps the connection (stream, polls, retries) in one state field; what it
 // streams and polls is its source: the jobs of a watcher here (`JobSet`), the stats
 // document on the dashboard.
+//
+// tabs.js (beside this file, imported by it) shares one stream among the tabs of an
+// origin and key (`TabLink`, see watchJobs).
+
+import { ATTACH_MS, TabLink } from "./tabs.js";
+
+export { TabLink };
 
 /**
  * @typedef {"queued" | "running" | "completed" | "failed" | "cancelled"} Status
@@ -99,6 +107,8 @@
  * @property {number} streamRetryMinMs
  * @property {number} streamRetryMs
  * @property {string | false} storageKey
+ * @property {boolean} shareTabs
+ * @property {number} tabPingMs
  */
 
 const TERMINAL = new Set(["completed", "failed", "cancelled"]);
@@ -112,6 +122,7 @@ const FRESH_ATTEMPT = {
   progress: 0, stage: null, message: null, output: "", eta_s: null, waiting: null, llm: null,
 };
 const OUT_OF_LINE = { queue_position: null, starts_in_s: null };
+const MAX_NAMED_JOBS = 100; // job= on one /v1/events stream
 
 /** @type {Readonly<Options>} */
 export const DEFAULTS = Object.freeze({
@@ -126,6 +137,8 @@ export const DEFAULTS = Object.freeze({
   streamRetryMinMs: 2000, // while polling, try streaming again after this, doubling ...
   streamRetryMs: 30000, // ... up to this (at once this, when the server refused a stream)
   storageKey: "pushsvc.jobs", // localStorage key of active job ids; false: none
+  shareTabs: true, // watchJobs: one stream for all tabs of an origin and key (see TabLink)
+  tabPingMs: 10000, // the leading tab pings the others this often; 2-3 missed: forgotten
 });
 
 /**
@@ -577,6 +590,7 @@ export class Requests {
  * @property {() => string | null} probePath a GET that says whether the server answers
  *   (null: no probe)
  * @property {() => void} renew forget the stream's credentials: the next URL brings fresh ones
+ * @property {() => Interest} [interest] what it watches, for a stream shared by tabs
  */
 
 /**
@@ -649,18 +663,23 @@ export class Feed {
   #retryTimer = null;
   /** @type {number | null} one reconnection for several changes of what to watch */
   #reopenTimer = null;
+  /** @type {TabLink | null} the tabs sharing one stream: this feed streams for all of them
+   *  (leading) or hears what the leader relays (following); null: a stream of its own */
+  #link;
 
   /**
    * @param {Source} source
    * @param {Handlers} handlers
    * @param {Partial<Options>} [options]
+   * @param {TabLink | null} [link] share one stream with the other tabs
    */
-  constructor(source, handlers = {}, options = {}) {
+  constructor(source, handlers = {}, options = {}, link = null) {
     this.#source = source;
     this.#handlers = handlers;
     this.#options = { ...DEFAULTS, ...options };
     this.#requests = new Requests(this.#options);
     this.#pollDelay = this.#options.pollMinMs;
+    this.#link = link;
   }
 
   /** @returns {Mode | null} how news reaches the page (null: not yet known, or closed) */
@@ -676,11 +695,12 @@ export class Feed {
   /** @returns {Feed} this, streaming (or polling, without EventSource) */
   start() {
     if (typeof EventSource === "undefined") this.#fallBack("no_eventsource");
+    else if (this.#link) this.#link.join(this.#linkHooks()); // connects once it knows its role
     else this.#connect(null);
     return this;
   }
 
-  /** Stop for good: no stream, no timer, no request. */
+  /** Stop for good: no stream, no timer, no request (a leader hands its stream over). */
   close() {
     if (this.closed) return;
     this.#state = "closed";
@@ -688,10 +708,14 @@ export class Feed {
     for (const id of this.#timers) clearTimeout(id);
     this.#timers.clear();
     this.#requests.abort();
+    this.#link?.close();
   }
 
-  /** What to watch changed: stream it anew (polling: poll now). Several calls, one reconnect. */
-  reconnect() {
+  /**
+   * What to watch changed: stream it anew (polling: poll now). Several calls, one reconnect.
+   * @param {number} [ms] wait this long first (other changes join the same reconnect)
+   */
+  reconnect(ms = 0) {
     if (this.closed || this.#reopenTimer !== null) return;
     this.#reopenTimer = this.#later(() => {
       this.#reopenTimer = null;
@@ -702,7 +726,7 @@ export class Feed {
         this.#disconnect();
         this.#connect(null);
       }
-    }, 0);
+    }, ms);
   }
 
   // -- transitions --
@@ -714,7 +738,9 @@ export class Feed {
   #enter(state, reason = null) {
     if (this.#state === state || this.closed) return;
     this.#state = state;
-    if (MODE_OF[state]) callHandler(this.#handlers, "mode", MODE_OF[state], reason);
+    if (!MODE_OF[state]) return;
+    callHandler(this.#handlers, "mode", MODE_OF[state], reason);
+    if (this.#link?.leading) this.#link.mode(MODE_OF[state], reason);
   }
 
   /** A stream sends: polls and stream retries stop. */
@@ -789,6 +815,10 @@ export class Feed {
    */
   async #connect(lastId) {
     if (this.closed || this.#source.finished() || this.#es) return;
+    if (this.#link && !this.#link.leading) {
+      if (this.#link.following) this.#attach();
+      return; // joining: the role, once known, connects
+    }
     const generation = ++this.#generation;
     let url;
     try {
@@ -804,6 +834,7 @@ export class Feed {
       return;
     }
     const es = new EventSource(url);
+    this.#link?.opened(lastId === null, url);
     this.#es = es;
     this.#heard = false;
     this.#opened = false;
@@ -866,8 +897,13 @@ export class Feed {
     this.#cursor = message.lastEventId || this.#cursor;
     this.#firstTimer = this.#cancel(this.#firstTimer);
     if (this.#state !== "streaming") this.#streaming();
+    if (this.#link?.leading) {
+      const ended = TERMINAL.has(kind) ? data.job_id : null; // done for every tab
+      this.#link.relay(kind, message.data, message.lastEventId, ended);
+    }
     this.#source.take(kind, data, message.lastEventId);
     this.#settle();
+    if (this.#link?.following) this.#link.update(this.#source.interest?.() ?? null);
   }
 
   /** @param {EventSource} es */
@@ -995,6 +1031,110 @@ export class Feed {
     this.#scheduleReconnect();
   }
 
+  // -- one stream for all tabs (see TabLink) --
+
+  /** @returns {LinkHooks} what the tab link calls on this feed */
+  #linkHooks() {
+    return {
+      // The lock came: stream for every tab, resuming after the last event relayed.
+      lead: () => {
+        if (this.closed) return;
+        this.#disconnect();
+        this.#connect(this.#polling() ? null : this.#cursor);
+      },
+      follow: () => this.#connect(null),
+      relayed: (kind, data, id) => {
+        const relay = this.#es;
+        if (!(relay instanceof Relay)) return;
+        if (relay.held) relay.held.push([kind, data, id]);
+        else this.#onMessage(relay, kind, { data, lastEventId: id });
+      },
+      leaderMode: (mode, reason) => this.#onLeaderMode(mode, reason),
+      // Tabs that come within ATTACH_MS of each other share one new stream.
+      interest: (grew) => (grew ? this.reconnect(ATTACH_MS) : this.#settle()),
+      mode: () => this.mode,
+      live: () => this.#live(),
+      covered: () => this.#sync(),
+      forgotten: () => {
+        if (!(this.#es instanceof Relay)) return;
+        this.#disconnect();
+        this.#connect(null); // listen anew: frames went by while it was forgotten
+      },
+    };
+  }
+
+  /** @returns {boolean} a leader's stream is open and streaming (what it names, it carries) */
+  #live() {
+    const es = this.#es;
+    const own = es !== null && !(es instanceof Relay) && es.readyState === EventSource.OPEN;
+    return own && this.#opened && !this.#polling();
+  }
+
+  /**
+   * The leader's stream carries this follower's jobs already (it kept it rather than open
+   * a fresh one): their state by GET, while what the relay brings meanwhile waits, and is
+   * applied after it (deduped by seq). Whatever the GET missed came after it: relayed.
+   */
+  async #sync() {
+    const relay = this.#es;
+    if (!(relay instanceof Relay) || this.closed) return;
+    relay.held = [];
+    const generation = this.#generation;
+    try {
+      await this.#source.poll(this.#requests);
+    } catch (err) {
+      if (this.#current(generation)) this.#onFailure(err);
+      return;
+    }
+    if (!this.#current(generation) || relay !== this.#es) return;
+    const held = relay.held;
+    relay.held = null;
+    this.#heard = true;
+    this.#firstTimer = this.#cancel(this.#firstTimer);
+    if (this.#state !== "streaming") this.#streaming();
+    for (const [kind, data, id] of held) this.#onMessage(relay, kind, { data, lastEventId: id });
+    this.#settle();
+    if (this.#link?.following) this.#link.update(this.#source.interest?.() ?? null);
+  }
+
+  /** A follower listens to what the leader relays, once synced (see tabs.js). */
+  #attach() {
+    const relay = new Relay(() => this.#link?.detach());
+    this.#es = relay;
+    this.#heard = false;
+    this.#opened = true;
+    this.#link.attach(this.#source.interest());
+    if (this.#source.expectsEvent(null)) {
+      this.#firstTimer = this.#later(() => {
+        if (relay === this.#es && !this.#heard) this.#fallBack("no_events", true);
+      }, this.#options.firstEventTimeoutMs);
+    }
+  }
+
+  /**
+   * The leader's mode: a follower polls when the leader polls, and listens again (asking
+   * for a fresh stream: its polled state and the relay may not meet) when it streams. While
+   * the leader's stream reconnects by itself (unreachable) the relay resumes with it, as a
+   * stream of its own would: it says so, and stays.
+   * @param {Mode} mode
+   * @param {string | null} reason
+   */
+  #onLeaderMode(mode, reason) {
+    if (this.closed || !this.#link?.following) return;
+    const listening = this.#es instanceof Relay && this.#link.synced;
+    if (mode === "stream") {
+      if (listening && this.#state === "unreachable") this.#streaming();
+      else if (this.#polling()) {
+        this.#disconnect();
+        this.#connect(null);
+      }
+    } else if (mode === "unreachable" && listening) {
+      this.#enter("unreachable", reason || "network");
+    } else if (!this.#polling() && this.#es) {
+      this.#fallBack(reason || "leader_polling");
+    }
+  }
+
   // -- polling --
 
   /** @returns {boolean} polling (the stream does not work), whether polls reach or not */
@@ -1070,6 +1210,32 @@ export class Feed {
   }
 }
 
+// ---- a follower's stream ----
+
+/**
+ * @typedef {import("./tabs.js").LinkHooks} LinkHooks
+ * @typedef {import("./tabs.js").Interest} Interest
+ */
+
+/** What a follower's feed holds instead of an EventSource: the leader's relay (tabs.js). */
+class Relay {
+  readyState = 1; // EventSource.OPEN: the leader's stream is its business
+  /** @type {Array<[string, string, string]> | null} frames held while the GETs of a
+   *  follower's jobs are on their way (see Feed.#sync) */
+  held = null;
+  /** @type {() => void} */
+  #onClose;
+
+  /** @param {() => void} onClose */
+  constructor(onClose) {
+    this.#onClose = onClose;
+  }
+
+  close() {
+    this.#onClose();
+  }
+}
+
 // ---- the jobs a watcher follows ----
 
 /**
@@ -1107,6 +1273,9 @@ class JobSet {
   #token = null;
   /** @type {boolean} the all-jobs poll has listed once (jobs ended before are no news) */
   #listed = false;
+  /** @type {() => {all: boolean, ids: Set<string>}} the jobs of the tabs this one streams
+   *  for too (TabLink.elsewhere) */
+  #elsewhere = () => ({ all: false, ids: new Set() });
 
   /**
    * @param {string[] | null} ids null: every job of the tenant
@@ -1166,9 +1335,23 @@ class JobSet {
     return !this.#all;
   }
 
+  /**
+   * Stream for other tabs' jobs too (a leader's).
+   * @param {() => {all: boolean, ids: Set<string>}} elsewhere
+   */
+  share(elsewhere) {
+    this.#elsewhere = elsewhere;
+  }
+
+  /** @returns {Interest} the jobs it watches, for the tab that streams them */
+  interest() {
+    return { all: this.#all, ids: this.#active() };
+  }
+
   /** @returns {boolean} */
   finished() {
-    return !this.#all && this.#active().length === 0;
+    const other = this.#elsewhere();
+    return !this.#all && !other.all && this.#active().length === 0 && other.ids.size === 0;
   }
 
   /**
@@ -1176,7 +1359,9 @@ class JobSet {
    * @returns {boolean}
    */
   expectsEvent(lastId) {
-    return lastId === null && (this.#single || this.#active().length > 0);
+    // A fresh stream of named jobs starts with their snapshots (of all jobs: maybe none).
+    const named = this.#active().length > 0 || this.#elsewhere().ids.size > 0;
+    return lastId === null && (this.#single || named);
   }
 
   /** @returns {string} */
@@ -1197,6 +1382,8 @@ class JobSet {
    * @param {string} lastEventId
    */
   take(kind, data, lastEventId) {
+    // A stream shared by tabs carries their jobs too: each takes its own.
+    if (!this.#all && !this.#ids.has(data.job_id)) return;
     this.#apply(kind, data);
     // A job stream's id is the job's position "<seq>.<epoch>" (a multiplexed one's is
     // the tenant's): keep the epoch, so a polled snapshot of another history is news.
@@ -1218,7 +1405,12 @@ class JobSet {
       if (!url) return null;
     } else {
       const params = new URLSearchParams();
-      if (!this.#all) for (const id of this.#active()) params.append("job", id);
+      const other = this.#elsewhere();
+      const ids = new Set([...this.#active(), ...other.ids]);
+      // Tabs may name more jobs together than a stream takes: then all of the tenant's.
+      const shared = other.ids.size > 0;
+      const named = !this.#all && !other.all && (!shared || ids.size <= MAX_NAMED_JOBS);
+      if (named) for (const id of ids) params.append("job", id);
       if (requests.apiKey) params.set("token", await this.#streamToken(requests));
       url = `/v1/events?${params}`;
     }
@@ -1384,13 +1576,18 @@ class JobSet {
  * The handle of a watch.
  * @param {Feed} feed
  * @param {JobSet} jobs
+ * @param {TabLink | null} [link]
  */
-function handleOf(feed, jobs) {
+function handleOf(feed, jobs, link = null) {
   return {
     close: () => feed.close(),
     /** @returns {Mode | null} */
     get mode() {
       return feed.mode;
+    },
+    /** @returns {string} the stream's: "own", or shared by tabs ("leading", "following", ...) */
+    get sharing() {
+      return link ? link.role : "own";
     },
     /** @param {string} id */
     job: (id) => jobs.job(id),
@@ -1415,7 +1612,8 @@ export function watchJob(jobId, handlers = {}, options = {}) {
 
 /**
  * Watch many jobs over one connection (GET /v1/events), or every job of the tenant
- * with "all". The handle also has add(id, job?) and remove(id) for named jobs.
+ * with "all". The handle also has add(id, job?) and remove(id) for named jobs. Tabs of
+ * one origin and key share that connection (options.shareTabs; see TabLink).
  * @param {Iterable<string> | "all"} jobIds
  * @param {Handlers} [handlers]
  * @param {Partial<Options>} [options]
@@ -1423,9 +1621,11 @@ export function watchJob(jobId, handlers = {}, options = {}) {
 export function watchJobs(jobIds, handlers = {}, options = {}) {
   const o = { ...DEFAULTS, ...options };
   const jobs = new JobSet(jobIds === "all" ? null : [...jobIds], false, handlers, o);
-  const feed = new Feed(jobs, handlers, o).start();
+  const link = o.shareTabs && TabLink.available() ? new TabLink(o) : null;
+  if (link) jobs.share(() => link.elsewhere());
+  const feed = new Feed(jobs, handlers, o, link).start();
   // Added to the handle, not spread into a new object: that would freeze its `mode`.
-  return Object.assign(handleOf(feed, jobs), {
+  return Object.assign(handleOf(feed, jobs, link), {
     /**
      * @param {string} id
      * @param {Job | null} [job] its snapshot, when the page has it

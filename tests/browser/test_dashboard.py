@@ -23,11 +23,13 @@ PUSH_S = "0.3"  # a stats frame every 0.3 s: the page follows quickly
 
 
 @pytest.fixture(scope="module")
-def dash(redis_server: RedisServer) -> Iterator[dict[str, Api]]:
+def dash(redis_server: RedisServer, model_url: str) -> Iterator[dict[str, Api]]:
     """Keyless APIs pushing stats every 0.3 s: ``live`` and ``stuck`` (a job silent for 1 s
-    is stuck there) share a namespace with a worker; ``idle`` has a namespace without one.
+    is stuck there) share a namespace with a worker (on the offline model, ``fake-1``
+    priced); ``idle`` has a namespace without one.
     """
-    env = console_env(redis_server.url, f"d{secrets.token_hex(3)}", stats_push_s=PUSH_S)
+    model = {"llm_base_url": model_url, "llm_model": "fake-1", "llm_prices": "fake-1=1000/2000"}
+    env = console_env(redis_server.url, f"d{secrets.token_hex(3)}", stats_push_s=PUSH_S, **model)
     idle_env = console_env(
         redis_server.url, f"d{secrets.token_hex(3)}", stats_push_s=PUSH_S, alert_queue_depth="2"
     )
@@ -347,3 +349,29 @@ def test_dashboard_asks_for_an_api_key_and_shows_only_that_tenants_jobs(
     page.reload()  # the console's stored key: the stream token comes with it
     expect(page.locator("#conn")).to_have_attribute("data-mode", "stream")
     expect(row(page, mine).locator(".badge")).to_have_text("completed")
+
+
+# ---- model calls ----
+
+
+def test_model_calls_show_by_type_and_model(dash: dict[str, Api], page: Page) -> None:
+    live = dash["live"]
+    priced = submit(live, {"prompt": "dashboard [[tokens:30]]"}, "generate")
+    free = submit(live, {"prompt": "free [[tokens:5]]", "model": "free-2"}, "generate")
+    page.goto(f"{live.url}/dashboard")
+    fake = page.locator('#models-body tr[data-type="generate"][data-model="fake-1"]')
+    expect(fake).to_be_visible(timeout=15000)
+    cells = fake.locator("td")  # after the type: model, calls, TTFT p50, p95, tokens/s,
+    expect(cells.nth(0)).to_have_text("fake-1")  # prompt and answer tokens, cost
+    expect(cells.nth(1)).to_have_text(re.compile(r"^[1-9][0-9]*$"))
+    expect(cells.nth(2)).to_have_text(re.compile(r"^[0-9]+ ms$|s$"))
+    expect(cells.nth(4)).to_have_text(re.compile(r"^[0-9.]+$"))
+    expect(cells.nth(6)).to_have_text(re.compile(r"^[0-9,]+$"))  # counted by the server
+    expect(cells.nth(7)).to_have_text(re.compile(r"^\$[0-9]+\.[0-9]{2}$"))  # 30 tokens: cents
+    other = page.locator('#models-body tr[data-type="generate"][data-model="free-2"]')
+    expect(other.locator("td").nth(7)).to_have_text("–", timeout=15000)  # no price, no cost
+    expect(page.locator("#models-empty")).to_be_hidden()
+    for job_id in (priced, free):
+        job = httpx.get(f"{live.url}/v1/jobs/{job_id}", timeout=10).json()
+        assert job["status"] == "completed", job
+    shoot(page, "dashboard-models.png")

@@ -11,6 +11,8 @@ import asyncio
 import json
 import re
 import secrets
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from pushsvc.web import make_routes, web_dir
 
 from ..conftest import stack_env
 from ..procs import ROOT, Api, Proc, RedisServer
-from .conftest import serve_web
+from .conftest import WEB, serve_web
 
 ARTIFACTS = ROOT / "artifacts"
 expect.set_options(timeout=20_000)  # jobs take seconds; a shared 2-core machine, more
@@ -741,3 +743,184 @@ def test_done_follows_every_final_event(page: Page) -> None:
             [final, final, final],  # the kind's own handler first
             ["done", final, final],
         ], calls
+
+
+# ---- the console: place in line, waits and model telemetry ----
+
+WORDS = """
+async (cases) => {
+  const page = await import("/static/page.js");
+  const now = 1000;
+  return {
+    waits: cases.waits.map((w) => page.waitWords(w, now)),
+    lines: cases.lines.map(([pos, starts]) => page.lineWords(pos, starts)),
+    llm: cases.llm.map((t) => page.llmWords(t)),
+  };
+}
+"""
+TELEMETRY = {
+    "model": "gpt-4o-mini",
+    "ttft_s": 0.42,
+    "tokens_per_s": 85.3,
+    "prompt_tokens": 12,
+    "completion_tokens": 120,
+    "estimated": False,
+    "cost_usd": 0.0012,
+}
+
+
+def test_waits_places_and_telemetry_in_words(page: Page) -> None:
+    """page.js's words for the new fields (pushsvc submit --follow says the same)."""
+    serve_web(page)
+    cases = {
+        "waits": [
+            {"reason": "rate_limited", "until": 1012},
+            {"reason": "model_limit", "until": 1002.6},
+            {"reason": "tenant_limit", "until": None},
+            {"reason": "backoff", "until": 1004.2},
+            {"reason": "backoff", "until": 999},
+            {"reason": "backoff", "until": None},
+            {"reason": "rate_limited", "until": 1130},
+            None,
+        ],
+        "lines": [[3, 12], [1, None], [2, 0.2], [22, 95], [None, 5]],
+        "llm": [TELEMETRY, {**TELEMETRY, "estimated": True, "cost_usd": None}, None],
+    }
+    got = page.evaluate(WORDS, cases)
+    assert got["waits"] == [
+        "provider rate limit, retrying in 12 s",
+        "model limit, starts in 3 s",
+        "your running-job limit is reached",
+        "retrying in 5 s",
+        "retrying now",
+        "retrying soon",
+        "provider rate limit, retrying in 2 min",
+        "",
+    ]
+    assert got["lines"] == [
+        "3rd in line, starts in ~12 s",
+        "next in line",
+        "2nd in line, starts any moment",
+        "22nd in line, starts in ~2 min",
+        "",
+    ]
+    assert got["llm"] == [
+        "gpt-4o-mini · first token 420 ms · 85 tok/s · 12 in + 120 out tokens · $0.0012",
+        "gpt-4o-mini · first token 420 ms · 85 tok/s · ~12 in + ~120 out tokens",
+        "",
+    ]
+
+
+def _frame(kind: str, data: dict[str, Any], event_id: str | None) -> str:
+    head = f"id: {event_id}\n" if event_id else ""  # a `queue` event has no id
+    return f"{head}event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def _queued(job_id: str, seq: int, **fields: Any) -> dict[str, Any]:
+    job = {"job_id": job_id, "seq": seq, "ts": time.time(), "id": job_id, "type": "generate"}
+    job |= {"status": "queued", "progress": 0, "output": "", "attempt": 1, "max_attempts": 3}
+    job |= {"created_at": time.time(), "queue_position": None, "starts_in_s": None}
+    job |= {"waiting": None, "llm": None, "error": None, "result": None}
+    return job | fields
+
+
+def test_console_shows_place_in_line_waits_and_telemetry(page: Page) -> None:
+    """The console against a fake API whose stream brings the new fields: a queued job's
+    place (moved by a `queue` event), each wait in words counting down, and a running
+    job's model telemetry."""
+    ids = [str(uuid.uuid4()) for _ in range(5)]
+    inline, limited, modelled, capped, running = ids
+    now = time.time()
+    frames = [
+        _frame("snapshot", _queued(inline, 1, queue_position=3, starts_in_s=12), "1"),
+        _frame(
+            "queue",
+            {"job_id": inline, "seq": 1, "ts": now, "queue_position": 2, "starts_in_s": 8},
+            None,
+        ),
+        _frame(
+            "snapshot",
+            _queued(limited, 4, waiting={"reason": "rate_limited", "until": now + 30}),
+            "2",
+        ),
+        _frame(
+            "snapshot",
+            _queued(modelled, 2, waiting={"reason": "model_limit", "until": now + 2}),
+            "3",
+        ),
+        _frame(
+            "snapshot", _queued(capped, 2, waiting={"reason": "tenant_limit", "until": None}), "4"
+        ),
+        _frame(
+            "snapshot",
+            _queued(running, 9, status="running", progress=40, output="The tide", llm=TELEMETRY),
+            "5",
+        ),
+    ]
+    body = "retry: 600000\n\n" + "".join(frames)
+    types = {"types": [{"name": "generate", "description": "", "payload_schema": {}}]}
+    page.add_init_script(f"localStorage.setItem('pushsvc.jobs', '{json.dumps(ids)}')")
+    serve_web(
+        page,
+        {
+            "/": lambda route: route.fulfill(
+                body=(WEB / "index.html").read_text(), content_type="text/html"
+            ),
+            "/v1/job-types": lambda route: route.fulfill(json=types),
+            "/v1/events": lambda route: route.fulfill(body=body, content_type="text/event-stream"),
+        },
+    )
+    expect(card(page, inline).locator(".line")).to_have_text("2nd in line, starts in ~8 s")
+    expect(card(page, inline).locator(".stage")).to_have_text("")
+    limited_line = card(page, limited).locator(".line")
+    expect(limited_line).to_have_text(re.compile(r"^provider rate limit, retrying in (29|30) s$"))
+    expect(card(page, capped).locator(".line")).to_have_text("your running-job limit is reached")
+    expect(card(page, running).locator(".llm")).to_have_text(
+        "gpt-4o-mini · first token 420 ms · 85 tok/s · 12 in + 120 out tokens · $0.0012"
+    )
+    expect(card(page, running).locator(".line")).to_be_hidden()
+    expect(card(page, inline).locator(".llm")).to_be_hidden()
+    shoot(page, "console-waits.png")
+    # Counting down between events: the model limit's 2 s run out.
+    modelled_line = card(page, modelled).locator(".line")
+    expect(modelled_line).to_have_text(re.compile(r"^model limit, starts in [12] s$"))
+    expect(modelled_line).to_have_text("model limit, starts now", timeout=5_000)
+
+
+@pytest.fixture(scope="module")
+def llm_web(redis_server: RedisServer, model_url: str) -> Iterator[Api]:
+    """A keyless API and a worker on the offline model."""
+    env = console_env(
+        redis_server.url,
+        f"wl{secrets.token_hex(3)}",
+        llm_base_url=model_url,
+        llm_api_key="offline",
+        llm_model="fake-1",
+    )
+    worker = Proc(["worker"], env).start()
+    api = Api([], env).start()
+    yield api
+    api.stop()
+    worker.stop()
+
+
+@pytest.mark.timeout(90)
+def test_console_counts_down_to_a_retry(llm_web: Api, page: Page) -> None:
+    """The model answers 429 with a 6 s retry hint: the card says the attempt failed and
+    counts down to the next one, which then streams the answer."""
+    page.goto(llm_web.url)
+    expect(page.locator("#job-type")).to_be_enabled()
+    page.select_option("#job-type", "generate")
+    page.fill("#f-prompt", f"[[fault:429:times=1:after=6]] {secrets.token_hex(4)} [[tokens:12]]")
+    page.get_by_role("button", name="Submit job").click()
+    the_card = page.locator(".card").first
+    line = the_card.locator(".line")
+    expect(line).to_have_text(re.compile(r"retrying in [1-9]\d* s$"))
+    expect(the_card.locator(".outcome")).to_contain_text("Attempt 1 failed")
+    first = int(re.findall(r"(\d+) s$", line.text_content() or "")[0])
+    expect(line).not_to_have_text(re.compile(rf"retrying in {first} s$"))  # it counts down
+    expect(the_card.locator(".badge")).to_have_text("completed", timeout=40_000)
+    expect(line).to_be_hidden()
+    job = get_job(llm_web, the_card.get_attribute("data-job-id") or "")
+    if job.get("llm"):  # telemetry, where the worker reports it
+        expect(the_card.locator(".llm")).to_contain_text(job["llm"]["model"])

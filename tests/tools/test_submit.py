@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pushsvc.tools.submit import submit_command
+from pushsvc.tools.submit import job_note, line_words, llm_words, submit_command, wait_words
 
 from ..procs import ROOT
 
@@ -109,3 +109,67 @@ async def test_pushsvc_submit_follow_prints_text_as_it_arrives(stack: dict[str, 
     out = seen.decode()
     text = "".join(f"<{i}>".ljust(8, ".") for i in range(30))
     assert out.count(text) == 1, out  # whole, once
+
+
+def test_waits_places_and_telemetry_in_the_consoles_words() -> None:
+    """The words of web/page.js (tests/browser/test_web.py checks the same cases there)."""
+    waits = [
+        {"reason": "rate_limited", "until": 1012},
+        {"reason": "model_limit", "until": 1002.6},
+        {"reason": "tenant_limit", "until": None},
+        {"reason": "backoff", "until": 1004.2},
+        {"reason": "backoff", "until": 999},
+        {"reason": "backoff", "until": None},
+        {"reason": "rate_limited", "until": 1130},
+        None,
+    ]
+    assert [wait_words(w, 1000) for w in waits] == [
+        "provider rate limit, retrying in 12 s",
+        "model limit, starts in 3 s",
+        "your running-job limit is reached",
+        "retrying in 5 s",
+        "retrying now",
+        "retrying soon",
+        "provider rate limit, retrying in 2 min",
+        "",
+    ]
+    lines = [(3, 12), (1, None), (2, 0.2), (22, 95), (None, 5)]
+    assert [line_words(p, s) for p, s in lines] == [
+        "3rd in line, starts in ~12 s",
+        "next in line",
+        "2nd in line, starts any moment",
+        "22nd in line, starts in ~2 min",
+        "",
+    ]
+    llm = {
+        "model": "gpt-4o-mini",
+        "ttft_s": 0.42,
+        "tokens_per_s": 85.3,
+        "prompt_tokens": 12,
+        "completion_tokens": 120,
+        "estimated": False,
+        "cost_usd": 0.0012,
+    }
+    assert llm_words(llm) == (
+        "gpt-4o-mini · first token 420 ms · 85 tok/s · 12 in + 120 out tokens · $0.0012"
+    )
+    estimated = llm_words({**llm, "estimated": True, "cost_usd": None})
+    assert estimated == "gpt-4o-mini · first token 420 ms · 85 tok/s · ~12 in + ~120 out tokens"
+    # The bar's note: the place in line counts down from when it was told.
+    queued = {"status": "queued", "queue_position": 3, "starts_in_s": 12.0, "waiting": None}
+    assert job_note(queued, now=1004, line_at=1000) == "3rd in line, starts in ~8 s"
+    waiting = {**queued, "waiting": {"reason": "backoff", "until": 1010}}
+    assert job_note(waiting, now=1004, line_at=1000) == "retrying in 6 s"
+
+
+def test_submit_follow_says_a_retry_wait(
+    stack: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A retryable failure: the wait before the next attempt is said in words."""
+    payload = '{"steps": 3, "interval_ms": 10, "fail_at_step": 2, "fail_retryable": true, '
+    payload += '"fail_attempts": 1}'
+    code = submit_command(TICKER, payload, True, stack["api"].url, "key-a")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert re.search(r"^retrying (now|in \d+ s)$", out, re.MULTILINE), out
+    assert "completed" in out
