@@ -89,12 +89,22 @@ def fake_llm(
     answer_tokens: Annotated[
         int, typer.Option(min=1, max=100_000, help="words in an answer no [[tokens:N]] sets")
     ] = 40,
+    rpm: Annotated[
+        int, typer.Option(min=0, help="requests per window before it answers 429 (0: no limit)")
+    ] = 0,
+    rpm_window_s: Annotated[
+        float, typer.Option(min=0.1, help="the window --rpm counts over, in seconds")
+    ] = 60.0,
+    reuse_port: Annotated[
+        bool, typer.Option(help="share the port with other fake-llm processes (SO_REUSEPORT)")
+    ] = False,
 ) -> None:
     """An offline OpenAI-compatible model: deterministic text, faults on request."""
-    from .tools.fakellm import run_fake_llm
+    from .tools.fakellm import RequestWindow, run_fake_llm
 
     _setup_logging(build_settings())
-    run_fake_llm(host, port, tokens_per_s, answer_tokens)
+    window = RequestWindow(rpm, rpm_window_s) if rpm else None
+    run_fake_llm(host, port, tokens_per_s, answer_tokens, window, reuse_port)
 
 
 @cli.command()
@@ -117,7 +127,10 @@ def submit(
 def bench(
     scenario: Annotated[
         str,
-        typer.Argument(help="fanout | push-vs-poll | throughput | scaleout | chaos | neighbours"),
+        typer.Argument(
+            help="fanout | push-vs-poll | throughput | scaleout | chaos | neighbours"
+            " | fairness | model-limits | queue-cost"
+        ),
     ],
     url: Annotated[
         str | None,
@@ -131,12 +144,21 @@ def bench(
     jobs: Annotated[int | None, typer.Option(help="jobs")] = None,
     workers: Annotated[int | None, typer.Option(help="worker processes")] = None,
     clients: Annotated[int | None, typer.Option(help="clients or submitters")] = None,
-    duration: Annotated[float | None, typer.Option(help="seconds measured")] = None,
-    rate: Annotated[float | None, typer.Option(help="events per second per job")] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="seconds measured (model-limits: the limit's window)")
+    ] = None,
+    rate: Annotated[
+        float | None,
+        typer.Option(help="events per second per job (model-limits: the model's requests/s)"),
+    ] = None,
     per_client: Annotated[
         int | None, typer.Option(help="jobs each client watches (push-vs-poll)")
     ] = None,
     minutes: Annotated[float | None, typer.Option(help="minutes of faults (chaos)")] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="fanout: also a peer server, in the same run (broadcaster)"),
+    ] = None,
 ) -> None:
     """Load-test a stack (its own, unless given --url) and print the figures."""
     options = {
@@ -148,6 +170,7 @@ def bench(
         "rate": rate,
         "per_client": per_client,
         "minutes": minutes,
+        "baseline": baseline,
     }
     raise typer.Exit(_run_bench(scenario, url, as_json, options))
 

@@ -25,6 +25,8 @@ MAX_DIRECTIVE = 100_000  # tokens and rate: keeps a typo from building a huge an
 #   [[finish:R]]   end with finish_reason R: stop, length, content_filter (the text stays
 #                  whole), or none (no finish_reason at all; the stream still ends with [DONE])
 #   [[no_usage]]   send no usage, as servers without ``stream_options`` do
+#   [[stamp]]      in a stream, end each content piece with the server's clock when it was
+#                  written (``<t:EPOCH_MS>``, see STAMP): benches measure token -> client
 #   [[fault:SPEC]] where SPEC is NAME[:after=S][:times=K][:at=N], NAME one of FAULTS below;
 #   ``after`` is a 429's retry hint (Retry-After, or "try again in S s" inside a stream),
 #   ``times`` fails only the first K requests with that SPEC + message, ``at`` is how many
@@ -41,13 +43,15 @@ MAX_DIRECTIVE = 100_000  # tokens and rate: keeps a typo from building a huge an
 #   malformed             a JSON answer cut to a prefix that never parses (the stream is fine)
 # Without ``stream``: stream_NNN answers status NNN, truncate a whole answer of ``at`` tokens
 # with finish_reason null, bad_chunk a 200 whose body is not JSON.
-_DIRECTIVE = re.compile(r"\[\[(tokens|rate|fault|finish|no_usage)(?::([^\]]*))?\]\]")
+_DIRECTIVE = re.compile(r"\[\[(tokens|rate|fault|finish|no_usage|stamp)(?::([^\]]*))?\]\]")
 _KEYS_LINE = re.compile(r"^[ \t]*JSON keys:[ \t]*(.*)$", re.MULTILINE)
 STATUS_FAULTS = frozenset({"400", "401", "429", "500", "503"})
 STREAM_ERROR_FAULTS = frozenset(f"stream_{status}" for status in STATUS_FAULTS)
 CUT_FAULTS = STREAM_ERROR_FAULTS | {"drop", "truncate", "bad_chunk"}
 FAULTS = STATUS_FAULTS | CUT_FAULTS | {"stall", "malformed"}
 FINISHES = frozenset({"stop", "length", "content_filter", "none"})
+# A write time in a streamed piece ([[stamp]]): epoch milliseconds, to the microsecond.
+STAMP = re.compile(r"<t:(\d+\.\d{3})>")
 
 VOCAB = (
     "the quick model writes plain words for tests while jobs wait and browsers listen "
@@ -87,6 +91,7 @@ class Ask:
     fault: Fault | None
     finish: str | None = None  # [[finish:R]]
     no_usage: bool = False
+    stamp: bool = False  # [[stamp]]
 
 
 def parse_fault(spec: str) -> Fault:
@@ -184,7 +189,18 @@ def read_ask(
         fault=parse_fault(fault_spec) if fault_spec else None,
         finish=_finish(directives.get("finish")),
         no_usage="no_usage" in directives,
+        stamp="stamp" in directives,
     )
+
+
+def stamped(piece: str, now_s: float) -> str:
+    """``piece`` carrying its write time ``now_s`` (epoch seconds) as a STAMP."""
+    return f"{piece}<t:{now_s * 1000:.3f}>"
+
+
+def stamps(text: str) -> list[float]:
+    """The write times (epoch seconds) of the stamped pieces in ``text``, in order."""
+    return [float(ms) / 1000 for ms in STAMP.findall(text)]
 
 
 def words(seed: str, count: int) -> list[str]:

@@ -10,7 +10,9 @@ import json
 import logging
 import math
 import secrets
+import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -32,6 +34,7 @@ from .fakeask import (
     InvalidAsk,
     answer,
     read_ask,
+    stamped,
 )
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,16 @@ class Counters:
     open_streams: int = 0
     completed_streams: int = 0
     disconnects: int = 0  # responses whose client left before the server finished
+
+
+@dataclass
+class LimitCounters:
+    """What the server's own limit (``--rpm``) did, and how busy it got (``/_fake/limits``)."""
+
+    rate_limited: int = 0  # 429s of the limit
+    peak_streams: int = 0  # the most streams open at once
+    first_at: float = 0.0  # when the first and the last request were admitted (epoch s)
+    last_at: float = 0.0
 
 
 def openai_error_body(
@@ -153,7 +166,8 @@ async def _content(
         if i == len(pieces) // 2 and i > 0:
             yield writer.delta({})  # real servers send these, clients must skip them
         last = i == len(pieces) - 1
-        yield writer.delta({"content": piece}, finish if last else None)
+        text = stamped(piece, time.time()) if ask.stamp else piece
+        yield writer.delta({"content": text}, finish if last else None)
         if ask.fault is not None and ask.fault.name == "stall" and i == 0:
             await anyio.sleep(STALL_S)
 
@@ -176,13 +190,21 @@ class CompletionStream(StreamingResponse):
     connection, which the client sees as a connection error (the ``drop`` fault).
     """
 
-    def __init__(self, frames: AsyncIterator[bytes], stats: Counters, complete: bool) -> None:
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        stats: Counters,
+        complete: bool,
+        peaks: LimitCounters | None = None,
+    ) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         super().__init__(frames, media_type="text/event-stream", headers=headers)
-        self.stats, self.complete = stats, complete
+        self.stats, self.complete, self.peaks = stats, complete, peaks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.stats.open_streams += 1
+        if self.peaks is not None:
+            self.peaks.peak_streams = max(self.peaks.peak_streams, self.stats.open_streams)
         finished = False
         try:
             # Own the disconnect watch: ASGI 2.4 servers only report it on a failed send,
@@ -222,12 +244,39 @@ class CutResponse(JSONResponse):
         await send({"type": "http.response.body", "body": half, "more_body": True})
 
 
+class RequestWindow:
+    """The server's own limit (``--rpm``), as strict as a provider's can be: at most
+    ``limit`` requests in any ``window_s`` (a sliding window); past it, 429 with the time
+    until the oldest leaves the window as Retry-After."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit, self.window_s = limit, window_s
+        self.times: deque[float] = deque()
+
+    def admit(self, now: float) -> float:
+        """0 when the request is admitted (and counted), else the seconds to wait."""
+        while self.times and self.times[0] <= now - self.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.limit:
+            return self.times[0] + self.window_s - now
+        self.times.append(now)
+        return 0.0
+
+
 class FakeLLM:
     """The server's state (stats, fault counters) and its endpoints."""
 
-    def __init__(self, tokens_per_s: float, api_key: str | None, answer_tokens: int) -> None:
+    def __init__(
+        self,
+        tokens_per_s: float,
+        api_key: str | None,
+        answer_tokens: int,
+        window: RequestWindow | None = None,
+    ) -> None:
         self.tokens_per_s, self.api_key = tokens_per_s, api_key
         self.answer_tokens = answer_tokens
+        self.window = window
+        self.limits = LimitCounters()
         self.stats = Counters()
         self.fault_hits: dict[str, int] = {}  # times=K: requests seen per (spec, message) hash
 
@@ -257,10 +306,18 @@ class FakeLLM:
     async def stats_view(self, request: Request) -> Response:
         return JSONResponse(asdict(self.stats))
 
+    async def limits_view(self, request: Request) -> Response:
+        return JSONResponse(asdict(self.limits))
+
     async def chat(self, request: Request) -> Response:
         self.stats.requests += 1
         if (denied := self._denied(request)) is not None:
             return denied
+        if self.window is not None and (wait := self.window.admit(time.monotonic())) > 0:
+            self.limits.rate_limited += 1
+            return openai_error_response(429, retry_after=math.ceil(wait * 1000) / 1000)
+        self.limits.first_at = self.limits.first_at or time.time()
+        self.limits.last_at = time.time()
         try:
             body = json.loads(await request.body())
             ask = read_ask(
@@ -278,7 +335,8 @@ class FakeLLM:
         pieces, finish = answer(ask, malformed=fault is not None and fault.name == "malformed")
         if ask.stream:
             drop = fault is not None and fault.name == "drop"
-            return CompletionStream(stream_frames(ask, pieces, finish), self.stats, not drop)
+            frames = stream_frames(ask, pieces, finish)
+            return CompletionStream(frames, self.stats, not drop, self.limits)
         return await self._whole(request, ask, pieces, finish)
 
     async def _whole(
@@ -308,16 +366,21 @@ class FakeLLM:
 
 
 def create_fake_llm_app(
-    tokens_per_s: float = 50.0, api_key: str | None = None, answer_tokens: int = DEFAULT_TOKENS
+    tokens_per_s: float = 50.0,
+    api_key: str | None = None,
+    answer_tokens: int = DEFAULT_TOKENS,
+    window: RequestWindow | None = None,
 ) -> Starlette:
     """The offline model as an ASGI app; ``api_key`` makes it require ``Bearer <key>``;
-    ``answer_tokens``: the length of an answer no ``[[tokens:N]]`` sets."""
-    fake = FakeLLM(tokens_per_s, api_key, answer_tokens)
+    ``answer_tokens``: the length of an answer no ``[[tokens:N]]`` sets; ``window``: its
+    own request limit (429 past it, counted in ``/_fake/limits``)."""
+    fake = FakeLLM(tokens_per_s, api_key, answer_tokens, window)
     app = Starlette(
         routes=[
             Route("/v1/models", fake.models, methods=["GET"]),
             Route("/v1/chat/completions", fake.chat, methods=["POST"]),
             Route("/_fake/stats", fake.stats_view, methods=["GET"]),
+            Route("/_fake/limits", fake.limits_view, methods=["GET"]),
         ]
     )
     app.state.fake = fake
@@ -325,17 +388,33 @@ def create_fake_llm_app(
 
 
 def run_fake_llm(
-    host: str, port: int, tokens_per_s: float, answer_tokens: int = DEFAULT_TOKENS
+    host: str,
+    port: int,
+    tokens_per_s: float,
+    answer_tokens: int = DEFAULT_TOKENS,
+    window: RequestWindow | None = None,
+    reuse_port: bool = False,
 ) -> None:
-    """Serve the offline model until interrupted (blocking)."""
+    """Serve the offline model until interrupted (blocking). ``reuse_port``: bind with
+    SO_REUSEPORT, so several processes share the port and the kernel spreads connections
+    over them (a bench's model must not be its bottleneck)."""
     import uvicorn
 
-    # A stalled stream whose client never leaves would otherwise hold shutdown for an hour.
-    uvicorn.run(
-        create_fake_llm_app(tokens_per_s, answer_tokens=answer_tokens),
+    config = uvicorn.Config(
+        create_fake_llm_app(tokens_per_s, answer_tokens=answer_tokens, window=window),
         log_config=None,  # logging is configured by the CLI (structured, redacted)
         host=host,
         port=port,
         log_level="info",
+        # A stalled stream whose client never leaves would otherwise hold shutdown for an hour.
         timeout_graceful_shutdown=2,
     )
+    server = uvicorn.Server(config)
+    if not reuse_port:
+        server.run()
+        return
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    with sock:
+        server.run(sockets=[sock])

@@ -19,6 +19,7 @@ import uvicorn
 from openai.types.chat import ChatCompletionChunk
 from starlette.applications import Starlette
 
+from pushsvc.tools.fakeask import STAMP, stamps
 from pushsvc.tools.fakellm import create_fake_llm_app
 
 from ..procs import wait_until
@@ -514,3 +515,22 @@ async def test_bad_new_directives_are_refused(llm: openai.AsyncOpenAI) -> None:
         await ask(llm, fresh("[[finish:maybe]]"))
     with pytest.raises(openai.BadRequestError, match="bad fault option"):
         await ask(llm, fresh("[[fault:truncate:at=x]]"))
+
+
+@pytest.mark.timeout(20)
+async def test_stamp_ends_each_streamed_piece_with_its_write_time(
+    llm: openai.AsyncOpenAI,
+) -> None:
+    text = fresh("[[tokens:6]]")
+    before = time.time()
+    received = await chunks(llm, f"{text} [[stamp]]")
+    after = time.time()
+
+    pieces = [c.choices[0].delta.content for c in received if c.choices[0].delta.content]
+    written = [stamps(p) for p in pieces]
+    assert all(len(w) == 1 for w in written)  # one stamp a piece, at its end
+    times = [w[0] for w in written]
+    assert before <= times[0] and times == sorted(times) and times[-1] <= after
+    # The words stay those of the unstamped answer: the stamp only follows each piece.
+    assert STAMP.sub("", joined(received)) == await ask(llm, text)
+    assert stamps(await ask(llm, f"{text} [[stamp]]")) == []  # streams only

@@ -20,10 +20,15 @@ from rich.table import Table
 
 from ...guard import is_loopback
 from .chaos import chaos_command
-from .load import Options, fanout, scaleout, throughput
+from .fairness import fairness
+from .load import Options, fanout, fanout_beside, scaleout, throughput
+from .model_limits import model_limits
 from .neighbours import neighbours
 from .push_poll import push_vs_poll
-from .stack import BenchError, Target, attach, own_stack
+from .queue_cost import queue_cost
+from .stack import BASELINES, BenchError, Target, attach, own_stack, own_stack_with_baseline
+from .token_latency import token_latency
+from .worker_load import workers
 
 DEFAULTS: dict[str, dict[str, float]] = {
     "fanout": {"streams": 1000, "jobs": 20, "workers": 1, "duration_s": 20, "rate": 1},
@@ -32,6 +37,16 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "scaleout": dict(jobs=3000, workers=2, clients=32, streams=1000, duration_s=20, rate=1),
     "chaos": {"minutes": 2},  # its own stack and report: chaos.py
     "neighbours": dict(streams=300, clients=300, jobs=4000, workers=1, duration_s=10),
+    # duration_s: one job's length (a worker slot's time); fairness.py
+    "fairness": dict(jobs=3000, workers=1, clients=32, duration_s=1),
+    # rate: the model's requests a second, counted over duration_s (60 rpm); model_limits.py
+    "model-limits": dict(jobs=120, workers=2, rate=1, duration_s=60),
+    # rate: attempt starts a second while the line moves; queue_cost.py
+    "queue-cost": dict(jobs=10000, streams=100, per_client=100, rate=10, duration_s=20),
+    # streams: watchers in all; rate: the model's tokens/s per job for duration_s; tokens.py
+    "token-latency": dict(jobs=100, streams=1000, rate=50, duration_s=10),
+    # jobs: the last step (25, 50, 100, 200, 300 before it), all in one worker; worker_load.py
+    "workers": dict(jobs=500, rate=30, duration_s=20),
 }
 LIMITS = dict(
     streams=20000,
@@ -93,6 +108,11 @@ SCENARIOS: dict[str, Callable[[Target, Options, Console], Awaitable[dict[str, An
     "throughput": throughput,
 }
 
+TOKEN_PATH: dict[str, Callable[[Options, Console], dict[str, Any]]] = {
+    "token-latency": token_latency,
+    "workers": workers,
+}
+
 
 async def run_scenario(
     name: str, target: Target, o: Options, log: Console, own: bool
@@ -113,10 +133,50 @@ def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict
     }
     if scenario == "neighbours":  # its own stack: three tenants (neighbours.py)
         return {**head, **neighbours(urls, o, log)}
+    if scenario == "fairness":  # its own stacks: two tenants, fair share on and off
+        if urls is not None:
+            raise BenchError("fairness runs on its own stacks (no --url)")
+        return {**head, **fairness(o, log)}
+    if scenario == "model-limits":  # its own stack: a rate-limited model (model_limits.py)
+        if urls is not None:
+            raise BenchError("model-limits runs on its own stack (no --url)")
+        return {**head, **model_limits(o, log)}
+    if scenario == "queue-cost":  # its own stack: no worker while the jobs queue up
+        if urls is not None:
+            raise BenchError("queue-cost runs on its own stack (no --url)")
+        return {**head, **queue_cost(o, log)}
+    if scenario in TOKEN_PATH:  # its own stack: a model that stamps its tokens (tokens.py)
+        if urls is not None:
+            raise BenchError(f"{scenario} runs on its own stack (no --url)")
+        return {**head, **TOKEN_PATH[scenario](o, log)}
     if urls is not None:
         return {**head, **asyncio.run(run_scenario(scenario, attach(urls), o, log, own=False))}
     with own_stack(2 if scenario == "scaleout" else 1, o.workers, log) as target:
         return {**head, **asyncio.run(run_scenario(scenario, target, o, log, own=True))}
+
+
+def check_baseline(name: str | None, scenario: str, urls: list[str] | None, o: Options) -> None:
+    """``--baseline``: a known peer, for fanout on its own stack, two streams at least."""
+    if name is None:
+        return
+    if name not in BASELINES:
+        raise BenchError(f"unknown baseline {name!r}: one of {', '.join(BASELINES)}")
+    if scenario != "fanout" or urls is not None:
+        raise BenchError("--baseline runs with fanout, on its own stack (no --url)")
+    if o.streams < 2:
+        raise BenchError("--baseline splits the streams between two servers: 2 at least")
+
+
+def run_beside(name: str, o: Options, log: Console) -> dict[str, Any]:
+    """fanout on a private stack, half its streams to pushsvc's API and half to the
+    baseline server ``name`` at once: the same jobs, load and noise for both (load.py)."""
+    head = {
+        "scenario": "fanout",
+        "stack": "own",
+        "params": {**{k: getattr(o, k) for k in DEFAULTS["fanout"]}, "baseline": name},
+    }
+    with own_stack_with_baseline(name, o.workers, log) as (target, peer):
+        return {**head, **asyncio.run(fanout_beside(target, peer, name, o, log))}
 
 
 def _rows(result: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -155,11 +215,15 @@ def _rounded(value: Any) -> Any:
 
 def bench_command(scenario: str, url: str | None, as_json: bool, options: dict[str, Any]) -> int:
     """``pushsvc bench``: the table (on stderr with --json) and, with --json, one JSON
-    object on stdout. Options: streams, jobs, workers, clients, duration_s, rate, minutes."""
+    object on stdout. Options: streams, jobs, workers, clients, duration_s, rate, minutes;
+    baseline (fanout): a peer server measured in the same run."""
     log = Console(stderr=True)
+    options = dict(options)
+    baseline = options.pop("baseline", None)
     try:
         opts = parse_options(scenario, options)
         urls = parse_urls(url)
+        check_baseline(baseline, scenario, urls, opts)
         raise_fd_limit(opts.streams + opts.clients + 200)
     except BenchError as exc:
         log.print(f"pushsvc bench: {exc}", markup=False)
@@ -167,7 +231,10 @@ def bench_command(scenario: str, url: str | None, as_json: bool, options: dict[s
     if scenario == "chaos":
         return chaos_command(opts.minutes, urls, as_json, log)
     try:
-        result = run(scenario, urls, opts, log)
+        if baseline is None:
+            result = run(scenario, urls, opts, log)
+        else:
+            result = run_beside(baseline, opts, log)
     except (BenchError, httpx.HTTPError, psutil.Error, OSError) as exc:
         log.print(f"pushsvc bench {scenario} failed: {exc}", markup=False)
         return 1

@@ -11,37 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 from rich.console import Console
 
-from ..procs import free_port, spawn, stop_all, wait_until
+from ..procs import wait_until
 from .clients import http_client
 from .load import Options, pct, ratio
-from .stack import BenchError, _private_redis, stack_env, start_api, workers_seen
+from .stack import BenchError, private, stack_env, workers_seen
 
 KEYS = {"bench-a": "tenant-a", "bench-b": "tenant-b"}
 
 
 @contextlib.contextmanager
 def _stack(o: Options, fair: bool, log: Console) -> Iterator[str]:
-    with contextlib.ExitStack() as stack:
-        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
-        redis_url, _ = stack.enter_context(_private_redis(workdir))
-        env = stack_env(redis_url, KEYS, fair_share=str(fair).lower())
-        procs: list[subprocess.Popen[bytes]] = []
-        stack.callback(stop_all, procs)
-        for i in range(o.workers):
-            procs.append(spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
-        port = free_port()
-        procs.append(start_api(port, env, Path(workdir, "api.log")))
-        url = f"http://127.0.0.1:{port}"
+    with private("fairness") as own:
+        env = stack_env(own.redis.url, KEYS, fair_share=str(fair).lower())
+        own.workers(o.workers, env)
+        url, _ = own.api(env)
         auth = {"Authorization": "Bearer bench-a"}
         wait_until(lambda: workers_seen(url, o.workers, auth), 30, f"{o.workers} workers up")
         log.print(f"bench: fair share {'on' if fair else 'off'}, API {url}, {o.workers} worker(s)")

@@ -126,12 +126,17 @@ def _fan_urls(target: Target, ids: list[str], n: int) -> list[str]:
 
 
 async def _open(
-    clients: Clients, urls: list[str], state: _Fan, tasks: list[asyncio.Task[None]]
+    clients: Clients,
+    urls: list[str],
+    state: _Fan,
+    tasks: list[asyncio.Task[None]],
+    first_client: int = 0,
 ) -> float:
+    """Open ``urls`` a batch at a time, as users ``first_client`` on of ``clients``."""
     started = time.monotonic()
     for at in range(0, len(urls), OPEN_BATCH):
         tasks += [
-            asyncio.create_task(_fan_stream(clients[i], urls[i], state))
+            asyncio.create_task(_fan_stream(clients[first_client + i], urls[i], state))
             for i in range(at, min(at + OPEN_BATCH, len(urls)))
         ]
         await until(partial(state.settled, len(tasks)), 30, f"{len(tasks)} streams opening")
@@ -172,8 +177,8 @@ async def _fan_window(
 
 async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
     """``o.streams`` streams over ``o.jobs`` tickers: delivery, latency, memory, CPU."""
-    warmup = min(2.0, max(0.5, o.duration_s / 4))
-    steps = math.ceil(o.rate * (30 * (1 + o.streams / OPEN_BATCH) + warmup + o.duration_s))
+    warmup = _warmup(o)
+    steps = _ticker_steps(o, warmup)
     state, tasks = _Fan(), list[asyncio.Task[None]]()
     async with http_client() as http, Clients(PER_CLIENT) as clients:
         ids = await tickers(http, target.urls, o.jobs, o.rate, steps)
@@ -203,6 +208,107 @@ async def fanout(target: Target, o: Options, log: Console) -> dict[str, Any]:
 def _own_cpu() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def _warmup(o: Options) -> float:
+    return min(2.0, max(0.5, o.duration_s / 4))
+
+
+def _ticker_steps(o: Options, warmup: float) -> int:
+    """Ticker steps enough for the streams to open (30 s a batch at worst) and the window."""
+    return math.ceil(o.rate * (30 * (1 + o.streams / OPEN_BATCH) + warmup + o.duration_s))
+
+
+# -- fanout beside a baseline server -----------------------------------------------
+
+
+@dataclass
+class _Side:
+    """One server's share of a side-by-side fanout: its streams and what they cost it."""
+
+    target: Target
+    urls: list[str]
+    state: _Fan = field(default_factory=_Fan)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    open_s: float = 0.0
+    rss0: int | None = None
+    rss: int | None = None
+    cpu0: float | None = None
+    cpu: float | None = None
+
+    def figures(self, elapsed: float) -> dict[str, Any]:
+        ms = [1000 * x for x in self.state.latencies]
+        return {
+            "streams": len(self.urls),
+            "open_s": self.open_s,
+            "events_delivered": len(ms),
+            "events_per_s": len(ms) / elapsed,
+            "latency_p50_ms": pct(ms, 0.5),
+            "latency_p99_ms": pct(ms, 0.99),
+            "cpu_s": self.cpu,
+            "cpu_us_per_event": ratio(self.cpu, len(ms), 1e6),
+            "streams_dropped": self.state.dropped,
+            "rss_before_bytes": self.rss0,
+            "rss_streams_bytes": self.rss,
+            "rss_per_stream_bytes": ratio(delta(self.rss, self.rss0), len(self.urls)),
+        }
+
+
+async def _measure_sides(sides: list[_Side], duration_s: float) -> float:
+    """Every side's CPU over one window of ``duration_s``, its events counted; the window's
+    length."""
+    for side in sides:
+        side.cpu0, side.state.measuring = cpu_seconds(side.target.pids), True
+    started = time.monotonic()
+    await asyncio.sleep(duration_s)
+    elapsed = time.monotonic() - started
+    for side in sides:
+        side.state.measuring = False
+        side.cpu = delta(cpu_seconds(side.target.pids), side.cpu0)
+    return elapsed
+
+
+async def fanout_beside(
+    target: Target, baseline: Target, name: str, o: Options, log: Console
+) -> dict[str, Any]:
+    """``o.streams`` streams over ``o.jobs`` tickers, half to pushsvc's API (one job's
+    stream each), half to the baseline server ``name``, on the same jobs, measured in
+    the same window: each server's own CPU and RSS per event, and their ratio."""
+    warmup, half = _warmup(o), o.streams // 2
+    async with http_client() as http, Clients(PER_CLIENT) as clients:
+        ids = await tickers(http, target.urls, o.jobs, o.rate, _ticker_steps(o, warmup))
+        base, peer = target.urls[0], baseline.urls[0]
+        sides = [
+            _Side(target, [f"{base}/v1/jobs/{ids[i % len(ids)]}/events" for i in range(half)]),
+            _Side(baseline, [f"{peer}/jobs/{ids[i % len(ids)]}/events" for i in range(half)]),
+        ]
+        try:
+            for side in sides:
+                side.rss0 = rss_bytes(side.target.pids)
+            for at, side in zip((0, half), sides, strict=True):
+                side.open_s = await _open(clients, side.urls, side.state, side.tasks, at)
+            log.print(f"bench: {half} streams open on each server; measuring")
+            await asyncio.sleep(warmup)
+            for side in sides:
+                side.rss = rss_bytes(side.target.pids)
+            own0 = _own_cpu()
+            elapsed = await _measure_sides(sides, o.duration_s)
+            own = _own_cpu() - own0
+        finally:
+            tasks = [t for side in sides for t in side.tasks]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await cancel_all(http, base, ids)
+    ours, theirs = sides[0].figures(elapsed), sides[1].figures(elapsed)
+    return {
+        "baseline": name,
+        "pushsvc": ours,
+        name: theirs,
+        "cpu_ratio": ratio(ours["cpu_us_per_event"], theirs["cpu_us_per_event"]),
+        "rss_ratio": ratio(ours["rss_per_stream_bytes"], theirs["rss_per_stream_bytes"]),
+        "client_cpu_s": own,  # the load generator's: near the window's length, it is the limit
+    }
 
 
 # -- throughput and scale-out -------------------------------------------------------

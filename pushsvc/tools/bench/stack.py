@@ -11,6 +11,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from ..procs import (
     StartFailed,
     embedded_valkey,
     free_port,
+    http_ok,
     spawn,
     stop_all,
     wait_serving,
@@ -73,6 +75,71 @@ def _private_redis(workdir: str) -> Iterator[tuple[str, int]]:
         redis.kill()
 
 
+OFFLINE_MODEL = "fake-1"  # the model name the benches' offline model answers as
+
+
+@dataclass
+class Private:
+    """A bench's own processes: a private ``redis-server``, the processes started beside
+    it, and the folder of their logs; all stopped when the bench's ``with`` ends."""
+
+    workdir: str
+    redis: RedisServer
+    procs: list[subprocess.Popen[bytes]]
+
+    def start(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
+        """``pushsvc <args>``, its output in ``<name>.log``."""
+        proc = spawn(args, env, Path(self.workdir, f"{name}.log"))
+        self.procs.append(proc)
+        return proc
+
+    def workers(self, count: int, env: dict[str, str]) -> None:
+        for i in range(count):
+            self.start(["worker"], env, f"worker{i}")
+
+    def model(self, options: list[str], processes: int = 1) -> tuple[str, list[int]]:
+        """``pushsvc fake-llm`` (``processes`` of them sharing a port when more than one),
+        once it answers: its base URL and pids."""
+        port = free_port()
+        serve = ["fake-llm", "--port", str(port), *options]
+        if processes > 1:
+            serve.append("--reuse-port")
+        env = stack_env(self.redis.url)
+        started = [self.start(serve, env, f"model{i}") for i in range(processes)]
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_ok(f"{url}/v1/models"), 30, "pushsvc fake-llm")
+        return url, [p.pid for p in started]
+
+    def model_env(self, model_url: str, **settings: str) -> dict[str, str]:
+        """The environment of processes that call the offline model at ``model_url``."""
+        llm = {"llm_base_url": f"{model_url}/v1", "llm_api_key": "offline"}
+        return stack_env(self.redis.url, None, **llm, llm_model=OFFLINE_MODEL, **settings)
+
+    def api(self, env: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
+        """``pushsvc api`` on a free port, once it is ready: its URL and process."""
+        port = free_port()
+        proc = start_api(port, env, Path(self.workdir, "api.log"))
+        self.procs.append(proc)
+        return f"http://127.0.0.1:{port}", proc
+
+
+@contextlib.contextmanager
+def private(what: str) -> Iterator[Private]:
+    """A private ``redis-server`` (from PATH: the benches read its CPU) and a place for the
+    processes a bench starts beside it."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise BenchError(f"the {what} bench needs redis-server on PATH")
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
+        redis = RedisServer(dir=workdir, exe=exe)
+        redis.start()
+        stack.callback(redis.kill)
+        procs: list[subprocess.Popen[bytes]] = []
+        stack.callback(stop_all, procs)
+        yield Private(workdir, redis, procs)
+
+
 def stack_env(
     redis_url: str, api_keys: Mapping[str, str] | None = None, **settings: str
 ) -> dict[str, str]:
@@ -113,9 +180,24 @@ def workers_seen(url: str, workers: int, headers: dict[str, str] | None = None) 
     return int(stats.get("workers", 0)) >= workers
 
 
+@dataclass
+class _Own:
+    env: dict[str, str]
+    workdir: str
+    procs: list[subprocess.Popen[bytes]]
+    redis_port: int
+
+    def apis(self, count: int) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        ports = [free_port() for _ in range(count)]
+        started = [start_api(p, self.env, Path(self.workdir, f"api{p}.log")) for p in ports]
+        self.procs += started
+        return [(f"http://127.0.0.1:{p}", proc) for p, proc in zip(ports, started, strict=True)]
+
+
 @contextlib.contextmanager
-def own_stack(apis: int, workers: int, log: Console) -> Iterator[Target]:
-    """A private Redis, ``apis`` API and ``workers`` worker processes; all stopped after."""
+def _own(workers: int) -> Iterator[_Own]:
+    """A private Redis (an embedded Valkey where there is no redis-server) and ``workers``
+    worker processes; what is started beside them is stopped with them."""
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="pushsvc-bench-"))
         redis_url, redis_port = stack.enter_context(_private_redis(workdir))
@@ -124,12 +206,18 @@ def own_stack(apis: int, workers: int, log: Console) -> Iterator[Target]:
         stack.callback(stop_all, procs)
         for i in range(workers):
             procs.append(spawn(["worker"], env, Path(workdir, f"worker{i}.log")))
-        ports = [free_port() for _ in range(apis)]
-        procs += [start_api(p, env, Path(workdir, f"api{p}.log")) for p in ports]
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        yield _Own(env, workdir, procs, redis_port)
+
+
+@contextlib.contextmanager
+def own_stack(apis: int, workers: int, log: Console) -> Iterator[Target]:
+    """A private Redis, ``apis`` API and ``workers`` worker processes; all stopped after."""
+    with _own(workers) as own:
+        started = own.apis(apis)
+        urls = [url for url, _ in started]
         wait_until(lambda: workers_seen(urls[0], workers), 30, f"{workers} workers up")
-        log.print(f"bench: Redis :{redis_port}, API {', '.join(urls)}, {workers} worker(s)")
-        yield Target(urls, [p.pid for p in procs[workers:]], redis_port)
+        log.print(f"bench: Redis :{own.redis_port}, API {', '.join(urls)}, {workers} worker(s)")
+        yield Target(urls, [proc.pid for _, proc in started], own.redis_port)
 
 
 def attach(urls: list[str]) -> Target:
@@ -182,3 +270,38 @@ async def scrape(http: httpx.AsyncClient, urls: list[str]) -> list[dict[str, int
         families = text_string_to_metric_families(text)
         out.append({s.name: int(s.value) for f in families for s in f.samples if not s.labels})
     return out
+
+
+# -- a peer beside the stack (fanout --baseline) ------------------------------------
+
+BASELINES = {"broadcaster": "pushsvc.tools.bench.baseline"}  # name -> its server's module
+
+
+def start_baseline(name: str, port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """The baseline server ``name`` (BASELINES) on ``port``, once it is ready; it reads
+    the stack's Redis and namespace from ``env``."""
+    command = [sys.executable, "-m", BASELINES[name], "--port", str(port)]
+    with log.open("ab") as out:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wait_serving(proc, f"http://127.0.0.1:{port}/readyz", 30, f"the {name} baseline", log)
+    return proc
+
+
+@contextlib.contextmanager
+def own_stack_with_baseline(
+    name: str, workers: int, log: Console
+) -> Iterator[tuple[Target, Target]]:
+    """As own_stack with one API, and the baseline server ``name`` on the same Redis and
+    namespace (the worker publishes to both): the API's target and the baseline's."""
+    with _own(workers) as own:
+        ((url, api),) = own.apis(1)
+        peer_port = free_port()
+        peer = start_baseline(name, peer_port, own.env, Path(own.workdir, f"{name}.log"))
+        own.procs.append(peer)
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        wait_until(lambda: workers_seen(url, workers), 30, f"{workers} workers up")
+        log.print(
+            f"bench: Redis :{own.redis_port}, API {url}, {name} {peer_url}, {workers} worker(s)"
+        )
+        port = own.redis_port
+        yield Target([url], [api.pid], port), Target([peer_url], [peer.pid], port)
