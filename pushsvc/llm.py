@@ -13,25 +13,19 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import httpx2
 import openai
-from openai.types.chat import ChatCompletionChunk
 
+from .answers import Answer, Completion
 from .backoff import Delays, EqualJitterBackoff
 from .errors import JobError
 from .model_limits import ModelLimiter, request_tokens
 from .settings import Settings
 from .telemetry import CallHooks, CallWatch, OnWait, Telemetry, price_of
-from .telemetry import estimate_tokens as estimate_chars
 
 logger = logging.getLogger(__name__)
-
-# finish_reason values that mean the answer was cut, not finished.
-CUT_REASONS = frozenset({"length", "content_filter"})
 
 # An HTTP status -> (error code, retryable). Errors sent inside a 200 stream are given
 # the status their type/code stands for (``_stream_status``) and mapped the same way.
@@ -69,7 +63,6 @@ _STREAM_WORDS: tuple[tuple[str, int], ...] = (
     ("unprocessable", 422),
 )
 _TRY_AGAIN = re.compile(r"try again in (\d+(?:\.\d+)?)\s*(ms|s)\b", re.IGNORECASE)
-_DONE = re.compile(rb"[\r\n]data: ?\[DONE\]")
 
 
 def _by_status(status: int) -> tuple[str, bool]:
@@ -140,115 +133,6 @@ def map_openai_errors() -> Iterator[None]:
         raise classify(exc) from exc
 
 
-class _EndWatch(httpx2.AsyncByteStream):
-    """A response body passed through unchanged, noting whether a ``data: [DONE]`` line
-    went by: the SDK ends its iteration at that line and at a body cut short alike."""
-
-    def __init__(self, body: httpx2.AsyncByteStream) -> None:
-        self.body = body
-        self.done = False
-        self._tail = b"\n"  # the body starts a line
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self.body:
-            if not self.done:
-                window = self._tail + chunk
-                self.done = _DONE.search(window) is not None
-                self._tail = window[-16:]
-            yield chunk
-
-    async def aclose(self) -> None:
-        await self.body.aclose()
-
-
-async def _watch_end(response: httpx2.Response) -> None:
-    """Response hook: watch the end of uncompressed event streams (a compressed one is
-    not watched, and then only a finish_reason says the answer is whole)."""
-    events = response.headers.get("content-type", "").startswith("text/event-stream")
-    plain = response.headers.get("content-encoding", "identity") == "identity"
-    if events and plain and isinstance(response.stream, httpx2.AsyncByteStream):
-        response.stream = _EndWatch(response.stream)
-
-
-@dataclass
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
-    estimated: bool = False  # the server sent no usage: counted from characters
-
-
-def estimate_tokens(text: str) -> int:
-    """Tokens in ``text`` when the server does not say: about 4 characters a token for
-    English with the common BPE vocabularies (no tokenizer that works offline for every
-    model)."""
-    return estimate_chars(len(text))
-
-
-@dataclass
-class Completion:
-    """What a finished stream gave: text, model, usage (may be estimated), finish reason."""
-
-    text: str = ""
-    model: str = ""
-    usage: Usage = field(default_factory=Usage)
-    finish_reason: str | None = None
-    telemetry: Telemetry = field(default_factory=dict)  # models.LLMTelemetry's fields
-
-    @property
-    def truncated(self) -> bool:
-        """The answer was cut (``length``, ``content_filter``), not finished."""
-        return self.finish_reason in CUT_REASONS
-
-
-@dataclass
-class _Reader:
-    """Reads one stream's chunks; malformed shapes raise ``ValueError``."""
-
-    done: Completion = field(default_factory=Completion)
-    parts: list[str] = field(default_factory=list)
-    chunks: int = 0
-
-    def add(self, chunk: ChatCompletionChunk) -> str:
-        """Take in one chunk; returns its text (often empty)."""
-        self.chunks += 1
-        choices = getattr(chunk, "choices", None) or []
-        if not isinstance(choices, list):
-            raise ValueError(f"a chunk's choices is {type(choices).__name__}, not a list")
-        # getattr: the SDK builds chunks without validating them, and servers leave out
-        # what they consider empty (a finish chunk without ``delta``).
-        self.done.model = getattr(chunk, "model", None) or self.done.model
-        if (usage := getattr(chunk, "usage", None)) is not None:
-            self.done.usage = Usage(
-                usage.prompt_tokens, usage.completion_tokens, usage.total_tokens
-            )
-        text = ""
-        for choice in choices:  # none in the final usage chunk
-            self.done.finish_reason = (
-                getattr(choice, "finish_reason", None) or self.done.finish_reason
-            )
-            delta = getattr(choice, "delta", None)
-            if delta is not None and getattr(delta, "content", None):
-                text += delta.content  # TypeError when it is not text
-        self.parts.append(text)
-        return text
-
-    def finish(self, saw_done: bool, prompt: str = "") -> Completion:
-        """The completion, or ``upstream_truncated`` when the stream just stopped."""
-        if self.done.finish_reason is None and not saw_done:
-            raise JobError(
-                f"the model's stream ended after {self.chunks} chunks without a "
-                "finish_reason or [DONE]: the answer was cut short",
-                code="upstream_truncated",
-                retryable=True,
-            )
-        self.done.text = "".join(self.parts)
-        if not self.done.usage.completion_tokens:  # servers that send no usage chunk
-            made, asked = estimate_tokens(self.done.text), estimate_tokens(prompt)
-            self.done.usage = Usage(asked, made, asked + made, estimated=True)
-        return self.done
-
-
 class LLM:
     """A configured client; one per worker process, closed with the worker."""
 
@@ -269,7 +153,6 @@ class LLM:
             base_url=settings.llm_base_url,
             max_retries=0,
             timeout=settings.llm_first_token_timeout_s,  # per read: the first token, a stall
-            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [_watch_end]}),
         )
 
     async def aclose(self) -> None:
@@ -375,47 +258,27 @@ class LLM:
     async def _stream(
         self, args: dict[str, Any], on_delta: Callable[[str], Awaitable[None]]
     ) -> Completion:
-        reader = _Reader()
+        answer = Answer(_prompt(args))
+        create = self.client.chat.completions.with_streaming_response.create
         try:
             async with asyncio.timeout(self.call_timeout_s):
                 with map_openai_errors():
-                    stream = await self.client.chat.completions.create(**args)
-                # ``async with``: a cancelled job closes the HTTP stream to the model at once.
-                async with stream:
-                    while (text := await _next(stream, reader)) is not None:
-                        if text:
-                            await on_delta(text)
+                    # ``async with``: a cancelled job closes the HTTP stream to the model at
+                    # once. The client makes the request; its body is read by answers.py.
+                    async with create(**args) as response:
+                        await answer.read(response.http_response, on_delta)
         except TimeoutError as exc:
             # Past the whole call's time: the same call would take as long again, unless
             # no token came at all (a server that is stuck, not slow).
             raise JobError(
                 f"the model call took longer than {self.call_timeout_s:g} s "
-                f"(PUSHSVC_LLM_TIMEOUT_S), after {reader.chunks} chunks",
+                f"(PUSHSVC_LLM_TIMEOUT_S), after {answer.chunks} chunks",
                 code="upstream_timeout",
-                retryable=reader.chunks == 0,
+                retryable=answer.chunks == 0,
             ) from exc
-        watch = stream.response.stream
-        return reader.finish(isinstance(watch, _EndWatch) and watch.done, _prompt(args))
+        return answer.finish()
 
 
 def _prompt(args: dict[str, Any]) -> str:
     """The request's messages as one text (what a usage estimate counts)."""
     return "\n".join(str(m.get("content", "")) for m in args["messages"])
-
-
-async def _next(stream: openai.AsyncStream[ChatCompletionChunk], reader: _Reader) -> str | None:
-    """The next chunk's text, or None at the end of the stream."""
-    with map_openai_errors():
-        try:
-            return reader.add(await stream.__anext__())
-        except StopAsyncIteration:
-            return None
-        except (ValueError, TypeError, AttributeError) as exc:
-            # The SDK lets a chunk that is not JSON out as JSONDecodeError; a JSON chunk of
-            # the wrong shape fails in ``_Reader.add``.
-            raise JobError(
-                f"the model sent a malformed chunk after {reader.chunks} chunks: "
-                f"{type(exc).__name__}: {exc}"[:500],
-                code="upstream_malformed",
-                retryable=True,
-            ) from exc

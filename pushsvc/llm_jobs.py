@@ -14,11 +14,11 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from .answers import Completion
 from .backoff import FullJitterBackoff, floored
 from .context import JobContext
 from .errors import JobError
 from .jobs import job_type
-from .llm import Completion
 from .progress import Gauge
 from .telemetry import Telemetry, Totals, price_of
 
