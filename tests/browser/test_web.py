@@ -28,6 +28,7 @@ from pushsvc.jobs import JobContext, job_type
 from pushsvc.web import make_routes, web_dir
 
 from ..conftest import stack_env
+from ..golden import WORDS
 from ..procs import ROOT, Api, Proc, RedisServer
 from .conftest import WEB, serve_web
 
@@ -747,10 +748,10 @@ def test_done_follows_every_final_event(page: Page) -> None:
 
 # ---- the console: place in line, waits and model telemetry ----
 
-WORDS = """
+WORDS_JS = """
 async (cases) => {
   const page = await import("/static/page.js");
-  const now = 1000;
+  const now = 1000;  // words.json's
   return {
     waits: cases.waits.map((w) => page.waitWords(w, now)),
     lines: cases.lines.map(([pos, starts]) => page.lineWords(pos, starts)),
@@ -758,57 +759,17 @@ async (cases) => {
   };
 }
 """
-TELEMETRY = {
-    "model": "gpt-4o-mini",
-    "ttft_s": 0.42,
-    "tokens_per_s": 85.3,
-    "prompt_tokens": 12,
-    "completion_tokens": 120,
-    "estimated": False,
-    "cost_usd": 0.0012,
-}
+TELEMETRY = WORDS["llm"][0][0]
 
 
 def test_waits_places_and_telemetry_in_words(page: Page) -> None:
-    """page.js's words for the new fields (pushsvc submit --follow says the same)."""
+    """page.js's words for the new fields: tests/golden/words.json, which pushsvc submit
+    --follow says too (tests/tools/test_submit.py)."""
     serve_web(page)
-    cases = {
-        "waits": [
-            {"reason": "rate_limited", "until": 1012},
-            {"reason": "model_limit", "until": 1002.6},
-            {"reason": "tenant_limit", "until": None},
-            {"reason": "backoff", "until": 1004.2},
-            {"reason": "backoff", "until": 999},
-            {"reason": "backoff", "until": None},
-            {"reason": "rate_limited", "until": 1130},
-            None,
-        ],
-        "lines": [[3, 12], [1, None], [2, 0.2], [22, 95], [None, 5]],
-        "llm": [TELEMETRY, {**TELEMETRY, "estimated": True, "cost_usd": None}, None],
-    }
-    got = page.evaluate(WORDS, cases)
-    assert got["waits"] == [
-        "provider rate limit, retrying in 12 s",
-        "model limit, starts in 3 s",
-        "your running-job limit is reached",
-        "retrying in 5 s",
-        "retrying now",
-        "retrying soon",
-        "provider rate limit, retrying in 2 min",
-        "",
-    ]
-    assert got["lines"] == [
-        "3rd in line, starts in ~12 s",
-        "next in line",
-        "2nd in line, starts any moment",
-        "22nd in line, starts in ~2 min",
-        "",
-    ]
-    assert got["llm"] == [
-        "gpt-4o-mini · first token 420 ms · 85 tok/s · 12 in + 120 out tokens · $0.0012",
-        "gpt-4o-mini · first token 420 ms · 85 tok/s · ~12 in + ~120 out tokens",
-        "",
-    ]
+    cases = {name: [given for given, _ in WORDS[name]] for name in ("waits", "lines", "llm")}
+    got = page.evaluate(WORDS_JS, cases)
+    for name in ("waits", "lines", "llm"):
+        assert got[name] == [said for _, said in WORDS[name]], name
 
 
 def _frame(kind: str, data: dict[str, Any], event_id: str | None) -> str:

@@ -21,6 +21,8 @@ from pushsvc.jobs import JobContext, job_type
 
 GOLDEN = Path(__file__).parent / "events.json"
 CASES: list[dict[str, Any]] = json.loads(GOLDEN.read_text())["cases"]
+# The words of waits, places in line and telemetry: both clients say these (words.json).
+WORDS: dict[str, Any] = json.loads((Path(__file__).parent / "words.json").read_text())
 
 
 def fold(events: list[list[Any]]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 
 from pushsvc.tools.submit import job_note, line_words, llm_words, submit_command, wait_words
 
+from ..golden import WORDS
 from ..procs import ROOT
 
 TICKER = "ticker"
@@ -112,49 +113,17 @@ async def test_pushsvc_submit_follow_prints_text_as_it_arrives(stack: dict[str, 
 
 
 def test_waits_places_and_telemetry_in_the_consoles_words() -> None:
-    """The words of web/page.js (tests/browser/test_web.py checks the same cases there)."""
-    waits = [
-        {"reason": "rate_limited", "until": 1012},
-        {"reason": "model_limit", "until": 1002.6},
-        {"reason": "tenant_limit", "until": None},
-        {"reason": "backoff", "until": 1004.2},
-        {"reason": "backoff", "until": 999},
-        {"reason": "backoff", "until": None},
-        {"reason": "rate_limited", "until": 1130},
-        None,
+    """The words of web/page.js: tests/golden/words.json (tests/browser/test_web.py checks
+    page.js against the same cases)."""
+    now = WORDS["now"]
+    assert [wait_words(given, now) for given, _ in WORDS["waits"]] == [
+        said for _, said in WORDS["waits"]
     ]
-    assert [wait_words(w, 1000) for w in waits] == [
-        "provider rate limit, retrying in 12 s",
-        "model limit, starts in 3 s",
-        "your running-job limit is reached",
-        "retrying in 5 s",
-        "retrying now",
-        "retrying soon",
-        "provider rate limit, retrying in 2 min",
-        "",
+    lines = [line_words(*given) for given, _ in WORDS["lines"]]
+    assert lines == [said for _, said in WORDS["lines"]]
+    assert [llm_words(given) for given, _ in WORDS["llm"] if given] == [
+        said for given, said in WORDS["llm"] if given
     ]
-    lines = [(3, 12), (1, None), (2, 0.2), (22, 95), (None, 5)]
-    assert [line_words(p, s) for p, s in lines] == [
-        "3rd in line, starts in ~12 s",
-        "next in line",
-        "2nd in line, starts any moment",
-        "22nd in line, starts in ~2 min",
-        "",
-    ]
-    llm = {
-        "model": "gpt-4o-mini",
-        "ttft_s": 0.42,
-        "tokens_per_s": 85.3,
-        "prompt_tokens": 12,
-        "completion_tokens": 120,
-        "estimated": False,
-        "cost_usd": 0.0012,
-    }
-    assert llm_words(llm) == (
-        "gpt-4o-mini · first token 420 ms · 85 tok/s · 12 in + 120 out tokens · $0.0012"
-    )
-    estimated = llm_words({**llm, "estimated": True, "cost_usd": None})
-    assert estimated == "gpt-4o-mini · first token 420 ms · 85 tok/s · ~12 in + ~120 out tokens"
     # The bar's note: the place in line counts down from when it was told.
     queued = {"status": "queued", "queue_position": 3, "starts_in_s": 12.0, "waiting": None}
     assert job_note(queued, now=1004, line_at=1000) == "3rd in line, starts in ~8 s"
