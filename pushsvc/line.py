@@ -49,6 +49,7 @@ MIN_SPAN_S = 20.0
 POSITION_STEP = 0.02
 ETA_STEP, ETA_STEP_S = 0.05, 1.0
 STATE_KINDS = frozenset({"snapshot", "status"})  # events that clear a client's place
+STATUS_WITHIN = 1024  # a state frame's status is within its first characters
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,14 @@ def moved(last: Place | None, new: Place) -> bool:
     if last.starts_in_s is None or new.starts_in_s is None:
         return last.starts_in_s != new.starts_in_s
     return abs(new.starts_in_s - last.starts_in_s) > max(ETA_STEP_S, last.starts_in_s * ETA_STEP)
+
+
+def shows_queued(frame: Frame) -> bool:
+    """Does a ``snapshot`` or ``status`` frame show its job queued? Read from the start of
+    its JSON, where ``status`` is (a snapshot's text, megabytes maybe, comes after): 500
+    streams resyncing a running job's snapshots each asked for its place in line, and
+    their catch-up took 60 % longer."""
+    return '"status":"queued"' in frame.data[:STATUS_WITHIN]
 
 
 def start_rate(counts: list[int], now: float) -> float | None:
@@ -173,10 +182,10 @@ class Line:
         for frame in frames:
             if frame.kind == "queue":
                 self._shown(queue, frame)
-            elif frame.kind in STATE_KINDS:
+            elif frame.kind in STATE_KINDS and shows_queued(frame):
                 self._watch(queue, frame.job_id)
-            elif frame.kind in TERMINAL:
-                self._unwatch(queue, frame.job_id)
+            elif frame.kind in STATE_KINDS or frame.kind in TERMINAL:
+                self._unwatch(queue, frame.job_id)  # running or over: not in line
 
     def follow(self, queue: StreamQueue, job_ids: list[str]) -> None:
         """A stream started on these jobs (a resume may have sent no state of them)."""
