@@ -68,6 +68,7 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
         "_waiter",
         "resync",
         "overflowed",
+        "direct",
     )
 
     def __init__(
@@ -86,8 +87,22 @@ class StreamQueue:  # one per open stream: kept small (__slots__, plain dicts)
         self._waiter: asyncio.Future[None] | None = None
         self.resync = False  # set by overflow or a bus reconnect; the reader clears it
         self.overflowed = False
+        # The stream's writer of a frame while its reader waits here with nothing
+        # pending (streams.py ``_direct``); False: not written, queue it.
+        self.direct: Callable[[Frame], bool] | None = None
 
     def put(self, frame: Frame) -> None:
+        waiter = self._waiter
+        if (
+            self.direct is not None
+            and waiter is not None
+            and not waiter.done()  # done: the reader is waking; it takes the frame
+            and not self._pending
+            and not self._places
+            and not self.resync
+            and self.direct(frame)
+        ):
+            return
         if frame.kind in VOLATILE:
             self._places.pop(frame.job_id, None)
             self._places[frame.job_id] = frame

@@ -118,6 +118,16 @@ class JobStream(_Stream):
             out += self._emit([frame])
         return out
 
+    def accept_now(self, frame: Frame) -> list[Frame] | None:
+        pos = self.pos
+        if pos is None or frame.epoch in self.retired or not pos.same_history(frame.epoch):
+            return None
+        if frame.seq <= pos.seq:
+            return []
+        if frame.first_seq > pos.seq + 1:
+            return None  # missed something: the task reads the log
+        return self._emit([frame])
+
     def _emit(self, frames: list[Frame]) -> list[Frame]:
         out = []
         for frame in frames:

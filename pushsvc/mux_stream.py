@@ -160,6 +160,16 @@ class MuxStream(_Stream):
             out += self._emit([frame])
         return out
 
+    def accept_now(self, frame: Frame) -> list[Frame] | None:
+        if not self._wanted(frame.job_id):
+            return []
+        if self.cursor is None or frame.tepoch in self.retired or self._other_history(frame):
+            return None
+        known = self.sent.get(frame.job_id)
+        if known is not None and frame.first_seq > known.seq + 1:
+            return None  # missed something: the task reads the logs
+        return self._emit([frame])
+
     def _placed(self, frame: Frame) -> list[Frame]:
         """A ``queue`` frame, sent when the client holds the job at the frame's seq, or
         may: a resumed stream sent nothing of a job that did not change since the cursor

@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterable, Coroutine, Generator, Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio
@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 # transport's high-water mark (64 KiB) plus one write: with a 10 MB snapshot written at
 # once, 10 MB per stream. (The kernel's share is PUSHSVC_SEND_BUFFER_BYTES.)
 SLICE_BYTES = 16384
+# Where a request's scope carries the server's own ``send`` (app.py): a stream writes its
+# body with it, past the middleware's wrappers, which look only at the response's start.
+RAW_SEND = "pushsvc.raw_send"
 
 
 def chunks(parts: Iterable[bytes]) -> Iterator[bytes]:
@@ -107,6 +110,48 @@ class EventStream(EventSourceResponse):
         self._drain = drain
         self._scope = anyio.CancelScope()
         self._started = False
+        self._send: Send | None = None  # for the body, once the response has started
+        self._raw_send: Send | None = None
+        self._inflight: asyncio.Future[None] | None = None  # a direct write that waits
+
+    @property
+    def writing(self) -> bool:
+        """Is a direct write still waiting for the client to read?"""
+        return self._inflight is not None
+
+    def write_now(self, chunk: bytes) -> None:
+        """Write ``chunk`` from outside the stream's task (streams.py ``_direct``).
+
+        The send runs here, a step at a time: it returns at once unless the client's
+        transport is paused (a slow reader), and then its rest runs in a task that the
+        stream's own next write waits for, so writes stay in order and a slow reader
+        holds one chunk here, as before. A send that fails ends the stream.
+        """
+        assert self._send is not None and self._inflight is None
+        sending = self._send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if not isinstance(sending, Coroutine):  # not an ``async def`` send: run it as one
+            self._inflight = rest = asyncio.ensure_future(sending)
+            rest.add_done_callback(self._written)
+            return
+        try:
+            blocker = sending.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            logger.debug("a direct write failed; the stream ends", exc_info=True)
+            self.stop()
+            return
+        self._inflight = rest = asyncio.ensure_future(_Resumed(sending, blocker))
+        rest.add_done_callback(self._written)
+
+    def _written(self, rest: asyncio.Future[None]) -> None:
+        self._inflight = None
+        if rest.cancelled() or rest.exception() is not None:
+            self.stop()
+
+    async def _wait_written(self) -> None:
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)
 
     def stop(self) -> None:
         """End the stream now (the client left, or the server is shutting down)."""
@@ -117,6 +162,7 @@ class EventStream(EventSourceResponse):
             await super().__call__(scope, receive, send)  # no stream to run
             return
 
+        self._raw_send = scope.get(RAW_SEND, send)
         listener = asyncio.create_task(self._listen_for_disconnect(receive))
         listener.add_done_callback(self._listener_done)
         try:
@@ -130,7 +176,10 @@ class EventStream(EventSourceResponse):
             # The server is stopping and the client is still there: end the body
             # properly, so it reconnects (elsewhere) with Last-Event-ID.
             with anyio.move_on_after(self.FINAL_SEND_S):
+                await self._wait_written()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if self._inflight is not None:
+            self._inflight.cancel()
         if self.background is not None:
             await self.background()
 
@@ -143,10 +192,13 @@ class EventStream(EventSourceResponse):
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         self._response_started = self._started = True  # the response has begun
+        self._send = send = self._raw_send or send
         async for data in self.body_iterator:
             try:
                 chunk = data if type(data) is bytes else ensure_bytes(data, self.sep)
                 try:
+                    if self._inflight is not None:
+                        await self._wait_written()
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 except BaseException:
                     self._send_interrupted = True
@@ -190,6 +242,32 @@ class EventStream(EventSourceResponse):
         if not listener.cancelled() and listener.exception() is not None:
             logger.warning("SSE disconnect listener failed", exc_info=listener.exception())
         self.stop()
+
+
+class _Resumed:
+    """The rest of a coroutine that was stepped by hand and yielded ``blocker`` (a
+    future it waits for): awaiting this runs it on from there, as its task would."""
+
+    __slots__ = ("coro", "blocker")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], blocker: Any) -> None:
+        self.coro, self.blocker = coro, blocker
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        value = self.blocker
+        while True:
+            try:
+                sent = yield value
+            except BaseException as exc:  # cancelled: into the coroutine, as a task does
+                try:
+                    value = self.coro.throw(exc)
+                except StopIteration:
+                    return
+            else:
+                try:
+                    value = self.coro.send(sent)
+                except StopIteration:
+                    return
 
 
 # -- JSON bodies ------------------------------------------------------------------------

@@ -97,11 +97,13 @@ def _respond(svc: Services, stream: _Stream, tenant: str) -> Response:
     limit = svc.settings.tenant_max_streams
     if limit and svc.open_streams.get(tenant, 0) >= limit:
         raise RateLimited(f"at most {limit} open streams per tenant", retry_after_s=5)
-    return EventStream(
+    response = EventStream(
         _counted(svc.open_streams, tenant, stream.frames()),
         svc.drain,
         headers={"Cache-Control": "no-cache"},
     )
+    stream.writer = response  # writes only once its task waits for events: after the start
+    return response
 
 
 async def _counted(

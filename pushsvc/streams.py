@@ -32,6 +32,7 @@ from .settings import Settings
 
 if TYPE_CHECKING:
     from .line import Line
+    from .responses import EventStream
 
 # Log entries a replay reads at once. A stream far behind catches up a page at a time,
 # other work running between pages: a tenant log of megabytes read and encoded in one
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 # frames in memory per stream.
 REPLAY_PAGE = 256
 PING = b": ping\n\n"  # keeps proxies from cutting an idle stream
+# Kinds a caught-up stream writes straight from the bus (``_direct``); the others change
+# what a stream follows or ends it, and go through its task.
+DIRECT_KINDS = frozenset({"progress", "output", "status"})
+DIRECT_MAX_BYTES = 8192  # larger frames go through the task, in slices (chunks())
 REDIS_PAUSE_S = 0.5  # between a stream's reads while Redis is unreachable
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,7 @@ class _Stream:
         self.missing: dict[str, float] = {}  # job id -> when it counts as lost (monotonic)
         self.behind = False  # a replay stopped at a full page: the log holds more
         self.holding: StoredJob | None = None  # a shared read whose frames it is sending
+        self.writer: EventStream | None = None  # the response, for ``_direct`` writes
 
     def channel(self) -> str:
         raise NotImplementedError
@@ -84,6 +90,39 @@ class _Stream:
 
     async def accept(self, frames: list[Frame]) -> list[Frame]:
         raise NotImplementedError
+
+    def accept_now(self, frame: Frame) -> list[Frame] | None:
+        """``accept([frame])`` when it needs no read (a caught-up stream's next event);
+        None when it may: the frame then goes through the stream's task."""
+        raise NotImplementedError
+
+    def _direct(self, frame: Frame) -> bool:
+        """Write ``frame`` to the client now, from the bus, if this stream is caught up.
+
+        Called by the queue only while the stream's task waits in ``queue.get`` with
+        nothing pending: every earlier write has finished, so writing here keeps the
+        order, and the task does not wake (most of what an event cost per stream was
+        waking it: BENCHMARKS.md). False: the frame is queued for the task, as before.
+        """
+        writer = self.writer
+        if (
+            writer is None
+            or writer.writing
+            or frame.kind not in DIRECT_KINDS
+            or len(frame.data) > DIRECT_MAX_BYTES
+            or self.behind
+            or self.missing
+            or self.done
+        ):
+            return False
+        out = self.accept_now(frame)
+        if out is None:
+            return False
+        if out:
+            if self.line is not None:
+                self.line.note(self.queue, out)
+            writer.write_now(b"".join([f.sse(self.by_tseq) for f in out]))
+        return True
 
     def _emit(self, frames: list[Frame]) -> list[Frame]:
         raise NotImplementedError
@@ -130,6 +169,7 @@ class _Stream:
         yield f"retry: {self.settings.retry_ms}\n\n".encode()
         try:
             async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
+                self.queue.direct = self._direct
                 step: Callable[[], Awaitable[list[Frame] | None]] = self.start
                 failing_since: float | None = None
                 while True:
@@ -159,6 +199,7 @@ class _Stream:
             else:
                 logger.error("stream ended by a Redis error", exc_info=exc)
         finally:
+            self.queue.direct = None
             if self.line is not None:
                 self.line.leave(self.queue)
 

@@ -26,6 +26,7 @@ from .model_limits import model_limits
 from .neighbours import neighbours
 from .push_poll import push_vs_poll
 from .queue_cost import queue_cost
+from .redis_ceiling import redis_ceiling
 from .stack import BASELINES, BenchError, Target, attach, own_stack, own_stack_with_baseline
 from .token_latency import token_latency
 from .worker_load import workers
@@ -47,6 +48,9 @@ DEFAULTS: dict[str, dict[str, float]] = {
     "token-latency": dict(jobs=100, streams=1000, rate=50, duration_s=10),
     # jobs: the last step (25, 50, 100, 200, 300 before it), all in one worker; worker_load.py
     "workers": dict(jobs=500, rate=30, duration_s=20),
+    # jobs: the last paced step; rate: flushes/s per job; clients: load processes;
+    # streams: pub/sub subscribers (API processes) in the second pass; redis_ceiling.py
+    "redis-ceiling": dict(jobs=800, rate=10, clients=2, streams=4, duration_s=5),
 }
 LIMITS = dict(
     streams=20000,
@@ -145,6 +149,10 @@ def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict
         if urls is not None:
             raise BenchError("queue-cost runs on its own stack (no --url)")
         return {**head, **queue_cost(o, log)}
+    if scenario == "redis-ceiling":  # its own Redis and load processes, no API or worker
+        if urls is not None:
+            raise BenchError("redis-ceiling runs on its own Redis (no --url)")
+        return {**head, **redis_ceiling(o, log)}
     if scenario in TOKEN_PATH:  # its own stack: a model that stamps its tokens (tokens.py)
         if urls is not None:
             raise BenchError(f"{scenario} runs on its own stack (no --url)")
