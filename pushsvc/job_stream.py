@@ -102,20 +102,8 @@ class JobStream(_Stream):
                 if pos is not None and pos.seq == frame.seq and pos.same_history(frame.epoch):
                     out.append(frame)  # else the client holds another seq: not for it
                 continue
-            if frame.epoch in self.retired:
-                continue  # published before the history the stream now follows
-            assert self.pos is not None
-            if not self.pos.same_history(frame.epoch):
-                out += await self._snapshot(reset=True)  # the store says what is true now
-                if self.pos.epoch != frame.epoch:
-                    self.retired.add(frame.epoch)
-                    continue
-            if frame.seq <= self.pos.seq:
-                continue
-            if frame.first_seq > self.pos.seq + 1:  # missed something: the log has it
-                out += await self._fill()
-                continue
-            out += self._emit([frame])
+            now = self.accept_now(frame)
+            out += now if now is not None else await self._catch_up(frame)
         return out
 
     def accept_now(self, frame: Frame) -> list[Frame] | None:
@@ -127,6 +115,23 @@ class JobStream(_Stream):
         if frame.first_seq > pos.seq + 1:
             return None  # missed something: the task reads the log
         return self._emit([frame])
+
+    async def _catch_up(self, frame: Frame) -> list[Frame]:
+        """What ``accept_now`` leaves to the task: a frame of another history (the store
+        says what is true now), or one past a gap (the log has what was missed)."""
+        if frame.epoch in self.retired:
+            return []  # published before the history the stream now follows
+        assert self.pos is not None
+        out: list[Frame] = []
+        if not self.pos.same_history(frame.epoch):
+            out += await self._snapshot(reset=True)
+            if self.pos.epoch != frame.epoch:
+                self.retired.add(frame.epoch)
+                return out
+            now = self.accept_now(frame)
+            if now is not None:
+                return out + now
+        return out + await self._fill()
 
     def _emit(self, frames: list[Frame]) -> list[Frame]:
         out = []

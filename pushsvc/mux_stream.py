@@ -146,18 +146,8 @@ class MuxStream(_Stream):
             if frame.kind in VOLATILE:
                 out += self._placed(frame)
                 continue
-            if not self._wanted(frame.job_id) or frame.tepoch in self.retired:
-                continue
-            if self._other_history(frame):
-                out += await self._view(reset=True)  # the store says what is true now
-                if self._other_history(frame):
-                    continue  # older than what the view read
-            known = self.sent.get(frame.job_id)
-            if known is not None and frame.first_seq > known.seq + 1 and frame.kind != "snapshot":
-                out += await self.resync(overflowed=False)  # the logs fill the gap
-                if self.behind:
-                    break
-            out += self._emit([frame])
+            now = self.accept_now(frame)
+            out += now if now is not None else await self._catch_up(frame)
         return out
 
     def accept_now(self, frame: Frame) -> list[Frame] | None:
@@ -165,10 +155,31 @@ class MuxStream(_Stream):
             return []
         if self.cursor is None or frame.tepoch in self.retired or self._other_history(frame):
             return None
-        known = self.sent.get(frame.job_id)
-        if known is not None and frame.first_seq > known.seq + 1:
+        if self._gap(frame):
             return None  # missed something: the task reads the logs
         return self._emit([frame])
+
+    async def _catch_up(self, frame: Frame) -> list[Frame]:
+        """What ``accept_now`` leaves to the task: a frame of another history (the view
+        is read again), or one past a gap (the logs fill it)."""
+        if frame.tepoch in self.retired:
+            return []
+        out: list[Frame] = []
+        if self._other_history(frame):
+            out += await self._view(reset=True)  # the store says what is true now
+            if self._other_history(frame):
+                return out  # older than what the view read
+        if self._gap(frame):
+            out += await self.resync(overflowed=False)  # the logs fill the gap
+            if self.behind:
+                return out
+        return out + self._emit([frame])
+
+    def _gap(self, frame: Frame) -> bool:
+        """Did this stream miss events of the frame's job before it? (A snapshot
+        replaces what came before: it leaves no gap.)"""
+        known = self.sent.get(frame.job_id)
+        return known is not None and frame.first_seq > known.seq + 1 and frame.kind != "snapshot"
 
     def _placed(self, frame: Frame) -> list[Frame]:
         """A ``queue`` frame, sent when the client holds the job at the frame's seq, or
