@@ -129,7 +129,8 @@ def bench(
         str,
         typer.Argument(
             help="fanout | push-vs-poll | throughput | scaleout | chaos | neighbours"
-            " | fairness | model-limits | queue-cost"
+            " | fairness | model-limits | queue-cost | token-latency | workers"
+            " | redis-ceiling"
         ),
     ],
     url: Annotated[

@@ -245,20 +245,19 @@ class JobContext:
         }
 
     async def _send_pending(self) -> None:
-        if self._progress_dirty:
-            self._progress_dirty = False
-            try:
-                await self._write(transitions.progress(self._progress_data()))
-            except Exception:
-                self._progress_dirty = True
-                raise
-        if self._output:
-            delta, self._output = "".join(self._output), []
-            try:
-                await self._write(transitions.output(delta))
-            except Exception:
-                self._output.insert(0, delta)  # not lost: sent with the next flush
-                raise
+        data = self._progress_data() if self._progress_dirty else None
+        delta, self._output = "".join(self._output), []
+        self._progress_dirty = False
+        change = transitions.flush(data, delta)
+        if change is None:
+            return
+        try:
+            await self._write(change)
+        except Exception:  # kept for the next flush; the text not lost, nor sent twice
+            self._progress_dirty = self._progress_dirty or data is not None
+            if delta:
+                self._output.insert(0, delta)
+            raise
 
     async def _write(self, change: Transition) -> None:
         """One flushed write, finished even if the flush is cancelled midway (the job
@@ -272,12 +271,12 @@ class JobContext:
         async with self._write_lock:
             reply = await self._send(change, lease_until_ms)
             if isinstance(reply, Diverged) or reply is None:
-                repaired = await self._repair(pending=change.delta)
-                if not isinstance(repaired, Published) or change.delta:
+                repaired = await self._repair(pending=change.text)
+                if not isinstance(repaired, Published) or change.text:
                     return repaired  # an output delta went into the repaired text
                 reply = await self._send(change, lease_until_ms)
             if isinstance(reply, Published):
-                self._note(reply, change.delta)
+                self._note(reply, change.text)
             elif isinstance(reply, Rejected):
                 self.supersede()
             return reply

@@ -64,6 +64,16 @@ class Writer:
 
 
 @dataclass(frozen=True)
+class Event:
+    """A second event in one publish call, after the call's own: a worker's flush sends
+    its progress and the text written since as one call (one round trip)."""
+
+    kind: str
+    data: dict[str, Any]
+    delta: str = ""  # appended to the output
+
+
+@dataclass(frozen=True)
 class PublishCall:
     """One call of the publish scripts: what to change and under which conditions.
 
@@ -83,6 +93,7 @@ class PublishCall:
     max_running: int | None = None  # a start refused at the tenant's running limit
     fingerprint: str = ""  # create: the idempotency fingerprint
     index_score: int = 0  # create and repair: the job's place in the tenant index
+    then: Event | None = None  # a second event, published after this one
 
     def layout(self, keys: Keys, settings: Settings) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them."""
@@ -108,16 +119,14 @@ class PublishCall:
             keys.queue,
         ]
 
-    def _body(self) -> str:
-        """The event JSON without its opening brace: the script prepends '{"seq":N,', so
+    def _body(self, data: dict[str, Any]) -> str:
+        """An event's JSON without its opening brace: the script prepends '{"seq":N,', so
         stored and published JSON carry the seq."""
-        body = json.dumps(
-            {"job_id": self.job_id, "ts": time.time(), **self.data}, separators=(",", ":")
-        )
+        body = json.dumps({"job_id": self.job_id, "ts": time.time(), **data}, separators=(",", ":"))
         return body[1:]
 
     def _args(self, keys: Keys, settings: Settings) -> list[Any]:
-        enq, writer = self.enqueue, self.writer
+        enq, writer, then = self.enqueue, self.writer, self.then
         fields = dict(self.fields)
         reset_output = fields.pop("output", None) is not None
         known = writer.known if writer else None
@@ -126,7 +135,7 @@ class PublishCall:
             settings.job_log_cap,
             settings.tenant_log_cap,
             self.kind,
-            self._body(),
+            self._body(self.data),
             ",".join(self.expect),
             self.delta,
             keys.job_channel(self.job_id),
@@ -148,5 +157,8 @@ class PublishCall:
             known.seq if known else 0,
             enq.priority if enq else "",
             enq.turn_slot if enq else 0,
+            then.kind if then else "",
+            self._body(then.data) if then else "",
+            then.delta if then else "",
             *encode_fields(fields),
         ]

@@ -13,7 +13,7 @@ from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
-from .publish import Diverged, PublishCall, Published, Rejected, Reply, Throttled, Writer
+from .publish import Diverged, Event, PublishCall, Published, Rejected, Reply, Throttled, Writer
 from .queue import Enqueue
 from .settings import Settings
 
@@ -101,8 +101,10 @@ class JobStore:
         lease_until_ms: float | None = None,
         enqueue: Enqueue | None = None,
         max_running: int | None = None,
+        then: Event | None = None,
     ) -> Reply:
-        """Apply ``fields``, append ``delta`` and publish one event, atomically.
+        """Apply ``fields``, append ``delta`` and publish one event (and ``then``, a second
+        one), atomically.
 
         Nothing happens unless the job's status is in ``expect`` (when given) and it is
         still ``writer``'s attempt (when given). A ``lease_until_ms`` on a transition to
@@ -123,6 +125,7 @@ class JobStore:
             lease_until_ms=lease_until_ms,
             enqueue=enqueue,
             max_running=max_running,
+            then=then,
         )
         return await self.send(call)
 

@@ -17,7 +17,7 @@ from typing import Any
 from .errors import JobError
 from .fields import EVENT_EXCLUDE, to_snapshot
 from .models import JobStatus
-from .publish import Reply
+from .publish import Event, Reply
 from .queue import Enqueue
 from .store import JobStore
 
@@ -33,6 +33,12 @@ class Transition:
     expect: tuple[JobStatus, ...] = RUNNING
     delta: str = ""
     enqueue: Enqueue | None = None
+    then: Event | None = None  # a second event in the same call (``flush``)
+
+    @property
+    def text(self) -> str:
+        """All the output the call appends (its delta, then its second event's)."""
+        return self.delta + (self.then.delta if self.then else "")
 
 
 async def publish(
@@ -44,6 +50,7 @@ async def publish(
         "expect": change.expect,
         "delta": change.delta,
         "enqueue": change.enqueue,
+        "then": change.then,
         **extra,
     }
     return await store.publish(job_id, tenant, change.kind, change.data, change.fields, **options)
@@ -83,6 +90,16 @@ def progress(data: dict[str, Any]) -> Transition:
 
 def output(delta: str) -> Transition:
     return Transition("output", {"delta": delta}, delta=delta)
+
+
+def flush(data: dict[str, Any] | None, delta: str) -> Transition | None:
+    """A worker's throttled flush as one call: the latest progress (``data``, None if it
+    did not change), then the text written since; None when there is nothing to send."""
+    if data is None:
+        return output(delta) if delta else None
+    if not delta:
+        return progress(data)
+    return Transition("progress", data, data, then=Event("output", {"delta": delta}, delta))
 
 
 def complete(result: Any) -> Transition:

@@ -3,6 +3,7 @@ against a real Redis."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
@@ -41,6 +42,53 @@ async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> 
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.output == "".join(text)
     assert snap.progress == pytest.approx(4999 / 50)
+
+
+async def test_a_flush_sends_progress_and_the_text_since_as_one_call(store: JobStore) -> None:
+    job = await new_job(store)
+    ctx = JobContext(store, job, rate_hz=0.001)  # the first write flushes, later ones wait
+    await ctx.progress(10)
+    first = ctx.writer.known
+    calls = store.published
+    async with store.redis.pubsub() as sub:
+        await sub.subscribe(store.keys.job_channel(job["id"]))
+        await sub.get_message(timeout=5)  # the subscribe confirmation
+        await ctx.output("a")
+        await ctx.progress(20, stage="answering")
+        await ctx.output("b")
+        await ctx.flush()
+        heard = [await sub.get_message(timeout=5) for _ in range(2)]
+    await ctx.close()
+    assert store.published == calls + 1
+    assert first is not None
+    found = await store.events_after(job["id"], first)
+    assert found is not None
+    events = [(f.seq, f.kind, json.loads(f.data)) for f in found[0]]
+    assert [(seq, kind) for seq, kind, _ in events] == [
+        (first.seq + 1, "progress"),
+        (first.seq + 2, "output"),
+    ]
+    assert events[0][2]["stage"] == "answering" and events[1][2]["delta"] == "ab"
+    assert [m["data"].split(b" ")[2] for m in heard if m] == [b"progress", b"output"]
+    assert ctx.writer.known == StreamPosition(first.seq + 2, first.epoch)
+    snap = await store.snapshot(job["id"], "t")
+    assert snap is not None and snap.output == "ab" and snap.progress == 20
+
+
+async def test_a_flush_to_a_store_that_lost_the_job_rewrites_it_with_its_text_once(
+    store: JobStore,
+) -> None:
+    job = await new_job(store)
+    ctx = JobContext(store, job, rate_hz=0.001)
+    await ctx.output("ab")
+    await store.redis.delete(store.keys.job(job["id"]), store.keys.job_output(job["id"]))
+    await ctx.output("cd")
+    await ctx.progress(50)
+    await ctx.flush()
+    await ctx.close()
+    snap = await store.snapshot(job["id"], "t")
+    assert snap is not None and snap.output == "abcd" and snap.progress == 50
+    assert not ctx.superseded
 
 
 async def test_progress_never_decreases_within_an_attempt(store: JobStore) -> None:

@@ -13,7 +13,10 @@ local A_ENQ_PAYLOAD, A_ENQ_PX, A_ENQ_SCORE, A_ENQ_MEMBER = ARGV[13], ARGV[14], A
 local A_FINGERPRINT, A_INDEX_SCORE, A_RESET_OUTPUT = ARGV[17], ARGV[18], ARGV[19]
 local A_MAX_RUNNING, A_OWNER, A_KNOWN_EPOCH, A_FRESH_EPOCH = ARGV[20], ARGV[21], ARGV[22], ARGV[23]
 local A_KNOWN_SEQ, A_ENQ_CLASS, A_TURN_SLOT = ARGV[24], ARGV[25], ARGV[26]
-local FIELDS_FROM = 27  -- ARGV[27..]: field/value pairs to HSET
+-- A second event in the same call (a worker's flush: progress, then the text written
+-- since): its kind ('' for none), body and delta; the fields and the rest go with the first.
+local A_KIND2, A_BODY2, A_DELTA2 = ARGV[27], ARGV[28], ARGV[29]
+local FIELDS_FROM = 30  -- ARGV[30..]: field/value pairs to HSET
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
 -- A score of '' asks for the attempt's turn in arq's queue (turns_fn.lua).
@@ -63,7 +66,8 @@ local function account(job, before, status, now_ms)
   end
 end
 
-local function apply()
+-- One event: ``first`` also sets the fields, resets the output and enqueues.
+local function apply_event(kind, body, delta, first)
   local job = K_JOB
   local before = redis.call('HGET', job, 'status')
   local arq_before = redis.call('HGET', job, 'arq_id')
@@ -73,15 +77,15 @@ local function apply()
   local t = redis.call('TIME')
   local now_ms = t[1] * 1000 + math.floor(t[2] / 1000)
   redis.call('HSET', job, 'updated_at', now_ms)
-  if #ARGV >= FIELDS_FROM then
+  if first and #ARGV >= FIELDS_FROM then
     redis.call('HSET', job, unpack(ARGV, FIELDS_FROM))
   end
   -- Output lives in its own string: APPEND is amortised O(1) however long the text.
-  if A_RESET_OUTPUT == '1' then
+  if first and A_RESET_OUTPUT == '1' then
     redis.call('SET', K_OUTPUT, '')
   end
-  if A_DELTA ~= '' then
-    redis.call('APPEND', K_OUTPUT, A_DELTA)
+  if delta ~= '' then
+    redis.call('APPEND', K_OUTPUT, delta)
   end
   local status = redis.call('HGET', job, 'status')
   -- Leases follow the state: held while running, keyed by the attempt's arq id.
@@ -96,8 +100,8 @@ local function apply()
     turn_started(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, class, arq_before)
   end
   account(job, before, status, now_ms)
-  if A_ENQ_PAYLOAD ~= '' then enqueue() end
-  local data = '{"seq":' .. seq .. ',' .. A_BODY
+  if first and A_ENQ_PAYLOAD ~= '' then enqueue() end
+  local data = '{"seq":' .. seq .. ',' .. body
   local tepoch, tenant_new = sequence_epoch(K_TPOS, g)
   if tenant_new then redis.call('DEL', K_TLOG) end  -- its ids start again at 1
   local tseq = redis.call('HINCRBY', K_TPOS, 'seq', 1)
@@ -105,16 +109,23 @@ local function apply()
   -- into a new history reads these jobs (lua/read.lua).
   if redis.call('HGET', job, 'tep') ~= tepoch then redis.call('HSET', job, 'tep', tepoch) end
   -- Each log entry knows both sequences, so either stream can resume from either log.
-  redis.call('XADD', K_LOG, 'MAXLEN', '~', A_LOG_CAP, '0-' .. seq, 'k', A_KIND, 't', tseq,
+  redis.call('XADD', K_LOG, 'MAXLEN', '~', A_LOG_CAP, '0-' .. seq, 'k', kind, 't', tseq,
     'd', data)
-  redis.call('XADD', K_TLOG, 'MAXLEN', '~', A_TLOG_CAP, '0-' .. tseq, 'k', A_KIND, 's', seq,
+  redis.call('XADD', K_TLOG, 'MAXLEN', '~', A_TLOG_CAP, '0-' .. tseq, 'k', kind, 's', seq,
     'e', epoch, 'j', A_JOB_ID, 'd', data)
   for _, key in ipairs({K_JOB, K_LOG, K_TLOG, K_TPOS, K_OUTPUT}) do
     redis.call('EXPIRE', key, A_TTL)
   end
-  local msg = tseq .. '.' .. tepoch .. ' ' .. seq .. '.' .. epoch .. ' ' .. A_KIND .. ' '
+  local msg = tseq .. '.' .. tepoch .. ' ' .. seq .. '.' .. epoch .. ' ' .. kind .. ' '
     .. A_JOB_ID .. ' ' .. data
   redis.call('PUBLISH', A_JOB_CHANNEL, msg)
   redis.call('PUBLISH', A_TENANT_CHANNEL, msg)
   return {seq, status, redis.call('HGET', job, 'cancel') or '', epoch}
+end
+
+-- The call's event, and its second event when it has one; replies as for the last.
+local function apply()
+  local reply = apply_event(A_KIND, A_BODY, A_DELTA, true)
+  if A_KIND2 ~= '' then reply = apply_event(A_KIND2, A_BODY2, A_DELTA2, false) end
+  return reply
 end

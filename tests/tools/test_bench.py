@@ -115,3 +115,16 @@ def test_staleness_counts_a_change_never_polled_until_a_newer_state_is_seen() ->
     seen = [(10.0, 2), (12.0, 4), (14.0, 4)]
     changes = {1: 9.0, 2: 9.5, 3: 10.5, 4: 11.0}
     assert staleness(seen, changes) == [1.5, 1.0]  # seq 3 was never seen: stale until seq 4
+
+
+def test_the_help_names_every_scenario() -> None:
+    from typer.testing import CliRunner
+
+    from pushsvc.cli import cli
+    from pushsvc.tools.bench.command import DEFAULTS
+
+    result = CliRunner().invoke(cli, ["bench", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0
+    named = {w.strip() for w in result.output.split("|")}
+    missing = [s for s in DEFAULTS if not any(s in w.split() for w in named)]
+    assert missing == []

@@ -3,12 +3,14 @@ publish script (``lua/publish_fn.lua``) before it saturates, and its CPU per eve
 
 A private ``redis-server``; ``clients`` load processes (redis_load.py: each its own
 event loop and connection pool, like a worker) create and start ``jobs`` jobs and then
-publish as a worker's flush does: a ``progress`` and an ``output`` call.
+publish as a worker's flush does: one call with two events in it, a ``progress`` and
+an ``output`` (an *event* is one of them: a seq, a log entry, a PUBLISH to each channel).
 Steps of more and more jobs at ``rate`` flushes a second each, until the offered rate is
 no longer kept up, then flat out; all of it once with no subscriber and once with ``streams``
 pub/sub connections subscribed to every job's channel (API processes: one each, events.py).
 Per step: events/s, Redis's CPU (``INFO cpu``) per second and per event, its time inside
-the script (``INFO commandstats``), the load processes' CPU, and a publish call's p50/p99.
+the script (``INFO commandstats``) per event, the load processes' CPU, and a publish call's
+p50/p99 (per call: two events).
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from rich.console import Console
 from ...keys import Keys
 from ..procs import wait_until
 from .load import Options, pct
-from .redis_load import CALLS_PER_FLUSH, Loads, load_processes
+from .redis_load import CALLS_PER_FLUSH, EVENTS_PER_CALL, Loads, load_processes
 from .stack import BenchError, cpu_seconds, private
 
 FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # of ``jobs``: the paced steps
 SATURATED = 0.9  # kept up: at least this share of the offered rate; busy: of a core
 MAX_CLIENTS, MAX_SUBSCRIBERS = 16, 64
+EVENTS_PER_FLUSH = CALLS_PER_FLUSH * EVENTS_PER_CALL
 START_S = 0.5  # a step starts this long after it is sent: every load process has it
 
 
@@ -103,9 +106,9 @@ def subscribers(
 class Reading:
     at: float  # monotonic seconds
     redis_cpu: float  # seconds, user + system
-    calls: int  # publish script calls (EVALSHA)
+    calls: int  # publish script calls (EVALSHA), EVENTS_PER_CALL events each
     script_us: int  # time inside them
-    publishes: int  # PUBLISH commands (the script's, two a call)
+    publishes: int  # PUBLISH commands (the script's, two an event: job's and tenant's)
     load_cpu: float  # the load processes' CPU seconds
     usec: dict[str, int]  # time in each command (those the script calls too)
     machine: tuple[float, float]  # CPU seconds of all cores: busy, in all
@@ -138,21 +141,26 @@ def _machine() -> tuple[float, float]:
 
 
 def _figures(before: Reading, after: Reading, took: list[float]) -> dict[str, Any]:
+    """A window's figures: per event (a call is EVENTS_PER_CALL of them) unless named
+    per call."""
     span = after.at - before.at
-    calls = max(1, after.calls - before.calls)
+    calls = after.calls - before.calls
+    events = max(1, calls * EVENTS_PER_CALL)
     redis_cpu = after.redis_cpu - before.redis_cpu
     busy, total = (a - b for a, b in zip(after.machine, before.machine, strict=True))
     ms = [t * 1000 for t in took]
     return {
-        "events_per_s": round((after.calls - before.calls) / span, 1),
+        "events_per_s": round(calls * EVENTS_PER_CALL / span, 1),
+        "calls_per_s": round(calls / span, 1),
         "redis_cpu_s_per_s": round(redis_cpu / span, 3),
-        "redis_us_per_event": round(redis_cpu / calls * 1e6, 2),
-        "redis_script_us_per_event": round((after.script_us - before.script_us) / calls, 2),
+        "redis_us_per_event": round(redis_cpu / events * 1e6, 2),
+        "redis_script_us_per_event": round((after.script_us - before.script_us) / events, 2),
         "load_cpu_s_per_s": round((after.load_cpu - before.load_cpu) / span, 3),
         # Of all cores, by anything (the load, Redis, the subscribers, other processes).
         "machine_busy": round(busy / max(1e-9, total), 3),
-        "publish_p50_ms": pct(ms, 0.5),
-        "publish_p99_ms": pct(ms, 0.99),
+        # A publish call's round trip, both its events: the worker waits on the call.
+        "publish_call_p50_ms": pct(ms, 0.5),
+        "publish_call_p99_ms": pct(ms, 0.99),
         "calls_sent": len(took),
     }
 
@@ -169,7 +177,7 @@ def _step(loads: Loads, meter: Meter, jobs: int, o: Options) -> dict[str, Any]:
     took = [t for part in loads.answers() for t in part]
     row = {"jobs": publishing, **_figures(before, after, took)}
     if jobs:
-        row["offered_events_per_s"] = offered = jobs * rate * CALLS_PER_FLUSH
+        row["offered_events_per_s"] = offered = jobs * rate * EVENTS_PER_FLUSH
         row["kept_up"] = row["events_per_s"] >= SATURATED * offered
     return row
 
@@ -199,7 +207,7 @@ def _phase(
         steps["flat_out"] = row = _step(loads, meter, 0, o)
         log.print(f"bench: {k} subscribers, flat out ({row['jobs']} jobs): {_said(row)}")
         last = meter.read()
-        expected = last.calls - first.calls
+        expected = (last.calls - first.calls) * EVENTS_PER_CALL  # one message an event
         result: dict[str, Any] = {"steps": steps, **_summary(steps, o)}
         result["script_commands_us_per_event"] = _inside(first, last)
         if k:
@@ -209,10 +217,10 @@ def _phase(
 
 
 def _inside(first: Reading, last: Reading) -> dict[str, float]:
-    """The script's costliest commands: µs each takes per publish call (the rest of the
+    """The script's costliest commands: µs each takes per event (the rest of the
     script's time is Lua's own)."""
-    calls = max(1, last.calls - first.calls)
-    spent = {c: (u - first.usec.get(c, 0)) / calls for c, u in last.usec.items()}
+    events = max(1, (last.calls - first.calls) * EVENTS_PER_CALL)
+    spent = {c: (u - first.usec.get(c, 0)) / events for c, u in last.usec.items()}
     top = sorted(spent.items(), key=lambda cu: -cu[1])
     return {c: round(us, 2) for c, us in top if c not in ("evalsha", "info") and us >= 0.5}
 
@@ -220,7 +228,7 @@ def _inside(first: Reading, last: Reading) -> dict[str, float]:
 def _said(row: dict[str, Any]) -> str:
     return (
         f"{row['events_per_s']:,.0f} events/s, Redis {row['redis_cpu_s_per_s']:.2f} cores, "
-        f"{row['redis_us_per_event']:.1f} µs/event, p99 {row['publish_p99_ms']:.2f} ms"
+        f"{row['redis_us_per_event']:.1f} µs/event, call p99 {row['publish_call_p99_ms']:.2f} ms"
     )
 
 
@@ -241,8 +249,8 @@ def _summary(steps: dict[str, dict[str, Any]], o: Options) -> dict[str, Any]:
         "redis_us_per_event": us,
         "limited_by": _limit(best),
         "one_core_events_per_s": round(1e6 / us) if us > 0 else None,
-        # Jobs one Redis core carries at ``rate`` flushes a second (two calls each).
-        "one_core_jobs_at_rate": round(1e6 / (us * CALLS_PER_FLUSH * o.rate)) if us > 0 else None,
+        # Jobs one Redis core carries at ``rate`` flushes a second (two events each).
+        "one_core_jobs_at_rate": round(1e6 / (us * EVENTS_PER_FLUSH * o.rate)) if us > 0 else None,
     }
 
 
@@ -268,14 +276,19 @@ def redis_ceiling(o: Options, log: Console) -> dict[str, Any]:
             log.print(f"bench: Redis :{own.redis.port}, {o.clients} load processes, {o.jobs} jobs")
             meter = Meter(redis, loads)
             first = meter.read()
-            result: dict[str, Any] = {"cores": os.cpu_count(), "calls_per_flush": CALLS_PER_FLUSH}
+            result: dict[str, Any] = {
+                "cores": os.cpu_count(),
+                "calls_per_flush": CALLS_PER_FLUSH,
+                "events_per_call": EVENTS_PER_CALL,
+            }
             for k in sorted({0, o.streams}):
                 result[f"subscribers_{k}"] = _phase(loads, meter, own.redis.port, k, o, log)
             last = meter.read()
             result |= _per_delivery(result, o.streams)
             sent = sum(r["calls_sent"] for p in _phases(result) for r in p["steps"].values())
             result["check"] = {
-                "events_sent": sent,
+                "calls_sent": sent,
+                "events_sent": sent * EVENTS_PER_CALL,
                 "redis_script_calls": last.calls - first.calls,
                 "redis_publishes": last.publishes - first.publishes,
                 "jobs_seq_events": _seq_events(redis, Keys(namespace), loads.job_ids),
