@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -153,14 +154,43 @@ def make_pool(
     connection, so a process's Redis connections stay fixed however busy it is.
     """
     kwargs["redis_connect_func"] = connect_hook(settings.namespace)
+    pool: ConnectionPool
     if is_sentinel_url(settings.redis_url):
         kwargs["redis_connect_func"] = primary_only(kwargs["redis_connect_func"])
-        return _sentinel_pool(SentinelURL.parse(settings.redis_url), max_connections, kwargs)
-    if max_connections is None:
-        return ConnectionPool.from_url(settings.redis_url, **kwargs)
-    return BlockingConnectionPool.from_url(
-        settings.redis_url, max_connections=max_connections, timeout=5, **kwargs
-    )
+        pool = _sentinel_pool(SentinelURL.parse(settings.redis_url), max_connections, kwargs)
+    elif max_connections is None:
+        pool = ConnectionPool.from_url(settings.redis_url, **kwargs)
+    else:
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url, max_connections=max_connections, timeout=5, **kwargs
+        )
+    pool.connection_class = packed_by_hiredis(pool.connection_class)
+    return pool
+
+
+class HiredisPacking:
+    """Commands laid out by hiredis, in C: redis-py's asyncio connection does it in
+    Python, argument by argument, about 12 % of a busy worker's CPU (a publish call has
+    some 60 arguments; BENCHMARKS.md). What hiredis refuses (a bool, None, another
+    type), and a command name of several words, go redis-py's way, with its errors."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0]
+        if not (isinstance(name, str) and " " in name) and not (
+            isinstance(name, bytes) and b" " in name
+        ):
+            try:
+                return [hiredis.pack_command(args)]
+            except (TypeError, UnicodeError):
+                pass
+        return super().pack_command(*args)  # type: ignore[misc, no-any-return]
+
+
+def packed_by_hiredis(cls: type[Any]) -> type[Any]:
+    """``cls`` (a redis-py asyncio connection class), its commands packed by hiredis."""
+    if issubclass(cls, HiredisPacking):
+        return cls
+    return type(f"Hiredis{cls.__name__}", (HiredisPacking, cls), {})
 
 
 def primary_only(hook: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awaitable[None]]:

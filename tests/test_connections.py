@@ -10,14 +10,55 @@ from typing import Any
 import pytest
 import redis
 from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import DataError
 
-from pushsvc.connections import SentinelURL, make_pool, primary_only
+from pushsvc.connections import HiredisPacking, SentinelURL, make_pool, primary_only
 from pushsvc.keys import Keys
 from pushsvc.settings import Settings
 from pushsvc.tools.dev import redis_answers
 
-from .procs import SentinelSet, free_port, info
+from .procs import RedisServer, SentinelSet, free_port, info
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("EVALSHA", "ab" * 20, 2, "k1", "k2", 86400, -3, 0.1, 1e20, 2.5, "", b"raw\r\n"),
+        ("HSET", "k", "f", "é✓ text", "n", 12345678901234567890),
+        ("CONFIG GET", "maxmemory"),  # a name of two words: redis-py's way
+        (b"SCRIPT LOAD", "return 1"),
+        ("SET", "k", memoryview(b"view")),
+    ],
+)
+def test_hiredis_packs_what_redis_py_packs(args: tuple[Any, ...]) -> None:
+    ours = make_pool(Settings(redis_url="redis://127.0.0.1:1/0")).connection_class()
+    assert isinstance(ours, HiredisPacking)
+    assert b"".join(ours.pack_command(*args)) == b"".join(Connection().pack_command(*args))
+
+
+def test_what_hiredis_refuses_gets_redis_py_s_error() -> None:
+    ours = make_pool(Settings(redis_url="redis://127.0.0.1:1/0")).connection_class()
+    for bad in (True, None, object()):
+        with pytest.raises(DataError):
+            ours.pack_command("SET", "k", bad)
+
+
+async def test_commands_packed_by_hiredis_round_trip(redis_server: RedisServer) -> None:
+    client = Redis(connection_pool=make_pool(Settings(redis_url=redis_server.url)))
+    client.auto_close_connection_pool = True  # the client owns its pool: closed with it
+    key = f"t:{secrets.token_hex(4)}"
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"f": 0.1, "u": "é✓", "b": b"\x00\xff", "n": -7})
+            pipe.hgetall(key)
+            _, got = await pipe.execute()
+        assert got == {b"f": b"0.1", b"u": "é✓".encode(), b"b": b"\x00\xff", b"n": b"-7"}
+        assert await client.eval("return ARGV[1] .. ARGV[2]", 0, "a", 2.5) == b"a2.5"
+    finally:
+        await client.delete(key)
+        await client.aclose()
 
 
 def test_sentinel_url_names_sentinels_primary_db_and_auth() -> None:
