@@ -3,9 +3,12 @@ end at a tiny size, on its own stack with the stamping model server."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+
+from pushsvc.tools.bench.tokens import TokenPath
 
 from .test_bench import bench_json
 
@@ -42,3 +45,36 @@ def test_token_bench_refuses_a_url(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert bench_command("workers", "http://127.0.0.1:9", True, {}) == 1
     assert "own stack" in capsys.readouterr().err
+
+
+def output(job: str, ts: float, *stamps_ms: float) -> str:
+    """An output event's data as the API sends it; the text JSON escapes beside each stamp."""
+    delta = "".join(f'say "hi" \u00e9\n<t:{ms:.3f}>' for ms in stamps_ms)
+    return json.dumps({"job_id": job, "ts": ts, "delta": delta}, separators=(",", ":"))
+
+
+def test_token_path_counts_from_raw_events() -> None:
+    """Watchers get each event's raw text: per-job ones parse none but what they count,
+    the all-jobs one reads each counted event's job (and skips other runs' jobs)."""
+    path = TokenPath(frozenset({"a", "b"}))
+    first, second, every = (
+        path.watcher(True, "a"),
+        path.watcher(False, "a"),
+        path.watcher(True, None),
+    )
+    replay = json.dumps({"job_id": "a", "output": "x<t:5.000> y<t:6.000>"})
+    for on_event in (first, second):
+        on_event("snapshot", replay)
+        on_event("progress", "not JSON: never parsed")
+        on_event("output", output("a", 10.0, 1000, 2000))
+    every("output", output("b", 20.0, 3000))
+    every("output", output("other-run", 20.0, 4000))
+    every("queue", "not JSON either")
+    assert path.replayed == 4 and len(path.total) == 5
+    assert path.written == [1.0, 2.0, 3.0] and path.to_publish == [9.0, 8.0, 17.0]
+    assert path.first == {"a": 1.0, "b": 3.0} and path.last == {"a": 2.0, "b": 3.0}
+    second("completed", "{}")
+    every("failed", json.dumps({"job_id": "other-run"}))
+    assert path.ended == {"a"}
+    every("cancelled", json.dumps({"job_id": "b"}))
+    assert path.ended == {"a", "b"}

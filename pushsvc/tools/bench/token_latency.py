@@ -2,9 +2,10 @@
 watcher receiving it, at ``jobs`` concurrent ``generate`` jobs with ``streams`` watchers
 in all (the headline: 100 jobs, 10 watchers each), through the worker's publish throttle.
 
-The watchers are the bench's Python SSE clients (httpx-sse over real sockets on
-``/v1/jobs/{id}/events``), not browsers; the load generator's own loop lag is reported
-beside the latencies it inflates. tokens.py has the stack and the measuring.
+The watchers are the bench's light SSE readers (light_sse.py: raw HTTP/1.1 over real
+sockets on ``/v1/jobs/{id}/events``, parsing only what is measured), not browsers; the
+load generator's own loop lag is reported beside the latencies it inflates. tokens.py
+has the stack and the measuring.
 """
 
 from __future__ import annotations

@@ -5,12 +5,15 @@ time (fakeask ``[[stamp]]``), and SSE watchers that compare each stamp with thei
 A run queues its ``generate`` jobs with no worker up, opens every watcher (each gets the
 job's empty snapshot), then starts the worker: every token is then seen live, never from
 a replayed snapshot. Same machine, same clock: write -> receive needs no clock sync.
+The watchers are light_sse's raw-socket readers, so the load generator costs little
+beside what it measures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import time
@@ -25,7 +28,8 @@ from rich.console import Console
 
 from ..fakeask import stamps
 from ..procs import spawn, stop_all
-from .clients import TERMINAL, Clients, read_stream, until
+from .clients import TERMINAL, until
+from .light_sse import OnEvent, read_events
 from .load import pct
 from .stack import OFFLINE_MODEL, BenchError, private
 
@@ -34,6 +38,7 @@ SAMPLE_S = 0.5  # how often CPU is sampled
 LAG_TICK_S = 0.01  # the load generator's own loop-lag probe
 MODEL_TOKENS_PER_S = 8000  # tokens/s one fake-llm process is asked for, at most
 RATE_SPREAD = 0.2  # job i's model runs at rate * (0.9 .. 1.1): no lock-step bursts
+COUNTED = TERMINAL | {"snapshot", "output"}  # the event kinds a watcher looks into
 
 
 @dataclass
@@ -50,32 +55,46 @@ class TokenPath:
     ended: set[str] = field(default_factory=set)
     replayed: int = 0  # stamps seen in a snapshot (should be 0: watchers open first)
 
-    def watcher(self, first: bool) -> Callable[[str, dict[str, Any]], None]:
-        """An ``on_event`` for ``read_stream``; ``first``: the job's first watcher, which
-        also counts the job's tokens and their publish times."""
+    def watcher(self, first: bool, job: str | None) -> OnEvent:
+        """An ``on_event`` for ``light_sse.read_events``. ``job``: a per-job stream's job
+        (None: the all-jobs stream, where each event's JSON names it); ``first``: the job's
+        first watcher, which also counts the job's tokens and their publish times.
 
-        def on_event(kind: str, data: dict[str, Any]) -> None:
+        Only what is counted is parsed: an output's stamps are found in its raw JSON text
+        (a stamp holds nothing JSON escapes), its ``ts`` is read by the first watcher only.
+        """
+
+        def on_event(kind: str, text: str) -> None:
+            if kind not in COUNTED:
+                return  # progress, status: nothing to count
             now = time.time()
-            job = data["job_id"]
-            if job not in self.ids:
-                return
-            if kind == "snapshot":
+            data: dict[str, Any] | None = None
+            if job is None:
+                data = json.loads(text)
+                this = str(data["job_id"])
+                if this not in self.ids:
+                    return
+            else:
+                this = job
+            if kind == "output":
+                self._tokens(this, text, now, first)
+            elif kind == "snapshot":
+                data = data or json.loads(text)
                 self.replayed += len(stamps(str(data.get("output") or "")))
-            elif kind in TERMINAL:
-                self.ended.add(job)
-            elif kind == "output":
-                self._tokens(job, data, now, first)
+            else:
+                self.ended.add(this)
 
         return on_event
 
-    def _tokens(self, job: str, data: dict[str, Any], now: float, first: bool) -> None:
-        for stamp in stamps(data["delta"]):
-            self.total.append(now - stamp)
-            if first:
-                self.to_publish.append(data["ts"] - stamp)
-                self.written.append(stamp)
-                self.first.setdefault(job, stamp)
-                self.last[job] = stamp
+    def _tokens(self, job: str, text: str, now: float, first: bool) -> None:
+        marks = stamps(text)
+        self.total.extend(now - stamp for stamp in marks)
+        if first and marks:
+            ts = json.loads(text)["ts"]
+            self.to_publish.extend(ts - stamp for stamp in marks)
+            self.written.extend(marks)
+            self.first.setdefault(job, marks[0])
+            self.last[job] = marks[-1]
 
     def steady(self) -> tuple[float, float] | None:
         """From when every job was streaming to when the first one stopped (0.5 s in)."""
@@ -232,18 +251,14 @@ async def _outcomes(http: httpx.AsyncClient, api: str, ids: list[str]) -> dict[s
 
 
 def _watchers(
-    clients: Clients,
-    api: str,
-    ids: list[str],
-    load: Load,
-    path: TokenPath,
-    opened: Callable[[], None],
+    api: str, ids: list[str], load: Load, path: TokenPath, opened: Callable[[], None]
 ) -> list[Coroutine[Any, Any, None]]:
     if load.per_job == 0:
-        return [read_stream(clients[0], f"{api}/v1/events", path.watcher(True), opened)]
+        return [read_events(f"{api}/v1/events", path.watcher(True, None), opened)]
     return [
-        read_stream(clients[n], f"{api}/v1/jobs/{job}/events", path.watcher(w == 0), opened)
-        for n, (job, w) in enumerate((job, w) for job in ids for w in range(load.per_job))
+        read_events(f"{api}/v1/jobs/{job}/events", path.watcher(w == 0, job), opened)
+        for job in ids
+        for w in range(load.per_job)
     ]
 
 
@@ -257,11 +272,11 @@ def _live(tasks: list[asyncio.Task[None]], done: bool) -> bool:
 
 async def run_jobs(stack: ModelStack, load: Load, log: Console) -> Run:
     """Queue the jobs, open the watchers, start a worker, wait for every job to end."""
-    async with Clients(16) as clients, httpx.AsyncClient(timeout=30) as http:
+    async with httpx.AsyncClient(timeout=30) as http:
         ids = await _submit(http, stack.api, load)
         run = Run(TokenPath(frozenset(ids)), LoopLag(), CpuSamples(dict(stack.pids)))
         opened: list[None] = []
-        watchers = _watchers(clients, stack.api, ids, load, run.path, lambda: opened.append(None))
+        watchers = _watchers(stack.api, ids, load, run.path, lambda: opened.append(None))
         tasks = [asyncio.create_task(w) for w in watchers]
         probes: list[asyncio.Task[None]] = []
         worker = None
