@@ -116,7 +116,8 @@ async def submit_job(request: Request) -> Response:
     tenant = svc.auth.tenant(request)
     await _check_rate(svc, tenant)
     req, job_type, payload = parse_submit(
-        await read_json(request, svc.settings.max_body_bytes), svc.types
+        await read_json(request, svc.settings.max_body_bytes, svc.settings.body_timeout_s),
+        svc.types,
     )
     fields = _new_job(tenant, job_type, req, payload)
     job_id = fields["id"]

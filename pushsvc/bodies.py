@@ -3,13 +3,14 @@ and the submit body checked against its job type."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from .errors import DETAILS_MAX, BadRequest, PayloadTooLarge, ValidationFailed
+from .errors import DETAILS_MAX, BadRequest, PayloadTooLarge, RequestTimeout, ValidationFailed
 from .jobs import JobType, Registry
 from .models import SubmitRequest
 
@@ -23,19 +24,18 @@ def _not_a_number(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The body as JSON, read no further than ``limit`` bytes, nested at most MAX_DEPTH
-    deep; ``NaN`` and ``Infinity`` (Python's, not JSON's) are refused."""
+async def read_json(request: Request, limit: int, timeout_s: float) -> Any:
+    """The body as JSON, read no further than ``limit`` bytes and within ``timeout_s``,
+    nested at most MAX_DEPTH deep; ``NaN`` and ``Infinity`` (Python's, not JSON's) are
+    refused."""
     declared = request.headers.get("content-length", "")
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is over {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the body is over {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    try:
+        async with asyncio.timeout(timeout_s):
+            body = await _read(request, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"the request's body did not arrive within {timeout_s:g} s") from None
     try:
         value = json.loads(body, parse_constant=_not_a_number)
     except RecursionError as exc:
@@ -46,6 +46,16 @@ async def read_json(request: Request, limit: int) -> Any:
     if body.count(b"[") + body.count(b"{") > MAX_DEPTH and _depth_over(value, MAX_DEPTH):
         raise _too_deep()
     return value
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _too_deep() -> BadRequest:

@@ -95,6 +95,14 @@ class Conflict(ApiError):
     status_code, code = 409, "conflict"
 
 
+class RequestTimeout(ApiError):
+    """The body did not arrive in time; the connection is closed after the answer (the
+    rest of the body, if it comes, is not read as another request)."""
+
+    status_code, code = 408, "request_timeout"
+    headers = {"Connection": "close"}
+
+
 class PayloadTooLarge(ApiError):
     status_code, code = 413, "payload_too_large"
 

@@ -99,6 +99,9 @@ class Settings(BaseSettings):
     # larger than this (431): a client that never finishes them holds no connection.
     header_timeout_s: float = Field(10.0, gt=0)
     max_header_bytes: int = Field(65536, ge=1024)
+    # and its body whole within this after them (408, then closed): a client that sends
+    # headers and then no body, or a byte at a time, holds no request for ever.
+    body_timeout_s: float = Field(30.0, gt=0)
     # How long an idle keep-alive connection stays open between requests.
     keep_alive_s: int = Field(5, ge=1)
     # Jobs one tenant may run at once (0: no limit); the rest wait queued, retried this

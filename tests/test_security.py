@@ -240,6 +240,33 @@ async def test_request_headers_must_arrive_in_time_and_fit(redis_server: RedisSe
             assert (await http.get("/healthz", headers=headers)).status_code == 200
 
 
+async def test_a_request_body_must_arrive_in_time(redis_server: RedisServer) -> None:
+    """A client that sends a submit's headers and then only part of its body gets 408 and
+    its connection closed; nothing of the job is written; other requests go on."""
+    env = keyless_env(redis_server.url, body_timeout_s="0.5")
+    body = json.dumps({"type": "ticker", "payload": {"steps": 1}}).encode()
+    head = (
+        "POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with running(env) as api:
+        async with asyncio.timeout(10):
+            reader, writer = await idle(api.port, head + body[:10])
+            try:
+                answer = await reader.read()  # 408, then closed
+            finally:
+                writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_timeout" and "body" in error["message"]
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+            assert (await http.get("/v1/jobs")).json()["jobs"] == []  # nothing half-written
+            resp = await http.post(
+                "/v1/jobs", content=body, headers={"content-type": "application/json"}
+            )
+            assert resp.status_code == 202, resp.text
+
+
 # ---- stats: each tenant its own, operators all ----------------------------------------
 
 
