@@ -8,6 +8,7 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 
+from .batching import ScriptBatch
 from .epoch import StreamPosition
 from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
@@ -43,7 +44,9 @@ class Created(NamedTuple):
 class JobStore:
     """Reads and writes job state; every write goes through one Lua publish path."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, *, batched: bool = False) -> None:
+        """``batched``: publish calls made in the same turn of the event loop go to Redis
+        in one pipeline (a worker's many jobs flushing: ``batching.ScriptBatch``)."""
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
@@ -53,6 +56,7 @@ class JobStore:
         self._repair = redis.register_script(fn + _lua("repair.lua"))
         self._read = redis.register_script(_lua("read.lua"))
         self._scan = redis.register_script(_lua("scan.lua"))
+        self._batch = ScriptBatch(redis, self._publish) if batched else None
         self.published = 0  # events this process published (a worker's metric)
 
     async def create(
@@ -132,6 +136,8 @@ class JobStore:
     async def send(self, call: PublishCall) -> Reply:
         """Run one publish call (see :meth:`publish`)."""
         keys, args = call.layout(self.keys, self.settings)
+        if self._batch is not None:
+            return self._reply(await self._batch(keys, args))
         return self._reply(await self._publish(keys=keys, args=args))
 
     async def repair(self, call: PublishCall) -> Reply:

@@ -51,7 +51,7 @@ class Runner:
 
     def __init__(self, settings: Settings, redis: ArqRedis, types: Registry) -> None:
         self.settings = settings
-        self.store = JobStore(redis, settings)
+        self.store = JobStore(redis, settings, batched=True)  # many jobs' flushes: one trip
         self.queue = Queue(redis, settings)
         self.types = types
         self.running: dict[str, JobContext] = {}  # arq id -> its attempt, for the leases

@@ -78,3 +78,12 @@ def test_token_path_counts_from_raw_events() -> None:
     assert path.ended == {"a"}
     every("cancelled", json.dumps({"job_id": "b"}))
     assert path.ended == {"a", "b"}
+
+
+def test_a_step_whose_jobs_never_all_streamed_at_once_does_not_keep_pace() -> None:
+    from pushsvc.tools.bench.worker_load import _step
+
+    fine = {"to_publish_p99_ms": 120.0, "worker_cores": 0.5, "p99_ms": 130.0}
+    assert _step({**fine, "window": "steady"}) == {"keeps_pace": True, "p99_met": True}
+    assert _step({**fine, "window": "whole run"})["keeps_pace"] is False
+    assert _step({**fine, "window": "steady", "worker_cores": 0.95})["keeps_pace"] is False

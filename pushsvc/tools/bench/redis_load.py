@@ -118,7 +118,8 @@ async def _serve(conn: Connection, redis_url: str, namespace: str, jobs: int) ->
     settings = Settings.model_validate({"redis_url": redis_url, "namespace": namespace})
     redis = connect(settings, max_connections=POOL)
     try:
-        store, queue = JobStore(redis, settings), Queue(redis, settings)
+        store = JobStore(redis, settings, batched=True)  # as a worker's
+        queue = Queue(redis, settings)
         ctxs = await asyncio.gather(*(_running_job(store, queue) for _ in range(jobs)))
         conn.send(("ok", [c.job_id for c in ctxs]))
         while (step := await asyncio.to_thread(conn.recv)) is not None:
