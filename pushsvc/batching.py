@@ -17,9 +17,12 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import DataError, NoScriptError
 
 Call = tuple[list[str], list[Any], asyncio.Future[Any]]
+# What packing a call raises for an argument it cannot send (redis-py's DataError for a
+# bool or None, a text hiredis and redis-py cannot encode): before any byte is written.
+UNSENDABLE = (DataError, UnicodeError, TypeError)
 
 
 class ScriptBatch:
@@ -49,25 +52,35 @@ class ScriptBatch:
     async def _run(self, batch: list[Call]) -> None:
         try:
             replies = await self._execute(batch)
-            missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-            if missing:  # a Redis that restarted or was flushed: load it, send those again
-                await self._redis.script_load(self._script.script)
-                again = await self._execute([batch[i] for i in missing])
-                for i, reply in zip(missing, again, strict=True):
-                    replies[i] = reply
-        except Exception as exc:  # Redis unreachable, say: every call of the batch failed
+        except UNSENDABLE as exc:  # an argument no encoder takes: raised before anything
+            if len(batch) == 1:  # was sent, so each call alone fails only the bad one
+                _fail(batch, exc)
+            else:
+                await asyncio.gather(*(self._run([call]) for call in batch))
+            return
+        except Exception as exc:  # Redis unreachable, say: every call of it failed
             _fail(batch, exc)
             return
         except BaseException:
             _fail(batch, RedisConnectionError("stopped before Redis answered"))
             raise
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if future.done():  # its caller gave up waiting; the call was made all the same
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+        missing = [call for call, r in zip(batch, replies, strict=True) if _no_script(r)]
+        _answer([(call, r) for call, r in zip(batch, replies, strict=True) if not _no_script(r)])
+        if missing:  # a Redis that restarted or was flushed: load it, send those again
+            await self._again(missing)
+
+    async def _again(self, missing: list[Call]) -> None:
+        """Calls that found no script (and so did not run): once more, after loading it."""
+        try:
+            await self._redis.script_load(self._script.script)
+            replies = await self._execute(missing)
+        except Exception as exc:
+            _fail(missing, exc)
+            return
+        except BaseException:
+            _fail(missing, RedisConnectionError("stopped before Redis answered"))
+            raise
+        _answer(list(zip(missing, replies, strict=True)))
 
     async def _execute(self, batch: list[Call]) -> list[Any]:
         sha = self._script.sha
@@ -75,6 +88,20 @@ class ScriptBatch:
             for keys, args, _ in batch:
                 pipe.evalsha(sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=False)
+
+
+def _no_script(reply: Any) -> bool:
+    return isinstance(reply, NoScriptError)
+
+
+def _answer(replies: list[tuple[Call, Any]]) -> None:
+    for (_, _, future), reply in replies:
+        if future.done():  # its caller gave up waiting; the call was made all the same
+            continue
+        if isinstance(reply, Exception):
+            future.set_exception(reply)
+        else:
+            future.set_result(reply)
 
 
 def _fail(batch: list[Call], exc: Exception) -> None:

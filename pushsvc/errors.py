@@ -6,6 +6,7 @@ PushsvcError                 code, message, details; never reaches a user as a 5
 │   ├── Unauthorized         401  no, bad or expired credentials
 │   ├── Forbidden            403  a cross-site request to a keyless API
 │   ├── NotFound             404  unknown job, or a job of another tenant
+│   ├── RequestTimeout       408  the body did not arrive in time (connection closed)
 │   ├── Conflict             409  the job is in the wrong state
 │   ├── PayloadTooLarge      413
 │   ├── UnsupportedMediaType 415  a body that is not application/json

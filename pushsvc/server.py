@@ -80,6 +80,7 @@ class LimitedProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None  # armed while headers come
         self._head_bytes = 0  # received since the headers began (first request: exact)
+        self._linger: asyncio.TimerHandle | None = None  # the rest of an answered body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -92,6 +93,7 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        self._stop_linger()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -100,6 +102,10 @@ class LimitedProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._head_timer is not None and self._head_bytes > self.limits.max_header_bytes:
             self._refuse(431, "headers_too_large", "the request's headers are too large")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._stop_linger()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -118,6 +124,12 @@ class LimitedProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+            # Answered before its body was all in (401, 413, 429): uvicorn reads the rest
+            # and drops it, for as long as the client sends it. It may take as long as
+            # headers may (closing at once could reset the answer away), then goes.
+            self._linger = self.loop.call_later(self.limits.header_timeout_s, self._close)
+            return
         if not self.transport.is_closing() and self.timeout_keep_alive_task is not None:
             self.limits.waiting[self] = None  # idle until the next request: may give way
 
@@ -128,6 +140,11 @@ class LimitedProtocol(HttpToolsProtocol):
                 self.limits.header_timeout_s, self._head_timeout
             )
             self.limits.waiting[self] = None  # kept in its place if already idle there
+
+    def _stop_linger(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
 
     def _head_done(self) -> None:
         if self._head_timer is not None:

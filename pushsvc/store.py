@@ -137,8 +137,10 @@ class JobStore:
         """Run one publish call (see :meth:`publish`)."""
         keys, args = call.layout(self.keys, self.settings)
         if self._batch is not None:
-            return self._reply(await self._batch(keys, args))
-        return self._reply(await self._publish(keys=keys, args=args))
+            reply = await self._batch(keys, args)
+        else:
+            reply = await self._publish(keys=keys, args=args)
+        return self._reply(reply, events=1 if call.then is None else 2)
 
     async def repair(self, call: PublishCall) -> Reply:
         """Rewrite a job its worker holds (lua/repair.lua): ``Published`` under a fresh
@@ -147,10 +149,10 @@ class JobStore:
         keys.append(self.keys.tenant_index(call.tenant))
         return self._reply(await self._repair(keys=keys, args=args))
 
-    def _reply(self, reply: list[Any]) -> Reply:
+    def _reply(self, reply: list[Any], events: int = 1) -> Reply:
         code = reply[0]
         if code > 0:
-            self.published += 1
+            self.published += events
             return Published(
                 int(code), JobStatus(reply[1].decode()), reply[2] == b"1", reply[3].decode()
             )

@@ -9,7 +9,7 @@ import secrets
 import pytest
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import DataError, ResponseError
 
 from pushsvc.batching import ScriptBatch
 
@@ -48,6 +48,28 @@ async def test_calls_of_one_turn_share_a_round_trip_and_keep_their_own_replies(
         assert int(await redis.get(key) or 0) == 50  # each call ran once
         # One connection carried all 51 calls: made one at a time, they would need 51.
         assert await named_clients(redis, name) == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_a_call_that_cannot_be_sent_fails_alone(redis_server: RedisServer) -> None:
+    """Packing a batch stops at an argument no encoder takes, before anything is written:
+    the others of its batch still go, each on its own."""
+    redis = client(redis_server.url, "batch-unsendable")
+    try:
+        batch = ScriptBatch(redis, redis.register_script(ECHO))
+        key = f"t:{secrets.token_hex(4)}"
+        async with asyncio.timeout(10):
+            replies = await asyncio.gather(
+                batch([key], ["a"]),
+                batch([key], ["\ud83d"]),  # a lone surrogate: not UTF-8
+                batch([key], [None]),  # redis-py refuses None
+                batch([key], ["b"]),
+                return_exceptions=True,
+            )
+        assert replies[0] == [key.encode(), b"a"] and replies[3] == [key.encode(), b"b"]
+        assert isinstance(replies[1], UnicodeError) and isinstance(replies[2], DataError)
+        assert int(await redis.get(key) or 0) == 2
     finally:
         await redis.aclose()
 

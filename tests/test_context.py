@@ -44,12 +44,17 @@ async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> 
     assert snap.progress == pytest.approx(4999 / 50)
 
 
+async def script_calls(store: JobStore) -> int:
+    stats = await store.redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 async def test_a_flush_sends_progress_and_the_text_since_as_one_call(store: JobStore) -> None:
     job = await new_job(store)
     ctx = JobContext(store, job, rate_hz=0.001)  # the first write flushes, later ones wait
     await ctx.progress(10)
     first = ctx.writer.known
-    calls = store.published
+    calls, events = await script_calls(store), store.published
     async with store.redis.pubsub() as sub:
         await sub.subscribe(store.keys.job_channel(job["id"]))
         await sub.get_message(timeout=5)  # the subscribe confirmation
@@ -59,7 +64,8 @@ async def test_a_flush_sends_progress_and_the_text_since_as_one_call(store: JobS
         await ctx.flush()
         heard = [await sub.get_message(timeout=5) for _ in range(2)]
     await ctx.close()
-    assert store.published == calls + 1
+    assert await script_calls(store) == calls + 1  # one round trip, one script run
+    assert store.published == events + 2  # two events
     assert first is not None
     found = await store.events_after(job["id"], first)
     assert found is not None

@@ -267,6 +267,46 @@ async def test_a_request_body_must_arrive_in_time(redis_server: RedisServer) -> 
             assert resp.status_code == 202, resp.text
 
 
+async def test_an_answer_before_the_body_is_in_closes_the_connection(
+    redis_server: RedisServer,
+) -> None:
+    """A request refused before its body was read (here 401) keeps its connection only
+    as long as headers may take: the rest of the body is not read and dropped for as long
+    as the client keeps sending it."""
+    head = (
+        b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer wrong\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{"
+    )
+
+    async def trickle(writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):  # once the server has closed it
+            while True:  # each byte would restart uvicorn's keep-alive wait
+                writer.write(b" ")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    env = stack_env(redis_server.url, f"s{secrets.token_hex(3)}", header_timeout_s="0.5")
+    with running(env) as api:
+        async with asyncio.timeout(10):
+            reader, writer = await idle(api.port, head)
+            sending = asyncio.create_task(trickle(writer))
+            answer = b""
+            try:
+                with contextlib.suppress(ConnectionError):  # closed mid-send: a reset
+                    while chunk := await reader.read(65536):  # the 401, then closed
+                        answer += chunk
+            finally:
+                sending.cancel()
+                writer.close()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        # A body that does come whole keeps the connection for the next request.
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as http:
+            for _ in range(2):
+                headers = {"content-type": "application/json", "authorization": "Bearer no"}
+                resp = await http.post("/v1/jobs", content=b" " * 40000, headers=headers)
+                assert resp.status_code == 401
+
+
 # ---- stats: each tenant its own, operators all ----------------------------------------
 
 
