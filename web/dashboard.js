@@ -541,8 +541,12 @@ function onJob(job) {
   renderJob(job);
 }
 
-/** @returns {import("./pushsvc.js").Handlers} */
-function jobHandlers() {
+/**
+ * @param {ReturnType<typeof createClient>} client
+ * @returns {import("./pushsvc.js").Handlers}
+ */
+function jobHandlers(client) {
+  let relisted = false;
   return {
     snapshot: onJob,
     status: onJob,
@@ -552,6 +556,18 @@ function jobHandlers() {
       const words = { stream: "live", unreachable: "server unreachable, retrying" };
       setText($("recent-note"), words[mode] || "polling");
       $("recent-note").dataset.mode = mode;
+      if (mode === "stream" && !relisted) {
+        // A job made after the first list and finished before the stream began is in
+        // neither (the stream starts with the active jobs): list once more, now.
+        relisted = true;
+        const mine = watcher;
+        client
+          .list({ limit: RECENT })
+          .then((seed) => {
+            if (mine && watcher === mine) seed.jobs.reverse().forEach((job) => mine.add(job.id, job));
+          })
+          .catch(() => {}); // the first list and the stream stand
+      }
     },
     error: (err) => {
       if (err.status === 401) needKey("The API key was refused.");
@@ -618,7 +634,7 @@ async function start(apiKey) {
   rows.clear();
   $("recent-empty").hidden = seed.jobs.length > 0;
   $("recent").hidden = seed.jobs.length === 0;
-  watcher = watchJobs("all", jobHandlers(), { apiKey, storageKey: false });
+  watcher = watchJobs("all", jobHandlers(client), { apiKey, storageKey: false });
   // The stream's snapshots and these dedupe by seq in the watcher: the newest wins.
   for (const job of seed.jobs.reverse()) watcher.add(job.id, job);
 }
