@@ -253,7 +253,8 @@ class JobContext:
             return
         try:
             await self._write(change)
-        except Exception:  # kept for the next flush; the text not lost, nor sent twice
+        except Exception:  # kept for the next flush. A reply lost after Redis ran the
+            # call sends the text twice: the script cannot tell yet (no per-call token).
             self._progress_dirty = self._progress_dirty or data is not None
             if delta:
                 self._output.insert(0, delta)
