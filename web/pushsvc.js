@@ -1563,7 +1563,13 @@ class JobSet {
     const st = this.#state(job.id);
     // Another epoch: the seq counts in another history, so a lower one is news too.
     const otherHistory = Boolean(job.epoch && st.epoch && job.epoch !== st.epoch);
-    const moved = job.status === "queued" && QUEUE_FIELDS.some((k) => job[k] !== st.job?.[k]);
+    // A place in line is read, not published: at the seq we have, a new one is news. An
+    // older snapshot (a list taken before the job started) is not, whatever it says.
+    const moved =
+      job.status === "queued" &&
+      st.job?.status === "queued" &&
+      job.seq === st.seq &&
+      QUEUE_FIELDS.some((k) => job[k] !== st.job[k]);
     if (st.job && job.seq <= st.seq && !otherHistory && !moved) return false;
     // The events made from one snapshot share its seq: checked once, here.
     for (const [kind, data] of diffSnapshots(st.job, job, polled)) this.#apply(kind, data, true);

@@ -785,6 +785,43 @@ def _queued(job_id: str, seq: int, **fields: Any) -> dict[str, Any]:
     return job | fields
 
 
+def test_a_stale_queued_snapshot_does_not_undo_a_start(page: Page) -> None:
+    """Bug (a CI run of the dashboard): a list taken while a job was queued, added after
+    the stream had said it was running, put it back to queued (a queued snapshot whose
+    place in line differed was taken as news whatever its seq), and later progress events
+    kept it there: the badge said "queued" until the job ended."""
+    job_id = str(uuid.uuid4())
+    queued = _queued(job_id, 1, queue_position=1, starts_in_s=0.5)
+    running = {"job_id": job_id, "seq": 2, "ts": time.time(), "status": "running", "attempt": 1}
+    progress = {"job_id": job_id, "seq": 3, "ts": time.time(), "progress": 40.0}
+    body = "retry: 600000\n\n" + _frame("snapshot", queued | {"queue_position": 2}, "1.e")
+    body += _frame("status", running, "2.e") + _frame("progress", progress, "3.e")
+    events = lambda route: route.fulfill(body=body, content_type="text/event-stream")  # noqa: E731
+    serve_web(page, {"/v1/events": events})
+    got = page.evaluate(
+        """async (stale) => {
+          const lib = await import("/static/pushsvc.js");
+          return await new Promise((resolve, reject) => {
+            setTimeout(() => reject(new Error("timed out")), 20000);
+            const seen = [];
+            const h = lib.watchJobs("all", {
+              status: (job) => seen.push(["status", job.status]),
+              progress: (job) => {
+                seen.push(["progress", job.status]);
+                h.add(stale.id, stale);  // the list's answer, late
+                const {status, progress} = h.job(stale.id);
+                h.close();
+                resolve({seen, status, progress});
+              },
+            }, {storageKey: false});
+          });
+        }""",
+        queued,
+    )
+    assert got == {"seen": [["status", "running"], ["progress", "running"]], "status": "running",
+                   "progress": 40.0}
+
+
 def test_console_shows_place_in_line_waits_and_telemetry(page: Page) -> None:
     """The console against a fake API whose stream brings the new fields: a queued job's
     place (moved by a `queue` event), each wait in words counting down, and a running
