@@ -45,6 +45,7 @@ async def retry(store: JobStore, queue: Queue, tenant: str, job_id: str, seen: J
     """Queue a failed or cancelled job again as a new run; else a ``Conflict`` (naming
     the state the store refused, or ``seen``)."""
     fields = await load(store, tenant, job_id)
+    await store.remember_tenant(tenant, job_id)  # for a day more: it runs again
     arq_id = new_arq_id(job_id)
     enqueue = queue.prepare(arq_id, job_id, priority=fields["priority"], tenant=fields["tenant"])
     reply = await _publish(store, fields, transitions.new_run(fields, arq_id, enqueue))
@@ -58,7 +59,7 @@ async def _publish(store: JobStore, fields: dict[str, Any], change: Transition) 
 
 async def load(store: JobStore, tenant: str, job_id: str) -> dict[str, Any]:
     """The job's stored fields, if it is still the tenant's."""
-    fields = await store.load(job_id)
+    fields = await store.load(tenant, job_id)
     if fields is None or fields["tenant"] != tenant:  # expired since the first read
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     return fields

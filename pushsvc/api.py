@@ -235,6 +235,15 @@ async def get_owned_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
     return snap
 
 
+async def not_theirs(svc: Services, tenant: str, job_ids: list[str]) -> str | None:
+    """One of ``job_ids`` that is another tenant's (keys.job_tenant), if any: the
+    tenant's reads find nothing under its keys, as for a job the store lost, but a
+    resume naming it is 404 all the same."""
+    owners = await svc.store.tenants_of(job_ids)
+    pairs = zip(job_ids, owners, strict=True)
+    return next((j for j, owner in pairs if owner is not None and owner != tenant), None)
+
+
 async def get_owned_head(svc: Services, tenant: str, job_id: str) -> JobHead:
     """As :func:`get_owned_job`, reading only whose the job is and where it stands; for
     the stream endpoints, so it waits at their gate (reads.py) with their other reads."""
@@ -262,7 +271,7 @@ async def get_job(request: Request) -> Response:
     svc = services(request)
     tenant = svc.auth.tenant(request)
     snap = await get_owned_job(svc, tenant, request.path_params["job_id"])
-    (snap,) = await svc.line.show([snap])
+    (snap,) = await svc.line.show(tenant, [snap])
     # A queued job's place changes with no event: it is part of the tag.
     place = "" if snap.queue_position is None else f".{snap.queue_position}"
     etag = f'"{snap.seq}.{snap.epoch}{place}"'
@@ -327,7 +336,7 @@ async def list_jobs(request: Request) -> Response:
     jobs, cursor = await listing.list_jobs(
         svc.reads, tenant, limit=q.limit, cursor=q.cursor, status=q.status, type_=q.type
     )
-    jobs = await svc.line.show(jobs)
+    jobs = await svc.line.show(tenant, jobs)
     page = JobPage(jobs=[job_body(svc, tenant, j) for j in jobs], next_cursor=cursor)
     return await json_response(page.model_dump(mode="json"))
 

@@ -332,11 +332,16 @@ class JobContext:
         async with self._write_lock:
             keys = self._store.keys
             row = await self._store.redis.hmget(  # type: ignore[misc]
-                keys.job(self.job_id), ["status", "arq_id", "owner", "epoch", "seq"]
+                keys.job(self.tenant, self.job_id), ["status", "arq_id", "owner", "epoch", "seq"]
             )
             verdict = self.verdict(row)
             if verdict == "ok":
-                await self._store.redis.zadd(keys.leases, {self.writer.arq_id: until_ms}, xx=True)
+                async with self._store.redis.pipeline(transaction=False) as pipe:
+                    pipe.zadd(keys.leases, {self.writer.arq_id: until_ms}, xx=True)
+                    # Whose it is, kept while it runs: the reaper's way to it (leases.py).
+                    ttl = self._store.settings.job_ttl_s
+                    pipe.set(keys.job_tenant(self.job_id), self.tenant, ex=ttl)
+                    await pipe.execute()
             elif verdict == "repair":
                 await self._repair(pending="")
             else:

@@ -29,7 +29,7 @@ class JobStream(_Stream):
         self.retired: set[str] = set()  # epochs this stream has moved on from
 
     def channel(self) -> str:
-        return self.store.keys.job_channel(self.job_id)
+        return self.store.keys.job_channel(self.tenant, self.job_id)
 
     def followed(self) -> list[str]:
         return [] if self.done else [self.job_id]
@@ -45,11 +45,11 @@ class JobStream(_Stream):
         now, after subscribing): however staggered, slow readers of a job with a large
         output hold one copy of it, not one each. Otherwise, or when the log no longer
         continues from it, a snapshot read."""
-        stored = self.reads.recent(self.job_id)
+        stored = self.reads.recent(self.tenant, self.job_id)
         if stored is None or stored.tenant != self.tenant or stored.snap.status.terminal:
             return await self._snapshot(reset=False)
         pos = StreamPosition(stored.snap.seq, stored.snap.epoch)
-        found = await self.reads.events_after(self.job_id, pos, REPLAY_PAGE)
+        found = await self.reads.events_after(self.tenant, self.job_id, pos, REPLAY_PAGE)
         if found is None:
             return await self._snapshot(reset=False)
         self.pos, self.holding = pos, stored
@@ -57,7 +57,8 @@ class JobStream(_Stream):
 
     async def _snapshot(self, reset: bool) -> list[Frame]:
         self.behind = False  # whatever the log still held, the snapshot covers
-        stored = await self.reads.job(self.job_id)  # shared with this job's other streams
+        # Shared with this job's other streams.
+        stored = await self.reads.job(self.tenant, self.job_id)
         if stored is None or stored.tenant != self.tenant:  # gone: it may be repaired
             await self._missing([self.job_id])
             return []
@@ -80,7 +81,7 @@ class JobStream(_Stream):
 
     async def _fill(self) -> list[Frame]:
         assert self.pos is not None
-        found = await self.reads.events_after(self.job_id, self.pos, REPLAY_PAGE)
+        found = await self.reads.events_after(self.tenant, self.job_id, self.pos, REPLAY_PAGE)
         return await self._snapshot(reset=True) if found is None else self._replayed(found[0])
 
     async def check_lost(self) -> list[Frame]:

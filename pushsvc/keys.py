@@ -11,28 +11,39 @@ class Keys:
 
     ns: str = "pushsvc"
 
-    def job(self, job_id: str) -> str:
+    def tenant_tag(self, tenant: str) -> str:
+        """The prefix of every key and channel of one tenant: its name in a hash tag, so on
+        a Redis Cluster they share one slot (one script call touches them together).
+        Tenant names hold no braces (settings.py), so the tag is the whole name."""
+        return f"{self.ns}:{{{tenant}}}"
+
+    def job(self, tenant: str, job_id: str) -> str:
         """Hash: the job's snapshot fields."""
-        return f"{self.ns}:job:{job_id}"
+        return f"{self.tenant_tag(tenant)}:job:{job_id}"
 
-    def job_output(self, job_id: str) -> str:
+    def job_output(self, tenant: str, job_id: str) -> str:
         """String: the job's streamed output so far (APPENDed)."""
-        return f"{self.ns}:out:{job_id}"
+        return f"{self.tenant_tag(tenant)}:out:{job_id}"
 
-    def job_log(self, job_id: str) -> str:
+    def job_log(self, tenant: str, job_id: str) -> str:
         """Stream: the job's capped event log, entry id ``0-<seq>``."""
-        return f"{self.ns}:log:{job_id}"
+        return f"{self.tenant_tag(tenant)}:log:{job_id}"
 
-    def job_channel(self, job_id: str) -> str:
-        return f"{self.ns}:ev:{job_id}"
+    def job_channel(self, tenant: str, job_id: str) -> str:
+        return f"{self.tenant_tag(tenant)}:ev:{job_id}"
+
+    def job_tenant(self, job_id: str) -> str:
+        """String: whose the job is, for the readers that know only its id (the lease
+        reaper, the queue's figures); written before the job (store.create)."""
+        return f"{self.ns}:jt:{job_id}"
 
     def tenant_index(self, tenant: str) -> str:
         """Sorted set: the tenant's job ids, scored by creation time (ms)."""
-        return f"{self.ns}:jobs:{tenant}"
+        return f"{self.tenant_tag(tenant)}:jobs"
 
     def tenant_position(self, tenant: str) -> str:
         """Hash: the tenant's sequence (``seq``), its ``epoch`` and that epoch's ``gen``."""
-        return f"{self.ns}:tpos:{tenant}"
+        return f"{self.tenant_tag(tenant)}:tpos"
 
     @property
     def epoch(self) -> str:
@@ -41,13 +52,13 @@ class Keys:
 
     def tenant_log(self, tenant: str) -> str:
         """Stream: every event of the tenant's jobs, entry id ``0-<tenant seq>``."""
-        return f"{self.ns}:tlog:{tenant}"
+        return f"{self.tenant_tag(tenant)}:tlog"
 
     def tenant_channel(self, tenant: str) -> str:
-        return f"{self.ns}:tev:{tenant}"
+        return f"{self.tenant_tag(tenant)}:tev"
 
     def idempotency(self, tenant: str, key_digest: str) -> str:
-        return f"{self.ns}:idem:{tenant}:{key_digest}"
+        return f"{self.tenant_tag(tenant)}:idem:{key_digest}"
 
     @property
     def leases(self) -> str:
@@ -56,11 +67,11 @@ class Keys:
 
     def submit_window(self, tenant: str, minute: int) -> str:
         """Counter: the tenant's submissions in one clock minute (rate limit)."""
-        return f"{self.ns}:rate:{tenant}:{minute}"
+        return f"{self.tenant_tag(tenant)}:rate:{minute}"
 
     def tenant_running(self, tenant: str) -> str:
         """Set: the tenant's running job ids (kept by the publish script)."""
-        return f"{self.ns}:trun:{tenant}"
+        return f"{self.tenant_tag(tenant)}:trun"
 
     @property
     def stats(self) -> str:

@@ -102,6 +102,15 @@ class Leases:
                 logger.warning("lease renewal or reaping failed; retrying", exc_info=True)
             await asyncio.sleep(period)
 
+    async def _lapsed_job(self, arq_id: str) -> dict[str, Any] | None:
+        """The job of a lapsed attempt: whose it is from keys.job_tenant, or from the
+        attempt's arq job when that has expired (an attempt longer than the jobs' TTL)."""
+        job_id = arq_id.rsplit(".", 1)[0]
+        fields = await self.store.load_by_id(job_id)
+        if fields is None and (tenant := await self.queue.tenant_of(arq_id)) is not None:
+            fields = await self.store.load(tenant, job_id)
+        return fields
+
     async def reap(self) -> int:
         """Recover jobs whose worker stopped renewing their lease; returns how many.
 
@@ -115,7 +124,7 @@ class Leases:
             arq_id = member.decode()
             if arq_id in self.running:
                 continue  # ours: the lease check just renewed or repaired it
-            fields = await self.store.load(arq_id.rsplit(".", 1)[0])
+            fields = await self._lapsed_job(arq_id)
             if fields is None or fields.get("arq_id") != arq_id or fields["status"] != "running":
                 await self.store.redis.zrem(leases, member)  # nothing left to recover
                 continue

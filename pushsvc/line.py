@@ -48,6 +48,7 @@ MIN_SPAN_S = 20.0
 # position (every move below 50), or of the start estimate by more than 5 % or a second.
 POSITION_STEP = 0.02
 ETA_STEP, ETA_STEP_S = 0.05, 1.0
+JobKey = tuple[str, str]  # (tenant, job id): where a job's keys are (keys.job)
 STATE_KINDS = frozenset({"snapshot", "status"})  # events that clear a client's place
 STATUS_WITHIN = 1024  # a state frame's status is within its first characters
 
@@ -143,15 +144,16 @@ class Line:
         self._script = redis.register_script(
             (resources.files(__package__) / "lua" / "line.lua").read_text()
         )
-        # job id -> the streams (their queues) watching it, each with the place it last got
-        self._watches: dict[str, dict[StreamQueue, Place | None]] = {}
-        self._by_queue: dict[StreamQueue, set[str]] = {}
-        self._live: set[str] = set()  # in line at the last look: asked every tick
-        self._looked: dict[str, Place] = {}  # each watched job's place at the last look
-        self._fresh: set[str] = set()  # changed state (or newly watched): asked at once
+        # A job (its tenant's: keys.job) -> the streams (their queues) watching it, each
+        # with the place it last got. A stream watches only its own tenant's jobs.
+        self._watches: dict[JobKey, dict[StreamQueue, Place | None]] = {}
+        self._by_queue: dict[StreamQueue, set[JobKey]] = {}
+        self._live: set[JobKey] = set()  # in line at the last look: asked every tick
+        self._looked: dict[JobKey, Place] = {}  # each watched job's place at the last look
+        self._fresh: set[JobKey] = set()  # changed state (or newly watched): asked at once
         self._wake = asyncio.Event()
-        self._asking: set[str] = set()  # the next call's jobs
-        self._answer: asyncio.Future[dict[str, Place]] | None = None  # the next call's result
+        self._asking: set[JobKey] = set()  # the next call's jobs
+        self._answer: asyncio.Future[dict[JobKey, Place]] | None = None  # the next call's
         self._sender: asyncio.Task[None] | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.calls = 0  # script calls sent
@@ -174,54 +176,56 @@ class Line:
 
     # -- what streams tell -------------------------------------------------------
 
-    def note(self, queue: StreamQueue, frames: list[Frame]) -> None:
+    def note(self, queue: StreamQueue, tenant: str, frames: list[Frame]) -> None:
         """What a stream is about to send, in order: a snapshot or status event clears the
         client's place (the next one is looked up at once), a ``queue`` frame is the
         place it holds, a terminal event ends the watch. A place put into a stream that
         did not send it (the client held another seq) is put again at the next look."""
         for frame in frames:
+            key = (tenant, frame.job_id)
             if frame.kind == "queue":
-                self._shown(queue, frame)
+                self._shown(queue, key, frame)
             elif frame.kind in STATE_KINDS and shows_queued(frame):
-                self._watch(queue, frame.job_id)
+                self._watch(queue, key)
             elif frame.kind in STATE_KINDS or frame.kind in TERMINAL:
-                self._unwatch(queue, frame.job_id)  # running or over: not in line
+                self._unwatch(queue, key)  # running or over: not in line
 
-    def follow(self, queue: StreamQueue, job_ids: list[str]) -> None:
-        """A stream started on these jobs (a resume may have sent no state of them)."""
+    def follow(self, queue: StreamQueue, tenant: str, job_ids: list[str]) -> None:
+        """A stream of the tenant started on these jobs (a resume may have sent no state
+        of them)."""
         for job_id in job_ids:
-            self._watch(queue, job_id)
+            self._watch(queue, (tenant, job_id))
 
     def leave(self, queue: StreamQueue) -> None:
         """The stream ended: its watches go."""
-        for job_id in self._by_queue.pop(queue, set()):
-            self._unwatch(queue, job_id)
+        for key in self._by_queue.pop(queue, set()):
+            self._unwatch(queue, key)
 
-    def _watch(self, queue: StreamQueue, job_id: str) -> None:
-        self._watches.setdefault(job_id, {})[queue] = None
-        self._by_queue.setdefault(queue, set()).add(job_id)
-        self._fresh.add(job_id)
+    def _watch(self, queue: StreamQueue, key: JobKey) -> None:
+        self._watches.setdefault(key, {})[queue] = None
+        self._by_queue.setdefault(queue, set()).add(key)
+        self._fresh.add(key)
         self._wake.set()
 
-    def _shown(self, queue: StreamQueue, frame: Frame) -> None:
-        watchers = self._watches.get(frame.job_id)
+    def _shown(self, queue: StreamQueue, key: JobKey, frame: Frame) -> None:
+        watchers = self._watches.get(key)
         if watchers is not None and queue in watchers:
             data = json.loads(frame.data)
             held = (data["queue_position"], data["starts_in_s"])
             watchers[queue] = Place("queued", frame.seq, frame.epoch, *held)
 
-    def _unwatch(self, queue: StreamQueue, job_id: str) -> None:
-        watchers = self._watches.get(job_id)
+    def _unwatch(self, queue: StreamQueue, key: JobKey) -> None:
+        watchers = self._watches.get(key)
         if watchers is not None:
             watchers.pop(queue, None)
             if not watchers:
-                del self._watches[job_id]
-                self._live.discard(job_id)
-                self._looked.pop(job_id, None)
-                self._fresh.discard(job_id)
+                del self._watches[key]
+                self._live.discard(key)
+                self._looked.pop(key, None)
+                self._fresh.discard(key)
         jobs = self._by_queue.get(queue)
         if jobs is not None:
-            jobs.discard(job_id)
+            jobs.discard(key)
 
     # -- the ticker ----------------------------------------------------------------
 
@@ -244,7 +248,7 @@ class Line:
             if ask:
                 await self._tick(ask)
 
-    async def _tick(self, job_ids: set[str]) -> None:
+    async def _tick(self, job_ids: set[JobKey]) -> None:
         try:
             found = await self.places(job_ids)
         except (RedisError, OSError) as exc:
@@ -267,7 +271,7 @@ class Line:
             if place is not None and not self._rose(job_id, place):
                 self._deliver(job_id, place)
 
-    def _rose(self, job_id: str, place: Place) -> bool:
+    def _rose(self, job_id: JobKey, place: Place) -> bool:
         """Is the job further back than at the last look? Then it is sent once the next
         look agrees: an attempt that just ended stays in arq's set for a moment after its
         lease went (arq removes it after the job function returned), and looks ahead."""
@@ -277,7 +281,7 @@ class Line:
             return False
         return (place.position or 0) > (before.position or place.position or 0)
 
-    def _deliver(self, job_id: str, place: Place) -> None:
+    def _deliver(self, job_id: JobKey, place: Place) -> None:
         """One frame, shared by every watching stream whose client's place it changes."""
         watchers = self._watches.get(job_id)
         if not watchers:
@@ -287,30 +291,31 @@ class Line:
             if not place.in_line:
                 watchers[queue] = None  # its status event clears the client's place
             elif moved(last, place):  # ``last``: what the stream sent (``note``)
-                frame = frame or place_frame(job_id, place)
+                frame = frame or place_frame(job_id[1], place)
                 queue.put(frame)
                 self.sent += 1
 
     # -- asking Redis ----------------------------------------------------------------
 
-    async def show(self, snaps: list[JobSnapshot]) -> list[JobSnapshot]:
-        """``snaps`` with the places of the queued ones (what reads answer); without them
-        when Redis cannot say (the snapshot is worth more than its place)."""
+    async def show(self, tenant: str, snaps: list[JobSnapshot]) -> list[JobSnapshot]:
+        """The tenant's ``snaps`` with the places of the queued ones (what reads answer);
+        without them when Redis cannot say (the snapshot is worth more than its place)."""
         try:
-            found = await self.places(s.id for s in snaps if s.status == JobStatus.QUEUED)
+            queued = [(tenant, s.id) for s in snaps if s.status == JobStatus.QUEUED]
+            found = await self.places(queued)
         except (RedisError, OSError) as exc:
             logger.warning("places in line not read for a read (%s)", exc)
             return snaps
         out = []
         for snap in snaps:
-            place = found.get(snap.id)
+            place = found.get((tenant, snap.id))
             if place is not None and place.in_line and snap.status == JobStatus.QUEUED:
                 update = {"queue_position": place.position, "starts_in_s": place.starts_in_s}
                 snap = snap.model_copy(update=update)  # shallow: the output is not copied
             out.append(snap)
         return out
 
-    async def places(self, job_ids: Iterable[str]) -> dict[str, Place]:
+    async def places(self, job_ids: Iterable[JobKey]) -> dict[JobKey, Place]:
         """The jobs' places as stored now (a job the store does not hold: absent).
         Joins the next call: one call per process in flight, however many ask."""
         want = list(job_ids)
@@ -340,17 +345,18 @@ class Line:
             finally:
                 answer.cancel()  # when cancelled itself (shutdown): no asker waits on
 
-    async def _read(self, job_ids: list[str]) -> dict[str, Place]:
-        found: dict[str, Place] = {}
+    async def _read(self, job_ids: list[JobKey]) -> dict[JobKey, Place]:
+        found: dict[JobKey, Place] = {}
         for at in range(0, len(job_ids), BATCH):
             found.update(await self._read_batch(job_ids[at : at + BATCH]))
         return found
 
-    async def _read_batch(self, job_ids: list[str]) -> dict[str, Place]:
+    async def _read_batch(self, job_ids: list[JobKey]) -> dict[JobKey, Place]:
         now = time.time()
         second = math.floor(now)
         counters = [self.keys.starts(s) for s in range(second - self.window_s + 1, second + 1)]
-        keys = [self.keys.queue, self.keys.leases, *map(self.keys.job, job_ids), *counters]
+        jobs = [self.keys.job(tenant, job_id) for tenant, job_id in job_ids]
+        keys = [self.keys.queue, self.keys.leases, *jobs, *counters]
         rows, counts = await self._script(keys=keys, args=[len(job_ids)])
         self.calls += 1
         self.asked += len(job_ids)
@@ -358,7 +364,9 @@ class Line:
         return dict(_places(job_ids, rows, rate))
 
 
-def _places(job_ids: list[str], rows: list[Any], rate: float | None) -> Iterable[tuple[str, Place]]:
+def _places(
+    job_ids: list[JobKey], rows: list[Any], rate: float | None
+) -> Iterable[tuple[JobKey, Place]]:
     for i, job_id in enumerate(job_ids):
         status, seq, epoch, position = rows[4 * i : 4 * i + 4]
         if not status:
@@ -368,6 +376,6 @@ def _places(job_ids: list[str], rows: list[Any], rate: float | None) -> Iterable
         yield job_id, place
 
 
-def _seen(answer: asyncio.Future[dict[str, Place]]) -> None:
+def _seen(answer: asyncio.Future[dict[JobKey, Place]]) -> None:
     if not answer.cancelled():
         answer.exception()  # retrieved: every asker may have left

@@ -47,7 +47,8 @@ async def list_jobs(
                 return page, None
             offset += scanned
             stale += gone
-            last = await _fill(reads, page, _unserved(matches, after), limit, filters, stale)
+            todo = _unserved(matches, after)
+            last = await _fill(reads, tenant, page, todo, (limit, filters), stale)
             if last is not None:
                 return page, _encode_cursor(last[1], last[0])
     finally:
@@ -64,17 +65,20 @@ def _unserved(entries: list[Entry], after: tuple[int, str] | None) -> list[Entry
 
 async def _fill(
     reads: BulkReads,
+    tenant: str,
     page: list[JobSnapshot],
     entries: list[Entry],
-    limit: int,
-    filters: tuple[str, str],
+    wanted: tuple[int, tuple[str, str]],
     stale: list[str],
 ) -> Entry | None:
-    """Read ``entries`` whole, as many at a time as the page still needs, into ``page``;
-    the entry that filled it, if one did."""
+    """Read the tenant's ``entries`` whole, as many at a time as the page still needs
+    (``wanted``: the page's size and filters), into ``page``; the entry that filled it,
+    if one did."""
+    limit, filters = wanted
     while entries:
         todo, entries = entries[: limit - len(page)], entries[limit - len(page) :]
-        for entry, fields in zip(todo, await reads.load_many([j for j, _ in todo]), strict=True):
+        found = await reads.load_many(tenant, [j for j, _ in todo])
+        for entry, fields in zip(todo, found, strict=True):
             if fields is None:
                 stale.append(entry[0])
             elif _matches(fields, *filters):  # again: it may have moved on since

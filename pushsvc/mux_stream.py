@@ -103,7 +103,7 @@ class MuxStream(_Stream):
             self.sent[job_id] = StreamPosition(snap.seq, snap.epoch)
             out.append(snapshot_frame(snap, tpos, reset))
             if snap.status.terminal:
-                last = await self.reads.last_event(job_id)
+                last = await self.reads.last_event(self.tenant, job_id)
                 out.append(terminal_frame(snap, last, tpos))
                 self.finished.add(job_id)
             else:

@@ -103,14 +103,14 @@ class PublishCall:
         enq = self.enqueue
         owner = turn_owner(self.tenant, settings)
         return [
-            keys.job(self.job_id),
-            keys.job_log(self.job_id),
+            keys.job(self.tenant, self.job_id),
+            keys.job_log(self.tenant, self.job_id),
             keys.tenant_log(self.tenant),
             keys.tenant_position(self.tenant),
             keys.leases,
             enq.target if enq else keys.leases,
             enq.key if enq else keys.leases,
-            keys.job_output(self.job_id),
+            keys.job_output(self.tenant, self.job_id),
             keys.tenant_running(self.tenant),
             keys.stats,
             keys.epoch,
@@ -138,7 +138,7 @@ class PublishCall:
             self._body(self.data),
             ",".join(self.expect),
             self.delta,
-            keys.job_channel(self.job_id),
+            keys.job_channel(self.tenant, self.job_id),
             keys.tenant_channel(self.tenant),
             writer.arq_id if writer else "",
             "" if self.lease_until_ms is None else int(self.lease_until_ms),

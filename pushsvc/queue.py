@@ -189,7 +189,8 @@ class Queue:
         now_ms = timestamp_ms()
         defer_ms = int(defer_s * 1000)
         owner, slot = turn_owner(tenant, self.settings), turn_slot(tenant, self.settings)
-        payload = serialize_job(RUN_FUNCTION, (job_id,), {}, None, now_ms, serializer=serialize)
+        args = (job_id, tenant)
+        payload = serialize_job(RUN_FUNCTION, args, {}, None, now_ms, serializer=serialize)
         key, px = job_key_prefix + arq_id, defer_ms + expires_extra_ms
         if defer_ms > 0:
             member, due = f"{priority}|{arq_id}|{owner}", now_ms + defer_ms
@@ -214,6 +215,15 @@ class Queue:
             # arq removes entries only for attempts it sees; drop the ones it never will.
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
+
+    async def tenant_of(self, arq_id: str) -> str | None:
+        """The tenant an attempt's arq job names (its arguments: job id, tenant), while
+        arq keeps it; None for one it no longer keeps, or one queued before it named it."""
+        record = await self.redis.get(record_key(arq_id))
+        if record is None:
+            return None
+        args = deserialize(record).get("a") or []
+        return str(args[1]) if len(args) > 1 else None
 
     async def forget(self, arq_id: str, priority: str, tenant: str) -> None:
         """Drop an attempt that will never run (cancelled while queued, or its worker

@@ -48,10 +48,13 @@ class BulkReads:
     def __init__(self, store: JobStore, settings: Settings) -> None:
         self.store = store
         self._gate = asyncio.Semaphore(settings.bulk_read_concurrency)
-        self._boarding: dict[str, asyncio.Task[StoredJob | None]] = {}  # not sent yet
+        # Reads not sent yet, by (tenant, job id).
+        self._boarding: dict[tuple[str, str], asyncio.Task[StoredJob | None]] = {}
         self._flights: set[asyncio.Task[StoredJob | None]] = set()
         # The latest read of each job, while a stream still sends it (weak: no longer).
-        self._recent: weakref.WeakValueDictionary[str, StoredJob] = weakref.WeakValueDictionary()
+        self._recent: weakref.WeakValueDictionary[tuple[str, str], StoredJob] = (
+            weakref.WeakValueDictionary()
+        )
         self.reads = 0  # snapshot reads sent (metrics)
         self.joined = 0  # snapshot reads a stream joined instead
 
@@ -63,12 +66,13 @@ class BulkReads:
             flight.cancel()
         await asyncio.gather(*self._flights, return_exceptions=True)
 
-    async def job(self, job_id: str) -> StoredJob | None:
-        """The job as stored now (None: unknown), read after this call began."""
-        flight = self._boarding.get(job_id)
+    async def job(self, tenant: str, job_id: str) -> StoredJob | None:
+        """The tenant's job as stored now (None: unknown), read after this call began."""
+        key = (tenant, job_id)
+        flight = self._boarding.get(key)
         if flight is None:
-            flight = asyncio.create_task(self._read_job(job_id), name="pushsvc-read")
-            self._boarding[job_id] = flight
+            flight = asyncio.create_task(self._read_job(key), name="pushsvc-read")
+            self._boarding[key] = flight
             self._flights.add(flight)
             flight.add_done_callback(self._landed)
         else:
@@ -76,29 +80,29 @@ class BulkReads:
         # shield: a stream that leaves does not cancel the read for the others.
         return await asyncio.shield(flight)
 
-    async def _read_job(self, job_id: str) -> StoredJob | None:
+    async def _read_job(self, key: tuple[str, str]) -> StoredJob | None:
         try:
             async with self._gate:
-                self._close_boarding(job_id)  # sent from here on: later askers read anew
+                self._close_boarding(key)  # sent from here on: later askers read anew
                 self.reads += 1
-                found = await self.store.load_with_last(job_id)
+                found = await self.store.load_with_last(*key)
         finally:
-            self._close_boarding(job_id)
+            self._close_boarding(key)
         if found is None:
             return None
         fields, last = found
         stored = StoredJob(fields.get("tenant", ""), to_snapshot(fields), last)
-        self._recent[job_id] = stored
+        self._recent[key] = stored
         return stored
 
-    def recent(self, job_id: str) -> StoredJob | None:
+    def recent(self, tenant: str, job_id: str) -> StoredJob | None:
         """The job's latest read that a stream is still sending, if any (no I/O: it may
         be older than the store; see JobStream._fresh)."""
-        return self._recent.get(job_id)
+        return self._recent.get((tenant, job_id))
 
-    def _close_boarding(self, job_id: str) -> None:
-        if self._boarding.get(job_id) is asyncio.current_task():
-            del self._boarding[job_id]
+    def _close_boarding(self, key: tuple[str, str]) -> None:
+        if self._boarding.get(key) is asyncio.current_task():
+            del self._boarding[key]
 
     def _landed(self, flight: asyncio.Task[StoredJob | None]) -> None:
         self._flights.discard(flight)
@@ -108,10 +112,10 @@ class BulkReads:
     # The other reads only pass the gate: each caller's own (positions differ).
 
     async def events_after(
-        self, job_id: str, after: StreamPosition, limit: int
+        self, tenant: str, job_id: str, after: StreamPosition, limit: int
     ) -> tuple[list[Frame], str] | None:
         async with self._gate:
-            return await self.store.events_after(job_id, after, limit)
+            return await self.store.events_after(tenant, job_id, after, limit)
 
     async def tenant_events_after(
         self, tenant: str, after: StreamPosition, limit: int
@@ -131,13 +135,13 @@ class BulkReads:
         async with self._gate:
             return await self.store.heads(tenant, job_ids)
 
-    async def last_event(self, job_id: str) -> Frame | None:
+    async def last_event(self, tenant: str, job_id: str) -> Frame | None:
         async with self._gate:
-            return await self.store.last_event(job_id)
+            return await self.store.last_event(tenant, job_id)
 
-    async def load_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
+    async def load_many(self, tenant: str, job_ids: list[str]) -> list[dict[str, Any] | None]:
         async with self._gate:
-            return await self.store.load_many(job_ids)
+            return await self.store.load_many(tenant, job_ids)
 
     async def scan_index(
         self, tenant: str, max_score: int, window: tuple[int, int], filters: tuple[str, str]

@@ -206,6 +206,15 @@ class Settings(BaseSettings):
             keys[key.strip()] = tenant.strip()
         return keys
 
+    @field_validator("api_keys")
+    @classmethod
+    def _tenant_names(cls, value: dict[str, str]) -> dict[str, str]:
+        # A tenant's keys share a Redis Cluster hash tag, {<tenant>}: no braces in it.
+        for tenant in value.values():
+            if "{" in tenant or "}" in tenant:
+                raise ValueError(f"PUSHSVC_API_KEYS: a tenant name has no braces: {tenant!r}")
+        return value
+
     @field_validator("llm_retry_windows", mode="before")
     @classmethod
     def _parse_windows(cls, value: object) -> object:

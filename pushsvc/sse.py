@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .api import get_owned_head, missing_job, services
+from .api import get_owned_head, missing_job, not_theirs, services
 from .auth import TENANT_SCOPE, job_scope
 from .epoch import StreamPosition
 from .errors import BadRequest, NotFound, RateLimited, Unavailable, ValidationFailed
@@ -158,7 +158,7 @@ async def _resumed_head(
         return await get_owned_head(svc, tenant, job_id)
     _valid_id(job_id)
     head = (await svc.reads.heads(tenant, [job_id]))[1][job_id]
-    if head is not None and head.tenant != tenant:
+    if head is None and await not_theirs(svc, tenant, [job_id]):
         raise NotFound(f"no job {job_id!r}", code="job_not_found")
     return head
 
@@ -193,8 +193,10 @@ async def many_events(request: Request) -> Response:
     for job_id, head in heads.items():
         if head is None and last_id is None:
             raise await missing_job(svc, job_id)
-        if head is not None and head.tenant != tenant:  # a resume may name a lost job
-            raise NotFound(f"no job {job_id!r}", code="job_not_found")
+    # A resume may name a job the store lost, never another tenant's.
+    unknown = [job_id for job_id, head in heads.items() if head is None]
+    if unknown and (foreign := await not_theirs(svc, tenant, unknown)):
+        raise NotFound(f"no job {foreign!r}", code="job_not_found")
     await _bus_ready(svc)
     ended = last_id is not None and last_id.same_history(tpos.epoch)
     if last_id is not None and heads and ended and await _all_ended_before(svc, heads, last_id):
@@ -210,7 +212,7 @@ async def _all_ended_before(
     for job_id, head in heads.items():
         if head is None or not head.status.terminal:
             return False
-        last = await svc.reads.last_event(job_id)
+        last = await svc.reads.last_event(head.tenant, job_id)
         if last is None or last.tseq > cursor.seq:
             return False
     return True

@@ -221,10 +221,7 @@ class StatsReader:
         """Every running attempt: its job, how long since its last event, its tenant."""
         members = await self.redis.zrange(self.keys.leases, 0, -1)
         job_ids = [m.decode().rsplit(".", 1)[0] for m in members]
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), ["updated_at", "tenant"])
-            found = await pipe.execute()
+        found = await self._read_jobs(job_ids, ["updated_at", "tenant"])
         return [
             Running(j, now - int(u) / 1000, t.decode())
             for j, (u, t) in zip(job_ids, found, strict=True)
@@ -244,10 +241,8 @@ class StatsReader:
         waiting = [m.decode() for m in queued if m not in running]
         backoff = [m.decode().split("|")[1] for m in delayed]
         arq_ids = waiting + backoff
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for arq_id in arq_ids:
-                pipe.hget(self.keys.job(arq_id.rsplit(".", 1)[0]), "tenant")
-            tenants = await pipe.execute()
+        job_ids = [arq_id.rsplit(".", 1)[0] for arq_id in arq_ids]
+        tenants = [t for (t,) in await self._read_jobs(job_ids, ["tenant"])]
         records = await self.redis.mget([record_key(m) for m in waiting]) if waiting else []
         figures: dict[str, dict[str, Any]] = {}
         ages = [queued_age(r, now) for r in records] + [None] * len(backoff)
@@ -262,6 +257,17 @@ class StatsReader:
                 oldest = mine["oldest_queued_age_s"]
                 mine["oldest_queued_age_s"] = round(max(age, oldest or age), 3)
         return figures
+
+    async def _read_jobs(self, job_ids: list[str], names: list[str]) -> list[list[Any]]:
+        """Fields of jobs known by id alone (None each: unknown, or gone): whose each is
+        (keys.job_tenant), then the fields from its tenant's keys."""
+        if not job_ids:
+            return []
+        owners = await self.redis.mget([self.keys.job_tenant(j) for j in job_ids])
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for job_id, owner in zip(job_ids, owners, strict=True):
+                pipe.hmget(self.keys.job(owner.decode() if owner else "", job_id), names)
+            return list(await pipe.execute())
 
     async def _workers(self, now: float) -> int:
         since = (now - self.settings.alert_workers_absent_s) * 1000

@@ -83,11 +83,15 @@ class JobStore:
             index_score=int(fields["created_at"] * 1000),
         )
         keys, args = call.layout(self.keys, self.settings)
+        # Whose the job is, for readers that know only its id; written first (a crash
+        # between leaves a name that expires, never a job no one can place).
+        await self.remember_tenant(tenant, job_id)
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index]
         created, found = await self._create(keys=keys, args=args)
         if created:
             return Created(job_id, None, found.decode())
+        await self.redis.delete(self.keys.job_tenant(job_id))  # a replay: no such job
         earlier, _, fingerprint = found.decode().partition(" ")
         return Created(earlier, fingerprint)
 
@@ -145,6 +149,7 @@ class JobStore:
     async def repair(self, call: PublishCall) -> Reply:
         """Rewrite a job its worker holds (lua/repair.lua): ``Published`` under a fresh
         epoch, or ``Rejected`` when the attempt is no longer the writer's."""
+        await self.remember_tenant(call.tenant, call.job_id)  # it may be lost with the job
         keys, args = call.layout(self.keys, self.settings)
         keys.append(self.keys.tenant_index(call.tenant))
         return self._reply(await self._repair(keys=keys, args=args))
@@ -165,20 +170,36 @@ class JobStore:
             return Diverged(JobStatus(reply[1].decode()), position)
         return Rejected(JobStatus(reply[1].decode()))
 
-    async def load(self, job_id: str) -> dict[str, Any] | None:
-        """All stored fields of a job (payload, tenant and arq id included), or None."""
+    async def load(self, tenant: str, job_id: str) -> dict[str, Any] | None:
+        """All stored fields of the tenant's job (payload and arq id included), or None."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.job(job_id))
-            pipe.get(self.keys.job_output(job_id))
+            pipe.hgetall(self.keys.job(tenant, job_id))
+            pipe.get(self.keys.job_output(tenant, job_id))
             raw, output = await pipe.execute()
         return decode_fields(raw, output) if raw else None
 
-    async def load_many(self, job_ids: list[str]) -> list[dict[str, Any] | None]:
-        """:meth:`load` of several jobs in one round trip."""
+    async def remember_tenant(self, tenant: str, job_id: str) -> None:
+        """Note whose the job is (keys.job_tenant), for as long as a job is kept."""
+        await self.redis.set(self.keys.job_tenant(job_id), tenant, ex=self.settings.job_ttl_s)
+
+    async def tenants_of(self, job_ids: list[str]) -> list[str | None]:
+        """Whose each job is (None: unknown, or expired), for readers that know only ids."""
+        if not job_ids:
+            return []
+        names = await self.redis.mget([self.keys.job_tenant(j) for j in job_ids])
+        return [n.decode() if n is not None else None for n in names]
+
+    async def load_by_id(self, job_id: str) -> dict[str, Any] | None:
+        """:meth:`load` of a job whose tenant the caller does not know (the lease reaper)."""
+        (tenant,) = await self.tenants_of([job_id])
+        return None if tenant is None else await self.load(tenant, job_id)
+
+    async def load_many(self, tenant: str, job_ids: list[str]) -> list[dict[str, Any] | None]:
+        """:meth:`load` of several of the tenant's jobs in one round trip."""
         async with self.redis.pipeline(transaction=True) as pipe:
             for job_id in job_ids:
-                pipe.hgetall(self.keys.job(job_id))
-                pipe.get(self.keys.job_output(job_id))
+                pipe.hgetall(self.keys.job(tenant, job_id))
+                pipe.get(self.keys.job_output(tenant, job_id))
             replies = await pipe.execute()
         return [
             decode_fields(raw, output) if raw else None
@@ -191,7 +212,7 @@ class JobStore:
         """One batch of the tenant's index, newest first (lua/scan.lua): how many entries of
         ``window`` (offset, count) there were, those whose job matches ``filters`` (status,
         type; '' matches any) as (id, score), and the ids of jobs gone."""
-        args: list[str | int] = [self.keys.job(""), max_score, *window, *filters]
+        args: list[str | int] = [self.keys.job(tenant, ""), max_score, *window, *filters]
         scanned, matches, gone = await self._scan(keys=[self.keys.tenant_index(tenant)], args=args)
         ids, scores = matches[::2], matches[1::2]
         found = [(m.decode(), int(float(s))) for m, s in zip(ids, scores, strict=True)]
@@ -204,7 +225,7 @@ class JobStore:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.hmget(self.keys.tenant_position(tenant), ["seq", "epoch"])
             for job_id in job_ids:
-                pipe.hmget(self.keys.job(job_id), ["tenant", "status", "seq", "epoch"])
+                pipe.hmget(self.keys.job(tenant, job_id), ["tenant", "status", "seq", "epoch"])
             (tseq, tepoch), *rows = await pipe.execute()
         heads: dict[str, JobHead | None] = {}
         for job_id, (owner, status, seq, epoch) in zip(job_ids, rows, strict=True):
@@ -214,12 +235,14 @@ class JobStore:
                 heads[job_id] = JobHead(owner.decode(), JobStatus(status.decode()), position)
         return StreamPosition(int(tseq or 0), (tepoch or b"").decode()), heads
 
-    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], Frame | None] | None:
+    async def load_with_last(
+        self, tenant: str, job_id: str
+    ) -> tuple[dict[str, Any], Frame | None] | None:
         """:meth:`load` and the job's last logged event, read together."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.job(job_id))
-            pipe.get(self.keys.job_output(job_id))
-            pipe.xrevrange(self.keys.job_log(job_id), "+", "-", count=1)
+            pipe.hgetall(self.keys.job(tenant, job_id))
+            pipe.get(self.keys.job_output(tenant, job_id))
+            pipe.xrevrange(self.keys.job_log(tenant, job_id), "+", "-", count=1)
             raw, output, entries = await pipe.execute()
         if not raw:
             return None
@@ -247,20 +270,20 @@ class JobStore:
 
     async def snapshot(self, job_id: str, tenant: str) -> JobSnapshot | None:
         """The tenant's job, or None when it is unknown or belongs to another tenant."""
-        fields = await self.load(job_id)
+        fields = await self.load(tenant, job_id)
         if fields is None or fields.get("tenant") != tenant:
             return None
         return to_snapshot(fields)
 
     async def events_after(
-        self, job_id: str, after: StreamPosition, limit: int | None = None
+        self, tenant: str, job_id: str, after: StreamPosition, limit: int | None = None
     ) -> tuple[list[Frame], str] | None:
         """The job's logged events after ``after`` (the first ``limit``) and the job's
         epoch, or None when the log cannot continue from there: another epoch, a seq the
         store does not hold (ahead of it: history was rewound), or events no longer kept."""
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xrange(self.keys.job_log(job_id), f"({_sid(after.seq)}", "+", count=limit)
-            pipe.hmget(self.keys.job(job_id), ["seq", "epoch"])
+            pipe.xrange(self.keys.job_log(tenant, job_id), f"({_sid(after.seq)}", "+", count=limit)
+            pipe.hmget(self.keys.job(tenant, job_id), ["seq", "epoch"])
             entries, (seq_b, epoch_b) = await pipe.execute()
         epoch = (epoch_b or b"").decode()
         if not _continues(after, entries, int(seq_b or 0), epoch):
@@ -298,8 +321,9 @@ class JobStore:
         ]
         return frames, tepoch
 
-    async def last_event(self, job_id: str) -> Frame | None:
-        entries = await self.redis.xrevrange(self.keys.job_log(job_id), "+", "-", count=1)
+    async def last_event(self, tenant: str, job_id: str) -> Frame | None:
+        log = self.keys.job_log(tenant, job_id)
+        entries = await self.redis.xrevrange(log, "+", "-", count=1)
         return _last_frame(job_id, entries)
 
     async def read_view(
@@ -310,9 +334,9 @@ class JobStore:
         history is no longer ``since_epoch``, were written in the new one."""
         keys = [self.keys.tenant_position(tenant), self.keys.tenant_index(tenant)]
         prefixes: list[str | int] = [
-            self.keys.job(""),
+            self.keys.job(tenant, ""),
             recent,
-            self.keys.job_output(""),
+            self.keys.job_output(tenant, ""),
             since_epoch,
         ]
         reply = await self._read(keys=keys, args=[*prefixes, *job_ids])

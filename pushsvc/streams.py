@@ -120,7 +120,7 @@ class _Stream:
             return False
         if out:
             if self.line is not None:
-                self.line.note(self.queue, out)
+                self.line.note(self.queue, self.tenant, out)
             writer.write_now(b"".join([f.sse(self.by_tseq) for f in out]))
         return True
 
@@ -212,8 +212,8 @@ class _Stream:
         started on, and those whose snapshot or status it sends."""
         if self.line is not None:
             if started:
-                self.line.follow(self.queue, self.followed())
-            self.line.note(self.queue, out)
+                self.line.follow(self.queue, self.tenant, self.followed())
+            self.line.note(self.queue, self.tenant, out)
 
     def _wait_for_redis(
         self,

@@ -69,9 +69,12 @@ class Runner:
         await self.leases.stop()
         await self.resources.aclose()
 
-    async def run(self, ctx: dict[str, Any], job_id: str) -> None:
+    async def run(self, ctx: dict[str, Any], job_id: str, tenant: str | None = None) -> None:
         arq_id: str = ctx["job_id"]
-        fields = await self.store.load(job_id)
+        if tenant is None:  # queued by a version before the tenant-tagged keys
+            logger.warning("job %s: queued by an earlier version; not found in this one", job_id)
+            return
+        fields = await self.store.load(tenant, job_id)
         if fields is None or fields.get("arq_id") != arq_id:
             return  # expired, or a stale arq run of an attempt that was superseded
         if fields.get("cancel") == "1":  # cancel asked while an earlier attempt ran
@@ -79,6 +82,7 @@ class Runner:
             self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return
         with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
+            await self.store.remember_tenant(fields["tenant"], job_id)  # kept while it runs
             attempt = await self._start(fields, arq_id)
             if attempt is None:
                 return
@@ -248,7 +252,7 @@ class Runner:
     ) -> Transition:
         """The job handed to a new arq job, visible as a ``status`` event; a cancel asked
         during this attempt wins over the retry."""
-        current = await self.store.load(fields["id"])
+        current = await self.store.load(fields["tenant"], fields["id"])
         if current is not None and current.get("cancel") == "1":
             self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return transitions.cancelled()
@@ -266,7 +270,7 @@ class Runner:
         await ctx.close()
         if ctx.superseded:
             return
-        current = await self.store.load(ctx.job_id)
+        current = await self.store.load(ctx.tenant, ctx.job_id)
         if current is not None and current.get("cancel") == "1":
             await ctx.flush()
             self.metrics.outcomes.labels(ctx.fields["type"], "cancelled").inc()

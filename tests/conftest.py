@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 # The built-in types, for the tests that read ``jobs.registry`` without an entry point
 # (``jobs.load_job_modules``) having filled it.
 from pushsvc import llm_jobs, ticker  # noqa: F401
+from pushsvc.auth import LOCAL_TENANT
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.settings import Settings
@@ -108,8 +109,9 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
 class Client:
     """httpx against a running API, as one tenant, with event-driven waits."""
 
-    def __init__(self, http: httpx.AsyncClient, redis: Redis, namespace: str) -> None:
+    def __init__(self, http: httpx.AsyncClient, redis: Redis, namespace: str, tenant: str) -> None:
         self.http, self.redis, self.keys = http, redis, Keys(namespace)
+        self.tenant = tenant  # whose jobs its key makes (their keys carry it)
 
     async def submit(self, type_: str, payload: dict[str, Any], **kw: Any) -> dict[str, Any]:
         resp = await self.http.post("/v1/jobs", json={"type": type_, "payload": payload}, **kw)
@@ -131,7 +133,7 @@ class Client:
     ) -> dict[str, Any]:
         """Wait for a snapshot matching ``until``, woken by the job's pub/sub channel."""
         async with asyncio.timeout(timeout), self.redis.pubsub() as pubsub:
-            await pubsub.subscribe(self.keys.job_channel(job_id))
+            await pubsub.subscribe(self.keys.job_channel(self.tenant, job_id))
             while True:
                 job = await self.get(job_id)  # read after subscribing: no missed change
                 if until(job):
@@ -142,14 +144,14 @@ class Client:
         """The job's stored event log as (kind, data) pairs."""
         import json
 
-        entries = await self.redis.xrange(self.keys.job_log(job_id))
+        entries = await self.redis.xrange(self.keys.job_log(self.tenant, job_id))
         return [(f[b"k"].decode(), json.loads(f[b"d"])) for _, f in entries]
 
 
 def make_client(api_url: str, key: str | None, redis: Redis, namespace: str) -> Client:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     http = httpx.AsyncClient(base_url=api_url, headers=headers, timeout=10)
-    return Client(http, redis, namespace)
+    return Client(http, redis, namespace, TENANTS.get(key or "", LOCAL_TENANT))
 
 
 @pytest.fixture

@@ -73,7 +73,7 @@ async def test_a_finished_job_cannot_be_cancelled(store: JobStore) -> None:
 async def test_a_failed_job_runs_again_but_a_queued_one_does_not(store: JobStore) -> None:
     job_id, queue = await new_job(store, "failed")
     await actions.retry(store, queue, "t", job_id, JobStatus.FAILED)
-    fields = await store.load(job_id)
+    fields = await store.load("t", job_id)
     assert fields is not None and fields["status"] == "queued" and fields["run"] == 2
     with pytest.raises(Conflict):
         await actions.retry(store, queue, "t", job_id, JobStatus.QUEUED)

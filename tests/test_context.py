@@ -36,7 +36,7 @@ async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> 
     await ctx.flush()
     await ctx.close()
     flushes_allowed = (time.monotonic() - started) * 10 + 2
-    found = await store.events_after(job["id"], StreamPosition(1))
+    found = await store.events_after(job["tenant"], job["id"], StreamPosition(1))
     assert found is not None
     assert len(found[0]) <= 2 * flushes_allowed  # each flush: one progress, one output
     snap = await store.snapshot(job["id"], "t")
@@ -56,7 +56,7 @@ async def test_a_flush_sends_progress_and_the_text_since_as_one_call(store: JobS
     first = ctx.writer.known
     calls, events = await script_calls(store), store.published
     async with store.redis.pubsub() as sub:
-        await sub.subscribe(store.keys.job_channel(job["id"]))
+        await sub.subscribe(store.keys.job_channel(job["tenant"], job["id"]))
         await sub.get_message(timeout=5)  # the subscribe confirmation
         await ctx.output("a")
         await ctx.progress(20, stage="answering")
@@ -67,7 +67,7 @@ async def test_a_flush_sends_progress_and_the_text_since_as_one_call(store: JobS
     assert await script_calls(store) == calls + 1  # one round trip, one script run
     assert store.published == events + 2  # two events
     assert first is not None
-    found = await store.events_after(job["id"], first)
+    found = await store.events_after(job["tenant"], job["id"], first)
     assert found is not None
     events = [(f.seq, f.kind, json.loads(f.data)) for f in found[0]]
     assert [(seq, kind) for seq, kind, _ in events] == [
@@ -87,7 +87,9 @@ async def test_a_flush_to_a_store_that_lost_the_job_rewrites_it_with_its_text_on
     job = await new_job(store)
     ctx = JobContext(store, job, rate_hz=0.001)
     await ctx.output("ab")
-    await store.redis.delete(store.keys.job(job["id"]), store.keys.job_output(job["id"]))
+    await store.redis.delete(
+        store.keys.job(job["tenant"], job["id"]), store.keys.job_output(job["tenant"], job["id"])
+    )
     await ctx.output("cd")
     await ctx.progress(50)
     await ctx.flush()

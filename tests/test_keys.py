@@ -40,4 +40,4 @@ def test_no_two_uses_share_a_name() -> None:
 def test_namespaces_do_not_overlap() -> None:
     assert not set(every_name(Keys("a")).values()) & set(every_name(Keys("b")).values())
     assert Keys().queue == "pushsvc:queue"
-    assert Keys("n").job("j1") != Keys("n").job("j2")
+    assert Keys("n").job("t", "j1") != Keys("n").job("t", "j2") != Keys("n").job("u", "j1")

@@ -43,7 +43,10 @@ async def test_a_lease_lapses_lease_s_from_now(store: JobStore) -> None:
 
 
 @pytest.mark.timeout(20)
-async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore) -> None:
+@pytest.mark.parametrize("named", [True, False], ids=["named", "its-name-expired"])
+async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore, named: bool) -> None:
+    """Found by the job's tenant name (keys.job_tenant), or, when that expired (an
+    attempt that ran longer than the jobs' TTL), by its arq job's arguments."""
     job_id = secrets.token_hex(8)
     arq_id = f"{job_id}.1"
     fields = {
@@ -62,6 +65,8 @@ async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore) -> No
     }
     queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
     await store.create("t", fields, queue.prepare(arq_id, job_id, tenant="t"), None)
+    if not named:
+        assert await store.redis.delete(store.keys.job_tenant(job_id)) == 1
     gone = f"{secrets.token_hex(8)}.1"
     await store.redis.zadd(store.keys.leases, {arq_id: 1, gone: 1})
     assert await leases_of(store).reap() == 1

@@ -77,9 +77,9 @@ async def test_filters_and_pages_across_batches_read_only_the_matches(
     loaded: list[str] = []
     load_many = store.load_many
 
-    async def counted(job_ids: list[str]) -> list[dict[str, Any] | None]:
+    async def counted(tenant: str, job_ids: list[str]) -> list[dict[str, Any] | None]:
         loaded.extend(job_ids)
-        return await load_many(job_ids)
+        return await load_many(tenant, job_ids)
 
     monkeypatch.setattr(store, "load_many", counted)
     reads = BulkReads(store, store.settings)
@@ -98,7 +98,7 @@ async def test_filters_and_pages_across_batches_read_only_the_matches(
 async def test_expired_jobs_are_pruned_from_the_index(store: JobStore) -> None:
     jobs = await add_jobs(store, 10)
     gone = [jobs[2]["id"], jobs[5]["id"]]
-    await store.redis.delete(*(store.keys.job(j) for j in gone))
+    await store.redis.delete(*(store.keys.job(jobs[0]["tenant"], j) for j in gone))
     reads = BulkReads(store, store.settings)
     kept = [j for j in jobs if j["id"] not in gone]
     assert await list_all(reads, 3, type_="ticker") == newest_first(

@@ -59,7 +59,7 @@ async def test_a_named_resume_reads_past_pages_of_other_jobs(
     the last event the stream sent (that page would be read again and again)."""
     client = client_factory("key-k")
     other = await client.wait((await client.submit("ticker", MANY))["id"])
-    first = await client.redis.xrange(client.keys.job_log(other["id"]), count=1)
+    first = await client.redis.xrange(client.keys.job_log(client.tenant, other["id"]), count=1)
     tseq = int(first[0][1][b"t"]) - 1  # the tenant's position before the other job
     tepoch = await client.redis.hget(client.keys.tenant_position("tenant-k"), "epoch")
     job = await client.wait((await client.submit("ticker", {"steps": 3}))["id"])

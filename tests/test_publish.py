@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from redis.crc import key_slot
 
 from pushsvc.epoch import StreamPosition
 from pushsvc.keys import Keys
@@ -46,7 +48,7 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
     k, a = lua_names("KEYS"), lua_names("ARGV")
     fields_from = int(re.search(r"FIELDS_FROM = (\d+)", LUA)[1])  # type: ignore[index]
     assert len(keys) == len(k) and len(args) == fields_from - 1 + 2  # one field pair
-    assert keys[k["K_JOB"]] == "ns:job:job-1" and keys[k["K_EPOCH"]] == "ns:epoch"
+    assert keys[k["K_JOB"]] == "ns:{tenant-a}:job:job-1" and keys[k["K_EPOCH"]] == "ns:epoch"
     assert keys[k["K_TPOS"]] == Keys("ns").tenant_position("tenant-a")
     expected = {
         "A_TTL": 99,
@@ -64,3 +66,35 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
     assert {name: args[a[name]] for name in expected} == expected
     assert args[fields_from - 1 :] == ["stage", '"half"']
     assert args[a["A_BODY"]].startswith('"job_id":"job-1"')  # the script prepends {"seq":N,
+
+
+# The keys of one publish call that live with the queue (arq's, the leases, the fair
+# share's turns, the figures) or with the whole store (its epoch): on a Redis Cluster
+# they are not in the tenant's slot. Every other key and channel must be.
+OUTSIDE_THE_TENANT = {
+    "K_LEASES", "K_QUEUE", "K_ARQ_JOB", "K_STATS", "K_EPOCH", "K_TURNS", "K_TENANT_TURNS",
+    "K_ARQ_QUEUE",
+}  # fmt: skip
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("tenant", ["tenant-a", "local", "a:b|c d", "ü"])
+def test_a_tenants_keys_and_channels_share_one_cluster_slot(tenant: str) -> None:
+    keys, k, a = Keys("ns"), lua_names("KEYS"), lua_names("ARGV")
+    call = PublishCall("job-1", tenant, "progress", {"progress": 50})
+    layout, args = call.layout(keys, Settings())
+    named = [layout[i] for name, i in k.items() if name not in OUTSIDE_THE_TENANT]
+    named += [args[a["A_JOB_CHANNEL"]], args[a["A_TENANT_CHANNEL"]]]
+    named += [keys.tenant_index(tenant), keys.idempotency(tenant, "d"), keys.tenant_running(tenant)]
+    named += [keys.submit_window(tenant, 1), keys.job_output(tenant, "job-2")]
+    assert len(named) == 13
+    assert {key_slot(n.encode()) for n in named} == {key_slot(tenant.encode())}
+    other = Keys("ns").job("tenant-b", "job-1")  # the same job id under another tenant
+    assert other != layout[k["K_JOB"]]
+
+
+@pytest.mark.timeout(10)
+def test_a_tenant_name_with_braces_is_refused() -> None:
+    """A brace would cut the hash tag short: the tenant's keys could land in many slots."""
+    with pytest.raises(ValidationError, match="no braces"):
+        Settings(api_keys="k1=acme,k2={evil}")

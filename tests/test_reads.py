@@ -38,13 +38,15 @@ class FakeStore:
     inside: int = 0
     most_inside: int = 0
 
-    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], None]:
+    async def load_with_last(self, _tenant: str, job_id: str) -> tuple[dict[str, Any], None]:
         self.sent.append(job_id)
         seq = len(self.sent)  # each read sees a later state than the one before
         await self._held()
         return {**JOB, "id": job_id, "seq": seq}, None
 
-    async def events_after(self, job_id: str, after: StreamPosition, limit: int) -> None:
+    async def events_after(
+        self, _tenant: str, job_id: str, after: StreamPosition, limit: int
+    ) -> None:
         await self._held()
 
     async def _held(self) -> None:
@@ -73,9 +75,9 @@ async def test_streams_asking_together_share_one_read() -> None:
     store = FakeStore()
     reads = reads_of(store)
     # Another job's read holds the gate: the next read of job j waits, boarding.
-    other = asyncio.create_task(reads.job("other"))
+    other = asyncio.create_task(reads.job("t", "other"))
     await until(lambda: store.sent == ["other"])
-    askers = [asyncio.create_task(reads.job("j")) for _ in range(3)]
+    askers = [asyncio.create_task(reads.job("t", "j")) for _ in range(3)]
     await until(lambda: reads.joined == 2)
     store.answers.put_nowait(None)  # "other" answers; j's one read goes out
     await until(lambda: store.sent == ["other", "j"])
@@ -93,9 +95,9 @@ async def test_a_read_already_sent_is_not_joined() -> None:
     may predate that, so it waits for a read of its own."""
     store = FakeStore()
     reads = reads_of(store, concurrency=2)  # the gate would let both reads out at once
-    first = asyncio.create_task(reads.job("j"))
+    first = asyncio.create_task(reads.job("t", "j"))
     await until(lambda: store.sent == ["j"])
-    second = asyncio.create_task(reads.job("j"))
+    second = asyncio.create_task(reads.job("t", "j"))
     await until(lambda: store.sent == ["j", "j"])
     for _ in range(2):
         store.answers.put_nowait(None)
@@ -108,7 +110,7 @@ async def test_a_read_already_sent_is_not_joined() -> None:
 async def test_a_stream_that_leaves_does_not_cancel_the_read_for_the_others() -> None:
     store = FakeStore()
     reads = reads_of(store)
-    leaving, staying = (asyncio.create_task(reads.job("j")) for _ in range(2))
+    leaving, staying = (asyncio.create_task(reads.job("t", "j")) for _ in range(2))
     await until(lambda: store.sent == ["j"])
     leaving.cancel()
     store.answers.put_nowait(None)
@@ -122,7 +124,7 @@ async def test_the_gate_lets_that_many_reads_out_at_once() -> None:
     store = FakeStore()
     reads = reads_of(store)
     waiting = [
-        asyncio.create_task(reads.events_after("j", StreamPosition(0), 10)) for _ in range(5)
+        asyncio.create_task(reads.events_after("t", "j", StreamPosition(0), 10)) for _ in range(5)
     ]
     for _ in waiting:
         await until(lambda: store.inside == 1)
@@ -136,10 +138,10 @@ class FailingReads:
 
     store: Any = None
 
-    def recent(self, job_id: str) -> StoredJob | None:
+    def recent(self, tenant: str, job_id: str) -> StoredJob | None:
         return None
 
-    async def job(self, job_id: str) -> StoredJob | None:
+    async def job(self, tenant: str, job_id: str) -> StoredJob | None:
         raise RedisConnectionError("No connection available.")
 
 
@@ -180,12 +182,12 @@ class LoggedStore:
     def __init__(self) -> None:
         self.reads = 0
 
-    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], None]:
+    async def load_with_last(self, _tenant: str, job_id: str) -> tuple[dict[str, Any], None]:
         self.reads += 1
         return {**JOB, "seq": 5, "epoch": "e1"}, None
 
     async def events_after(
-        self, job_id: str, after: StreamPosition, limit: int
+        self, _tenant: str, job_id: str, after: StreamPosition, limit: int
     ) -> tuple[list[Frame], str]:
         assert after == StreamPosition(5, "e1")
         return [Frame(0, seq, "progress", "j", f'{{"seq":{seq}}}', "e1") for seq in (6, 7)], "e1"
@@ -231,7 +233,7 @@ async def test_what_one_stream_adds_after_a_shared_snapshot_stays_its_own() -> N
 class RestartingStore(LoggedStore):
     """Redis unreachable for the first two reads (restarting), then there again."""
 
-    async def load_with_last(self, job_id: str) -> tuple[dict[str, Any], None]:
+    async def load_with_last(self, _tenant: str, job_id: str) -> tuple[dict[str, Any], None]:
         self.reads += 1
         if self.reads <= 2:
             raise RedisConnectionError("Connection refused")

@@ -479,10 +479,12 @@ async def test_the_access_line_of_an_unhandled_error_says_500(
     """Regression: the access line said 0 when a handler raised before responding."""
     job = (await http.post("/v1/jobs", json=JOB, headers=bearer("key-h"))).json()
     keys = Keys(keyed.env["PUSHSVC_NAMESPACE"])
-    await redis.hset(keys.job(job["id"]), "progress", "{not json")  # a stored field broken
+    await redis.hset(
+        keys.job("tenant-h", job["id"]), "progress", "{not json"
+    )  # a stored field broken
     resp = await http.get(f"/v1/jobs/{job['id']}", headers=bearer("key-h"))
     assert error_of(resp, 500)["code"] == "internal_error"
     line = re.compile(rf'"GET /v1/jobs/{job["id"]}\\?" (\d+) ')  # a JSON line escapes the "
     wait_until(lambda: line.search(keyed.output()), 10, "the access line")
     assert [m.group(1) for m in line.finditer(keyed.output())] == ["500"]
-    await redis.delete(keys.job(job["id"]))
+    await redis.delete(keys.job("tenant-h", job["id"]))

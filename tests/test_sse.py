@@ -97,6 +97,9 @@ async def test_named_job_of_another_tenant_is_404_on_streams(
     for path in (url(job), f"/v1/events?job={job['id']}"):
         resp = await other.http.get(path)
         assert resp.status_code == 404 and resp.json()["error"]["code"] == "job_not_found"
+        # A resume too: its job is not the tenant's, not a job the store lost.
+        resp = await other.http.get(path, headers={"Last-Event-ID": "1"})
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "job_not_found"
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ async def test_publish_bumps_seq_applies_fields_and_logs(store: JobStore) -> Non
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.seq == 2 and snap.progress == 5
     assert snap.epoch == reply.epoch
-    found = await store.events_after(job["id"], StreamPosition(0))
+    found = await store.events_after("t", job["id"], StreamPosition(0))
     assert found is not None and found[1] == reply.epoch
     events = found[0]
     assert [e.kind for e in events] == ["snapshot", "progress"]
@@ -81,7 +81,7 @@ async def test_publish_with_expect_refuses_other_states(store: JobStore) -> None
 
 async def test_unknown_job_publishes_nothing(store: JobStore) -> None:
     assert await store.publish("missing", "t", "progress", {}, {"progress": 1}) is None
-    assert not await store.redis.exists(store.keys.job("missing"))
+    assert not await store.redis.exists(store.keys.job("t", "missing"))
 
 
 async def test_output_deltas_append_and_everything_expires(store: JobStore) -> None:
@@ -90,7 +90,7 @@ async def test_output_deltas_append_and_everything_expires(store: JobStore) -> N
         await store.publish(job["id"], "t", "output", {"delta": delta}, delta=delta)
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.output == "Hello, wörld"
-    for key in (store.keys.job(job["id"]), store.keys.job_log(job["id"])):
+    for key in (store.keys.job("t", job["id"]), store.keys.job_log("t", job["id"])):
         assert 0 < await store.redis.ttl(key) <= 600
 
 
@@ -103,9 +103,9 @@ async def test_event_log_is_capped_and_reports_trimmed_history(store: JobStore) 
     job = await new_job(store)
     for i in range(300):
         await store.publish(job["id"], "t", "progress", {"progress": i / 3})
-    assert await store.redis.xlen(store.keys.job_log(job["id"])) < 300
-    assert await store.events_after(job["id"], StreamPosition(1)) is None  # seq 2 is gone
-    recent = await store.events_after(job["id"], StreamPosition(299))
+    assert await store.redis.xlen(store.keys.job_log("t", job["id"])) < 300
+    assert await store.events_after("t", job["id"], StreamPosition(1)) is None  # seq 2 is gone
+    recent = await store.events_after("t", job["id"], StreamPosition(299))
     assert recent is not None and len(recent[0]) == 2
 
 
@@ -155,7 +155,8 @@ async def test_create_enqueues_in_the_same_write(store: JobStore) -> None:
     job = await new_job(store, "queued")
     queue = Queue(store.redis, store.settings)
     assert await store.redis.zscore(queue.queue_name, job["arq_id"]) is not None
-    assert json.loads(await store.redis.get(f"arq:job:{job['arq_id']}"))["a"] == [job["id"]]
+    arq_job = json.loads(await store.redis.get(f"arq:job:{job['arq_id']}"))
+    assert arq_job["a"] == [job["id"], "t"]  # and its tenant: its keys' tag
 
 
 # -- positions and epochs (see ARCHITECTURE.md "Positions, epochs and recovery") ------
@@ -177,8 +178,8 @@ async def test_a_new_store_epoch_gives_the_next_write_a_new_job_and_tenant_epoch
     assert isinstance(first, Published) and isinstance(second, Published)
     assert second.seq == first.seq + 1 and second.epoch != first.epoch
     assert await store.redis.hget(store.keys.tenant_position("t"), "epoch") != tenant_before
-    assert await store.events_after(job["id"], first.position) is None  # another history
-    found = await store.events_after(job["id"], second.position)
+    assert await store.events_after("t", job["id"], first.position) is None  # another history
+    found = await store.events_after("t", job["id"], second.position)
     assert found == ([], second.epoch)
 
 
@@ -187,8 +188,8 @@ async def test_a_position_ahead_of_the_store_cannot_resume(store: JobStore) -> N
     reply = await store.publish(job["id"], "t", "progress", {"progress": 1})
     assert isinstance(reply, Published)
     ahead = StreamPosition(reply.seq + 5, reply.epoch)  # the store was rewound
-    assert await store.events_after(job["id"], ahead) is None
-    assert await store.events_after(job["id"], StreamPosition(reply.seq + 5)) is None
+    assert await store.events_after("t", job["id"], ahead) is None
+    assert await store.events_after("t", job["id"], StreamPosition(reply.seq + 5)) is None
 
 
 async def test_a_writer_whose_history_the_store_lost_is_told_to_repair(store: JobStore) -> None:
@@ -198,7 +199,7 @@ async def test_a_writer_whose_history_the_store_lost_is_told_to_repair(store: Jo
     rewound = Writer("x", "", StreamPosition(writer.known.seq + 3, writer.known.epoch))  # type: ignore[union-attr]
     refused = await store.publish(job["id"], "t", "progress", {"progress": 2}, writer=rewound)
     assert isinstance(refused, Diverged) and refused.position == writer.known
-    await store.redis.delete(store.keys.job(job["id"]))
+    await store.redis.delete(store.keys.job("t", job["id"]))
     assert await store.publish(job["id"], "t", "progress", {}, writer=writer) is None
 
 
@@ -206,10 +207,10 @@ async def test_repair_rewrites_the_job_under_a_new_epoch_unless_superseded(
     store: JobStore,
 ) -> None:
     job = await new_job(store)
-    await store.redis.hset(store.keys.job(job["id"]), "owner", "me")
+    await store.redis.hset(store.keys.job("t", job["id"]), "owner", "me")
     reply = await store.publish(job["id"], "t", "output", {"delta": "ab"}, delta="ab")
     writer = writer_at(reply, "me")
-    await store.redis.delete(store.keys.job(job["id"]), store.keys.job_output(job["id"]))
+    await store.redis.delete(store.keys.job("t", job["id"]), store.keys.job_output("t", job["id"]))
     fields = {k: job[k] for k in ("id", "type", "tenant", "payload", "attempt", "max_attempts")}
     call = PublishCall(
         job["id"], "t", "snapshot", {"reset": True},
@@ -224,7 +225,7 @@ async def test_repair_rewrites_the_job_under_a_new_epoch_unless_superseded(
     assert snap is not None and snap.output == "abcd" and snap.status == "running"
     assert await store.redis.zscore(store.keys.tenant_index("t"), job["id"]) == 1000
     # The store is current and another worker owns the attempt now: refused.
-    await store.redis.hset(store.keys.job(job["id"]), "owner", "someone-else")
+    await store.redis.hset(store.keys.job("t", job["id"]), "owner", "someone-else")
     assert await store.repair(call) == Rejected(JobStatus.RUNNING)
 
 
@@ -265,3 +266,20 @@ async def test_every_new_connection_checks_the_store_epoch(
     finally:
         await client.aclose()
         await pool.disconnect()
+
+
+async def test_whose_a_job_is_is_kept_for_made_jobs_only(store: JobStore) -> None:
+    """keys.job_tenant: written with each job (readers that know only its id), and gone
+    again when the idempotency key made it a replay of an earlier job."""
+    job = await new_job(store)
+    assert await store.tenants_of([job["id"], "unknown"]) == ["t", None]
+    assert 0 < await store.redis.ttl(store.keys.job_tenant(job["id"])) <= 600
+    queue = Queue(store.redis, store.settings)
+    made = []
+    for _ in range(2):
+        fields = {**job, "id": secrets.token_hex(8), "created_at": time.time()}
+        enqueue = queue.prepare(f"{fields['id']}.1", fields["id"], tenant="t")
+        made.append((fields["id"], await store.create("t", fields, enqueue, ("idem", "fp"))))
+    (first, created), (second, replayed) = made
+    assert created.job_id == first and replayed == (first, "fp", "")
+    assert await store.tenants_of([first, second]) == ["t", None]

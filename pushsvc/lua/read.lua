@@ -5,7 +5,7 @@
 -- scanned jobs touched in the new history too, not only the active ones, 5.. named job
 -- ids (always taken). Returns {tseq, tenant epoch, id1, fields1, output1,
 -- ...}; a missing named job gets an empty list.
--- (Job hash names are derived from ARGV: fine on one Redis; Redis Cluster needs tags.)
+-- (Job hash names are derived from ARGV: the tenant's prefix, so in the tenant's slot.)
 local pos = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
 local tepoch = pos[2] or ''
 local out = {tonumber(pos[1] or '0'), tepoch}

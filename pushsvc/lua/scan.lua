@@ -4,7 +4,7 @@
 -- KEYS: 1 tenant index. ARGV: 1 job hash key prefix, 2 max score, 3 offset, 4 count,
 -- 5 status ('' any), 6 type ('' any). Returns {entries scanned, {id, score, ...} of the
 -- jobs that match, {ids of jobs gone (expired)}}.
--- (Job hash names are derived from ARGV: fine on one Redis; Redis Cluster needs tags.)
+-- (Job hash names are derived from ARGV: the tenant's prefix, so in the tenant's slot.)
 local rows = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[2], '-inf', 'WITHSCORES',
   'LIMIT', ARGV[3], ARGV[4])
 local matches, gone = {}, {}

@@ -818,8 +818,11 @@ def test_a_stale_queued_snapshot_does_not_undo_a_start(page: Page) -> None:
         }""",
         queued,
     )
-    assert got == {"seen": [["status", "running"], ["progress", "running"]], "status": "running",
-                   "progress": 40.0}
+    assert got == {
+        "seen": [["status", "running"], ["progress", "running"]],
+        "status": "running",
+        "progress": 40.0,
+    }
 
 
 def test_console_shows_place_in_line_waits_and_telemetry(page: Page) -> None:

@@ -23,6 +23,8 @@ import httpx
 import pytest
 import redis
 
+from pushsvc.keys import Keys
+
 from ..conftest import model_answer, stack_env
 from ..procs import Api, Proc, RedisServer
 from ..sse import TERMINAL, Event, Stream, settled
@@ -315,7 +317,7 @@ async def gone(server: RedisServer, ns: str) -> None:
     """Wait until Redis expired the tenant's position (Redis's clock, not an event)."""
     async with asyncio.timeout(20):
         with redis.Redis(port=server.port) as client:
-            while client.exists(f"{ns}:tpos:tenant-a"):
+            while client.exists(Keys(ns).tenant_position("tenant-a")):
                 await asyncio.sleep(0.1)
 
 

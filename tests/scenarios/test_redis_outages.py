@@ -112,8 +112,11 @@ def logs_on_failure(procs: list[Proc]) -> Iterator[None]:
         raise
 
 
-async def job_log(redis: Redis, ns: str, job_id: str) -> list[tuple[int, str, dict[str, Any]]]:
-    entries = await redis.xrange(Keys(ns).job_log(job_id))
+async def job_log(
+    redis: Redis, ns: str, job_id: str, key: str = "key-a"
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """The job's stored events (the job of ``key``'s tenant)."""
+    entries = await redis.xrange(Keys(ns).job_log(TENANTS[key], job_id))
     return [(json.loads(f[b"d"])["seq"], f[b"k"].decode(), json.loads(f[b"d"])) for _, f in entries]
 
 

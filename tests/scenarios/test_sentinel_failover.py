@@ -21,7 +21,7 @@ import redis
 from pushsvc.connections import SentinelPool
 from pushsvc.keys import Keys
 
-from ..conftest import stack_env
+from ..conftest import TENANTS, stack_env
 from ..procs import Api, Proc, SentinelSet
 from ..sse import TERMINAL, Event, Stream
 from .test_redis_outages import collect, describe, http_for, logs_on_failure, submit
@@ -81,7 +81,7 @@ async def test_job_runs_on_a_sentinel_url(sentinel_stack: Stack) -> None:
             assert (await http.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
         # Stored on the primary the sentinels name (not some other Redis).
         with redis.Redis(port=sset.primary.port) as primary:
-            assert primary.hget(Keys(ns).job(job_id), "status") == b"completed"
+            assert primary.hget(Keys(ns).job(TENANTS["key-a"], job_id), "status") == b"completed"
 
 
 # -- (b) a planned failover ----------------------------------------------------------
@@ -130,7 +130,7 @@ async def test_planned_failover_is_followed_without_restarts(sentinel_stack: Sta
             assert (await http.get("/readyz")).status_code == 200
         with redis.Redis(port=sset.primary.port) as new_primary:  # the roles swapped
             assert new_primary.info("replication")["role"] == "master"
-            assert new_primary.hget(Keys(ns).job(after), "status") == b"completed"
+            assert new_primary.hget(Keys(ns).job(TENANTS["key-a"], after), "status") == b"completed"
         assert_alive(procs)
 
 
@@ -156,7 +156,8 @@ async def test_job_accepted_after_a_bare_sentinel_failover_is_kept(sentinel_stac
             resp = await http.get(f"/v1/jobs/{job_id}")
             assert resp.status_code == 200 and resp.json()["status"] == "completed", resp.text
         with redis.Redis(port=sset.primary.port) as new_primary:  # the roles swapped
-            assert new_primary.hget(Keys(ns).job(job_id), "status") == b"completed"
+            status = new_primary.hget(Keys(ns).job(TENANTS["key-a"], job_id), "status")
+            assert status == b"completed"
         assert_alive(procs)
 
 

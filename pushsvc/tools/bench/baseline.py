@@ -25,6 +25,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from ...auth import LOCAL_TENANT
 from ...keys import Keys
 from ...server import open_file_limit
 from ...settings import Settings
@@ -58,7 +59,8 @@ def build_app(settings: Settings) -> Starlette:
             yield
 
     async def events(request: Request) -> Response:
-        channel = keys.job_channel(request.path_params["job_id"])
+        # The one local tenant of the bench's server (no API keys).
+        channel = keys.job_channel(LOCAL_TENANT, request.path_params["job_id"])
         return EventSourceResponse(job_events(broadcast, channel))
 
     async def ready(_request: Request) -> Response:

@@ -32,7 +32,7 @@ from rich.console import Console
 from ...keys import Keys
 from ..procs import wait_until
 from .load import Options, pct
-from .redis_load import CALLS_PER_FLUSH, EVENTS_PER_CALL, Loads, load_processes
+from .redis_load import CALLS_PER_FLUSH, EVENTS_PER_CALL, TENANT, Loads, load_processes
 from .stack import BenchError, cpu_seconds, private
 
 FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)  # of ``jobs``: the paced steps
@@ -195,7 +195,7 @@ def _phase(
     loads: Loads, meter: Meter, port: int, k: int, o: Options, log: Console
 ) -> dict[str, Any]:
     """Every step with ``k`` subscribers of every job's channel."""
-    channels = [Keys(loads.namespace).job_channel(j) for j in loads.job_ids]
+    channels = [Keys(loads.namespace).job_channel(TENANT, j) for j in loads.job_ids]
     with subscribers(k, port, meter.redis, channels) as subs:
         first = meter.read()
         steps: dict[str, dict[str, Any]] = {}
@@ -258,7 +258,7 @@ def _seq_events(redis: Redis, keys: Keys, job_ids: list[str]) -> int:
     """Events the jobs' sequences counted past their first two (created, started)."""
     with redis.pipeline(transaction=False) as pipe:
         for job_id in job_ids:
-            pipe.hget(keys.job(job_id), "seq")
+            pipe.hget(keys.job(TENANT, job_id), "seq")
         seqs = pipe.execute()
     return sum(int(s) - 2 for s in seqs)
 

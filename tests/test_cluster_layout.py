@@ -1,0 +1,89 @@
+"""The tenant-tagged key layout (pushsvc/keys.py) on a real Redis Cluster (3 primaries,
+3 replicas, started here): Redis itself puts every key and channel of a tenant's
+publish call in the tenant's slot, one script may touch them all and SPUBLISH to both
+channels there, and a sharded subscriber of the shard gets the messages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis.cluster import ClusterNode as Seed
+from redis.cluster import RedisCluster
+from redis.crc import key_slot
+
+from pushsvc.keys import Keys
+from pushsvc.publish import PublishCall
+from pushsvc.settings import Settings
+from pushsvc.tools.cluster import LocalCluster
+
+from .test_publish import OUTSIDE_THE_TENANT, lua_names
+
+TENANTS = ["tenant-a", "tenant-b", "tenant-c", "local", "a:b|c d", "ü"]
+# Touches every key it is given and publishes to its channels, on the keys' shard.
+TOUCH = """
+for _, key in ipairs(KEYS) do redis.call('EXISTS', key) end
+for _, channel in ipairs(ARGV) do redis.call('SPUBLISH', channel, 'm') end
+return #KEYS
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    local = LocalCluster().start()
+    seeds = [Seed("127.0.0.1", n.port) for n in local.nodes]
+    client = RedisCluster(startup_nodes=seeds, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        client.close()
+        local.stop()
+
+
+def tenant_call(tenant: str) -> tuple[list[str], list[str]]:
+    """A publish call's keys and channels that live in the tenant's slot."""
+    keys, k, a = Keys("ns"), lua_names("KEYS"), lua_names("ARGV")
+    layout, args = PublishCall("job-1", tenant, "progress", {}).layout(keys, Settings())
+    named = [layout[i] for name, i in k.items() if name not in OUTSIDE_THE_TENANT]
+    named += [keys.tenant_index(tenant), keys.idempotency(tenant, "d")]
+    return named, [args[a["A_JOB_CHANNEL"]], args[a["A_TENANT_CHANNEL"]]]
+
+
+@pytest.mark.timeout(90)
+def test_a_tenants_publish_call_is_one_slot_on_a_cluster(cluster: RedisCluster) -> None:
+    owners = set()
+    for tenant in TENANTS:
+        keys, channels = tenant_call(tenant)
+        slots = {cluster.keyslot(name) for name in [*keys, *channels]}  # Redis's own
+        assert slots == {key_slot(tenant.encode())}, tenant
+        owners.add(cluster.get_node_from_key(keys[0]).name)
+        assert cluster.eval(TOUCH, len(keys), *keys, *channels) == len(keys)
+    assert len(owners) > 1  # the tenants spread over the shards
+
+
+@pytest.mark.timeout(90)
+def test_a_sharded_subscriber_gets_the_calls_messages(cluster: RedisCluster) -> None:
+    keys, channels = tenant_call("tenant-b")
+    pubsub = cluster.pubsub()
+    try:
+        for channel in channels:
+            pubsub.ssubscribe(channel)
+        node = cluster.get_node_from_key(channels[0])
+        got: list[tuple[str, bytes]] = []
+        deadline = time.monotonic() + 30
+
+        def read(kind: str) -> None:  # until both channels gave one of this kind
+            while len([g for g in got if g[0] == kind]) < len(channels):
+                assert time.monotonic() < deadline, got
+                message = pubsub.get_sharded_message(timeout=1.0, target_node=node)
+                if message is not None:
+                    got.append((message["type"], message["channel"]))
+
+        read("ssubscribe")  # subscribed on the shard: now the call's messages
+        cluster.eval(TOUCH, len(keys), *keys, *channels)
+        read("smessage")
+        got = [g for g in got if g[0] == "smessage"]
+        assert sorted(c for _, c in got) == sorted(c.encode() for c in channels)
+    finally:
+        pubsub.close()
