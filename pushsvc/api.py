@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError, field_validator
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -47,6 +49,8 @@ from .store import JobHead
 
 if TYPE_CHECKING:  # app.py builds the services (and imports this module for its routes)
     from .app import Services
+
+logger = logging.getLogger(__name__)
 
 
 def services(request: Request) -> Services:
@@ -125,9 +129,13 @@ async def submit_job(request: Request) -> Response:
     enqueue = svc.queue.prepare(
         fields["arq_id"], job_id, priority=req.priority.value, tenant=fields["tenant"]
     )
-    found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, enqueue, idem)
+    found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, idem)
     if earlier_fingerprint is not None:
         return await _replayed(svc, tenant, found, earlier_fingerprint, idem)
+    try:
+        await svc.outbox.move(tenant, enqueue)
+    except (RedisError, OSError) as exc:  # the job is made: the sweeper queues it
+        logger.warning("job %s: not handed to the queue yet (%s); the outbox has it", job_id, exc)
     request.app.state.metrics.submitted.labels(job_type.name).inc()
     # The job is what was just written (its first event is seq 1): no need to read it back.
     snap = to_snapshot({**fields, "seq": 1, "epoch": epoch})

@@ -29,6 +29,7 @@ from .jobs import Registry, load_job_modules
 from .line import Line
 from .models import Health, Ready
 from .operations import TEXT, Reply, public
+from .outbox import Outbox
 from .queue import Queue, connect
 from .reads import BulkReads
 from .responses import RAW_SEND, Drain, JSONResponse
@@ -54,6 +55,7 @@ class Services:
     drain: Drain
     reads: BulkReads
     line: Line
+    outbox: Outbox
     open_streams: dict[str, int] = field(default_factory=dict)  # per tenant, this process
 
 
@@ -208,24 +210,20 @@ def _lifespan(
             settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
         try:
-            store = JobStore(redis, settings)
+            store, queue, auth = (
+                JobStore(redis, settings),
+                Queue(redis, settings),
+                Authenticator(settings),
+            )
             async with (
                 EventBus(settings, app.state.metrics.observe_event) as bus,
                 Drain() as drain,
                 BulkReads(store, settings) as reads,
                 Line(redis, settings) as line,
+                Outbox(store, queue, auth.tenants) as outbox,
             ):
                 app.state.services = Services(
-                    settings,
-                    redis,
-                    store,
-                    Queue(redis, settings),
-                    Authenticator(settings),
-                    types,
-                    bus,
-                    drain,
-                    reads,
-                    line,
+                    settings, redis, store, queue, auth, types, bus, drain, reads, line, outbox
                 )
                 app.state.stats = StatsReader(redis, settings)
                 _freeze_startup_heap()

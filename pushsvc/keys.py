@@ -32,6 +32,11 @@ class Keys:
     def job_channel(self, tenant: str, job_id: str) -> str:
         return f"{self.tenant_tag(tenant)}:ev:{job_id}"
 
+    def outbox(self, tenant: str) -> str:
+        """Sorted set: the tenant's new jobs' first attempts (arq ids) not yet handed to
+        arq, by creation time (ms); see outbox.py."""
+        return f"{self.tenant_tag(tenant)}:outbox"
+
     def job_tenant(self, job_id: str) -> str:
         """String: whose the job is, for the readers that know only its id (the lease
         reaper, the queue's figures); written before the job (store.create)."""

@@ -22,6 +22,7 @@ from arq.constants import (
     expires_extra_ms,
     in_progress_key_prefix,
     job_key_prefix,
+    result_key_prefix,
     retry_key_prefix,
 )
 from arq.jobs import serialize_job
@@ -168,9 +169,9 @@ class Queue:
         self.keys = Keys(settings.namespace)
         self.queue_name = self.keys.queue
         lua = resources.files(__package__) / "lua"
-        self._move = redis.register_script(
-            (lua / "turns_fn.lua").read_text() + (lua / "move.lua").read_text()
-        )
+        turns = (lua / "turns_fn.lua").read_text()
+        self._move = redis.register_script(turns + (lua / "move.lua").read_text())
+        self._enqueue = redis.register_script(turns + (lua / "enqueue.lua").read_text())
 
     def prepare(
         self,
@@ -215,6 +216,16 @@ class Queue:
             # arq removes entries only for attempts it sees; drop the ones it never will.
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
+
+    async def hand_over(self, enq: Enqueue) -> bool:
+        """Queue an attempt in arq (lua/enqueue.lua), unless arq has it already (queued,
+        running, or its result kept): False then. Safe to repeat (outbox.py)."""
+        owner_line = self.keys.tenant_turns(enq.turn_owner)
+        keys = [enq.key, result_key_prefix + enq.arq_id, enq.target, self.keys.turns, owner_line]
+        score = "" if enq.score is None else enq.score
+        args: list[bytes | str | int] = [enq.payload, enq.px, score, enq.member]
+        args += [enq.priority, enq.turn_slot]
+        return bool(await self._enqueue(keys=[*keys, self.queue_name], args=args))
 
     async def tenant_of(self, arq_id: str) -> str | None:
         """The tenant an attempt's arq job names (its arguments: job id, tenant), while

@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     # output event, so a job publishes at most 2x this many events a second.
     publish_rate_hz: float = Field(10.0, gt=0)
     lease_s: float = Field(15.0, gt=0)
+    # A new job's first attempt left in its tenant's outbox (its API process died, or
+    # Redis failed, between making the job and queueing it) is queued after this long;
+    # every API process looks this often (outbox.py).
+    outbox_sweep_s: float = Field(5.0, gt=0)
     poll_delay_s: float = Field(0.2, gt=0)
     retry_base_s: float = Field(1.0, ge=0)
     retry_max_s: float = Field(60.0, ge=0)

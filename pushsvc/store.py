@@ -60,13 +60,11 @@ class JobStore:
         self.published = 0  # events this process published (a worker's metric)
 
     async def create(
-        self,
-        tenant: str,
-        fields: dict[str, Any],
-        enqueue: Enqueue,
-        idem: tuple[str, str] | None,
+        self, tenant: str, fields: dict[str, Any], idem: tuple[str, str] | None
     ) -> Created:
-        """Store a new job, publish its first event (a ``snapshot``) and enqueue it, at once.
+        """Store a new job and publish its first event (a ``snapshot``), at once; its first
+        attempt (``fields["arq_id"]``) waits in the tenant's outbox for outbox.py to hand
+        it to arq.
 
         ``idem`` is (key, request fingerprint). Returns the new job's id and epoch, or the
         earlier job's id and fingerprint when the idempotency key was used before.
@@ -78,7 +76,6 @@ class JobStore:
             "snapshot",
             to_snapshot(fields).model_dump(mode="json", exclude=EVENT_EXCLUDE),
             fields,
-            enqueue=enqueue,
             fingerprint=idem[1] if idem else "",
             index_score=int(fields["created_at"] * 1000),
         )
@@ -87,7 +84,7 @@ class JobStore:
         # between leaves a name that expires, never a job no one can place).
         await self.remember_tenant(tenant, job_id)
         index = self.keys.tenant_index(tenant)
-        keys += [index, idem[0] if idem else index]
+        keys += [index, idem[0] if idem else index, self.keys.outbox(tenant)]
         created, found = await self._create(keys=keys, args=args)
         if created:
             return Created(job_id, None, found.decode())

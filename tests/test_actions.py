@@ -47,7 +47,8 @@ async def new_job(store: JobStore, status: str) -> tuple[str, Queue]:
         "created_at": time.time(),
     }
     queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
-    await store.create("t", fields, queue.prepare(fields["arq_id"], job_id, tenant="t"), None)
+    await store.create("t", fields, None)
+    await queue.hand_over(queue.prepare(fields["arq_id"], job_id, tenant="t"))  # as the API
     return job_id, queue
 
 

@@ -64,7 +64,8 @@ async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore, named
         "created_at": time.time(),
     }
     queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
-    await store.create("t", fields, queue.prepare(arq_id, job_id, tenant="t"), None)
+    await store.create("t", fields, None)
+    await queue.hand_over(queue.prepare(arq_id, job_id, tenant="t"))  # as the API does
     if not named:
         assert await store.redis.delete(store.keys.job_tenant(job_id)) == 1
     gone = f"{secrets.token_hex(8)}.1"

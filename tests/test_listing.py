@@ -11,7 +11,6 @@ import pytest
 
 from pushsvc import listing
 from pushsvc.models import JobStatus
-from pushsvc.queue import Queue
 from pushsvc.reads import BulkReads
 from pushsvc.store import JobStore
 
@@ -43,10 +42,7 @@ async def add_jobs(store: JobStore, n: int) -> list[dict[str, Any]]:
             "output": "o" * 100,
             "created_at": base + (i // 3) / 1000,
         }
-        enqueue = Queue(store.redis, store.settings).prepare(
-            fields["arq_id"], fields["id"], tenant="t"
-        )
-        await store.create("t", fields, enqueue, None)
+        await store.create("t", fields, None)
         jobs.append(fields)
     return jobs
 

@@ -43,8 +43,7 @@ async def new_job(store: JobStore, status: str = "running") -> dict[str, Any]:
         "output": "",
         "created_at": time.time(),
     }
-    enqueue = Queue(store.redis, store.settings).prepare(fields["arq_id"], job_id, tenant="t")
-    created = await store.create("t", fields, enqueue, None)
+    created = await store.create("t", fields, None)
     assert created[:2] == (job_id, None) and created.epoch
     return fields
 
@@ -151,12 +150,24 @@ async def test_lease_is_taken_on_start_and_dropped_on_leaving_running(store: Job
     assert await store.redis.zscore(leases, arq_id) is None
 
 
-async def test_create_enqueues_in_the_same_write(store: JobStore) -> None:
+async def test_a_new_jobs_attempt_waits_in_the_outbox_and_is_handed_over_once(
+    store: JobStore,
+) -> None:
+    """create() leaves the first attempt in the tenant's outbox (the queue may be another
+    Redis); handing it to arq twice queues it once (arq's job-id dedup), and its arq job
+    names the job and its tenant."""
     job = await new_job(store, "queued")
-    queue = Queue(store.redis, store.settings)
-    assert await store.redis.zscore(queue.queue_name, job["arq_id"]) is not None
-    arq_job = json.loads(await store.redis.get(f"arq:job:{job['arq_id']}"))
+    queue, arq_id = Queue(store.redis, store.settings), job["arq_id"]
+    assert await store.redis.zscore(store.keys.outbox("t"), arq_id) == job["created_at"] // 0.001
+    assert await store.redis.zscore(queue.queue_name, arq_id) is None
+    enqueue = queue.prepare(arq_id, job["id"], tenant="t")
+    assert await queue.hand_over(enqueue) and not await queue.hand_over(enqueue)
+    assert await store.redis.zcard(queue.queue_name) == 1
+    arq_job = json.loads(await store.redis.get(f"arq:job:{arq_id}"))
     assert arq_job["a"] == [job["id"], "t"]  # and its tenant: its keys' tag
+    await store.redis.delete(f"arq:job:{arq_id}")
+    await store.redis.set(f"arq:result:{arq_id}", "{}")  # it ran; arq keeps its result
+    assert not await queue.hand_over(enqueue)
 
 
 # -- positions and epochs (see ARCHITECTURE.md "Positions, epochs and recovery") ------
@@ -274,12 +285,10 @@ async def test_whose_a_job_is_is_kept_for_made_jobs_only(store: JobStore) -> Non
     job = await new_job(store)
     assert await store.tenants_of([job["id"], "unknown"]) == ["t", None]
     assert 0 < await store.redis.ttl(store.keys.job_tenant(job["id"])) <= 600
-    queue = Queue(store.redis, store.settings)
     made = []
     for _ in range(2):
         fields = {**job, "id": secrets.token_hex(8), "created_at": time.time()}
-        enqueue = queue.prepare(f"{fields['id']}.1", fields["id"], tenant="t")
-        made.append((fields["id"], await store.create("t", fields, enqueue, ("idem", "fp"))))
+        made.append((fields["id"], await store.create("t", fields, ("idem", "fp"))))
     (first, created), (second, replayed) = made
     assert created.job_id == first and replayed == (first, "fp", "")
     assert await store.tenants_of([first, second]) == ["t", None]

@@ -67,7 +67,7 @@ async def _running_job(store: JobStore, queue: Queue) -> JobContext:
         "created_at": time.time(),
         "output": "",
     }
-    await store.create(TENANT, fields, queue.prepare(arq_id, job_id, tenant=TENANT), None)
+    await store.create(TENANT, fields, None)  # started below, without arq: not handed over
     change = transitions.start(fields, secrets.token_hex(6), time.time())
     lease = (time.time() + store.settings.lease_s) * 1000
     writer = Writer(arq_id)

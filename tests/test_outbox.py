@@ -1,0 +1,101 @@
+"""The outbox (pushsvc/outbox.py) against a real Redis, and a real API and worker: a new
+job's first attempt left in the outbox (its API process died, or Redis failed, between
+making the job and queueing it) is queued by the sweeper and runs once; one whose job
+moved on, or that arq has already, is let go without queueing it again."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from pushsvc import actions
+from pushsvc.models import JobStatus
+from pushsvc.outbox import Outbox
+from pushsvc.queue import Queue, new_arq_id
+from pushsvc.store import JobStore
+
+from .conftest import TENANTS, open_store, ops_api, settings_for, worker
+from .procs import RedisServer
+
+AGO_S = 60  # made this long ago: past any sweep's grace
+
+
+def new_fields(tenant: str, made_at: float) -> dict[str, Any]:
+    """A ticker job as the API makes it (api._new_job)."""
+    job_id = str(uuid.uuid4())
+    fields = {"id": job_id, "type": "ticker", "tenant": tenant, "status": "queued"}
+    fields |= {"payload": {"steps": 2, "interval_ms": 0}, "priority": "normal"}
+    fields |= {"attempt": 1, "max_attempts": 3, "run": 1, "arq_id": new_arq_id(job_id)}
+    return fields | {"created_at": made_at, "output": ""}
+
+
+@pytest.fixture
+async def parts(redis_server: RedisServer) -> AsyncIterator[tuple[JobStore, Queue, Outbox]]:
+    async with open_store(redis_server, outbox_sweep_s=5) as store:
+        queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
+        yield store, queue, Outbox(store, queue, ["t", "u"])
+
+
+async def in_arq(store: JobStore, queue: Queue, arq_id: str) -> bool:
+    return await store.redis.zscore(queue.queue_name, arq_id) is not None
+
+
+@pytest.mark.timeout(20)
+async def test_the_sweeper_queues_what_waited_past_the_grace_once(
+    parts: tuple[JobStore, Queue, Outbox],
+) -> None:
+    store, queue, outbox = parts
+    left = new_fields("u", time.time() - AGO_S)  # its API died before handing it over
+    fresh = new_fields("t", time.time())  # its API is handing it over now
+    for fields in (left, fresh):
+        await store.create(fields["tenant"], fields, None)
+    assert await outbox.sweep() == 1
+    assert await in_arq(store, queue, left["arq_id"])
+    assert not await in_arq(store, queue, fresh["arq_id"])  # its own API's to hand over
+    assert await store.redis.zcard(store.keys.outbox("u")) == 0
+    assert await store.redis.zcard(store.keys.outbox("t")) == 1
+    assert await outbox.sweep() == 0 and outbox.swept == 1
+
+
+@pytest.mark.timeout(20)
+async def test_an_attempt_whose_job_moved_on_or_arq_has_is_let_go(
+    parts: tuple[JobStore, Queue, Outbox],
+) -> None:
+    store, queue, outbox = parts
+    cancelled, handed, gone = (new_fields("t", time.time() - AGO_S) for _ in range(3))
+    for fields in (cancelled, handed, gone):
+        await store.create("t", fields, None)
+    await actions.cancel(store, queue, "t", cancelled["id"])
+    # Handed over, but its API died before taking it out of the outbox.
+    assert await queue.hand_over(queue.prepare(handed["arq_id"], handed["id"], tenant="t"))
+    await store.redis.delete(store.keys.job("t", gone["id"]))  # expired
+    assert await outbox.sweep() == 0
+    assert await store.redis.zcard(store.keys.outbox("t")) == 0
+    assert not await in_arq(store, queue, cancelled["arq_id"])
+    assert not await in_arq(store, queue, gone["arq_id"])
+    assert await store.redis.zcard(queue.queue_name) == 1  # the handed one, once
+    snap = await store.snapshot(cancelled["id"], "t")
+    assert snap is not None and snap.status == JobStatus.CANCELLED
+
+
+@pytest.mark.timeout(60)
+async def test_a_job_its_api_left_in_the_outbox_runs_once(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """An API process's sweeper queues the job another API process made and died before
+    queueing; a worker runs it, once."""
+    async with ops_api(redis_server, redis, outbox_sweep_s="0.2") as (client, env):
+        tenant = TENANTS["key-a"]
+        fields = new_fields(tenant, time.time() - AGO_S)
+        await JobStore(redis, settings_for(env)).create(tenant, fields, None)  # the dead API's
+        with worker(env):
+            job = await client.wait(fields["id"])
+        assert job["status"] == "completed"
+        starts = [d for k, d in await client.log(fields["id"]) if d.get("status") == "running"]
+        assert len(starts) == 1, starts
+        assert await redis.zcard(client.keys.outbox(tenant)) == 0
