@@ -50,9 +50,9 @@ class Outbox:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def move(self, tenant: str, enqueue: Enqueue) -> None:
-        """Hand a new job's first attempt to arq, then take it out of the outbox."""
-        await self.queue.hand_over(enqueue)
-        await self.store.redis.zrem(self.keys.outbox(tenant), enqueue.arq_id)
+        """Hand a new job's first attempt to arq and take it out of the outbox: one call
+        while both are on one Redis (with two planes, two: the hand-over first)."""
+        await self.queue.hand_over(enqueue, self.keys.outbox(tenant))
 
     async def sweep(self) -> int:
         """Hand over the attempts that waited in an outbox longer than the grace; how
@@ -79,10 +79,11 @@ class Outbox:
         if status == b"queued" and current == arq_id.encode():
             priority = (priority or b"normal").decode()
             enqueue = self.queue.prepare(arq_id, job_id, priority=priority, tenant=tenant)
-            handed = int(await self.queue.hand_over(enqueue))
+            handed = int(await self.queue.hand_over(enqueue, self.keys.outbox(tenant)))
             if handed:
                 logger.warning("job %s: its first attempt was left in the outbox; queued", job_id)
-        await self.store.redis.zrem(self.keys.outbox(tenant), arq_id)
+        else:  # its job moved on (started, cancelled, re-run) or is gone
+            await self.store.redis.zrem(self.keys.outbox(tenant), arq_id)
         return handed
 
     async def _run(self) -> None:

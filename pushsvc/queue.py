@@ -217,15 +217,17 @@ class Queue:
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
 
-    async def hand_over(self, enq: Enqueue) -> bool:
+    async def hand_over(self, enq: Enqueue, outbox: str | None = None) -> bool:
         """Queue an attempt in arq (lua/enqueue.lua), unless arq has it already (queued,
-        running, or its result kept): False then. Safe to repeat (outbox.py)."""
+        running, or its result kept): False then. Safe to repeat (outbox.py). With
+        ``outbox`` (on this Redis), the attempt leaves it in the same call."""
         owner_line = self.keys.tenant_turns(enq.turn_owner)
         keys = [enq.key, result_key_prefix + enq.arq_id, enq.target, self.keys.turns, owner_line]
+        keys += [self.queue_name, *([outbox] if outbox else [])]
         score = "" if enq.score is None else enq.score
         args: list[bytes | str | int] = [enq.payload, enq.px, score, enq.member]
-        args += [enq.priority, enq.turn_slot]
-        return bool(await self._enqueue(keys=[*keys, self.queue_name], args=args))
+        args += [enq.priority, enq.turn_slot, enq.arq_id]
+        return bool(await self._enqueue(keys=keys, args=args))
 
     async def tenant_of(self, arq_id: str) -> str | None:
         """The tenant an attempt's arq job names (its arguments: job id, tenant), while

@@ -80,15 +80,12 @@ class JobStore:
             index_score=int(fields["created_at"] * 1000),
         )
         keys, args = call.layout(self.keys, self.settings)
-        # Whose the job is, for readers that know only its id; written first (a crash
-        # between leaves a name that expires, never a job no one can place).
-        await self.remember_tenant(tenant, job_id)
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index, self.keys.outbox(tenant)]
+        keys.append(self.keys.job_tenant(job_id))  # whose it is, for readers of ids alone
         created, found = await self._create(keys=keys, args=args)
         if created:
             return Created(job_id, None, found.decode())
-        await self.redis.delete(self.keys.job_tenant(job_id))  # a replay: no such job
         earlier, _, fingerprint = found.decode().partition(" ")
         return Created(earlier, fingerprint)
 

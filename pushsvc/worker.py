@@ -82,7 +82,6 @@ class Runner:
             self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return
         with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
-            await self.store.remember_tenant(fields["tenant"], job_id)  # kept while it runs
             attempt = await self._start(fields, arq_id)
             if attempt is None:
                 return

@@ -99,3 +99,23 @@ async def test_a_job_its_api_left_in_the_outbox_runs_once(
         starts = [d for k, d in await client.log(fields["id"]) if d.get("status") == "running"]
         assert len(starts) == 1, starts
         assert await redis.zcard(client.keys.outbox(tenant)) == 0
+
+
+@pytest.mark.timeout(60)
+async def test_a_job_made_while_the_queue_fails_is_queued_when_it_works_again(
+    redis_server: RedisServer, redis: Redis
+) -> None:
+    """The job is made, the hand-over fails (here: arq's queue key holds a string, so
+    the enqueue script errs): the request is still 202 (the job exists), and the
+    sweeper queues it once the queue works again."""
+    async with ops_api(redis_server, redis, outbox_sweep_s="0.2") as (client, env):
+        tenant = TENANTS["key-a"]
+        await redis.set(client.keys.queue, "not a sorted set")
+        job = await client.submit("ticker", {"steps": 1, "interval_ms": 0})
+        members = await redis.zrange(client.keys.outbox(tenant), 0, -1)
+        assert [m.decode().split(".")[0] for m in members] == [job["id"]]  # its attempt
+        assert (await client.get(job["id"]))["status"] == "queued"
+        await redis.delete(client.keys.queue)
+        with worker(env):
+            assert (await client.wait(job["id"]))["status"] == "completed"
+        assert await redis.zcard(client.keys.outbox(tenant)) == 0
