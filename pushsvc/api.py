@@ -133,7 +133,7 @@ async def submit_job(request: Request) -> Response:
     if earlier_fingerprint is not None:
         return await _replayed(svc, tenant, found, earlier_fingerprint, idem)
     try:
-        await svc.outbox.move(tenant, enqueue)
+        await svc.outbox.move(tenant, job_id, enqueue)
     except (RedisError, OSError) as exc:  # the job is made: the sweeper queues it
         logger.warning("job %s: not handed to the queue yet (%s); the outbox has it", job_id, exc)
     request.app.state.metrics.submitted.labels(job_type.name).inc()

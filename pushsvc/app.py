@@ -220,7 +220,7 @@ def _lifespan(
                 Drain() as drain,
                 BulkReads(store, settings) as reads,
                 Line(redis, settings) as line,
-                Outbox(store, queue, auth.tenants) as outbox,
+                Outbox(store, queue) as outbox,
             ):
                 app.state.services = Services(
                     settings, redis, store, queue, auth, types, bus, drain, reads, line, outbox

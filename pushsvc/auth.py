@@ -57,11 +57,6 @@ class Authenticator:
     def enabled(self) -> bool:
         return bool(self._tenants)
 
-    @property
-    def tenants(self) -> set[str]:
-        """Every tenant a request may be of: the API keys', or the one local tenant."""
-        return set(self._tenants.values()) if self._tenants else {LOCAL_TENANT}
-
     def tenant(self, conn: HTTPConnection) -> str:
         if not self.enabled:
             return LOCAL_TENANT  # only allowed on loopback; the CLI refuses otherwise

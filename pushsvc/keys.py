@@ -37,9 +37,14 @@ class Keys:
         arq, by creation time (ms); see outbox.py."""
         return f"{self.tenant_tag(tenant)}:outbox"
 
+    @property
+    def outboxes(self) -> str:
+        """Set: the tenants whose outbox ever held an attempt (the sweeper's list)."""
+        return f"{self.ns}:outboxes"
+
     def job_tenant(self, job_id: str) -> str:
         """String: whose the job is, for the readers that know only its id (the lease
-        reaper, the queue's figures); written before the job (store.create)."""
+        reaper, the queue's figures); written with the job (lua/create.lua)."""
         return f"{self.ns}:jt:{job_id}"
 
     def tenant_index(self, tenant: str) -> str:

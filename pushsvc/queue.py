@@ -217,13 +217,14 @@ class Queue:
             pipe.zremrangebyscore(abort_jobs_ss, 0, now_ms - ABORT_KEEP_MS)
             await pipe.execute()
 
-    async def hand_over(self, enq: Enqueue, outbox: str | None = None) -> bool:
-        """Queue an attempt in arq (lua/enqueue.lua), unless arq has it already (queued,
-        running, or its result kept): False then. Safe to repeat (outbox.py). With
-        ``outbox`` (on this Redis), the attempt leaves it in the same call."""
+    async def hand_over(self, enq: Enqueue, outbox: tuple[str, str] | None = None) -> bool:
+        """Queue an attempt in arq (lua/enqueue.lua), unless arq holds it already (its
+        record: queued or running); False then. With ``outbox`` (its key and the job's
+        hash, both on this Redis), also unless the job no longer waits for the attempt,
+        which leaves the outbox in the same call. Safe to repeat (outbox.py)."""
         owner_line = self.keys.tenant_turns(enq.turn_owner)
         keys = [enq.key, result_key_prefix + enq.arq_id, enq.target, self.keys.turns, owner_line]
-        keys += [self.queue_name, *([outbox] if outbox else [])]
+        keys += [self.queue_name, *(outbox or ())]
         score = "" if enq.score is None else enq.score
         args: list[bytes | str | int] = [enq.payload, enq.px, score, enq.member]
         args += [enq.priority, enq.turn_slot, enq.arq_id]

@@ -82,7 +82,7 @@ class JobStore:
         keys, args = call.layout(self.keys, self.settings)
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index, self.keys.outbox(tenant)]
-        keys.append(self.keys.job_tenant(job_id))  # whose it is, for readers of ids alone
+        keys += [self.keys.job_tenant(job_id), self.keys.outboxes]
         created, found = await self._create(keys=keys, args=args)
         if created:
             return Created(job_id, None, found.decode())

@@ -13,32 +13,41 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from pushsvc import actions
+from pushsvc import actions, transitions
+from pushsvc.keys import Keys
 from pushsvc.models import JobStatus
 from pushsvc.outbox import Outbox
+from pushsvc.publish import Writer
 from pushsvc.queue import Queue, new_arq_id
 from pushsvc.store import JobStore
 
 from .conftest import TENANTS, open_store, ops_api, settings_for, worker
 from .procs import RedisServer
 
-AGO_S = 60  # made this long ago: past any sweep's grace
+AGO_S = 60  # left this long ago: past any sweep's grace
 
 
-def new_fields(tenant: str, made_at: float) -> dict[str, Any]:
+def new_fields(tenant: str) -> dict[str, Any]:
     """A ticker job as the API makes it (api._new_job)."""
     job_id = str(uuid.uuid4())
     fields = {"id": job_id, "type": "ticker", "tenant": tenant, "status": "queued"}
     fields |= {"payload": {"steps": 2, "interval_ms": 0}, "priority": "normal"}
     fields |= {"attempt": 1, "max_attempts": 3, "run": 1, "arq_id": new_arq_id(job_id)}
-    return fields | {"created_at": made_at, "output": ""}
+    return fields | {"created_at": time.time(), "output": ""}
+
+
+async def left_long_ago(redis: Redis, keys: Keys, tenant: str, arq_id: str) -> None:
+    """Date the attempt's outbox entry AGO_S back (Redis's clock, as lua/create.lua)."""
+    seconds, micros = await redis.time()
+    ago = int((seconds + micros / 1e6 - AGO_S) * 1000)
+    assert await redis.zadd(keys.outbox(tenant), {arq_id: ago}, xx=True, ch=True) == 1
 
 
 @pytest.fixture
 async def parts(redis_server: RedisServer) -> AsyncIterator[tuple[JobStore, Queue, Outbox]]:
     async with open_store(redis_server, outbox_sweep_s=5) as store:
         queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
-        yield store, queue, Outbox(store, queue, ["t", "u"])
+        yield store, queue, Outbox(store, queue)
 
 
 async def in_arq(store: JobStore, queue: Queue, arq_id: str) -> bool:
@@ -50,10 +59,10 @@ async def test_the_sweeper_queues_what_waited_past_the_grace_once(
     parts: tuple[JobStore, Queue, Outbox],
 ) -> None:
     store, queue, outbox = parts
-    left = new_fields("u", time.time() - AGO_S)  # its API died before handing it over
-    fresh = new_fields("t", time.time())  # its API is handing it over now
+    left, fresh = new_fields("u"), new_fields("t")
     for fields in (left, fresh):
         await store.create(fields["tenant"], fields, None)
+    await left_long_ago(store.redis, store.keys, "u", left["arq_id"])  # its API died
     assert await outbox.sweep() == 1
     assert await in_arq(store, queue, left["arq_id"])
     assert not await in_arq(store, queue, fresh["arq_id"])  # its own API's to hand over
@@ -67,9 +76,10 @@ async def test_an_attempt_whose_job_moved_on_or_arq_has_is_let_go(
     parts: tuple[JobStore, Queue, Outbox],
 ) -> None:
     store, queue, outbox = parts
-    cancelled, handed, gone = (new_fields("t", time.time() - AGO_S) for _ in range(3))
+    cancelled, handed, gone = (new_fields("t") for _ in range(3))
     for fields in (cancelled, handed, gone):
         await store.create("t", fields, None)
+        await left_long_ago(store.redis, store.keys, "t", fields["arq_id"])
     await actions.cancel(store, queue, "t", cancelled["id"])
     # Handed over, but its API died before taking it out of the outbox.
     assert await queue.hand_over(queue.prepare(handed["arq_id"], handed["id"], tenant="t"))
@@ -91,8 +101,9 @@ async def test_a_job_its_api_left_in_the_outbox_runs_once(
     queueing; a worker runs it, once."""
     async with ops_api(redis_server, redis, outbox_sweep_s="0.2") as (client, env):
         tenant = TENANTS["key-a"]
-        fields = new_fields(tenant, time.time() - AGO_S)
+        fields = new_fields(tenant)
         await JobStore(redis, settings_for(env)).create(tenant, fields, None)  # the dead API's
+        await left_long_ago(redis, client.keys, tenant, fields["arq_id"])
         with worker(env):
             job = await client.wait(fields["id"])
         assert job["status"] == "completed"
@@ -119,3 +130,24 @@ async def test_a_job_made_while_the_queue_fails_is_queued_when_it_works_again(
         with worker(env):
             assert (await client.wait(job["id"]))["status"] == "completed"
         assert await redis.zcard(client.keys.outbox(tenant)) == 0
+
+
+@pytest.mark.timeout(20)
+async def test_a_late_hand_over_of_an_attempt_that_ran_is_refused(
+    parts: tuple[JobStore, Queue, Outbox],
+) -> None:
+    """arq drops an attempt's record when it ends (pushsvc keeps no arq results), so
+    arq's dedup cannot stop a hand-over that comes after: the job's state does."""
+    store, queue, outbox = parts
+    fields = new_fields("t")
+    await store.create("t", fields, None)
+    enqueue = queue.prepare(fields["arq_id"], fields["id"], tenant="t")
+    await outbox.move("t", fields["id"], enqueue)  # the sweeper's, say
+    assert await in_arq(store, queue, fields["arq_id"])
+    change = transitions.start(fields, "w1", time.time())
+    await transitions.publish(store, fields["id"], "t", change, writer=Writer(fields["arq_id"]))
+    await store.redis.delete(enqueue.key)  # it ran: arq dropped its record ...
+    await store.redis.zrem(queue.queue_name, fields["arq_id"])  # ... and its place
+    await outbox.move("t", fields["id"], enqueue)  # the API's mover, late
+    assert not await in_arq(store, queue, fields["arq_id"])
+    assert not await store.redis.exists(enqueue.key)

@@ -1,10 +1,15 @@
 -- A new job (see publish_fn.lua). KEYS[15]: the tenant's index, KEYS[16]: the
 -- idempotency key, KEYS[17]: the tenant's outbox, KEYS[18]: whose the job is (keys.py
--- job_tenant; not the tenant's slot: a Redis Cluster needs it written apart). Returns {1, epoch} created (the epoch
--- its first event is in), or {0, "<job id> <fingerprint>"} of the earlier job that used
--- the same idempotency key. Its first attempt waits in the outbox until arq has it:
--- the queue may be another Redis (outbox.py hands it over).
-local K_INDEX, K_IDEM, K_OUTBOX, K_WHOSE = KEYS[15], KEYS[16], KEYS[17], KEYS[18]
+-- job_tenant), KEYS[19]: the tenants with an outbox (the last two are not the
+-- tenant's slot: a Redis Cluster needs them written apart). ARGV: publish_fn.lua's.
+-- Returns {1, epoch} created (the epoch its first event is in), or
+-- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
+-- Its first attempt waits in the outbox until arq has it: the queue may be another
+-- Redis (outbox.py hands it over). The outbox entry is written first: a script that
+-- fails half way is not undone, and the sweeper lets go of an entry whose job is not
+-- queued for it, but could not find a job the outbox does not name.
+local K_INDEX, K_IDEM, K_OUTBOX, K_WHOSE, K_OUTBOXES = KEYS[15], KEYS[16], KEYS[17],
+  KEYS[18], KEYS[19]
 if A_FINGERPRINT ~= '' then
   local existing = redis.call('GET', K_IDEM)
   if existing then return {0, existing} end
@@ -13,10 +18,17 @@ end
 if redis.call('EXISTS', K_JOB) == 1 then
   return redis.error_reply('job id collision')
 end
+local function field(name)  -- one of the fields the job is made with
+  for i = FIELDS_FROM, #ARGV, 2 do
+    if ARGV[i] == name then return ARGV[i + 1] end
+  end
+end
+local t = redis.call('TIME')  -- the outbox's clock is Redis's: the sweeper reads it too
+redis.call('ZADD', K_OUTBOX, t[1] * 1000 + math.floor(t[2] / 1000), field('arq_id'))
+redis.call('EXPIRE', K_OUTBOX, A_TTL)
+redis.call('SADD', K_OUTBOXES, field('tenant'))
+redis.call('SET', K_WHOSE, field('tenant'), 'EX', A_TTL)
 local applied = apply()
 redis.call('ZADD', K_INDEX, A_INDEX_SCORE, A_JOB_ID)
 redis.call('EXPIRE', K_INDEX, A_TTL)
-redis.call('ZADD', K_OUTBOX, A_INDEX_SCORE, redis.call('HGET', K_JOB, 'arq_id'))
-redis.call('EXPIRE', K_OUTBOX, A_TTL)
-redis.call('SET', K_WHOSE, redis.call('HGET', K_JOB, 'tenant'), 'EX', A_TTL)
 return {1, applied[4]}

@@ -5,18 +5,36 @@ and their replicas as ``redis-server`` processes on free ports (``redis-server
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
 import redis
 
-from .procs import LOCALHOST, RedisServer, StartFailed, wait_until
+from .procs import LOCALHOST, RedisServer, StartFailed, free_port, wait_until
+
+BUS_OFFSET = 10000  # a node's cluster bus listens this many ports above its own
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port is free too (so at most 65535 - BUS_OFFSET)."""
+    while True:
+        port = free_port()
+        if port + BUS_OFFSET <= 65535:
+            with socket.socket() as sock:
+                try:
+                    sock.bind((LOCALHOST, port + BUS_OFFSET))
+                except OSError:
+                    continue
+            return port
 
 
 @dataclass
 class ClusterNode(RedisServer):
     """One node: a RedisServer with cluster mode on (its ``nodes.conf`` in its dir)."""
+
+    port: int = field(default_factory=cluster_port)
 
     persistence: ClassVar[tuple[str, ...]] = (
         "--appendonly", "no", "--cluster-enabled", "yes",
