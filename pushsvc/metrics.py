@@ -103,6 +103,11 @@ class ApiCollector(Collector):
                 "times a stream joined another's snapshot read instead",
                 svc.reads.joined,
             ),
+            "pushsvc_outbox_swept": (
+                "new jobs this process's sweeper queued: their API process died, or Redis "
+                "failed, between making and queueing them",
+                svc.outbox.swept,
+            ),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

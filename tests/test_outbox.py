@@ -110,6 +110,8 @@ async def test_a_job_its_api_left_in_the_outbox_runs_once(
         starts = [d for k, d in await client.log(fields["id"]) if d.get("status") == "running"]
         assert len(starts) == 1, starts
         assert await redis.zcard(client.keys.outbox(tenant)) == 0
+        metrics = (await client.http.get("/metrics")).text  # the sweeper's, counted
+        assert "\npushsvc_outbox_swept_total 1.0\n" in metrics, metrics
 
 
 @pytest.mark.timeout(60)
