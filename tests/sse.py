@@ -122,11 +122,16 @@ async def metrics(http: httpx.AsyncClient) -> dict[str, float]:
     }
 
 
-async def settled(http: httpx.AsyncClient, streams: int) -> dict[str, float]:
-    """Metrics once the server has seen every connection open or close."""
+async def settled(
+    http: httpx.AsyncClient, streams: int, tasks_at_most: float | None = None
+) -> dict[str, float]:
+    """Metrics once the server has seen every connection open or close (and, given
+    ``tasks_at_most``, once the tasks of those that closed have ended: a stream's count
+    drops before its request task has unwound; a leaked task never ends)."""
     async with asyncio.timeout(20):
         while True:
             stats = await metrics(http)
-            if stats["pushsvc_open_streams"] == streams:
+            tasks_done = tasks_at_most is None or stats["pushsvc_asyncio_tasks"] <= tasks_at_most
+            if stats["pushsvc_open_streams"] == streams and tasks_done:
                 return stats
             await asyncio.sleep(0.05)  # polling another process's counters
