@@ -199,10 +199,9 @@ def limits_for(settings: Settings) -> Limits:
     return Limits(limit, settings.header_timeout_s, settings.max_header_bytes)
 
 
-def serve(app: Any, settings: Settings) -> bool:
-    """Run the API until it is told to stop; False if it never started."""
-    limits = limits_for(settings)
-    config = uvicorn.Config(
+def config_for(app: Any, settings: Settings, limits: Limits) -> uvicorn.Config:
+    """The API's uvicorn configuration."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -213,6 +212,12 @@ def serve(app: Any, settings: Settings) -> bool:
         ws="none",  # no WebSocket routes: upgrade requests are plain HTTP requests
         timeout_keep_alive=settings.keep_alive_s,
     )
+
+
+def serve(app: Any, settings: Settings) -> bool:
+    """Run the API until it is told to stop; False if it never started."""
+    limits = limits_for(settings)
+    config = config_for(app, settings, limits)
     logger.info("at most %d client connections", limits.max_connections)
     # uvicorn.run(), with a socket of ours: accepted connections inherit its SO_SNDBUF.
     sock = config.bind_socket()

@@ -106,8 +106,11 @@ class Settings(BaseSettings):
     # and its body whole within this after them (408, then closed): a client that sends
     # headers and then no body, or a byte at a time, holds no request for ever.
     body_timeout_s: float = Field(30.0, gt=0)
-    # How long an idle keep-alive connection stays open between requests.
-    keep_alive_s: int = Field(5, ge=1)
+    # How long an idle keep-alive connection stays open between requests. Longer than
+    # clients and proxies keep theirs (httpx 5 s, load balancers often 60 s): a server
+    # closing first races a client's next request on that connection, which then fails.
+    # Idle connections give way when the server is full (max_connections).
+    keep_alive_s: int = Field(75, ge=1)
     # Jobs one tenant may run at once (0: no limit); the rest wait queued, retried this
     # often (with jitter) while other tenants' jobs go first.
     tenant_max_running: int = Field(0, ge=0)

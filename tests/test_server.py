@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 import uvicorn
 from starlette.responses import PlainTextResponse
 from starlette.types import Receive, Scope, Send
 
-from pushsvc.server import FD_RESERVE, Limits, limits_for, open_file_limit, protocol_for
+from pushsvc.server import (
+    FD_RESERVE,
+    Limits,
+    config_for,
+    limits_for,
+    open_file_limit,
+    protocol_for,
+)
 from pushsvc.settings import Settings
 
 from .procs import free_port
@@ -70,6 +78,37 @@ async def test_a_real_server_answers_408_and_431_as_json() -> None:
         assert slow.startswith(b"HTTP/1.1 408") and b"request_timeout" in slow
         big = await exchange(port, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 4096)
         assert big.startswith(b"HTTP/1.1 431") and b"headers_too_large" in big
+    finally:
+        server.should_exit = True
+        await task
+
+
+@pytest.mark.timeout(30)
+async def test_an_idle_connection_outlives_the_clients_keep_alive() -> None:
+    """A server closing an idle connection races the client's next request on it (sent
+    as the close is on its way: the request fails, ReadError). Clients drop idle
+    connections after a while (httpx: 5 s), so the API, configured as ``pushsvc api``
+    configures it, must keep them longer: the connection is still open after that."""
+    client_expiry = httpx.Limits().keepalive_expiry
+    assert client_expiry is not None
+    settings = Settings(port=free_port())
+    config = config_for(hello, settings, limits_for(settings))
+    sock = config.bind_socket()
+    sock.listen()
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", settings.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"hello")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        # Asserting that nothing happens: the only wait here that is on the clock.
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(client_expiry + 1):
+                closed = await reader.read()
+                pytest.fail(f"the server closed an idle connection early: {closed!r}")
+        writer.close()
     finally:
         server.should_exit = True
         await task
