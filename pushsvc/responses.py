@@ -188,24 +188,24 @@ class EventStream(EventSourceResponse):
         if self.send_timeout is not None:  # not ours; the library's own, scopes and all
             await super()._stream_response(self._noting_start(send))
             return
+        # The headers wait for the body's first chunk: a stream sends it once it has
+        # started (subscribed, its position read), so a client that sees the stream open
+        # (EventSource's ``open``) may list what it missed and miss nothing.
+        body = aiter(self.body_iterator)
+        try:
+            first = await anext(body, None)
+        except BaseException:
+            await self._close_body()
+            raise
         await send(
             {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
         )
         self._response_started = self._started = True  # the response has begun
         self._send = send = self._raw_send or send
-        async for data in self.body_iterator:
-            try:
-                chunk = data if type(data) is bytes else ensure_bytes(data, self.sep)
-                try:
-                    if self._inflight is not None:
-                        await self._wait_written()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except BaseException:
-                    self._send_interrupted = True
-                    raise
-            except BaseException:
-                await self._close_body()  # its cleanup runs before the error leaves
-                raise
+        if first is not None:
+            await self._write(send, first)
+        async for data in body:
+            await self._write(send, data)
         async with self._send_lock:  # as the library: ``active`` flips after the send
             try:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -214,6 +214,21 @@ class EventStream(EventSourceResponse):
                 raise
             self._response_complete = True
             self.active = False
+
+    async def _write(self, send: Send, data: Any) -> None:
+        """One chunk of the body, after any direct write still under way."""
+        try:
+            chunk = data if type(data) is bytes else ensure_bytes(data, self.sep)
+            try:
+                if self._inflight is not None:
+                    await self._wait_written()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except BaseException:
+                self._send_interrupted = True
+                raise
+        except BaseException:
+            await self._close_body()  # its cleanup runs before the error leaves
+            raise
 
     def _noting_start(self, send: Send) -> Send:
         async def sending(message: Message) -> None:

@@ -166,7 +166,9 @@ class _Stream:
         stream would look ended to a generic client). Past that, or on another Redis
         error, it ends as a complete response: the client resumes with Last-Event-ID.
         """
-        yield f"retry: {self.settings.retry_ms}\n\n".encode()
+        # The first chunk (the response's headers wait for it: responses.EventStream)
+        # goes once the stream has started, or once it waits for Redis.
+        first: bytes | None = f"retry: {self.settings.retry_ms}\n\n".encode()
         try:
             async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
                 self.queue.direct = self._direct
@@ -177,10 +179,14 @@ class _Stream:
                         out = await step()
                     except (RedisConnectionError, RedisTimeoutError) as exc:
                         failing_since = self._wait_for_redis(exc, failing_since, step)
-                        yield PING
+                        yield (first or b"") + PING
+                        first = None
                         await asyncio.sleep(REDIS_PAUSE_S)
                         continue
                     failing_since = None
+                    if first is not None:
+                        yield first
+                        first = None
                     if out is None:
                         yield PING
                     else:

@@ -596,9 +596,10 @@ export class Requests {
 /**
  * The feed's state: what reaches the server.
  *
- *   connecting  -> streaming (an event) | polling (the stream fails) | closed
+ *   connecting  -> streaming (an event; a quiet stream opens) | polling (it fails) | closed
  *   streaming   -> polling (#fallBack) | unreachable (#probe: nothing answers) | closed
- *   polling     -> streaming (a retried stream sends) | unreachable (a poll gets no answer)
+ *   polling     -> streaming (a retried stream sends; a quiet one opens) | unreachable (a
+ *                  poll gets no answer)
  *   unreachable -> polling (a poll is answered) | streaming (a stream opens) | closed
  *
  * A stream may be opening while polling (a retry): the state changes when it sends.
@@ -841,10 +842,13 @@ export class Feed {
     for (const kind of this.#source.kinds) {
       es.addEventListener(kind, (message) => this.#onMessage(es, kind, message));
     }
-    es.onopen = () => this.#onOpen(es);
+    // A stream that may have nothing to send (all of a tenant's jobs, maybe none active;
+    // a resume) counts as streaming once open: the server answers once it has started.
+    const quiet = !this.#source.expectsEvent(lastId);
+    es.onopen = () => this.#onOpen(es, quiet);
     es.onerror = () => this.#onStreamError(es);
     // A fresh stream starts with snapshots at once; silence means a buffering proxy.
-    if (this.#source.expectsEvent(lastId)) {
+    if (!quiet) {
       this.#firstTimer = this.#later(() => {
         if (es === this.#es && !this.#heard) this.#fallBack("no_events", true);
       }, this.#options.firstEventTimeoutMs);
@@ -869,13 +873,20 @@ export class Feed {
     }
   }
 
-  /** @param {EventSource} es */
-  #onOpen(es) {
+  /**
+   * @param {EventSource} es
+   * @param {boolean} quiet it may have nothing to send for a while
+   */
+  #onOpen(es, quiet) {
     if (es !== this.#es) return;
     this.#opened = true;
     this.#errors = 0;
-    // Back after an outage: a resumed stream may have nothing to send for a while.
-    if (this.#state === "unreachable") this.#streaming();
+    // Back after an outage: a resumed stream may have nothing to send for a while. A
+    // quiet stream is open: the server answers once it has started (subscribed, its
+    // position read), so what a list taken now misses, it sends.
+    if (this.#state === "unreachable" || (quiet && this.#state !== "streaming")) {
+      this.#streaming();
+    }
   }
 
   /**

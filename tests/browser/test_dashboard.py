@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Locator, Page, Request, expect
+from playwright.sync_api import Browser, Locator, Page, Request, Route, expect
 
 from ..procs import Api, Proc, RedisServer
 from .test_web import NARROW, console_env, shoot
@@ -305,6 +305,33 @@ def test_the_type_table_scrolls_sideways_on_a_phone_and_says_so(
 
 
 @pytest.mark.timeout(90)
+def test_a_job_that_ends_before_the_jobs_stream_starts_is_listed(
+    redis_server: RedisServer, page: Page
+) -> None:
+    """Bug: a job made after the dashboard's first list and ended before its stream of all
+    jobs started was in neither (the stream starts with the active jobs): the list was
+    taken again only once the stream sent something, and with no job active it sent
+    nothing. Here the job is made and cancelled while the stream's request is held."""
+    api = Api([], console_env(redis_server.url, f"d{secrets.token_hex(3)}")).start()
+    ended: list[str] = []
+
+    def end_a_job_first(route: Route) -> None:
+        if not ended:  # no worker: the queued job is cancelled at once
+            job_id = submit(api, {"steps": 1, "interval_ms": 10})
+            assert httpx.delete(f"{api.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+            ended.append(job_id)
+        route.continue_()
+
+    try:
+        page.route(re.compile(r"/v1/events"), end_a_job_first)
+        page.goto(f"{api.url}/dashboard")
+        expect(page.locator("#recent-note")).to_have_attribute("data-mode", "stream")
+        assert ended, "the stream was never asked for"
+        expect(row(page, ended[0]).locator(".badge")).to_have_text("cancelled")
+    finally:
+        api.stop()
+
+
 def test_dashboard_polls_stats_while_the_stream_fails(dash: dict[str, Api], page: Page) -> None:
     """The stats stream answers 503 (here: the browser is told so): GET /v1/stats instead."""
     api = dash["live"]
