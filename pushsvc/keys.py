@@ -38,9 +38,10 @@ class Keys:
         return f"{self.tenant_tag(tenant)}:outbox"
 
     @property
-    def outboxes(self) -> str:
-        """Set: the tenants whose outbox ever held an attempt (the sweeper's list)."""
-        return f"{self.ns}:outboxes"
+    def tenants(self) -> str:
+        """Set: the tenants that made or repaired a job: the outbox sweeper's list, and
+        the stats reader's."""
+        return f"{self.ns}:tenants"
 
     def job_tenant(self, job_id: str) -> str:
         """String: whose the job is, for the readers that know only its id (the lease
@@ -83,10 +84,10 @@ class Keys:
         """Set: the tenant's running job ids (kept by the publish script)."""
         return f"{self.tenant_tag(tenant)}:trun"
 
-    @property
-    def stats(self) -> str:
-        """Stream: one row per finished or retried attempt, for /v1/stats."""
-        return f"{self.ns}:stats"
+    def tenant_stats(self, tenant: str) -> str:
+        """Stream: one row per finished or retried attempt of the tenant's, for /v1/stats
+        (written with the transition, so in the tenant's slot)."""
+        return f"{self.tenant_tag(tenant)}:stats"
 
     @property
     def llm_calls(self) -> str:

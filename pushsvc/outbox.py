@@ -4,7 +4,7 @@ over as its job is made; the sweeper hands over those a crash left behind.
 Job state and the queue are two planes: on a Redis Cluster the first cannot share a
 script with arq's keys, so making a job and queueing its first attempt are two calls.
 The job is made with the attempt in its tenant's outbox (lua/create.lua, which also
-lists the tenant in ``keys.outboxes``); the API hands the attempt to arq at once
+lists the tenant in ``keys.tenants``); the API hands the attempt to arq at once
 (``Queue.hand_over``) and it leaves the outbox. An API process that dies in between
 leaves it there, and so does a Redis error between the two calls: every API process
 sweeps every listed outbox every ``outbox_sweep_s`` and hands over what has waited
@@ -64,7 +64,7 @@ class Outbox:
         seconds, micros = await self.store.redis.time()
         before = int((seconds + micros / 1e6 - self.grace_s) * 1000)
         handed = 0
-        for raw in await self.store.redis.smembers(self.keys.outboxes):  # type: ignore[misc]
+        for raw in await self.store.redis.smembers(self.keys.tenants):  # type: ignore[misc]
             tenant = raw.decode()
             try:
                 handed += await self._sweep_one(tenant, before)

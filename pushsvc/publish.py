@@ -112,7 +112,7 @@ class PublishCall:
             enq.key if enq else keys.leases,
             keys.job_output(self.tenant, self.job_id),
             keys.tenant_running(self.tenant),
-            keys.stats,
+            keys.tenant_stats(self.tenant),
             keys.epoch,
             keys.turns,
             keys.tenant_turns(owner),

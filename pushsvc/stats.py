@@ -91,6 +91,12 @@ def summarize(rows: list[dict[bytes, bytes]], window_s: float) -> dict[str, Any]
     }
 
 
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    """A stream entry id ``<ms>-<n>`` as numbers, to merge streams in time order."""
+    ms, _, n = entry_id.partition(b"-")
+    return int(ms), int(n or 0)
+
+
 def _by_type(rows: list[dict[bytes, bytes]]) -> dict[str, list[dict[bytes, bytes]]]:
     grouped: dict[str, list[dict[bytes, bytes]]] = {}
     for row in rows:
@@ -149,11 +155,25 @@ class StatsReader:
     async def _read(self) -> Reading:
         now = time.time()
         since = int((now - self.settings.stats_window_s) * 1000)
-        rows = [f for _, f in await self.redis.xrange(self.keys.stats, since)]
+        rows = await self._rows(since)
         calls = [f for _, f in await self.redis.xrange(self.keys.llm_calls, since)]
         queue = await self._queue(now)
         running, workers = await self._running(now), await self._workers(now)
         return Reading(now, rows, queue, running, workers, calls=calls)
+
+    async def _rows(self, since_ms: int) -> list[dict[bytes, bytes]]:
+        """Every tenant's stats rows since ``since_ms``, oldest first (each tenant's stream
+        lives in its own slot: one read each, pipelined; a cluster client splits them)."""
+        tenants = sorted(await self.redis.smembers(self.keys.tenants))  # type: ignore[misc]
+        if not tenants:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant in tenants:
+                pipe.xrange(self.keys.tenant_stats(tenant.decode()), since_ms)
+            streams = await pipe.execute()
+        entries = [entry for rows in streams for entry in rows]
+        entries.sort(key=lambda entry: _entry_order(entry[0]))
+        return [fields for _, fields in entries]
 
     async def _view(self, reading: Reading, tenant: str | None) -> dict[str, Any]:
         if tenant is None:

@@ -82,7 +82,7 @@ class JobStore:
         keys, args = call.layout(self.keys, self.settings)
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index, self.keys.outbox(tenant)]
-        keys += [self.keys.job_tenant(job_id), self.keys.outboxes]
+        keys += [self.keys.job_tenant(job_id), self.keys.tenants]
         created, found = await self._create(keys=keys, args=args)
         if created:
             return Created(job_id, None, found.decode())
@@ -173,8 +173,12 @@ class JobStore:
         return decode_fields(raw, output) if raw else None
 
     async def remember_tenant(self, tenant: str, job_id: str) -> None:
-        """Note whose the job is (keys.job_tenant), for as long as a job is kept."""
-        await self.redis.set(self.keys.job_tenant(job_id), tenant, ex=self.settings.job_ttl_s)
+        """Note whose the job is (keys.job_tenant), for as long as a job is kept, and list
+        the tenant (keys.tenants: a Redis that came back empty forgot it)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(self.keys.job_tenant(job_id), tenant, ex=self.settings.job_ttl_s)
+            pipe.sadd(self.keys.tenants, tenant)
+            await pipe.execute()
 
     async def tenants_of(self, job_ids: list[str]) -> list[str | None]:
         """Whose each job is (None: unknown, or expired), for readers that know only ids."""

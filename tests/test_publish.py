@@ -69,11 +69,10 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
 
 
 # The keys of one publish call that live with the queue (arq's, the leases, the fair
-# share's turns, the figures) or with the whole store (its epoch): on a Redis Cluster
+# share's turns) or with the whole store (its epoch): on a Redis Cluster
 # they are not in the tenant's slot. Every other key and channel must be.
 OUTSIDE_THE_TENANT = {
-    "K_LEASES", "K_QUEUE", "K_ARQ_JOB", "K_STATS", "K_EPOCH", "K_TURNS", "K_TENANT_TURNS",
-    "K_ARQ_QUEUE",
+    "K_LEASES", "K_QUEUE", "K_ARQ_JOB", "K_EPOCH", "K_TURNS", "K_TENANT_TURNS", "K_ARQ_QUEUE",
 }  # fmt: skip
 
 
@@ -87,7 +86,7 @@ def test_a_tenants_keys_and_channels_share_one_cluster_slot(tenant: str) -> None
     named += [args[a["A_JOB_CHANNEL"]], args[a["A_TENANT_CHANNEL"]]]
     named += [keys.tenant_index(tenant), keys.idempotency(tenant, "d"), keys.tenant_running(tenant)]
     named += [keys.submit_window(tenant, 1), keys.job_output(tenant, "job-2")]
-    assert len(named) == 13
+    assert len(named) == 14
     assert {key_slot(n.encode()) for n in named} == {key_slot(tenant.encode())}
     other = Keys("ns").job("tenant-b", "job-1")  # the same job id under another tenant
     assert other != layout[k["K_JOB"]]

@@ -144,3 +144,7 @@ async def test_model_calls_show_per_type_and_model_to_their_own_tenant(
     assert set(other) == {"other-1"} and other["other-1"]["cost_usd"] is None  # no price
     assert set(seen_all["types"]["generate"]["llm"]) == {"fake-1", "other-1"}
     assert seen_all["types"]["generate"]["llm"]["other-1"]["completion_tokens"] == 7
+    # Finished attempts too: each tenant's rows are in its own stream (its slot); an
+    # operator's figures merge them all, a tenant's are its own.
+    done = [seen["overall"]["completed"] for seen in (seen_a, seen_b, seen_all)]
+    assert done == [2, 1, 3]

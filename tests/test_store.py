@@ -161,7 +161,7 @@ async def test_a_new_jobs_attempt_waits_in_the_outbox_and_is_handed_over_once(
     seconds, _ = await store.redis.time()
     at = await store.redis.zscore(store.keys.outbox("t"), arq_id)  # Redis's time, ms
     assert at is not None and abs(at / 1000 - seconds) < 5
-    assert await store.redis.sismember(store.keys.outboxes, "t")  # the sweeper's list
+    assert await store.redis.sismember(store.keys.tenants, "t")  # the sweeper's list
     assert await store.redis.zscore(queue.queue_name, arq_id) is None
     enqueue = queue.prepare(arq_id, job["id"], tenant="t")
     assert await queue.hand_over(enqueue) and not await queue.hand_over(enqueue)

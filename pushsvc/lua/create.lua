@@ -1,6 +1,6 @@
 -- A new job (see publish_fn.lua). KEYS[15]: the tenant's index, KEYS[16]: the
 -- idempotency key, KEYS[17]: the tenant's outbox, KEYS[18]: whose the job is (keys.py
--- job_tenant), KEYS[19]: the tenants with an outbox (the last two are not the
+-- job_tenant), KEYS[19]: the tenants that made a job (the last two are not the
 -- tenant's slot: a Redis Cluster needs them written apart). ARGV: publish_fn.lua's.
 -- Returns {1, epoch} created (the epoch its first event is in), or
 -- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
@@ -8,7 +8,7 @@
 -- Redis (outbox.py hands it over). The outbox entry is written first: a script that
 -- fails half way is not undone, and the sweeper lets go of an entry whose job is not
 -- queued for it, but could not find a job the outbox does not name.
-local K_INDEX, K_IDEM, K_OUTBOX, K_WHOSE, K_OUTBOXES = KEYS[15], KEYS[16], KEYS[17],
+local K_INDEX, K_IDEM, K_OUTBOX, K_WHOSE, K_TENANTS = KEYS[15], KEYS[16], KEYS[17],
   KEYS[18], KEYS[19]
 if A_FINGERPRINT ~= '' then
   local existing = redis.call('GET', K_IDEM)
@@ -26,7 +26,7 @@ end
 local t = redis.call('TIME')  -- the outbox's clock is Redis's: the sweeper reads it too
 redis.call('ZADD', K_OUTBOX, t[1] * 1000 + math.floor(t[2] / 1000), field('arq_id'))
 redis.call('EXPIRE', K_OUTBOX, A_TTL)
-redis.call('SADD', K_OUTBOXES, field('tenant'))
+redis.call('SADD', K_TENANTS, field('tenant'))
 redis.call('SET', K_WHOSE, field('tenant'), 'EX', A_TTL)
 local applied = apply()
 redis.call('ZADD', K_INDEX, A_INDEX_SCORE, A_JOB_ID)
