@@ -1,5 +1,7 @@
 """A queued attempt's place in line: its position in arq's queue (1 starts next) and
-when it should start, computed in Redis for a batch of jobs (``lua/line.lua``) and pushed
+when it should start, computed in Redis for a batch of jobs (their states read from
+their tenants' keys, then their attempts' places by ``lua/line.lua`` from the queue's:
+the two may be two Redis deployments, the data plane and the queue plane) and pushed
 to the open streams that watch them as volatile ``queue`` events.
 
 Nothing of it is stored: a place changes whenever any attempt ahead starts, so storing
@@ -24,7 +26,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -38,6 +40,8 @@ if TYPE_CHECKING:  # the streams' queues; line.py is imported by workers too
     from .events import StreamQueue
 
 logger = logging.getLogger(__name__)
+
+STATE_FIELDS = ["status", "seq", "epoch", "arq_id"]  # what a place is read with
 
 BATCH = 2000  # jobs per script call: one call holds Redis for about a millisecond
 STARTS_TTL_S = 900  # a start counter outlives the longest window (600 s)
@@ -352,27 +356,38 @@ class Line:
         return found
 
     async def _read_batch(self, job_ids: list[JobKey]) -> dict[JobKey, Place]:
+        """The jobs' states (each in its tenant's slot), then the places in line of the
+        queued ones' attempts (the queue plane): two reads, as the planes may be two."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for tenant, job_id in job_ids:
+                pipe.hmget(self.keys.job(tenant, job_id), STATE_FIELDS)
+            rows: list[list[bytes | None]] = await pipe.execute()
+        waiting = [arq_id for status, _, _, arq_id in rows if status == b"queued" and arq_id]
         now = time.time()
         second = math.floor(now)
         counters = [self.keys.starts(s) for s in range(second - self.window_s + 1, second + 1)]
-        jobs = [self.keys.job(tenant, job_id) for tenant, job_id in job_ids]
-        keys = [self.keys.queue, self.keys.leases, *jobs, *counters]
-        rows, counts = await self._script(keys=keys, args=[len(job_ids)])
+        keys = [self.keys.queue, self.keys.leases, *counters]
+        positions, counts = await self._script(keys=keys, args=waiting)
         self.calls += 1
         self.asked += len(job_ids)
         rate = start_rate([int(c or 0) for c in counts], now)
-        return dict(_places(job_ids, rows, rate))
+        at: dict[bytes | None, int] = dict(zip(waiting, positions, strict=True))
+        return dict(_places(job_ids, rows, at, rate))
 
 
 def _places(
-    job_ids: list[JobKey], rows: list[Any], rate: float | None
+    job_ids: list[JobKey],
+    rows: list[list[bytes | None]],
+    positions: dict[bytes | None, int],
+    rate: float | None,
 ) -> Iterable[tuple[JobKey, Place]]:
-    for i, job_id in enumerate(job_ids):
-        status, seq, epoch, position = rows[4 * i : 4 * i + 4]
+    for job_id, (status, seq, epoch, arq_id) in zip(job_ids, rows, strict=True):
         if not status:
             continue  # not in the store
-        at = int(position) or None
-        place = Place(status.decode(), int(seq), epoch.decode(), at, starts_in(at, rate))
+        at = (positions.get(arq_id, 0) if status == b"queued" else 0) or None
+        place = Place(
+            status.decode(), int(seq or 0), (epoch or b"").decode(), at, starts_in(at, rate)
+        )
         yield job_id, place
 
 

@@ -1,16 +1,17 @@
--- Queued attempts' places in line (see line.py), for a batch of jobs in one round trip.
--- KEYS: 1 arq's queue (sorted set of arq ids), 2 leases (running arq ids),
---       3..2+n the asked jobs' hashes, then the start counters (one per second, oldest first).
--- ARGV: 1 n (how many jobs).
--- Returns {per job: status, seq, epoch, position (0: not in line)}, {start counts}.
+-- Queued attempts' places in line (see line.py), for a batch of attempts in one call.
+-- Reads the queue plane only (arq's queue, the leases, the start counters): the jobs'
+-- states are read apart (on a Redis Cluster they live in their tenants' slots).
+-- KEYS: 1 arq's queue (sorted set of arq ids), 2 leases (running arq ids), 3.. the start
+--       counters (one per second, oldest first).
+-- ARGV: the arq ids of the attempts the asked jobs wait for.
+-- Returns {per arq id: its position (0: not in line)}, {start counts}.
 --
 -- The position comes from the set's ORDER (ZRANK), never from its scores (priorities and
 -- fair share decide the scores): 1 + the attempts ranked before it that have not started.
 -- arq keeps a running attempt in its set until it ends; running ones are in the leases
--- set and are few, so their ranks are read once and each asked job costs two O(log N)
--- lookups however long the queue.
+-- set and are few, so their ranks are read once and each asked attempt costs two
+-- O(log N) lookups however long the queue.
 local K_QUEUE, K_LEASES = KEYS[1], KEYS[2]
-local n = tonumber(ARGV[1])
 
 local running = {}
 for _, arq_id in ipairs(redis.call('ZRANGE', K_LEASES, 0, -1)) do
@@ -30,23 +31,17 @@ local function running_before(rank)
 end
 
 local out = {}
-for i = 1, n do
-  local job = redis.call('HMGET', KEYS[2 + i], 'status', 'seq', 'epoch', 'arq_id')
+for i, arq_id in ipairs(ARGV) do
   local position = 0
-  if job[1] == 'queued' and job[4] then
-    local rank = redis.call('ZRANK', K_QUEUE, job[4])
-    if rank and not redis.call('ZSCORE', K_LEASES, job[4]) then
-      position = rank - running_before(rank) + 1
-    end
+  local rank = redis.call('ZRANK', K_QUEUE, arq_id)
+  if rank and not redis.call('ZSCORE', K_LEASES, arq_id) then
+    position = rank - running_before(rank) + 1
   end
-  out[#out + 1] = job[1] or ''
-  out[#out + 1] = job[2] or '0'
-  out[#out + 1] = job[3] or ''
-  out[#out + 1] = position
+  out[i] = position
 end
 
 local starts = {}
-if #KEYS > 2 + n then
-  starts = redis.call('MGET', unpack(KEYS, 3 + n))
+if #KEYS > 2 then
+  starts = redis.call('MGET', unpack(KEYS, 3))
 end
 return {out, starts}
