@@ -179,8 +179,10 @@ class _Stream:
                         out = await step()
                     except (RedisConnectionError, RedisTimeoutError) as exc:
                         failing_since = self._wait_for_redis(exc, failing_since, step)
-                        yield (first or b"") + PING
-                        first = None
+                        if first is not None:
+                            yield first
+                            first = None
+                        yield PING
                         await asyncio.sleep(REDIS_PAUSE_S)
                         continue
                     failing_since = None
@@ -204,6 +206,8 @@ class _Stream:
                 logger.warning("stream ended, Redis unavailable (%s); the client resumes", exc)
             else:
                 logger.error("stream ended by a Redis error", exc_info=exc)
+            if first is not None:  # ended before it started: how soon to come back
+                yield first
         finally:
             self.queue.direct = None
             if self.line is not None:
