@@ -266,30 +266,25 @@ class JobContext:
         same delta again would publish the text twice."""
         await asyncio.shield(asyncio.ensure_future(self.apply(change)))
 
-    async def apply(self, change: Transition, lease_until_ms: float | None = None) -> Reply:
+    async def apply(self, change: Transition) -> Reply:
         """Publish ``change`` as this attempt; repair the stored job first when the store
         lost or rewound it, and stop the attempt when it is no longer this worker's."""
         async with self._write_lock:
-            reply = await self._send(change, lease_until_ms)
+            reply = await self._send(change)
             if isinstance(reply, Diverged) or reply is None:
                 repaired = await self._repair(pending=change.text)
                 if not isinstance(repaired, Published) or change.text:
                     return repaired  # an output delta went into the repaired text
-                reply = await self._send(change, lease_until_ms)
+                reply = await self._send(change)
             if isinstance(reply, Published):
                 self._note(reply, change.text)
             elif isinstance(reply, Rejected):
                 self.supersede()
             return reply
 
-    async def _send(self, change: Transition, lease_until_ms: float | None) -> Reply:
+    async def _send(self, change: Transition) -> Reply:
         return await transitions.publish(
-            self._store,
-            self.job_id,
-            self.tenant,
-            change,
-            writer=self.writer,
-            lease_until_ms=lease_until_ms,
+            self._store, self.job_id, self.tenant, change, writer=self.writer
         )
 
     def _note(self, reply: Published, delta: str) -> None:
@@ -315,13 +310,15 @@ class JobContext:
             {**fields, "output": ""},
             delta=text,
             writer=self.writer,
-            lease_until_ms=(time.time() + self._store.settings.lease_s) * 1000,
             index_score=int(self.fields["created_at"] * 1000),
         )
         reply = await self._store.repair(call)
         if isinstance(reply, Published):
             logger.warning("job %s: the store lost or rewound it; rewrote it", self.job_id)
             self._note(reply, pending)
+            # Its lease too, if that went with the job (a Redis that came back empty).
+            until = (time.time() + self._store.settings.lease_s) * 1000
+            await self._store.redis.zadd(self._store.keys.leases, {self.writer.arq_id: until})
         else:
             self.supersede()
         return reply

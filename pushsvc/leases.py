@@ -3,7 +3,10 @@
 
 A running attempt holds a lease (``Keys.leases``) that its worker renews; when a worker
 dies the lease lapses and any worker's reaper re-queues the job as a new attempt, or
-fails it with ``worker_lost``.
+fails it with ``worker_lost``. Leases are the queue's keys, apart from job state: the
+worker takes an attempt's lease before its start transition (a job never runs without
+one) and drops it after the attempt's last one; a lease left behind (a crash between,
+a start refused) lapses, and the reaper drops it, as its job is not that attempt running.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import transitions
@@ -79,6 +83,18 @@ class Leases:
         """A lease taken or renewed now lapses at this time (ms)."""
         return (time.time() + self.settings.lease_s) * 1000
 
+    async def take(self, arq_id: str) -> None:
+        """Hold the lease of an attempt about to start."""
+        await self.store.redis.zadd(self.store.keys.leases, {arq_id: self.deadline()})
+
+    async def drop(self, arq_id: str) -> None:
+        """Let go of the lease of an attempt that no longer runs here; one that cannot be
+        dropped now lapses, and the reaper drops it."""
+        try:
+            await self.store.redis.zrem(self.store.keys.leases, arq_id)
+        except RedisError as exc:
+            logger.warning("the lease of %s was not dropped (%s); it lapses", arq_id, exc)
+
     async def _move_loop(self) -> None:
         """Hand attempts whose backoff is over to arq (see Queue.prepare)."""
         while True:
@@ -115,7 +131,8 @@ class Leases:
         """Recover jobs whose worker stopped renewing their lease; returns how many.
 
         Every worker reaps; the transition names the lapsed attempt, so exactly one
-        reaper's write lands and the lease goes with it, atomically.
+        reaper's write lands; the lease goes after it (a reaper that dies between leaves
+        it to the next, which finds the job no longer that attempt running).
         """
         leases = self.store.keys.leases
         lapsed = await self.store.redis.zrangebyscore(leases, "-inf", time.time() * 1000)
@@ -130,6 +147,7 @@ class Leases:
                 continue
             await self.recover(fields)
             await self.queue.forget(arq_id, fields.get("priority", "normal"), fields["tenant"])
+            await self.store.redis.zrem(leases, member)  # the attempt's transition is written
             recovered += 1
         return recovered
 

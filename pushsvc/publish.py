@@ -88,7 +88,6 @@ class PublishCall:
     expect: tuple[JobStatus, ...] = ()  # refused unless the job is in one of these
     delta: str = ""  # appended to the output
     writer: Writer | None = None  # refused unless the job is still this attempt's
-    lease_until_ms: float | None = None  # running: take (or renew) the lease
     enqueue: Enqueue | None = None  # an arq job written with the change
     max_running: int | None = None  # a start refused at the tenant's running limit
     fingerprint: str = ""  # create: the idempotency fingerprint
@@ -102,14 +101,15 @@ class PublishCall:
     def _keys(self, keys: Keys, settings: Settings) -> list[str]:
         enq = self.enqueue
         owner = turn_owner(self.tenant, settings)
+        job = keys.job(self.tenant, self.job_id)
         return [
-            keys.job(self.tenant, self.job_id),
+            job,
             keys.job_log(self.tenant, self.job_id),
             keys.tenant_log(self.tenant),
             keys.tenant_position(self.tenant),
-            keys.leases,
-            enq.target if enq else keys.leases,
-            enq.key if enq else keys.leases,
+            job,  # unused (was the leases: the worker's own calls now, leases.py)
+            enq.target if enq else job,
+            enq.key if enq else job,
             keys.job_output(self.tenant, self.job_id),
             keys.tenant_running(self.tenant),
             keys.tenant_stats(self.tenant),
@@ -141,7 +141,7 @@ class PublishCall:
             keys.job_channel(self.tenant, self.job_id),
             keys.tenant_channel(self.tenant),
             writer.arq_id if writer else "",
-            "" if self.lease_until_ms is None else int(self.lease_until_ms),
+            "",  # unused (was the lease: the worker's own calls now, leases.py)
             self.job_id,
             enq.payload if enq else "",
             enq.px if enq else 0,

@@ -114,7 +114,8 @@ class Enqueue:
 # last in the class (the class's clock). So a tenant with 3,000 queued holds turns far
 # ahead, and another tenant's one job takes the clock's turn: it starts next, not
 # 3,000th. A tenant alone in the queue is first in, first out. The script takes the
-# turn (lua/publish_fn.lua ``take_turn``, lua/move.lua) in the same call that queues.
+# turn (lua/turns_fn.lua ``turn_score``) in the same call that queues (enqueue.lua,
+# move.lua, publish_fn.lua); a start moves the clock (started.lua, the worker's call).
 TURN = 1000
 CLASS_BASE = {"high": 3 * 10**15, "normal": 2 * 10**15, "low": 10**15}
 ALL_TENANTS = "*"  # the one turn owner when fair share is off: first in, first out
@@ -172,6 +173,7 @@ class Queue:
         turns = (lua / "turns_fn.lua").read_text()
         self._move = redis.register_script(turns + (lua / "move.lua").read_text())
         self._enqueue = redis.register_script(turns + (lua / "enqueue.lua").read_text())
+        self._started = redis.register_script(turns + (lua / "started.lua").read_text())
 
     def prepare(
         self,
@@ -229,6 +231,14 @@ class Queue:
         args: list[bytes | str | int] = [enq.payload, enq.px, score, enq.member]
         args += [enq.priority, enq.turn_slot, enq.arq_id]
         return bool(await self._enqueue(keys=keys, args=args))
+
+    async def started(self, arq_id: str, priority: str, tenant: str) -> None:
+        """An attempt started (lua/started.lua): its class's clock moves up to its turn.
+        Its own call, after the start transition (job state and the queue are two
+        planes); a start whose call is lost leaves the clock behind until the next."""
+        owner_line = self.keys.tenant_turns(turn_owner(tenant, self.settings))
+        keys = [self.keys.turns, self.queue_name, owner_line]
+        await self._started(keys=keys, args=[priority, arq_id])
 
     async def tenant_of(self, arq_id: str) -> str | None:
         """The tenant an attempt's arq job names (its arguments: job id, tenant), while

@@ -100,7 +100,6 @@ class JobStore:
         expect: tuple[JobStatus, ...] = (),
         delta: str = "",
         writer: Writer | None = None,
-        lease_until_ms: float | None = None,
         enqueue: Enqueue | None = None,
         max_running: int | None = None,
         then: Event | None = None,
@@ -109,8 +108,8 @@ class JobStore:
         one), atomically.
 
         Nothing happens unless the job's status is in ``expect`` (when given) and it is
-        still ``writer``'s attempt (when given). A ``lease_until_ms`` on a transition to
-        running takes the lease; leaving running drops it; ``enqueue`` queues an attempt.
+        still ``writer``'s attempt (when given); ``enqueue`` queues an attempt. (Leases are
+        the worker's own calls: leases.py.)
         With ``max_running``, a tenant already running that many jobs gets ``Throttled``
         and ``enqueue`` (the attempt's later slot) is stored instead of any change.
         Returns None for an unknown (or expired, or lost) job.
@@ -124,7 +123,6 @@ class JobStore:
             expect=expect,
             delta=delta,
             writer=writer,
-            lease_until_ms=lease_until_ms,
             enqueue=enqueue,
             max_running=max_running,
             then=then,

@@ -44,7 +44,7 @@ class Transition:
 async def publish(
     store: JobStore, job_id: str, tenant: str, change: Transition, **extra: Any
 ) -> Reply:
-    """Publish ``change`` of one job; ``extra``: who writes, the lease, the tenant's limit,
+    """Publish ``change`` of one job; ``extra``: who writes, the tenant's limit,
     or an enqueue of the caller's own (``JobStore.publish``'s options)."""
     options: dict[str, Any] = {
         "expect": change.expect,

@@ -20,8 +20,8 @@ from typing import Any
 from arq.connections import ArqRedis
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 
 from . import transitions
 from .backoff import Delays, ExponentialBackoff, floored, jittered
@@ -82,14 +82,18 @@ class Runner:
             self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return
         with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
-            attempt = await self._start(fields, arq_id)
-            if attempt is None:
-                return
-            self.running[arq_id] = attempt
+            await self.leases.take(arq_id)  # before the start: no job runs without one
             try:
-                await self._attempt(self.types.get(fields["type"]), attempt)
+                attempt = await self._start(fields, arq_id)
+                if attempt is None:
+                    return
+                self.running[arq_id] = attempt
+                try:
+                    await self._attempt(self.types.get(fields["type"]), attempt)
+                finally:
+                    self.running.pop(arq_id, None)
             finally:
-                self.running.pop(arq_id, None)
+                await asyncio.shield(self.leases.drop(arq_id))
 
     async def _start(self, fields: dict[str, Any], arq_id: str) -> JobContext | None:
         """queued -> running, unless the tenant is at its running limit (then: later)."""
@@ -103,7 +107,6 @@ class Runner:
             fields["tenant"],
             change,
             writer=Writer(arq_id),
-            lease_until_ms=self.leases.deadline(),
             max_running=limit,
             # At the tenant's limit the attempt is queued again, later, in the same call.
             enqueue=self._later(fields, delay) if limit else None,
@@ -112,13 +115,23 @@ class Runner:
             await self._waits_for_tenant(fields)
         if not isinstance(started, Published):
             return None
-        await count_start(self.store.redis, self.store.keys)  # the start rate (line.py)
+        await self._count_start(fields, arq_id)
         fields["started_at"] = now
         if fields["attempt"] == 1:
             wait = now - fields["created_at"]
             self.metrics.queue_wait.labels(fields["type"]).observe(max(0.0, wait))
         writer = Writer(arq_id, change.fields["owner"], started.position)
         return JobContext(self.store, fields, self.settings.publish_rate_hz, self.resources, writer)
+
+    async def _count_start(self, fields: dict[str, Any], arq_id: str) -> None:
+        """What a start tells the queue: its turn was taken (fair share) and one more
+        attempt started (the start rate, line.py). Advisory figures: a failed call is
+        let go (the attempt runs)."""
+        try:
+            await self.queue.started(arq_id, fields.get("priority", "normal"), fields["tenant"])
+            await count_start(self.store.redis, self.store.keys)
+        except RedisError as exc:
+            logger.warning("job %s: its start was not counted (%s)", fields["id"], exc)
 
     def _later(self, fields: dict[str, Any], delay: float) -> Enqueue:
         later = new_arq_id(fields["id"])

@@ -75,3 +75,29 @@ async def test_a_lapsed_last_attempt_fails_as_worker_lost(store: JobStore, named
     assert snap is not None and snap.status == "failed"
     assert snap.error is not None and snap.error.code == "worker_lost"
     assert await store.redis.zscore(store.keys.leases, gone) is None
+    assert await store.redis.zscore(store.keys.leases, arq_id) is None  # after the failure
+
+
+@pytest.mark.timeout(20)
+async def test_a_lapsed_lease_of_an_attempt_that_never_started_is_only_dropped(
+    store: JobStore,
+) -> None:
+    """A worker takes an attempt's lease before its start transition; one that died
+    between left a lease whose job still waits for that attempt (arq runs it again):
+    the reaper lets the lease go and leaves the job alone."""
+    job_id = secrets.token_hex(8)
+    arq_id = f"{job_id}.1"
+    fields = {
+        "id": job_id, "type": "ticker", "tenant": "t", "status": "queued", "payload": {},
+        "attempt": 1, "max_attempts": 1, "run": 1, "arq_id": arq_id, "priority": "normal",
+        "output": "", "created_at": time.time(),
+    }  # fmt: skip
+    queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
+    await store.create("t", fields, None)
+    await queue.hand_over(queue.prepare(arq_id, job_id, tenant="t"))
+    await store.redis.zadd(store.keys.leases, {arq_id: 1})
+    assert await leases_of(store).reap() == 0
+    snap = await store.snapshot(job_id, "t")
+    assert snap is not None and snap.status == "queued" and snap.seq == 1
+    assert await store.redis.zscore(store.keys.leases, arq_id) is None
+    assert await store.redis.zscore(queue.queue_name, arq_id) is not None  # still arq's

@@ -124,32 +124,6 @@ async def test_a_superseded_attempt_cannot_write(store: JobStore) -> None:
     assert snap is not None and snap.progress == 0
 
 
-async def test_lease_is_taken_on_start_and_dropped_on_leaving_running(store: JobStore) -> None:
-    job = await new_job(store, "queued")
-    leases, arq_id = store.keys.leases, job["arq_id"]
-    await store.publish(
-        job["id"],
-        "t",
-        "status",
-        {"status": "running"},
-        {"status": "running"},
-        expect=(JobStatus.QUEUED,),
-        writer=Writer(arq_id),
-        lease_until_ms=123456,
-    )
-    assert await store.redis.zscore(leases, arq_id) == 123456
-    await store.publish(
-        job["id"],
-        "t",
-        "completed",
-        {},
-        {"status": "completed"},
-        expect=(JobStatus.RUNNING,),
-        writer=Writer(arq_id),
-    )
-    assert await store.redis.zscore(leases, arq_id) is None
-
-
 async def test_a_new_jobs_attempt_waits_in_the_outbox_and_is_handed_over_once(
     store: JobStore,
 ) -> None:
@@ -230,7 +204,7 @@ async def test_repair_rewrites_the_job_under_a_new_epoch_unless_superseded(
         job["id"], "t", "snapshot", {"reset": True},
         {**fields, "status": "running", "owner": "me", "arq_id": "x", "created_at": 1.0,
          "output": ""},
-        delta="abcd", writer=writer, lease_until_ms=1, index_score=1000,
+        delta="abcd", writer=writer, index_score=1000,
     )  # fmt: skip
     repaired = await store.repair(call)
     assert isinstance(repaired, Published) and repaired.epoch != writer.known.epoch  # type: ignore[union-attr]

@@ -3,6 +3,7 @@ and the per-tenant running limit."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from typing import Any
 
@@ -29,6 +30,21 @@ async def test_ticker_runs_to_completed(client: Client) -> None:
     assert kinds[:2] == ["snapshot", "status"] and kinds[-1] == "completed"
     progress = [d["progress"] for k, d in events if k == "progress"]
     assert progress == sorted(progress) and progress[-1] == 100
+
+
+async def test_a_running_attempt_holds_its_lease_until_it_ends(client: Client) -> None:
+    """The worker takes an attempt's lease before its start transition and drops it after
+    its last one (leases are the queue's keys, written in calls of their own)."""
+    job = await client.submit("ticker", {"steps": 20, "interval_ms": 50})
+    await client.wait(job["id"], lambda j: j["status"] == "running")
+    raw = await client.redis.hget(client.keys.job(client.tenant, job["id"]), "arq_id")
+    assert raw is not None
+    leases, arq_id = client.keys.leases, raw.decode()
+    assert await client.redis.zscore(leases, arq_id) is not None
+    assert (await client.wait(job["id"]))["status"] == "completed"
+    async with asyncio.timeout(10):  # dropped just after the terminal event
+        while await client.redis.zscore(leases, arq_id) is not None:
+            await asyncio.sleep(0.02)
 
 
 async def test_retryable_error_retries_then_succeeds(client: Client) -> None:

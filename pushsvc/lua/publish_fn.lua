@@ -1,14 +1,15 @@
 -- Shared by every script. One call of a script is one atomic Redis round trip, so
--- subscribers, the stored snapshot, the lease and the arq queue never disagree.
+-- subscribers, the stored snapshot and the arq queue never disagree.
 -- store.py lays KEYS and ARGV out (PublishCall.layout); their names:
 local K_JOB, K_LOG, K_TLOG, K_TPOS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local K_LEASES, K_QUEUE, K_ARQ_JOB, K_OUTPUT = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+-- (KEYS[5] and ARGV[11] are unused: a running attempt's lease is the worker's call.)
+local K_QUEUE, K_ARQ_JOB, K_OUTPUT = KEYS[6], KEYS[7], KEYS[8]
 local K_RUNNING, K_STATS, K_EPOCH = KEYS[9], KEYS[10], KEYS[11]
 local K_TURNS, K_TENANT_TURNS, K_ARQ_QUEUE = KEYS[12], KEYS[13], KEYS[14]
 -- (create.lua: KEYS[15] tenant index, KEYS[16] idempotency key; repair.lua: KEYS[15] index)
 local A_TTL, A_LOG_CAP, A_TLOG_CAP, A_KIND, A_BODY = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local A_EXPECT, A_DELTA, A_JOB_CHANNEL, A_TENANT_CHANNEL = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local A_ARQ_ID, A_LEASE_UNTIL, A_JOB_ID = ARGV[10], ARGV[11], ARGV[12]
+local A_ARQ_ID, A_JOB_ID = ARGV[10], ARGV[12]
 local A_ENQ_PAYLOAD, A_ENQ_PX, A_ENQ_SCORE, A_ENQ_MEMBER = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
 local A_FINGERPRINT, A_INDEX_SCORE, A_RESET_OUTPUT = ARGV[17], ARGV[18], ARGV[19]
 local A_MAX_RUNNING, A_OWNER, A_KNOWN_EPOCH, A_FRESH_EPOCH = ARGV[20], ARGV[21], ARGV[22], ARGV[23]
@@ -70,7 +71,6 @@ end
 local function apply_event(kind, body, delta, first)
   local job = K_JOB
   local before = redis.call('HGET', job, 'status')
-  local arq_before = redis.call('HGET', job, 'arq_id')
   local g = store_epoch()
   local epoch = sequence_epoch(job, g)
   local seq = redis.call('HINCRBY', job, 'seq', 1)
@@ -88,17 +88,7 @@ local function apply_event(kind, body, delta, first)
     redis.call('APPEND', K_OUTPUT, delta)
   end
   local status = redis.call('HGET', job, 'status')
-  -- Leases follow the state: held while running, keyed by the attempt's arq id.
-  if before == 'running' and status ~= 'running' and arq_before then
-    redis.call('ZREM', K_LEASES, arq_before)
-  end
-  if status == 'running' and A_LEASE_UNTIL ~= '' then
-    redis.call('ZADD', K_LEASES, A_LEASE_UNTIL, redis.call('HGET', job, 'arq_id'))
-  end
-  if before == 'queued' and status == 'running' and arq_before then
-    local class = redis.call('HGET', job, 'priority') or 'normal'
-    turn_started(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, class, arq_before)
-  end
+  -- (An attempt's lease and its turn's start are the worker's calls: leases.py, queue.py.)
   account(job, before, status, now_ms)
   if first and A_ENQ_PAYLOAD ~= '' then enqueue() end
   local data = '{"seq":' .. seq .. ',' .. body

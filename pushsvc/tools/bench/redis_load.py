@@ -69,11 +69,8 @@ async def _running_job(store: JobStore, queue: Queue) -> JobContext:
     }
     await store.create(TENANT, fields, None)  # started below, without arq: not handed over
     change = transitions.start(fields, secrets.token_hex(6), time.time())
-    lease = (time.time() + store.settings.lease_s) * 1000
     writer = Writer(arq_id)
-    started = await transitions.publish(
-        store, job_id, TENANT, change, writer=writer, lease_until_ms=lease
-    )
+    started = await transitions.publish(store, job_id, TENANT, change, writer=writer)
     if not isinstance(started, Published):
         raise BenchError(f"job {job_id} did not start: {started}")
     writer = Writer(arq_id, change.fields["owner"], started.position)
