@@ -10,7 +10,6 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError, field_validator
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -132,10 +131,7 @@ async def submit_job(request: Request) -> Response:
     found, earlier_fingerprint, epoch = await svc.store.create(tenant, fields, idem)
     if earlier_fingerprint is not None:
         return await _replayed(svc, tenant, found, earlier_fingerprint, idem)
-    try:
-        await svc.outbox.move(tenant, job_id, enqueue)
-    except (RedisError, OSError) as exc:  # the job is made: the sweeper queues it
-        logger.warning("job %s: not handed to the queue yet (%s); the outbox has it", job_id, exc)
+    await svc.store.hand_over(tenant, job_id, enqueue)  # failing, it waits for the sweeper
     request.app.state.metrics.submitted.labels(job_type.name).inc()
     # The job is what was just written (its first event is seq 1): no need to read it back.
     snap = to_snapshot({**fields, "seq": 1, "epoch": epoch})

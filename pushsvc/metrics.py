@@ -104,8 +104,8 @@ class ApiCollector(Collector):
                 svc.reads.joined,
             ),
             "pushsvc_outbox_swept": (
-                "new jobs this process's sweeper queued: their API process died, or Redis "
-                "failed, between making and queueing them",
+                "attempts this process's sweeper queued: the process that made them died, or "
+                "Redis failed, between the change and the hand-over to the queue",
                 svc.outbox.swept,
             ),
         }

@@ -1,17 +1,18 @@
-"""New jobs' first attempts, from the job store to arq's queue: the mover hands each
-over as its job is made; the sweeper hands over those a crash left behind.
+"""Attempts from the job store to arq's queue: each is handed over as the change that
+queues it is made; the sweeper hands over those a crash left behind.
 
 Job state and the queue are two planes: on a Redis Cluster the first cannot share a
-script with arq's keys, so making a job and queueing its first attempt are two calls.
-The job is made with the attempt in its tenant's outbox (lua/create.lua, which also
-lists the tenant in ``keys.tenants``); the API hands the attempt to arq at once
-(``Queue.hand_over``) and it leaves the outbox. An API process that dies in between
+script with arq's keys, so changing a job and queueing its attempt are two calls. The
+change (a new job: lua/create.lua, which also lists the tenant in ``keys.tenants``; a
+retry, a re-run, a throttled start: lua/publish_fn.lua) puts the attempt in its
+tenant's outbox, scored by Redis's time plus its delay; its caller hands it to arq at
+once (``JobStore.hand_over``) and it leaves the outbox. A process that dies in between
 leaves it there, and so does a Redis error between the two calls: every API process
-sweeps every listed outbox every ``outbox_sweep_s`` and hands over what has waited
-longer than that while its job still waits for it. So no job stays queued for ever.
-None runs twice: a hand-over is refused while arq holds the attempt or once its job no
-longer waits for it (checked in the same call while both are on one Redis), and a
-worker starts an attempt only while its job is queued for it (the start transition).
+sweeps every listed outbox every ``outbox_sweep_s`` and hands over what is due and has
+waited longer than that while its job still waits for it. So no job stays queued for
+ever. None runs twice: a hand-over is refused while arq holds the attempt or once its
+job no longer waits for it (checked in the same call while both are on one Redis), and
+a worker starts an attempt only while its job is queued for it (the start transition).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 
 from redis.exceptions import RedisError
 
-from .queue import Enqueue, Queue
+from .queue import Queue
 from .store import JobStore
 
 logger = logging.getLogger(__name__)
@@ -46,15 +47,6 @@ class Outbox:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-    def _plane(self, tenant: str, job_id: str) -> tuple[str, str]:
-        """The outbox and the job's hash, for a hand-over on the same Redis."""
-        return self.keys.outbox(tenant), self.keys.job(tenant, job_id)
-
-    async def move(self, tenant: str, job_id: str, enqueue: Enqueue) -> None:
-        """Hand a new job's first attempt to arq; it leaves the outbox in the same call
-        while both are on one Redis (with two planes: two calls, the hand-over first)."""
-        await self.queue.hand_over(enqueue, self._plane(tenant, job_id))
 
     async def sweep(self) -> int:
         """Hand over the attempts that waited in an outbox longer than the grace (by
@@ -86,8 +78,8 @@ class Outbox:
         for arq_id, job_id, priority in zip(arq_ids, job_ids, priorities, strict=True):
             prio = (priority or b"normal").decode()
             enqueue = self.queue.prepare(arq_id, job_id, priority=prio, tenant=tenant)
-            if await self.queue.hand_over(enqueue, self._plane(tenant, job_id)):
-                logger.warning("job %s: its first attempt was left in the outbox; queued", job_id)
+            if await self.store.hand_over(tenant, job_id, enqueue):
+                logger.warning("job %s: an attempt was left in the outbox; queued", job_id)
                 handed += 1
         return handed
 

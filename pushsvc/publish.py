@@ -13,7 +13,7 @@ from .epoch import StreamPosition, new_epoch
 from .fields import encode_fields
 from .keys import Keys
 from .models import JobStatus
-from .queue import Enqueue, turn_owner
+from .queue import Enqueue
 from .settings import Settings
 
 
@@ -88,7 +88,7 @@ class PublishCall:
     expect: tuple[JobStatus, ...] = ()  # refused unless the job is in one of these
     delta: str = ""  # appended to the output
     writer: Writer | None = None  # refused unless the job is still this attempt's
-    enqueue: Enqueue | None = None  # an arq job written with the change
+    enqueue: Enqueue | None = None  # the attempt the change queues: to the outbox
     max_running: int | None = None  # a start refused at the tenant's running limit
     fingerprint: str = ""  # create: the idempotency fingerprint
     index_score: int = 0  # create and repair: the job's place in the tenant index
@@ -99,24 +99,17 @@ class PublishCall:
         return self._keys(keys, settings), self._args(keys, settings)
 
     def _keys(self, keys: Keys, settings: Settings) -> list[str]:
-        enq = self.enqueue
-        owner = turn_owner(self.tenant, settings)
-        job = keys.job(self.tenant, self.job_id)
+        tenant = self.tenant
         return [
-            job,
-            keys.job_log(self.tenant, self.job_id),
-            keys.tenant_log(self.tenant),
-            keys.tenant_position(self.tenant),
-            job,  # unused (was the leases: the worker's own calls now, leases.py)
-            enq.target if enq else job,
-            enq.key if enq else job,
-            keys.job_output(self.tenant, self.job_id),
-            keys.tenant_running(self.tenant),
-            keys.tenant_stats(self.tenant),
+            keys.job(tenant, self.job_id),
+            keys.job_log(tenant, self.job_id),
+            keys.tenant_log(tenant),
+            keys.tenant_position(tenant),
+            keys.job_output(tenant, self.job_id),
+            keys.tenant_running(tenant),
+            keys.tenant_stats(tenant),
             keys.epoch,
-            keys.turns,
-            keys.tenant_turns(owner),
-            keys.queue,
+            keys.outbox(tenant),
         ]
 
     def _body(self, data: dict[str, Any]) -> str:
@@ -141,12 +134,9 @@ class PublishCall:
             keys.job_channel(self.tenant, self.job_id),
             keys.tenant_channel(self.tenant),
             writer.arq_id if writer else "",
-            "",  # unused (was the lease: the worker's own calls now, leases.py)
             self.job_id,
-            enq.payload if enq else "",
-            enq.px if enq else 0,
-            "" if enq is None or enq.score is None else enq.score,
-            enq.member if enq else "",
+            enq.arq_id if enq else "",
+            enq.defer_ms if enq else 0,
             self.fingerprint,
             self.index_score,
             "1" if reset_output else "",
@@ -155,8 +145,6 @@ class PublishCall:
             known.epoch if known else "",
             new_epoch(),
             known.seq if known else 0,
-            enq.priority if enq else "",
-            enq.turn_slot if enq else 0,
             then.kind if then else "",
             self._body(then.data) if then else "",
             then.delta if then else "",

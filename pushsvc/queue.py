@@ -103,6 +103,7 @@ class Enqueue:
     priority: str = "normal"
     turn_owner: str = "*"
     turn_slot: int = 1000
+    defer_ms: int = 0  # how long it waits before arq may start it
 
 
 # Fair share. arq reads its queue in score order, so the order is the schedule. An
@@ -200,7 +201,7 @@ class Queue:
             target: tuple[str, int | None, str] = (self.keys.delayed, due, member)
         else:
             target = (self.queue_name, None, arq_id)
-        return Enqueue(key, payload, px, *target, arq_id, priority, owner, slot)
+        return Enqueue(key, payload, px, *target, arq_id, priority, owner, slot, defer_ms)
 
     async def move_due(self, limit: int = 500) -> int:
         """Hand attempts whose wait is over to arq, each taking its owner's next turn."""

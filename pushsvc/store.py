@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from .batching import ScriptBatch
 from .epoch import StreamPosition
@@ -15,8 +17,10 @@ from .frames import Frame
 from .keys import Keys
 from .models import JobSnapshot, JobStatus
 from .publish import Diverged, Event, PublishCall, Published, Rejected, Reply, Throttled, Writer
-from .queue import Enqueue
+from .queue import Enqueue, Queue
 from .settings import Settings
+
+logger = logging.getLogger(__name__)
 
 
 def _lua(name: str) -> str:
@@ -50,13 +54,16 @@ class JobStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        fn = _lua("turns_fn.lua") + _lua("publish_fn.lua")
+        fn = _lua("publish_fn.lua")
         self._publish = redis.register_script(fn + _lua("publish.lua"))
         self._create = redis.register_script(fn + _lua("create.lua"))
         self._repair = redis.register_script(fn + _lua("repair.lua"))
         self._read = redis.register_script(_lua("read.lua"))
         self._scan = redis.register_script(_lua("scan.lua"))
         self._batch = ScriptBatch(redis, self._publish) if batched else None
+        # The queue plane, where attempts waiting in an outbox are handed over: this
+        # Redis while job state and the queue are one.
+        self.queue = Queue(redis, settings)  # type: ignore[arg-type]
         self.published = 0  # events this process published (a worker's metric)
 
     async def create(
@@ -81,7 +88,7 @@ class JobStore:
         )
         keys, args = call.layout(self.keys, self.settings)
         index = self.keys.tenant_index(tenant)
-        keys += [index, idem[0] if idem else index, self.keys.outbox(tenant)]
+        keys += [index, idem[0] if idem else index]
         keys += [self.keys.job_tenant(job_id), self.keys.tenants]
         created, found = await self._create(keys=keys, args=args)
         if created:
@@ -108,8 +115,9 @@ class JobStore:
         one), atomically.
 
         Nothing happens unless the job's status is in ``expect`` (when given) and it is
-        still ``writer``'s attempt (when given); ``enqueue`` queues an attempt. (Leases are
-        the worker's own calls: leases.py.)
+        still ``writer``'s attempt (when given). ``enqueue``, the attempt the change queues,
+        waits in the tenant's outbox and is handed to arq right after (:meth:`hand_over`).
+        (Leases are the worker's own calls: leases.py.)
         With ``max_running``, a tenant already running that many jobs gets ``Throttled``
         and ``enqueue`` (the attempt's later slot) is stored instead of any change.
         Returns None for an unknown (or expired, or lost) job.
@@ -127,7 +135,24 @@ class JobStore:
             max_running=max_running,
             then=then,
         )
-        return await self.send(call)
+        reply = await self.send(call)
+        if enqueue is not None and isinstance(reply, Published | Throttled):
+            await self.hand_over(tenant, job_id, enqueue)
+        return reply
+
+    async def hand_over(self, tenant: str, job_id: str, enqueue: Enqueue) -> bool:
+        """Hand an attempt waiting in the tenant's outbox to arq (``Queue.hand_over``; it
+        leaves the outbox in the same call while both are one Redis). False: not now (arq
+        has it, its job no longer waits for it, or Redis failed: logged, and the outbox's
+        sweeper hands it over later; outbox.py)."""
+        outbox = (self.keys.outbox(tenant), self.keys.job(tenant, job_id))
+        try:
+            return await self.queue.hand_over(enqueue, outbox)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "job %s: not handed to the queue yet (%s); the outbox has it", job_id, exc
+            )
+            return False
 
     async def send(self, call: PublishCall) -> Reply:
         """Run one publish call (see :meth:`publish`)."""

@@ -1,7 +1,8 @@
 """The outbox (pushsvc/outbox.py) against a real Redis, and a real API and worker: a new
 job's first attempt left in the outbox (its API process died, or Redis failed, between
-making the job and queueing it) is queued by the sweeper and runs once; one whose job
-moved on, or that arq has already, is let go without queueing it again."""
+making the job and queueing it) is queued by the sweeper and runs once; so is a retry
+whose hand-over failed; one whose job moved on, or that arq has already, is let go
+without queueing it again."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import pytest
 from redis.asyncio import Redis
 
 from pushsvc import actions, transitions
+from pushsvc.errors import JobError
 from pushsvc.keys import Keys
 from pushsvc.models import JobStatus
 from pushsvc.outbox import Outbox
-from pushsvc.publish import Writer
+from pushsvc.publish import Published, Writer
 from pushsvc.queue import Queue, new_arq_id
 from pushsvc.store import JobStore
 
@@ -140,16 +142,52 @@ async def test_a_late_hand_over_of_an_attempt_that_ran_is_refused(
 ) -> None:
     """arq drops an attempt's record when it ends (pushsvc keeps no arq results), so
     arq's dedup cannot stop a hand-over that comes after: the job's state does."""
-    store, queue, outbox = parts
+    store, queue, _ = parts
     fields = new_fields("t")
     await store.create("t", fields, None)
     enqueue = queue.prepare(fields["arq_id"], fields["id"], tenant="t")
-    await outbox.move("t", fields["id"], enqueue)  # the sweeper's, say
+    await store.hand_over("t", fields["id"], enqueue)  # the sweeper's, say
     assert await in_arq(store, queue, fields["arq_id"])
     change = transitions.start(fields, "w1", time.time())
     await transitions.publish(store, fields["id"], "t", change, writer=Writer(fields["arq_id"]))
     await store.redis.delete(enqueue.key)  # it ran: arq dropped its record ...
     await store.redis.zrem(queue.queue_name, fields["arq_id"])  # ... and its place
-    await outbox.move("t", fields["id"], enqueue)  # the API's mover, late
+    await store.hand_over("t", fields["id"], enqueue)  # the API's mover, late
     assert not await in_arq(store, queue, fields["arq_id"])
     assert not await store.redis.exists(enqueue.key)
+
+
+@pytest.mark.timeout(20)
+async def test_a_retry_the_queue_refused_waits_in_the_outbox_for_the_sweeper(
+    parts: tuple[JobStore, Queue, Outbox],
+) -> None:
+    """A change that queues an attempt (here a retry) puts it in the outbox with the
+    change and hands it over right after; a hand-over that fails (the queue's Redis
+    refuses it) leaves it there, and the sweeper queues it once it is due."""
+    store, queue, outbox = parts
+    fields = new_fields("t")
+    await store.create("t", fields, None)
+    await store.hand_over(
+        "t", fields["id"], queue.prepare(fields["arq_id"], fields["id"], tenant="t")
+    )
+    start = transitions.start(fields, "w1", time.time())
+    started = await transitions.publish(
+        store, fields["id"], "t", start, writer=Writer(fields["arq_id"])
+    )
+    assert isinstance(started, Published)
+    writer = Writer(fields["arq_id"], "w1", started.position)
+    await store.redis.delete(queue.queue_name)
+    await store.redis.set(queue.queue_name, "not a sorted set")  # the queue refuses
+    retry_id = new_arq_id(fields["id"])
+    enqueue = queue.prepare(retry_id, fields["id"], tenant="t")
+    error = JobError("the model went away", code="upstream_error", retryable=True)
+    retry = transitions.retry_later(error, 2, retry_id, 0.0, enqueue)
+    reply = await transitions.publish(store, fields["id"], "t", retry, writer=writer)
+    assert isinstance(reply, Published) and reply.status == JobStatus.QUEUED
+    assert await store.redis.zscore(store.keys.outbox("t"), retry_id) is not None
+    await store.redis.delete(queue.queue_name)  # the queue works again
+    assert await outbox.sweep() == 0  # not yet due: its caller may still hand it over
+    await left_long_ago(store.redis, store.keys, "t", retry_id)
+    assert await outbox.sweep() == 1
+    assert await in_arq(store, queue, retry_id)
+    assert await store.redis.zcard(store.keys.outbox("t")) == 0

@@ -1,15 +1,14 @@
--- A new job (see publish_fn.lua). KEYS[15]: the tenant's index, KEYS[16]: the
--- idempotency key, KEYS[17]: the tenant's outbox, KEYS[18]: whose the job is (keys.py
--- job_tenant), KEYS[19]: the tenants that made a job (the last two are not the
--- tenant's slot: a Redis Cluster needs them written apart). ARGV: publish_fn.lua's.
+-- A new job (see publish_fn.lua). KEYS[10]: the tenant's index, KEYS[11]: the
+-- idempotency key, KEYS[12]: whose the job is (keys.py job_tenant), KEYS[13]: the
+-- tenants that made a job (the last two are not the tenant's slot: a Redis Cluster
+-- needs them written apart). ARGV: publish_fn.lua's.
 -- Returns {1, epoch} created (the epoch its first event is in), or
 -- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
 -- Its first attempt waits in the outbox until arq has it: the queue may be another
 -- Redis (outbox.py hands it over). The outbox entry is written first: a script that
 -- fails half way is not undone, and the sweeper lets go of an entry whose job is not
 -- queued for it, but could not find a job the outbox does not name.
-local K_INDEX, K_IDEM, K_OUTBOX, K_WHOSE, K_TENANTS = KEYS[15], KEYS[16], KEYS[17],
-  KEYS[18], KEYS[19]
+local K_INDEX, K_IDEM, K_WHOSE, K_TENANTS = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
 if A_FINGERPRINT ~= '' then
   local existing = redis.call('GET', K_IDEM)
   if existing then return {0, existing} end

@@ -1,7 +1,7 @@
 -- A transition of an existing job (see publish_fn.lua for KEYS and ARGV).
 -- Returns {-1} unknown job, {-3, status, seq, epoch} the writer's history is not the
 -- store's (the worker repairs), {0, status} refused (state, attempt or owner), {-2} the
--- tenant is at its running limit (the attempt was re-queued as given, nothing
+-- tenant is at its running limit (the attempt given waits in the outbox, nothing
 -- published), else {seq, status, cancel flag, epoch}.
 local cur = redis.call('HMGET', K_JOB, 'status', 'epoch', 'seq', 'arq_id', 'owner')
 local status = cur[1]
@@ -24,8 +24,8 @@ if A_OWNER ~= '' and cur[5] ~= A_OWNER then
 end
 if A_MAX_RUNNING ~= '' and redis.call('SCARD', K_RUNNING) >= tonumber(A_MAX_RUNNING) then
   -- Over the tenant's limit: hand the attempt a later slot; others' jobs go first.
-  redis.call('HSET', K_JOB, 'arq_id', A_ENQ_MEMBER:match('^[^|]*|([^|]+)') or A_ENQ_MEMBER)
-  enqueue()
+  redis.call('HSET', K_JOB, 'arq_id', A_NEXT_ARQ_ID)
+  to_outbox()
   return {-2}
 end
 return apply()

@@ -1,34 +1,33 @@
 -- Shared by every script. One call of a script is one atomic Redis round trip, so
--- subscribers, the stored snapshot and the arq queue never disagree.
+-- subscribers, the stored snapshot and the job's logs never disagree. Every key is the
+-- tenant's (one hash tag: one slot on a Redis Cluster) but the store's epoch.
 -- store.py lays KEYS and ARGV out (PublishCall.layout); their names:
 local K_JOB, K_LOG, K_TLOG, K_TPOS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
--- (KEYS[5] and ARGV[11] are unused: a running attempt's lease is the worker's call.)
-local K_QUEUE, K_ARQ_JOB, K_OUTPUT = KEYS[6], KEYS[7], KEYS[8]
-local K_RUNNING, K_STATS, K_EPOCH = KEYS[9], KEYS[10], KEYS[11]
-local K_TURNS, K_TENANT_TURNS, K_ARQ_QUEUE = KEYS[12], KEYS[13], KEYS[14]
--- (create.lua: KEYS[15] tenant index, KEYS[16] idempotency key; repair.lua: KEYS[15] index)
+local K_OUTPUT, K_RUNNING, K_STATS, K_EPOCH = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
+local K_OUTBOX = KEYS[9]
+-- (create.lua: KEYS[10] tenant index, KEYS[11] idempotency key, ...; repair.lua:
+-- KEYS[10] tenant index)
 local A_TTL, A_LOG_CAP, A_TLOG_CAP, A_KIND, A_BODY = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local A_EXPECT, A_DELTA, A_JOB_CHANNEL, A_TENANT_CHANNEL = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
-local A_ARQ_ID, A_JOB_ID = ARGV[10], ARGV[12]
-local A_ENQ_PAYLOAD, A_ENQ_PX, A_ENQ_SCORE, A_ENQ_MEMBER = ARGV[13], ARGV[14], ARGV[15], ARGV[16]
-local A_FINGERPRINT, A_INDEX_SCORE, A_RESET_OUTPUT = ARGV[17], ARGV[18], ARGV[19]
-local A_MAX_RUNNING, A_OWNER, A_KNOWN_EPOCH, A_FRESH_EPOCH = ARGV[20], ARGV[21], ARGV[22], ARGV[23]
-local A_KNOWN_SEQ, A_ENQ_CLASS, A_TURN_SLOT = ARGV[24], ARGV[25], ARGV[26]
+local A_ARQ_ID, A_JOB_ID, A_NEXT_ARQ_ID, A_NEXT_DELAY_MS = ARGV[10], ARGV[11], ARGV[12], ARGV[13]
+local A_FINGERPRINT, A_INDEX_SCORE, A_RESET_OUTPUT = ARGV[14], ARGV[15], ARGV[16]
+local A_MAX_RUNNING, A_OWNER, A_KNOWN_EPOCH, A_FRESH_EPOCH = ARGV[17], ARGV[18], ARGV[19], ARGV[20]
+local A_KNOWN_SEQ = ARGV[21]
 -- A second event in the same call (a worker's flush: progress, then the text written
 -- since): its kind ('' for none), body and delta; the fields and the rest go with the first.
-local A_KIND2, A_BODY2, A_DELTA2 = ARGV[27], ARGV[28], ARGV[29]
-local FIELDS_FROM = 30  -- ARGV[30..]: field/value pairs to HSET
+local A_KIND2, A_BODY2, A_DELTA2 = ARGV[22], ARGV[23], ARGV[24]
+local FIELDS_FROM = 25  -- ARGV[25..]: field/value pairs to HSET
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
--- A score of '' asks for the attempt's turn in arq's queue (turns_fn.lua).
-local function enqueue()
-  redis.call('SET', K_ARQ_JOB, A_ENQ_PAYLOAD, 'PX', A_ENQ_PX)
-  local score = A_ENQ_SCORE
-  if score == '' then
-    score = turn_score(K_TURNS, K_ARQ_QUEUE, K_TENANT_TURNS, A_ENQ_CLASS, A_TURN_SLOT,
-      A_ENQ_MEMBER)
-  end
-  redis.call('ZADD', K_QUEUE, score, A_ENQ_MEMBER)
+-- The attempt the change queues (A_NEXT_ARQ_ID: a retry, a re-run, a throttled start)
+-- waits in the tenant's outbox, by Redis's time (plus its delay), for its caller to hand
+-- it to arq (store.py; the queue may be another Redis); a caller that crashes leaves it
+-- to the outbox's sweeper (outbox.py).
+local function to_outbox()
+  local t = redis.call('TIME')
+  local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(A_NEXT_DELAY_MS)
+  redis.call('ZADD', K_OUTBOX, due, A_NEXT_ARQ_ID)
+  redis.call('EXPIRE', K_OUTBOX, A_TTL)
 end
 
 -- The store's epoch; normally set by the connection check (epoch.py). Missing only
@@ -90,7 +89,7 @@ local function apply_event(kind, body, delta, first)
   local status = redis.call('HGET', job, 'status')
   -- (An attempt's lease and its turn's start are the worker's calls: leases.py, queue.py.)
   account(job, before, status, now_ms)
-  if first and A_ENQ_PAYLOAD ~= '' then enqueue() end
+  if first and A_NEXT_ARQ_ID ~= '' then to_outbox() end
   local data = '{"seq":' .. seq .. ',' .. body
   local tepoch, tenant_new = sequence_epoch(K_TPOS, g)
   if tenant_new then redis.call('DEL', K_TLOG) end  -- its ids start again at 1

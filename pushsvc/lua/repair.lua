@@ -1,10 +1,10 @@
 -- A worker rewrites the job it runs when the store lost or rewound it (see publish_fn.lua;
--- KEYS[15]: the tenant's index). The fields, the whole output and a `snapshot` event
+-- KEYS[10]: the tenant's index). The fields, the whole output and a `snapshot` event
 -- come from the worker; history restarts under a fresh epoch, with seqs beyond both
 -- what is stored and what the worker saw. Refused ({0, status}) when the attempt is
 -- no longer the worker's: the store is current (its `gen` is the store epoch) and
 -- shows another attempt, another owner, or a state other than running.
-local K_INDEX = KEYS[15]
+local K_INDEX = KEYS[10]
 local g = store_epoch()
 local cur = redis.call('HMGET', K_JOB, 'status', 'arq_id', 'owner', 'gen', 'seq')
 if cur[1] and cur[4] == g
