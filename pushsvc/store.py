@@ -8,7 +8,7 @@ from importlib import resources
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from .batching import ScriptBatch
 from .epoch import StreamPosition
@@ -89,12 +89,28 @@ class JobStore:
         keys, args = call.layout(self.keys, self.settings)
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index]
-        keys += [self.keys.job_tenant(job_id), self.keys.tenants]
-        created, found = await self._create(keys=keys, args=args)
+        try:
+            created, found = await self._listed_create(tenant, job_id, keys, args)
+        except NoScriptError:  # a Redis that restarted or was flushed: load it, once more
+            await self.redis.script_load(self._create.script)
+            created, found = await self._listed_create(tenant, job_id, keys, args)
         if created:
             return Created(job_id, None, found.decode())
+        await self.redis.delete(self.keys.job_tenant(job_id))  # a replay: no such job
         earlier, _, fingerprint = found.decode().partition(" ")
         return Created(earlier, fingerprint)
+
+    async def _listed_create(
+        self, tenant: str, job_id: str, keys: list[str], args: list[Any]
+    ) -> list[Any]:
+        """Whose the job is and the tenant's listing, then the creation script, in one
+        round trip (not the tenant's slot, they are calls of their own on a cluster);
+        written first, a crash after them leaves no job unlisted."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            self._list(pipe, tenant, job_id)
+            pipe.evalsha(self._create.sha, len(keys), *keys, *args)
+            reply: list[Any] = (await pipe.execute())[-1]
+        return reply
 
     async def publish(
         self,
@@ -196,12 +212,18 @@ class JobStore:
         return decode_fields(raw, output) if raw else None
 
     async def remember_tenant(self, tenant: str, job_id: str) -> None:
-        """Note whose the job is (keys.job_tenant), for as long as a job is kept, and list
-        the tenant (keys.tenants: a Redis that came back empty forgot it)."""
+        """Note whose the job is, and list the tenant again (a Redis that came back empty
+        forgot both)."""
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.job_tenant(job_id), tenant, ex=self.settings.job_ttl_s)
-            pipe.sadd(self.keys.tenants, tenant)
+            self._list(pipe, tenant, job_id)
             await pipe.execute()
+
+    def _list(self, pipe: Any, tenant: str, job_id: str) -> None:
+        """Whose the job is (keys.job_tenant), for as long as a job is kept, for readers
+        that know only its id; and the tenant in keys.tenants, whose outboxes and stats
+        are read."""
+        pipe.set(self.keys.job_tenant(job_id), tenant, ex=self.settings.job_ttl_s)
+        pipe.sadd(self.keys.tenants, tenant)
 
     async def tenants_of(self, job_ids: list[str]) -> list[str | None]:
         """Whose each job is (None: unknown, or expired), for readers that know only ids."""

@@ -269,3 +269,14 @@ async def test_whose_a_job_is_is_kept_for_made_jobs_only(store: JobStore) -> Non
     (first, created), (second, replayed) = made
     assert created.job_id == first and replayed == (first, "fp", "")
     assert await store.tenants_of([first, second]) == ["t", None]
+
+
+async def test_a_job_is_made_after_redis_forgot_the_scripts(store: JobStore) -> None:
+    """Creation sends its script by hash with the job's listing, in one round trip; a
+    Redis that restarted or was flushed knows no scripts: it is loaded and sent again."""
+    await store.redis.script_flush()
+    job = await new_job(store, "queued")
+    snap = await store.snapshot(job["id"], "t")
+    assert snap is not None and snap.status == "queued" and snap.seq == 1
+    assert await store.tenants_of([job["id"]]) == ["t"]
+    assert await store.redis.sismember(store.keys.tenants, "t")  # type: ignore[misc]

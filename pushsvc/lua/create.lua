@@ -1,14 +1,13 @@
 -- A new job (see publish_fn.lua). KEYS[10]: the tenant's index, KEYS[11]: the
--- idempotency key, KEYS[12]: whose the job is (keys.py job_tenant), KEYS[13]: the
--- tenants that made a job (the last two are not the tenant's slot: a Redis Cluster
--- needs them written apart). ARGV: publish_fn.lua's.
+-- idempotency key. ARGV: publish_fn.lua's. (Whose the job is and the tenants' list are
+-- written just before, in the same round trip: store.py.)
 -- Returns {1, epoch} created (the epoch its first event is in), or
 -- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
 -- Its first attempt waits in the outbox until arq has it: the queue may be another
 -- Redis (outbox.py hands it over). The outbox entry is written first: a script that
 -- fails half way is not undone, and the sweeper lets go of an entry whose job is not
 -- queued for it, but could not find a job the outbox does not name.
-local K_INDEX, K_IDEM, K_WHOSE, K_TENANTS = KEYS[10], KEYS[11], KEYS[12], KEYS[13]
+local K_INDEX, K_IDEM = KEYS[10], KEYS[11]
 if A_FINGERPRINT ~= '' then
   local existing = redis.call('GET', K_IDEM)
   if existing then return {0, existing} end
@@ -25,8 +24,6 @@ end
 local t = redis.call('TIME')  -- the outbox's clock is Redis's: the sweeper reads it too
 redis.call('ZADD', K_OUTBOX, t[1] * 1000 + math.floor(t[2] / 1000), field('arq_id'))
 redis.call('EXPIRE', K_OUTBOX, A_TTL)
-redis.call('SADD', K_TENANTS, field('tenant'))
-redis.call('SET', K_WHOSE, field('tenant'), 'EX', A_TTL)
 local applied = apply()
 redis.call('ZADD', K_INDEX, A_INDEX_SCORE, A_JOB_ID)
 redis.call('EXPIRE', K_INDEX, A_TTL)
