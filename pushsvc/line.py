@@ -9,7 +9,8 @@ it would be a write per queued job per start. Each API process computes places o
 the jobs its open streams watch (once a second, ``PUSHSVC_LINE_INTERVAL_S``) and for the
 reads that show them (``GET /v1/jobs/{id}``, the listing); at most one such call per
 process is in flight, later askers join the next one. The start rate is counted by the
-workers, one ``INCR`` per attempt start into a per-second counter (``Keys.starts``), and
+workers, one ``INCR`` per attempt start into a per-second counter (``Keys.starts``, in
+lua/started.lua with the start's turn), and
 read over the last ``PUSHSVC_START_RATE_WINDOW_S`` seconds by the same call. It is the
 rate of all attempt starts, not per job type: every type waits in the one queue, so a
 place counts the attempts of every type ahead of it.
@@ -44,7 +45,6 @@ logger = logging.getLogger(__name__)
 STATE_FIELDS = ["status", "seq", "epoch", "arq_id"]  # what a place is read with
 
 BATCH = 2000  # jobs per script call: one call holds Redis for about a millisecond
-STARTS_TTL_S = 900  # a start counter outlives the longest window (600 s)
 # A rate is never measured over less: the first starts (a burst as slots free at once)
 # are not a rate; too short a span read 2 slots of 8 s jobs as 0.4 starts/s, not 0.25.
 MIN_SPAN_S = 20.0
@@ -112,19 +112,6 @@ def starts_in(position: int | None, rate: float | None) -> float | None:
     if position is None or rate is None:
         return None
     return round(position / rate, 1)
-
-
-async def count_start(redis: Redis, keys: Keys) -> None:
-    """Count one attempt start (a worker, as it starts one). A count lost to a Redis error
-    only makes the estimate a little low: never a reason to fail the attempt."""
-    key = keys.starts(int(time.time()))
-    try:
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.incr(key)
-            pipe.expire(key, STARTS_TTL_S)
-            await pipe.execute()
-    except RedisError:
-        logger.debug("an attempt start went uncounted", exc_info=True)
 
 
 def place_frame(job_id: str, place: Place) -> Frame:

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -118,6 +119,7 @@ class Enqueue:
 # turn (lua/turns_fn.lua ``turn_score``) in the same call that queues (enqueue.lua,
 # move.lua, publish_fn.lua); a start moves the clock (started.lua, the worker's call).
 TURN = 1000
+STARTS_TTL_S = 900  # a start counter (Keys.starts) outlives the longest rate window (600 s)
 CLASS_BASE = {"high": 3 * 10**15, "normal": 2 * 10**15, "low": 10**15}
 ALL_TENANTS = "*"  # the one turn owner when fair share is off: first in, first out
 
@@ -234,12 +236,15 @@ class Queue:
         return bool(await self._enqueue(keys=keys, args=args))
 
     async def started(self, arq_id: str, priority: str, tenant: str) -> None:
-        """An attempt started (lua/started.lua): its class's clock moves up to its turn.
-        Its own call, after the start transition (job state and the queue are two
-        planes); a start whose call is lost leaves the clock behind until the next."""
+        """An attempt started (lua/started.lua): its class's clock moves up to its turn,
+        and the start is counted (the start rate of places in line: line.py). Its own
+        call, after the start transition (job state and the queue are two planes); a
+        start whose call is lost leaves the clock behind until the next, and the rate a
+        little low."""
         owner_line = self.keys.tenant_turns(turn_owner(tenant, self.settings))
-        keys = [self.keys.turns, self.queue_name, owner_line]
-        await self._started(keys=keys, args=[priority, arq_id])
+        counter = self.keys.starts(int(time.time()))
+        keys = [self.keys.turns, self.queue_name, owner_line, counter]
+        await self._started(keys=keys, args=[priority, arq_id, STARTS_TTL_S])
 
     async def tenant_of(self, arq_id: str) -> str | None:
         """The tenant an attempt's arq job names (its arguments: job id, tenant), while

@@ -29,7 +29,6 @@ from .context import JobContext, Resources
 from .errors import JobError
 from .jobs import JobType, Registry, load_job_modules
 from .leases import Leases, publish_as
-from .line import count_start
 from .logs import bind_job
 from .metrics import WorkerMetrics
 from .publish import Published, Throttled, Writer
@@ -129,7 +128,6 @@ class Runner:
         let go (the attempt runs)."""
         try:
             await self.queue.started(arq_id, fields.get("priority", "normal"), fields["tenant"])
-            await count_start(self.store.redis, self.store.keys)
         except RedisError as exc:
             logger.warning("job %s: its start was not counted (%s)", fields["id"], exc)
 
