@@ -29,7 +29,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .epoch import connect_hook
+from .epoch import EpochCheck
 from .settings import Settings
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -153,7 +153,8 @@ def make_pool(
     With ``max_connections`` the pool is a blocking one: commands wait for a free
     connection, so a process's Redis connections stay fixed however busy it is.
     """
-    kwargs["redis_connect_func"] = connect_hook(settings.namespace)
+    check = EpochCheck(settings.namespace)
+    kwargs["redis_connect_func"] = check.on_connect
     pool: ConnectionPool
     if is_sentinel_url(settings.redis_url):
         kwargs["redis_connect_func"] = primary_only(kwargs["redis_connect_func"])
@@ -165,6 +166,7 @@ def make_pool(
             settings.redis_url, max_connections=max_connections, timeout=5, **kwargs
         )
     pool.connection_class = packed_by_hiredis(pool.connection_class)
+    pool.epoch_check = check  # type: ignore[attr-defined]  # its run id: epoch.run_id_of
     return pool
 
 

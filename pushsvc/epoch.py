@@ -9,9 +9,13 @@ may have been lost, so a position from another epoch is never compared by its nu
   checked on every new connection, before any command: a Redis that restarted (from an
   older snapshot, or empty) or failed over to a replica has another run id, so the
   store gets a new epoch before anything is read or written there.
-- Each job and each tenant sequence keeps its own epoch and the store epoch it was
-  taken under (``gen``). The publish script gives a sequence a fresh epoch when it is
-  created anew (expiry, an empty Redis) or when its ``gen`` is not the store's epoch.
+- Each tenant keeps the store's epoch as its slot knows it (``Keys.tenant_epoch``, with
+  the run id it was taken on): the publish script takes a new one when the run id the
+  caller's connection check found is another (a restart or failover of the Redis that
+  holds the slot; on a Redis Cluster, of that shard only), or when it is missing.
+- Each job and each tenant sequence keeps its own epoch and the tenant's store epoch it
+  was taken under (``gen``). The publish script gives a sequence a fresh epoch when it
+  is created anew (expiry, an empty Redis) or when its ``gen`` is not that epoch.
 """
 
 from __future__ import annotations
@@ -72,21 +76,42 @@ class StreamPosition:
         return not self.epoch or self.epoch == epoch
 
 
-def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
-    """redis-py's ``redis_connect_func``: the usual handshake, then the epoch check."""
-    key = Keys(namespace).epoch
+class EpochCheck:
+    """The epoch check of one pool's connections (``on_connect``: redis-py's
+    ``redis_connect_func``, which must be a coroutine function). It keeps the run id of
+    the Redis the pool's connections last found (``run_id``), which the publish script
+    compares with each tenant's epoch (lua/publish_fn.lua)."""
 
-    seen: list[str] = []  # the store epoch this pool's connections last found
+    def __init__(self, namespace: str) -> None:
+        self.key = Keys(namespace).epoch
+        self.run_id = ""
+        self._seen = ""  # the store epoch this pool's connections last found
 
-    async def on_connect(conn: Any) -> None:
+    async def on_connect(self, conn: Any) -> None:
+        """The usual handshake, then the epoch check."""
         await conn.on_connect()
         await conn.send_command("INFO", "server")
         info = await conn.read_response()
         found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
         run_id = found.group(1).decode() if found else ""
-        before = seen[0] if seen else ""
-        await conn.send_command("EVAL", _ENSURE, 1, key, run_id, new_epoch(), before)
+        await conn.send_command("EVAL", _ENSURE, 1, self.key, run_id, new_epoch(), self._seen)
         current = await conn.read_response()
-        seen[:] = [current.decode() if isinstance(current, bytes) else str(current)]
+        self._seen = current.decode() if isinstance(current, bytes) else str(current)
+        self.run_id = run_id
 
-    return on_connect
+
+def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
+    """redis-py's ``redis_connect_func``: the epoch check of a new pool of ``namespace``
+    (its state: the function's ``__self__``)."""
+    return EpochCheck(namespace).on_connect
+
+
+async def run_id_of(redis: Any) -> str:
+    """The run id the epoch check of ``redis``'s pool last found ('' for a client made
+    without one). Before the pool's first connection there is none yet: it connects."""
+    check = getattr(getattr(redis, "connection_pool", None), "epoch_check", None)
+    if not isinstance(check, EpochCheck):
+        return ""
+    if not check.run_id:
+        await redis.ping()  # the first connection runs the check
+    return check.run_id

@@ -61,6 +61,12 @@ class Keys:
         """Hash: the store's epoch (``id``) and the Redis run id it was taken on (``run``)."""
         return f"{self.ns}:epoch"
 
+    def tenant_epoch(self, tenant: str) -> str:
+        """Hash: the store's epoch as the tenant's slot knows it (``id``) and the Redis run
+        id it was taken on (``run``): on a Redis Cluster each shard's restart or failover
+        starts new histories for its own tenants only (lua/publish_fn.lua)."""
+        return f"{self.tenant_tag(tenant)}:epoch"
+
     def tenant_log(self, tenant: str) -> str:
         """Stream: every event of the tenant's jobs, entry id ``0-<tenant seq>``."""
         return f"{self.tenant_tag(tenant)}:tlog"

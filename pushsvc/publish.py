@@ -94,9 +94,12 @@ class PublishCall:
     index_score: int = 0  # create and repair: the job's place in the tenant index
     then: Event | None = None  # a second event, published after this one
 
-    def layout(self, keys: Keys, settings: Settings) -> tuple[list[str], list[Any]]:
-        """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them."""
-        return self._keys(keys, settings), self._args(keys, settings)
+    def layout(
+        self, keys: Keys, settings: Settings, run_id: str = ""
+    ) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them;
+        ``run_id``: the Redis run id the caller's connection check found (epoch.py)."""
+        return self._keys(keys, settings), self._args(keys, settings, run_id)
 
     def _keys(self, keys: Keys, settings: Settings) -> list[str]:
         tenant = self.tenant
@@ -108,7 +111,7 @@ class PublishCall:
             keys.job_output(tenant, self.job_id),
             keys.tenant_running(tenant),
             keys.tenant_stats(tenant),
-            keys.epoch,
+            keys.tenant_epoch(tenant),
             keys.outbox(tenant),
         ]
 
@@ -118,7 +121,7 @@ class PublishCall:
         body = json.dumps({"job_id": self.job_id, "ts": time.time(), **data}, separators=(",", ":"))
         return body[1:]
 
-    def _args(self, keys: Keys, settings: Settings) -> list[Any]:
+    def _args(self, keys: Keys, settings: Settings, run_id: str) -> list[Any]:
         enq, writer, then = self.enqueue, self.writer, self.then
         fields = dict(self.fields)
         reset_output = fields.pop("output", None) is not None
@@ -148,5 +151,6 @@ class PublishCall:
             then.kind if then else "",
             self._body(then.data) if then else "",
             then.delta if then else "",
+            run_id,
             *encode_fields(fields),
         ]

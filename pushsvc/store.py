@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from .batching import ScriptBatch
-from .epoch import StreamPosition
+from .epoch import StreamPosition, run_id_of
 from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
 from .keys import Keys
@@ -86,7 +86,7 @@ class JobStore:
             fingerprint=idem[1] if idem else "",
             index_score=int(fields["created_at"] * 1000),
         )
-        keys, args = call.layout(self.keys, self.settings)
+        keys, args = call.layout(self.keys, self.settings, await run_id_of(self.redis))
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index]
         try:
@@ -172,7 +172,7 @@ class JobStore:
 
     async def send(self, call: PublishCall) -> Reply:
         """Run one publish call (see :meth:`publish`)."""
-        keys, args = call.layout(self.keys, self.settings)
+        keys, args = call.layout(self.keys, self.settings, await run_id_of(self.redis))
         if self._batch is not None:
             reply = await self._batch(keys, args)
         else:
@@ -183,7 +183,7 @@ class JobStore:
         """Rewrite a job its worker holds (lua/repair.lua): ``Published`` under a fresh
         epoch, or ``Rejected`` when the attempt is no longer the writer's."""
         await self.remember_tenant(call.tenant, call.job_id)  # it may be lost with the job
-        keys, args = call.layout(self.keys, self.settings)
+        keys, args = call.layout(self.keys, self.settings, await run_id_of(self.redis))
         keys.append(self.keys.tenant_index(call.tenant))
         return self._reply(await self._repair(keys=keys, args=args))
 

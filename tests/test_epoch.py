@@ -1,17 +1,30 @@
 """Stream positions (pushsvc/epoch.py): parsing SSE ids, printing them back, comparing
-by history, fresh epochs, and the store epoch the connect hook takes on a real Redis."""
+by history, fresh epochs, the store epoch the connect hook takes on a real Redis, and
+each tenant's epoch following the Redis it was taken on."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
+from pushsvc.connections import make_pool
 from pushsvc.epoch import StreamPosition, connect_hook, new_epoch
 from pushsvc.keys import Keys
+from pushsvc.publish import PublishCall, Published
+from pushsvc.settings import Settings
+from pushsvc.store import JobStore
 
+from .conftest import open_store
 from .procs import RedisServer
+
+
+@pytest.fixture
+async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
+    async with open_store(redis_server) as opened:
+        yield opened
 
 
 @pytest.mark.timeout(10)
@@ -53,3 +66,49 @@ async def test_connections_of_one_server_share_the_store_epoch(redis_server: Red
         seen.append(await client.hget(Keys(namespace).epoch, "id"))
         await client.aclose()
     assert seen[0] is not None and seen[0] == seen[1]
+
+
+@pytest.mark.timeout(20)
+async def test_a_tenants_epoch_follows_the_redis_it_was_taken_on(store: JobStore) -> None:
+    """Each tenant keeps the store's epoch as its slot knows it, with the Redis run id it
+    was taken on: a caller whose connection check found another run id (a restart, a
+    failover of the shard that holds the slot) starts new histories, for that tenant;
+    another tenant's stay until its own next write there."""
+    job = {"id": "j1", "type": "ticker", "status": "queued", "payload": {}, "attempt": 1}
+    job |= {"max_attempts": 1, "run": 1, "arq_id": "j1.a", "created_at": 1.0, "output": ""}
+
+    async def publish(tenant: str, run_id: str) -> str:
+        call = PublishCall("j1", tenant, "progress", {"progress": 1}, {"progress": 1})
+        keys, args = call.layout(store.keys, store.settings, run_id)
+        reply = store._reply(await store._publish(keys=keys, args=args))
+        assert isinstance(reply, Published)
+        return reply.epoch
+
+    for tenant in ("a", "b"):
+        await store.create(tenant, {**job, "tenant": tenant}, None)
+    first = {t: await publish(t, "run-1") for t in ("a", "b")}
+    assert await publish("a", "run-1") == first["a"]  # the same Redis: the same history
+    moved = await publish("a", "run-2")
+    assert moved != first["a"] and await publish("a", "run-2") == moved
+    assert await store.redis.hget(store.keys.tenant_epoch("b"), "run") == b"run-1"
+    assert await publish("b", "") == first["b"]  # no check: the epoch it has stands
+
+
+@pytest.mark.timeout(20)
+async def test_a_new_processs_first_write_records_the_run_id(redis_server: RedisServer) -> None:
+    """Was: a process's first call, made before its pool had connected, carried no run
+    id; the tenant's epoch was taken on "no run", and the next call (with the run id)
+    took another: the job a worker had just started looked rewound to it."""
+    settings = Settings(redis_url=redis_server.url, namespace=f"e{secrets.token_hex(3)}")
+    pool = make_pool(settings)
+    client = Redis(connection_pool=pool)
+    try:
+        store = JobStore(client, settings)
+        job = {"id": "j1", "type": "ticker", "status": "queued", "payload": {}, "attempt": 1}
+        job |= {"max_attempts": 1, "run": 1, "arq_id": "j1.a", "created_at": 1.0, "output": ""}
+        await store.create("a", {**job, "tenant": "a"}, None)  # the process's first call
+        run_id = (await client.info("server"))["run_id"]
+        assert await client.hget(store.keys.tenant_epoch("a"), "run") == run_id.encode()
+    finally:
+        await client.aclose()
+        await pool.disconnect()

@@ -43,11 +43,12 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
         writer=Writer("arq-1", owner="w1", known=known),
         max_running=3,
     )
-    keys, args = call.layout(Keys("ns"), Settings(job_ttl_s=99))
+    keys, args = call.layout(Keys("ns"), Settings(job_ttl_s=99), "run-1")
     k, a = lua_names("KEYS"), lua_names("ARGV")
     fields_from = int(re.search(r"FIELDS_FROM = (\d+)", LUA)[1])  # type: ignore[index]
     assert len(keys) == len(k) and len(args) == fields_from - 1 + 2  # one field pair
-    assert keys[k["K_JOB"]] == "ns:{tenant-a}:job:job-1" and keys[k["K_EPOCH"]] == "ns:epoch"
+    assert keys[k["K_JOB"]] == "ns:{tenant-a}:job:job-1"
+    assert keys[k["K_EPOCH"]] == "ns:{tenant-a}:epoch"
     assert keys[k["K_TPOS"]] == Keys("ns").tenant_position("tenant-a")
     expected = {
         "A_TTL": 99,
@@ -56,6 +57,7 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
         "A_DELTA": "text",
         "A_ARQ_ID": "arq-1",
         "A_JOB_ID": "job-1",
+        "A_RUN_ID": "run-1",
         "A_MAX_RUNNING": 3,
         "A_OWNER": "w1",
         "A_KNOWN_EPOCH": "ep0ch",
@@ -66,23 +68,17 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
     assert args[a["A_BODY"]].startswith('"job_id":"job-1"')  # the script prepends {"seq":N,
 
 
-# The one key of a publish call outside the tenant's slot: the store's epoch (on a Redis
-# Cluster, epochs are to be per shard). Every other key and channel must be in it.
-OUTSIDE_THE_TENANT = {"K_EPOCH"}
-
-
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize("tenant", ["tenant-a", "local", "a:b|c d", "ü"])
 def test_a_tenants_keys_and_channels_share_one_cluster_slot(tenant: str) -> None:
     keys, k, a = Keys("ns"), lua_names("KEYS"), lua_names("ARGV")
     call = PublishCall("job-1", tenant, "progress", {"progress": 50})
     layout, args = call.layout(keys, Settings())
-    outside = {k[name] for name in OUTSIDE_THE_TENANT}  # every other key, named or not
-    named = [key for i, key in enumerate(layout) if i not in outside]
+    named = list(layout)  # every key, named or not
     named += [args[a["A_JOB_CHANNEL"]], args[a["A_TENANT_CHANNEL"]]]
     named += [keys.tenant_index(tenant), keys.idempotency(tenant, "d"), keys.tenant_running(tenant)]
     named += [keys.submit_window(tenant, 1), keys.job_output(tenant, "job-2")]
-    assert len(named) == 15  # 8 keys, 2 channels, 5 others
+    assert len(named) == 16  # 9 keys, 2 channels, 5 others
     assert {key_slot(n.encode()) for n in named} == {key_slot(tenant.encode())}
     other = Keys("ns").job("tenant-b", "job-1")  # the same job id under another tenant
     assert other != layout[k["K_JOB"]]

@@ -161,7 +161,7 @@ async def test_a_new_store_epoch_gives_the_next_write_a_new_job_and_tenant_epoch
     job = await new_job(store)
     first = await store.publish(job["id"], "t", "progress", {"progress": 1})
     tenant_before = await store.redis.hget(store.keys.tenant_position("t"), "epoch")
-    await store.redis.hset(store.keys.epoch, "id", "elsewhere")  # as after a restart
+    await store.redis.hset(store.keys.tenant_epoch("t"), "id", "elsewhere")  # a restart
     second = await store.publish(job["id"], "t", "progress", {"progress": 2})
     assert isinstance(first, Published) and isinstance(second, Published)
     assert second.seq == first.seq + 1 and second.epoch != first.epoch

@@ -1,6 +1,6 @@
 -- Shared by every script. One call of a script is one atomic Redis round trip, so
 -- subscribers, the stored snapshot and the job's logs never disagree. Every key is the
--- tenant's (one hash tag: one slot on a Redis Cluster) but the store's epoch.
+-- tenant's (one hash tag: one slot on a Redis Cluster).
 -- store.py lays KEYS and ARGV out (PublishCall.layout); their names:
 local K_JOB, K_LOG, K_TLOG, K_TPOS = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local K_OUTPUT, K_RUNNING, K_STATS, K_EPOCH = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
@@ -16,7 +16,9 @@ local A_KNOWN_SEQ = ARGV[21]
 -- A second event in the same call (a worker's flush: progress, then the text written
 -- since): its kind ('' for none), body and delta; the fields and the rest go with the first.
 local A_KIND2, A_BODY2, A_DELTA2 = ARGV[22], ARGV[23], ARGV[24]
-local FIELDS_FROM = 25  -- ARGV[25..]: field/value pairs to HSET
+-- The run id of the Redis the caller's connection check found ('' for none: epoch.py).
+local A_RUN_ID = ARGV[25]
+local FIELDS_FROM = 26  -- ARGV[26..]: field/value pairs to HSET
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
 -- The attempt the change queues (A_NEXT_ARQ_ID: a retry, a re-run, a throttled start)
@@ -30,15 +32,18 @@ local function to_outbox()
   redis.call('EXPIRE', K_OUTBOX, A_TTL)
 end
 
--- The store's epoch; normally set by the connection check (epoch.py). Missing only
--- when the data went without a restart (FLUSHALL): a new history all the same.
+-- The store's epoch as the tenant's slot knows it: a new one when the Redis that holds
+-- the slot is not the one it was taken on (a restart, a failover: the caller's
+-- connection check found another run id), or when it is missing (the data went: an
+-- empty restart, FLUSHALL, a lost key). Every sequence of the tenant then starts a new
+-- history at its next event. (A slot moved to another node by a resharding counts as
+-- another Redis too: its streams get a reset snapshot; a reset is safe, a loss unseen
+-- is not.)
 local function store_epoch()
-  local g = redis.call('HGET', K_EPOCH, 'id')
-  if not g then
-    g = A_FRESH_EPOCH
-    redis.call('HSET', K_EPOCH, 'id', g)
-  end
-  return g
+  local cur = redis.call('HMGET', K_EPOCH, 'id', 'run')
+  if cur[1] and (A_RUN_ID == '' or cur[2] == A_RUN_ID) then return cur[1] end
+  redis.call('HSET', K_EPOCH, 'id', A_FRESH_EPOCH, 'run', A_RUN_ID)
+  return A_FRESH_EPOCH
 end
 
 -- A sequence (job or tenant) keeps its epoch while the store's epoch stays; created
