@@ -1,12 +1,16 @@
 """The tenant-tagged key layout (pushsvc/keys.py) on a real Redis Cluster (3 primaries,
 3 replicas, started here): Redis itself puts every key and channel of a tenant's
 publish call in the tenant's slot, one script may touch them all and SPUBLISH to both
-channels there, and a sharded subscriber of the shard gets the messages."""
+channels there, a sharded subscriber of the shard gets the messages, and pushsvc's own
+creation and publish scripts run there for tenants on different shards."""
 
 from __future__ import annotations
 
+import secrets
 import time
+import uuid
 from collections.abc import Iterator
+from importlib import resources
 
 import pytest
 from redis.cluster import ClusterNode as Seed
@@ -18,7 +22,7 @@ from pushsvc.publish import PublishCall
 from pushsvc.settings import Settings
 from pushsvc.tools.cluster import LocalCluster
 
-from .test_publish import OUTSIDE_THE_TENANT, lua_names
+from .test_publish import LUA, lua_names
 
 TENANTS = ["tenant-a", "tenant-b", "tenant-c", "local", "a:b|c d", "ü"]
 # Touches every key it is given and publishes to its channels, on the keys' shard.
@@ -43,10 +47,9 @@ def cluster() -> Iterator[RedisCluster]:
 
 def tenant_call(tenant: str) -> tuple[list[str], list[str]]:
     """A publish call's keys and channels that live in the tenant's slot."""
-    keys, k, a = Keys("ns"), lua_names("KEYS"), lua_names("ARGV")
+    keys, a = Keys("ns"), lua_names("ARGV")
     layout, args = PublishCall("job-1", tenant, "progress", {}).layout(keys, Settings())
-    named = [layout[i] for name, i in k.items() if name not in OUTSIDE_THE_TENANT]
-    named += [keys.tenant_index(tenant), keys.idempotency(tenant, "d")]
+    named = [*layout, keys.tenant_index(tenant), keys.idempotency(tenant, "d")]
     return named, [args[a["A_JOB_CHANNEL"]], args[a["A_TENANT_CHANNEL"]]]
 
 
@@ -87,3 +90,34 @@ def test_a_sharded_subscriber_gets_the_calls_messages(cluster: RedisCluster) -> 
         assert sorted(c for _, c in got) == sorted(c.encode() for c in channels)
     finally:
         pubsub.close()
+
+
+def lua(name: str) -> str:
+    return (resources.files("pushsvc") / "lua" / name).read_text()
+
+
+@pytest.mark.timeout(90)
+def test_the_creation_and_publish_scripts_run_on_a_cluster(cluster: RedisCluster) -> None:
+    """Each script call touches only its tenant's slot (the queue's keys are calls of
+    their own, the store's epoch is each tenant's): a cluster runs them as they are."""
+    create, publish = LUA + lua("create.lua"), LUA + lua("publish.lua")
+    keys, owners = Keys(f"c{secrets.token_hex(3)}"), set()
+    for tenant in ["tenant-a", "tenant-b", "tenant-c"]:
+        job_id = str(uuid.uuid4())
+        fields = {"id": job_id, "type": "ticker", "tenant": tenant, "status": "queued"}
+        fields |= {"payload": {}, "attempt": 1, "max_attempts": 1, "run": 1}
+        fields |= {"arq_id": f"{job_id}.1", "created_at": time.time(), "output": ""}
+        made = PublishCall(job_id, tenant, "snapshot", {"status": "queued"}, fields)
+        layout, args = made.layout(keys, Settings(), "run-1")
+        index = keys.tenant_index(tenant)
+        created, epoch = cluster.eval(create, len(layout) + 2, *layout, index, index, *args)
+        assert created == 1 and epoch
+        moved = PublishCall(job_id, tenant, "progress", {"progress": 50}, {"progress": 50})
+        layout, args = moved.layout(keys, Settings(), "run-1")
+        seq, status, _, same = cluster.eval(publish, len(layout), *layout, *args)
+        assert (seq, status, same) == (2, b"queued", epoch)
+        job = keys.job(tenant, job_id)
+        assert cluster.hget(job, "progress") == b"50"
+        assert cluster.zscore(keys.outbox(tenant), f"{job_id}.1") is not None
+        owners.add(cluster.get_node_from_key(job).name)
+    assert len(owners) > 1  # the tenants are on different shards
