@@ -116,13 +116,37 @@ def embedded_redis() -> Iterator[tuple[str | None, str]]:
         yield url, ""
 
 
-def _exit_on_sigterm(_signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt  # unwind like Ctrl-C, so the embedded Redis is stopped
+class _Stop:
+    """Ctrl-C and SIGTERM unwind the run (KeyboardInterrupt), so what it started is
+    stopped; but not while a child is being started: an interrupt inside ``Popen`` lost
+    the child it had just started, which then outlived the run. Held off, it comes
+    right after (``holding``)."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.held = 0
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.asked = True
+        if not self.held:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+        if self.asked and not self.held:
+            raise KeyboardInterrupt
 
 
 def run_dev(settings: Settings) -> int:
     """Run the stack in the foreground until Ctrl-C or SIGTERM; returns an exit code."""
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stop = _Stop()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with redis_for_dev(settings) as (url, how):
@@ -131,7 +155,7 @@ def run_dev(settings: Settings) -> int:
                 return 1
             print(f"pushsvc dev: Redis at {redact_url(url)} ({how})", flush=True)
             try:  # stopped before their Redis, however early Ctrl-C or SIGTERM comes
-                _start_stack(settings, url, procs)
+                _start_stack(settings, url, procs, stop)
                 return _wait_any(procs)
             finally:
                 stop_all(procs)
@@ -139,13 +163,21 @@ def run_dev(settings: Settings) -> int:
         return 0
 
 
-def _start_stack(settings: Settings, url: str, procs: list[subprocess.Popen[bytes]]) -> None:
-    """Start the model (without a key), the worker and the API, each added to ``procs``."""
+def _start_stack(
+    settings: Settings, url: str, procs: list[subprocess.Popen[bytes]], stop: _Stop
+) -> None:
+    """Start the model (without a key), the worker and the API, each added to ``procs``
+    before an interrupt may unwind the run."""
+
+    def start(args: list[str], env: dict[str, str]) -> None:
+        with stop.holding():
+            procs.append(spawn(args, env))
+
     env = {**os.environ, "PUSHSVC_REDIS_URL": url}
     if settings.llm_api_key is None:  # nobody needs a key to try the product
         model_port = free_port()
         # Answers of a typical length at a typical model's pace: text to watch stream.
-        procs.append(spawn(["fake-llm", "--port", str(model_port), *DEV_MODEL_PACE], env))
+        start(["fake-llm", "--port", str(model_port), *DEV_MODEL_PACE], env)
         env.update(
             PUSHSVC_LLM_BASE_URL=f"http://127.0.0.1:{model_port}/v1",
             PUSHSVC_LLM_API_KEY="offline",
@@ -156,8 +188,8 @@ def _start_stack(settings: Settings, url: str, procs: list[subprocess.Popen[byte
             "(set OPENAI_API_KEY to use a real one)",
             flush=True,
         )
-    procs.append(spawn(["worker"], env))
-    procs.append(spawn(["api", "--host", settings.host, "--port", str(settings.port)], env))
+    start(["worker"], env)
+    start(["api", "--host", settings.host, "--port", str(settings.port)], env)
     print(f"pushsvc dev: open http://{settings.host}:{settings.port}/", flush=True)
 
 

@@ -3,6 +3,7 @@ it brings up with zero setup."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -15,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import redis
 
@@ -73,16 +75,37 @@ class Dev:
         return self.proc.wait(30)
 
 
+def left_behind(namespace: str) -> list[psutil.Process]:
+    """The processes of a run (its namespace in their environment) still alive."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if proc.environ().get("PUSHSVC_NAMESPACE") == namespace:
+                found.append(proc)
+    return found
+
+
 @pytest.fixture
 def dev_runs() -> Iterator[list[Dev]]:
+    """The test's runs; each stopped at the end (a failed test's: SIGTERM first, so dev
+    stops what it started), and none may leave a process behind (was: a SIGTERM that
+    came as dev started its worker left the worker running)."""
     runs: list[Dev] = []
     yield runs
-    for run in runs:  # a failed test's: SIGTERM first, so dev stops what it started
+    left = []
+    for run in runs:
         try:
             run.stop()
         except subprocess.TimeoutExpired:
             run.proc.kill()
             run.proc.wait()
+        left += left_behind(run.namespace)
+    described = []
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            described.append(" ".join(proc.cmdline()))
+            proc.kill()
+    assert not left, f"pushsvc dev left processes behind: {described}"
 
 
 def start(runs: list[Dev], **env: str) -> Dev:
