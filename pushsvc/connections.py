@@ -1,8 +1,10 @@
 """How every process connects to Redis: one pool factory, and a check on every new connection.
 
-Each new connection first runs :func:`pushsvc.epoch.on_connect`, which compares the
-server's run id with the one recorded beside the store's epoch, so that no command
-reaches a Redis that restarted, failed over or came back empty before the epoch says so.
+Each new connection first runs the epoch check (:class:`pushsvc.epoch.EpochCheck`), which
+compares the server's run id with the one recorded beside the store's epoch, so that no
+command reaches a Redis that restarted, failed over or came back empty before the epoch
+says so; and each publish call carries the run id of the server its connection reached
+(each tenant's epoch: lua/publish_fn.lua).
 
 ``PUSHSVC_REDIS_URL`` may name a Sentinel-managed primary instead of a server::
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -29,7 +31,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .epoch import EpochCheck
+from .epoch import NO_RUN_ID, RUN_ID_MARK, EpochCheck
 from .settings import Settings
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -166,7 +168,7 @@ def make_pool(
             settings.redis_url, max_connections=max_connections, timeout=5, **kwargs
         )
     pool.connection_class = packed_by_hiredis(pool.connection_class)
-    pool.epoch_check = check  # type: ignore[attr-defined]  # its run id: epoch.run_id_of
+    pool.epoch_check = check  # type: ignore[attr-defined]  # epoch.run_id_arg
     return pool
 
 
@@ -186,6 +188,23 @@ class HiredisPacking:
             except (TypeError, UnicodeError):
                 pass
         return super().pack_command(*args)  # type: ignore[misc, no-any-return]
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        """Connect (and check) first, then send: the run id this connection's server
+        has goes where the command holds ``epoch.RUN_ID_MARK``."""
+        if not self.is_connected:  # type: ignore[attr-defined]
+            await self.connect()  # type: ignore[attr-defined]
+        elif check_health:
+            await self.check_health()  # type: ignore[attr-defined]
+        run_id = getattr(self, "pushsvc_run_id", NO_RUN_ID)
+        if isinstance(command, bytes):
+            if RUN_ID_MARK in command:
+                command = command.replace(RUN_ID_MARK, run_id)
+        elif not isinstance(command, str):
+            command = [c.replace(RUN_ID_MARK, run_id) if RUN_ID_MARK in c else c for c in command]
+        await super().send_packed_command(command, check_health=False)  # type: ignore[misc]
 
 
 def packed_by_hiredis(cls: type[Any]) -> type[Any]:

@@ -76,15 +76,24 @@ class StreamPosition:
         return not self.epoch or self.epoch == epoch
 
 
+# A command's stand-in for the run id of the Redis it reaches: the connection that sends
+# it puts its server's in its place, once connected and checked (connections.py), so a
+# publish call never carries the run id of another server (one that restarted or was
+# failed over from while the call was laid out). Run ids are 40 hex digits; so is the
+# stand-in (random: no payload holds it by chance), so the command's framing holds.
+RUN_ID_MARK = secrets.token_hex(20).encode()
+NO_RUN_ID = b"0" * 40  # a server whose INFO gave none
+
+
 class EpochCheck:
     """The epoch check of one pool's connections (``on_connect``: redis-py's
-    ``redis_connect_func``, which must be a coroutine function). It keeps the run id of
-    the Redis the pool's connections last found (``run_id``), which the publish script
-    compares with each tenant's epoch (lua/publish_fn.lua)."""
+    ``redis_connect_func``, which must be a coroutine function). Each connection keeps
+    the run id of the server it reached (``pushsvc_run_id``), which takes the place of
+    ``RUN_ID_MARK`` in what it sends; the publish script compares it with each tenant's
+    epoch (lua/publish_fn.lua)."""
 
     def __init__(self, namespace: str) -> None:
         self.key = Keys(namespace).epoch
-        self.run_id = ""
         self._seen = ""  # the store epoch this pool's connections last found
 
     async def on_connect(self, conn: Any) -> None:
@@ -97,7 +106,7 @@ class EpochCheck:
         await conn.send_command("EVAL", _ENSURE, 1, self.key, run_id, new_epoch(), self._seen)
         current = await conn.read_response()
         self._seen = current.decode() if isinstance(current, bytes) else str(current)
-        self.run_id = run_id
+        conn.pushsvc_run_id = run_id.encode() if len(run_id) == 40 else NO_RUN_ID
 
 
 def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
@@ -106,12 +115,8 @@ def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
     return EpochCheck(namespace).on_connect
 
 
-async def run_id_of(redis: Any) -> str:
-    """The run id the epoch check of ``redis``'s pool last found ('' for a client made
-    without one). Before the pool's first connection there is none yet: it connects."""
-    check = getattr(getattr(redis, "connection_pool", None), "epoch_check", None)
-    if not isinstance(check, EpochCheck):
-        return ""
-    if not check.run_id:
-        await redis.ping()  # the first connection runs the check
-    return check.run_id
+def run_id_arg(redis: Any) -> str | bytes:
+    """What a publish call passes as the run id: ``RUN_ID_MARK`` when ``redis``'s pool
+    checks its connections (make_pool), '' (none: the epoch it finds stands) else."""
+    pool = getattr(redis, "connection_pool", None)
+    return RUN_ID_MARK if getattr(pool, "epoch_check", None) is not None else ""

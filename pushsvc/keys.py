@@ -33,8 +33,8 @@ class Keys:
         return f"{self.tenant_tag(tenant)}:ev:{job_id}"
 
     def outbox(self, tenant: str) -> str:
-        """Sorted set: the tenant's new jobs' first attempts (arq ids) not yet handed to
-        arq, by creation time (ms); see outbox.py."""
+        """Sorted set: the tenant's attempts (arq ids: new jobs', retries, re-runs) not
+        yet handed to arq, by Redis's time (ms) plus their delay; see outbox.py."""
         return f"{self.tenant_tag(tenant)}:outbox"
 
     @property
@@ -45,7 +45,7 @@ class Keys:
 
     def job_tenant(self, job_id: str) -> str:
         """String: whose the job is, for the readers that know only its id (the lease
-        reaper, the queue's figures); written with the job (lua/create.lua)."""
+        reaper, the queue's figures); written just before the job (JobStore.create)."""
         return f"{self.ns}:jt:{job_id}"
 
     def tenant_index(self, tenant: str) -> str:

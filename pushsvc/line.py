@@ -37,7 +37,7 @@ from .keys import Keys
 from .models import TERMINAL, JobSnapshot, JobStatus
 from .settings import Settings
 
-if TYPE_CHECKING:  # the streams' queues; line.py is imported by workers too
+if TYPE_CHECKING:  # the streams' queues (events.py need not be imported for them)
     from .events import StreamQueue
 
 logger = logging.getLogger(__name__)

@@ -78,7 +78,8 @@ class Outbox:
         for arq_id, job_id, priority in zip(arq_ids, job_ids, priorities, strict=True):
             prio = (priority or b"normal").decode()
             enqueue = self.queue.prepare(arq_id, job_id, priority=prio, tenant=tenant)
-            if await self.store.hand_over(tenant, job_id, enqueue):
+            plane = (outbox, self.keys.job(tenant, job_id))  # a Redis error ends this tenant's
+            if await self.queue.hand_over(enqueue, plane):
                 logger.warning("job %s: an attempt was left in the outbox; queued", job_id)
                 handed += 1
         return handed

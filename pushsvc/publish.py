@@ -95,10 +95,10 @@ class PublishCall:
     then: Event | None = None  # a second event, published after this one
 
     def layout(
-        self, keys: Keys, settings: Settings, run_id: str = ""
+        self, keys: Keys, settings: Settings, run_id: str | bytes = ""
     ) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them;
-        ``run_id``: the Redis run id the caller's connection check found (epoch.py)."""
+        ``run_id``: the run id of the Redis the call reaches (``epoch.run_id_arg``)."""
         return self._keys(keys, settings), self._args(keys, settings, run_id)
 
     def _keys(self, keys: Keys, settings: Settings) -> list[str]:
@@ -121,7 +121,7 @@ class PublishCall:
         body = json.dumps({"job_id": self.job_id, "ts": time.time(), **data}, separators=(",", ":"))
         return body[1:]
 
-    def _args(self, keys: Keys, settings: Settings, run_id: str) -> list[Any]:
+    def _args(self, keys: Keys, settings: Settings, run_id: str | bytes) -> list[Any]:
         enq, writer, then = self.enqueue, self.writer, self.then
         fields = dict(self.fields)
         reset_output = fields.pop("output", None) is not None

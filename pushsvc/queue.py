@@ -86,7 +86,7 @@ def new_arq_id(job_id: str) -> str:
 
 @dataclass(frozen=True)
 class Enqueue:
-    """An arq job record, ready for the publish script to store with a state change.
+    """An arq job record and its place, ready to hand over (lua/enqueue.lua).
 
     ``target`` is arq's queue (``member`` the arq id; its place, a turn, is taken by the
     script: ``score`` None) or, for an attempt that must wait, pushsvc's delayed set
@@ -117,7 +117,7 @@ class Enqueue:
 # ahead, and another tenant's one job takes the clock's turn: it starts next, not
 # 3,000th. A tenant alone in the queue is first in, first out. The script takes the
 # turn (lua/turns_fn.lua ``turn_score``) in the same call that queues (enqueue.lua,
-# move.lua, publish_fn.lua); a start moves the clock (started.lua, the worker's call).
+# move.lua); a start moves the clock (started.lua, the worker's call).
 TURN = 1000
 STARTS_TTL_S = 900  # a start counter (Keys.starts) outlives the longest rate window (600 s)
 CLASS_BASE = {"high": 3 * 10**15, "normal": 2 * 10**15, "low": 10**15}
@@ -165,7 +165,8 @@ def _mend_arq_log() -> None:
 
 
 class Queue:
-    """Prepares and aborts attempts; the Lua publish path stores what ``prepare`` makes."""
+    """Prepares, hands over and aborts attempts (the store hands over what ``prepare``
+    makes, after the change that queued it: store.py, outbox.py)."""
 
     def __init__(self, redis: ArqRedis, settings: Settings) -> None:
         self.redis = redis
@@ -187,7 +188,7 @@ class Queue:
         *,
         tenant: str,
     ) -> Enqueue:
-        """What ``ArqRedis.enqueue_job`` would write, so it can join an atomic transition.
+        """What ``ArqRedis.enqueue_job`` would write, to hand over (:meth:`hand_over`).
 
         A deferred attempt goes to the delayed set, not to arq: arq's scores are turns,
         not times; :meth:`move_due` gives it a turn when it is due.

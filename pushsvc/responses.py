@@ -178,6 +178,13 @@ class EventStream(EventSourceResponse):
             with anyio.move_on_after(self.FINAL_SEND_S):
                 await self._wait_written()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif self._scope.cancelled_caught and not self._started:
+            # Stopped before the stream had started (its headers wait for that): an
+            # empty stream, not none, so a client still there reconnects (elsewhere).
+            with anyio.move_on_after(self.FINAL_SEND_S):
+                start = {"type": "http.response.start", "headers": self.raw_headers}
+                await send({**start, "status": self.status_code})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         if self._inflight is not None:
             self._inflight.cancel()
         if self.background is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -11,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from .batching import ScriptBatch
-from .epoch import StreamPosition, run_id_of
+from .epoch import StreamPosition, run_id_arg
 from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
 from .keys import Keys
@@ -86,7 +87,7 @@ class JobStore:
             fingerprint=idem[1] if idem else "",
             index_score=int(fields["created_at"] * 1000),
         )
-        keys, args = call.layout(self.keys, self.settings, await run_id_of(self.redis))
+        keys, args = call.layout(self.keys, self.settings, run_id_arg(self.redis))
         index = self.keys.tenant_index(tenant)
         keys += [index, idem[0] if idem else index]
         try:
@@ -96,7 +97,8 @@ class JobStore:
             created, found = await self._listed_create(tenant, job_id, keys, args)
         if created:
             return Created(job_id, None, found.decode())
-        await self.redis.delete(self.keys.job_tenant(job_id))  # a replay: no such job
+        with contextlib.suppress(RedisError):  # a replay: no such job (else it expires)
+            await self.redis.delete(self.keys.job_tenant(job_id))
         earlier, _, fingerprint = found.decode().partition(" ")
         return Created(earlier, fingerprint)
 
@@ -172,7 +174,7 @@ class JobStore:
 
     async def send(self, call: PublishCall) -> Reply:
         """Run one publish call (see :meth:`publish`)."""
-        keys, args = call.layout(self.keys, self.settings, await run_id_of(self.redis))
+        keys, args = call.layout(self.keys, self.settings, run_id_arg(self.redis))
         if self._batch is not None:
             reply = await self._batch(keys, args)
         else:
@@ -183,7 +185,7 @@ class JobStore:
         """Rewrite a job its worker holds (lua/repair.lua): ``Published`` under a fresh
         epoch, or ``Rejected`` when the attempt is no longer the writer's."""
         await self.remember_tenant(call.tenant, call.job_id)  # it may be lost with the job
-        keys, args = call.layout(self.keys, self.settings, await run_id_of(self.redis))
+        keys, args = call.layout(self.keys, self.settings, run_id_arg(self.redis))
         keys.append(self.keys.tenant_index(call.tenant))
         return self._reply(await self._repair(keys=keys, args=args))
 

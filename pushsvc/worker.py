@@ -80,11 +80,15 @@ class Runner:
             await publish_as(self.store, fields, transitions.cancelled(transitions.QUEUED))
             self.metrics.outcomes.labels(fields["type"], "cancelled").inc()
             return
+        if fields["status"] != "queued":
+            return  # its start would be refused; a lease of that attempt is not this run's
         with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
             await self.leases.take(arq_id)  # before the start: no job runs without one
+            other_run = False
             try:
                 attempt = await self._start(fields, arq_id)
                 if attempt is None:
+                    other_run = await self._running_elsewhere(fields, arq_id)
                     return
                 self.running[arq_id] = attempt
                 try:
@@ -92,7 +96,14 @@ class Runner:
                 finally:
                     self.running.pop(arq_id, None)
             finally:
-                await asyncio.shield(self.leases.drop(arq_id))
+                if not other_run:
+                    await asyncio.shield(self.leases.drop(arq_id))
+
+    async def _running_elsewhere(self, fields: dict[str, Any], arq_id: str) -> bool:
+        """Did another delivery of the same attempt start it meanwhile (its lease is the
+        same member: it stays)?"""
+        now = await self.store.load(fields["tenant"], fields["id"])
+        return now is not None and now["status"] == "running" and now.get("arq_id") == arq_id
 
     async def _start(self, fields: dict[str, Any], arq_id: str) -> JobContext | None:
         """queued -> running, unless the tenant is at its running limit (then: later)."""

@@ -4,11 +4,13 @@ each tenant's epoch following the Redis it was taken on."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc.connections import make_pool
 from pushsvc.epoch import StreamPosition, connect_hook, new_epoch
@@ -18,7 +20,7 @@ from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 
 from .conftest import open_store
-from .procs import RedisServer
+from .procs import DurableRedis, RedisServer
 
 
 @pytest.fixture
@@ -68,14 +70,35 @@ async def test_connections_of_one_server_share_the_store_epoch(redis_server: Red
     assert seen[0] is not None and seen[0] == seen[1]
 
 
+JOB = {"id": "j1", "type": "ticker", "status": "queued", "payload": {}, "attempt": 1}
+JOB |= {"max_attempts": 1, "run": 1, "arq_id": "j1.a", "created_at": 1.0, "output": ""}
+
+
+@contextlib.asynccontextmanager
+async def checked_store(url: str) -> AsyncIterator[JobStore]:
+    """A store on a pool as processes make it (make_pool: the epoch check)."""
+    settings = Settings(redis_url=url, namespace=f"e{secrets.token_hex(3)}")
+    pool = make_pool(settings)
+    client = Redis(connection_pool=pool)
+    try:
+        yield JobStore(client, settings)
+    finally:
+        await client.aclose()
+        await pool.disconnect()
+
+
+async def recorded_run(store: JobStore, tenant: str) -> bool:
+    """Is the tenant's epoch taken on the server the store reaches now?"""
+    run_id = (await store.redis.info("server"))["run_id"]
+    return bool(await store.redis.hget(store.keys.tenant_epoch(tenant), "run") == run_id.encode())
+
+
 @pytest.mark.timeout(20)
 async def test_a_tenants_epoch_follows_the_redis_it_was_taken_on(store: JobStore) -> None:
     """Each tenant keeps the store's epoch as its slot knows it, with the Redis run id it
     was taken on: a caller whose connection check found another run id (a restart, a
     failover of the shard that holds the slot) starts new histories, for that tenant;
     another tenant's stay until its own next write there."""
-    job = {"id": "j1", "type": "ticker", "status": "queued", "payload": {}, "attempt": 1}
-    job |= {"max_attempts": 1, "run": 1, "arq_id": "j1.a", "created_at": 1.0, "output": ""}
 
     async def publish(tenant: str, run_id: str) -> str:
         call = PublishCall("j1", tenant, "progress", {"progress": 1}, {"progress": 1})
@@ -85,7 +108,7 @@ async def test_a_tenants_epoch_follows_the_redis_it_was_taken_on(store: JobStore
         return reply.epoch
 
     for tenant in ("a", "b"):
-        await store.create(tenant, {**job, "tenant": tenant}, None)
+        await store.create(tenant, {**JOB, "tenant": tenant}, None)
     first = {t: await publish(t, "run-1") for t in ("a", "b")}
     assert await publish("a", "run-1") == first["a"]  # the same Redis: the same history
     moved = await publish("a", "run-2")
@@ -99,16 +122,30 @@ async def test_a_new_processs_first_write_records_the_run_id(redis_server: Redis
     """Was: a process's first call, made before its pool had connected, carried no run
     id; the tenant's epoch was taken on "no run", and the next call (with the run id)
     took another: the job a worker had just started looked rewound to it."""
-    settings = Settings(redis_url=redis_server.url, namespace=f"e{secrets.token_hex(3)}")
-    pool = make_pool(settings)
-    client = Redis(connection_pool=pool)
+    async with checked_store(redis_server.url) as store:
+        await store.create("a", {**JOB, "tenant": "a"}, None)  # the process's first call
+        assert await recorded_run(store, "a")
+
+
+@pytest.mark.timeout(60)
+async def test_the_first_call_after_a_restart_carries_the_new_servers_run_id() -> None:
+    """Was (review): a call laid out with the run id its pool last found, and sent through
+    a connection that reconnected to a restarted server (its data back from disk), kept
+    the tenant's old epoch: its event counted in the old history. The run id is now the
+    sending connection's, put in place once it has connected."""
+    server = DurableRedis().start()
     try:
-        store = JobStore(client, settings)
-        job = {"id": "j1", "type": "ticker", "status": "queued", "payload": {}, "attempt": 1}
-        job |= {"max_attempts": 1, "run": 1, "arq_id": "j1.a", "created_at": 1.0, "output": ""}
-        await store.create("a", {**job, "tenant": "a"}, None)  # the process's first call
-        run_id = (await client.info("server"))["run_id"]
-        assert await client.hget(store.keys.tenant_epoch("a"), "run") == run_id.encode()
+        async with checked_store(server.url) as store:
+            await store.create("a", {**JOB, "tenant": "a"}, None)
+            first = await store.publish("j1", "a", "progress", {"progress": 1}, {"progress": 1})
+            assert isinstance(first, Published)
+            server.restart()  # the pool's connection is gone; the data is back
+            for _ in range(3):  # the first command may meet the dead connection
+                with contextlib.suppress(RedisConnectionError):
+                    second = await store.publish("j1", "a", "progress", {"progress": 2})
+                    break
+            assert isinstance(second, Published) and second.seq == first.seq + 1
+            assert second.epoch != first.epoch  # another server: another history
+            assert await recorded_run(store, "a")
     finally:
-        await client.aclose()
-        await pool.disconnect()
+        server.shutdown()

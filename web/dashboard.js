@@ -566,7 +566,9 @@ function jobHandlers(client) {
           .then((seed) => {
             if (mine && watcher === mine) seed.jobs.reverse().forEach((job) => mine.add(job.id, job));
           })
-          .catch(() => {}); // the first list and the stream stand
+          .catch(() => {
+            relisted = false; // the first list and the stream stand; again when live again
+          });
       }
     },
     error: (err) => {

@@ -4,7 +4,7 @@
 -- Returns {1, epoch} created (the epoch its first event is in), or
 -- {0, "<job id> <fingerprint>"} of the earlier job that used the same idempotency key.
 -- Its first attempt waits in the outbox until arq has it: the queue may be another
--- Redis (outbox.py hands it over). The outbox entry is written first: a script that
+-- Redis (store.py hands it over; outbox.py's sweeper, what a crash left). The outbox entry is written first: a script that
 -- fails half way is not undone, and the sweeper lets go of an entry whose job is not
 -- queued for it, but could not find a job the outbox does not name.
 local K_INDEX, K_IDEM = KEYS[10], KEYS[11]

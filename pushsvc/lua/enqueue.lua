@@ -1,6 +1,6 @@
--- Hand one attempt to arq (the outbox's mover and sweeper, outbox.py): arq's job record
--- and its place in arq's queue (or pushsvc's delayed set), with its turn as in
--- publish_fn.lua's enqueue(). Not while arq holds the attempt (its record: queued or
+-- Hand one attempt to arq (store.py after the change that queued it; the outbox's
+-- sweeper, outbox.py): arq's job record and its place in arq's queue, at its turn
+-- (turns_fn.lua), or in pushsvc's delayed set. Not while arq holds the attempt (its record: queued or
 -- running), nor when its job no longer waits for it (started, cancelled, re-run, gone:
 -- arq drops an attempt's record when it ends, so that is what stops a late hand-over).
 -- KEYS: 1 arq's job record, 2 arq's result key, 3 the target set, 4 turns, 5 the turn

@@ -68,6 +68,7 @@ local function account(job, before, status, now_ms)
       'n', redis.call('HGET', job, 'tenant') or '',
       'c', redis.call('HGET', job, 'created_at') or '',
       'r', redis.call('HGET', job, 'started_at') or '', 'f', now_ms / 1000)
+    redis.call('EXPIRE', K_STATS, A_TTL)
   end
 end
 
