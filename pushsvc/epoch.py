@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,12 +106,6 @@ class EpochCheck:
         current = await conn.read_response()
         self._seen = current.decode() if isinstance(current, bytes) else str(current)
         conn.pushsvc_run_id = run_id.encode() if len(run_id) == 40 else NO_RUN_ID
-
-
-def connect_hook(namespace: str) -> Callable[[Any], Awaitable[None]]:
-    """redis-py's ``redis_connect_func``: the epoch check of a new pool of ``namespace``
-    (its state: the function's ``__self__``)."""
-    return EpochCheck(namespace).on_connect
 
 
 def run_id_arg(redis: Any) -> str | bytes:

@@ -99,9 +99,9 @@ class PublishCall:
     ) -> tuple[list[str], list[Any]]:
         """The KEYS and ARGV of one call, in the order lua/publish_fn.lua names them;
         ``run_id``: the run id of the Redis the call reaches (``epoch.run_id_arg``)."""
-        return self._keys(keys, settings), self._args(keys, settings, run_id)
+        return self._keys(keys), self._args(keys, settings, run_id)
 
-    def _keys(self, keys: Keys, settings: Settings) -> list[str]:
+    def _keys(self, keys: Keys) -> list[str]:
         tenant = self.tenant
         return [
             keys.job(tenant, self.job_id),

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc.connections import make_pool
-from pushsvc.epoch import StreamPosition, connect_hook, new_epoch
+from pushsvc.epoch import EpochCheck, StreamPosition, new_epoch
 from pushsvc.keys import Keys
 from pushsvc.publish import PublishCall, Published
 from pushsvc.settings import Settings
@@ -60,7 +60,7 @@ def test_new_epochs_are_short_hex_and_distinct() -> None:
 @pytest.mark.timeout(20)
 async def test_connections_of_one_server_share_the_store_epoch(redis_server: RedisServer) -> None:
     namespace = f"e{secrets.token_hex(3)}"
-    hook = connect_hook(namespace)
+    hook = EpochCheck(namespace).on_connect
     seen = []
     for _ in range(2):
         client = Redis.from_url(redis_server.url, redis_connect_func=hook)
