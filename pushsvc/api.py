@@ -17,6 +17,7 @@ from starlette.routing import Route
 from . import actions, listing
 from .auth import job_scope
 from .bodies import parse_submit, read_json, validation_details
+from .data_plane import transaction
 from .errors import (
     ApiError,
     BadRequest,
@@ -77,10 +78,7 @@ async def _check_rate(svc: Services, tenant: str) -> None:
         return
     now = time.time()
     key = svc.store.keys.submit_window(tenant, int(now // 60))
-    async with svc.redis.pipeline(transaction=True) as pipe:
-        pipe.incr(key)
-        pipe.expire(key, 61)
-        count, _ = await pipe.execute()
+    count, _ = await transaction(svc.store.redis, key, lambda p: (p.incr(key), p.expire(key, 61)))
     if count > limit:
         raise RateLimited(
             f"more than {limit} submissions a minute", retry_after_s=math.ceil(60 - now % 60)

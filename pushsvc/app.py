@@ -22,8 +22,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import api, docs, metrics, openapi, sse, stats, web
 from .auth import Authenticator
+from .data_plane import connect_data
 from .errors import ApiError, PushsvcError
-from .events import EventBus
+from .events import EventBus, make_bus
 from .guard import RequestGuard
 from .jobs import Registry, load_job_modules
 from .line import Line
@@ -115,6 +116,8 @@ async def readyz(request: Request) -> Response:
     svc: Services = request.app.state.services
     try:
         await svc.redis.ping()
+        if not svc.store.one_plane:
+            await svc.store.redis.ping()
     except (RedisError, OSError):
         return JSONResponse(Ready(status="unavailable", redis=False).model_dump(), status_code=503)
     return JSONResponse(Ready(status="ok", redis=True).model_dump())
@@ -209,26 +212,26 @@ def _lifespan(
         redis = connect(
             settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
+        data = connect_data(settings, socket_connect_timeout=2, socket_timeout=10)
         try:
-            store, queue, auth = (
-                JobStore(redis, settings),
-                Queue(redis, settings),
-                Authenticator(settings),
-            )
+            queue, auth = Queue(redis, settings), Authenticator(settings)
+            store = JobStore(redis if data is None else data, settings, queue=queue)
             async with (
-                EventBus(settings, app.state.metrics.observe_event) as bus,
+                make_bus(settings, app.state.metrics.observe_event) as bus,
                 Drain() as drain,
                 BulkReads(store, settings) as reads,
-                Line(redis, settings) as line,
+                Line(redis, settings, data) as line,
                 Outbox(store, queue) as outbox,
             ):
                 app.state.services = Services(
                     settings, redis, store, queue, auth, types, bus, drain, reads, line, outbox
                 )
-                app.state.stats = StatsReader(redis, settings)
+                app.state.stats = StatsReader(redis, settings, data)
                 _freeze_startup_heap()
                 yield
         finally:
+            if data is not None:
+                await data.aclose()
             await redis.aclose()
 
     return lifespan

@@ -86,7 +86,7 @@ class ScriptBatch:
         sha = self._script.sha
         async with self._redis.pipeline(transaction=False) as pipe:
             for keys, args, _ in batch:
-                pipe.evalsha(sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=False)
 
 

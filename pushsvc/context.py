@@ -47,12 +47,12 @@ class Resources:
 
     def call_log(self, store: JobStore) -> CallLog:
         if self._calls is None:
-            self._calls = CallLog(store.redis, store.keys)
+            self._calls = CallLog(store.queue.redis, store.keys)
         return self._calls
 
     def answer_lengths(self, store: JobStore) -> AnswerLengths:
         if self._lengths is None:
-            self._lengths = AnswerLengths(store.redis, store.keys)
+            self._lengths = AnswerLengths(store.queue.redis, store.keys)
         return self._lengths
 
     async def aclose(self) -> None:
@@ -318,7 +318,8 @@ class JobContext:
             self._note(reply, pending)
             # Its lease too, if that went with the job (a Redis that came back empty).
             until = (time.time() + self._store.settings.lease_s) * 1000
-            await self._store.redis.zadd(self._store.keys.leases, {self.writer.arq_id: until})
+            leases = self._store.keys.leases
+            await self._store.queue.redis.zadd(leases, {self.writer.arq_id: until})
         else:
             self.supersede()
         return reply
@@ -333,7 +334,7 @@ class JobContext:
             )
             verdict = self.verdict(row)
             if verdict == "ok":
-                async with self._store.redis.pipeline(transaction=False) as pipe:
+                async with self._store.queue.redis.pipeline(transaction=False) as pipe:
                     pipe.zadd(keys.leases, {self.writer.arq_id: until_ms}, xx=True)
                     # Whose it is, kept while it runs: the reaper's way to it (leases.py).
                     ttl = self._store.settings.job_ttl_s

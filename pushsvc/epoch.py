@@ -98,18 +98,38 @@ class EpochCheck:
     async def on_connect(self, conn: Any) -> None:
         """The usual handshake, then the epoch check."""
         await conn.on_connect()
-        await conn.send_command("INFO", "server")
-        info = await conn.read_response()
-        found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
-        run_id = found.group(1).decode() if found else ""
+        run_id = await _note_run_id(conn)
         await conn.send_command("EVAL", _ENSURE, 1, self.key, run_id, new_epoch(), self._seen)
         current = await conn.read_response()
         self._seen = current.decode() if isinstance(current, bytes) else str(current)
-        conn.pushsvc_run_id = run_id.encode() if len(run_id) == 40 else NO_RUN_ID
+
+
+class RunIdCheck:
+    """The check of a Redis Cluster client's connections (connections.connect_data):
+    each keeps the run id of the node it reached, as :class:`EpochCheck`'s do, for the
+    publish script's check of each tenant's epoch. No store-wide epoch: a node holds only
+    its own slots' keys, and each tenant's epoch is the one its slot knows."""
+
+    async def on_connect(self, conn: Any) -> None:
+        await conn.on_connect()
+        await _note_run_id(conn)
+
+
+async def _note_run_id(conn: Any) -> str:
+    """Ask ``conn``'s server for its run id; ``conn`` keeps it as ``pushsvc_run_id``."""
+    await conn.send_command("INFO", "server")
+    info = await conn.read_response()
+    found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
+    run_id = found.group(1).decode() if found else ""
+    conn.pushsvc_run_id = run_id.encode() if len(run_id) == 40 else NO_RUN_ID
+    return run_id
 
 
 def run_id_arg(redis: Any) -> str | bytes:
-    """What a publish call passes as the run id: ``RUN_ID_MARK`` when ``redis``'s pool
-    checks its connections (make_pool), '' (none: the epoch it finds stands) else."""
-    pool = getattr(redis, "connection_pool", None)
-    return RUN_ID_MARK if getattr(pool, "epoch_check", None) is not None else ""
+    """What a publish call passes as the run id: ``RUN_ID_MARK`` when ``redis``'s
+    connections note their server's (connections.make_pool, connect_data), '' (none: the
+    epoch it finds stands) else."""
+    checked = getattr(getattr(redis, "connection_pool", None), "epoch_check", None)
+    if checked is None:
+        checked = getattr(redis, "epoch_check", None)
+    return RUN_ID_MARK if checked is not None else ""

@@ -244,7 +244,7 @@ class EventBus:
         entry = self._channels.get(channel)
         if entry is None:
             entry = self._channels[channel] = _Channel()
-            if self._pubsub is not None and self.connected.is_set():
+            if self.connected.is_set():  # else the reader subscribes it once connected
                 await self._send_subscribe(channel, entry)
         _add(entry, queue, jobs)
         self._streams.add(queue)
@@ -377,3 +377,13 @@ def _remove(entry: _Channel, queue: StreamQueue, jobs: set[str] | None) -> None:
             targets.discard(queue)
             if not targets:
                 del entry.by_job[job_id]
+
+
+def make_bus(settings: Settings, on_event: Callable[[str], None] | None = None) -> EventBus:
+    """The process's event bus: sharded (sharded_bus.py) when the data plane is a Redis
+    Cluster, else on the one Redis."""
+    if settings.data_cluster:
+        from .sharded_bus import ShardedBus  # valkey-glide, loaded only for a cluster
+
+        return ShardedBus(settings, on_event)
+    return EventBus(settings, on_event)

@@ -85,13 +85,13 @@ class Leases:
 
     async def take(self, arq_id: str) -> None:
         """Hold the lease of an attempt about to start."""
-        await self.store.redis.zadd(self.store.keys.leases, {arq_id: self.deadline()})
+        await self.store.queue.redis.zadd(self.store.keys.leases, {arq_id: self.deadline()})
 
     async def drop(self, arq_id: str) -> None:
         """Let go of the lease of an attempt that no longer runs here; one that cannot be
         dropped now lapses, and the reaper drops it."""
         try:
-            await self.store.redis.zrem(self.store.keys.leases, arq_id)
+            await self.store.queue.redis.zrem(self.store.keys.leases, arq_id)
         except RedisError as exc:
             logger.warning("the lease of %s was not dropped (%s); it lapses", arq_id, exc)
 
@@ -110,7 +110,7 @@ class Leases:
             try:
                 for attempt in list(self.running.values()):
                     await attempt.keep_lease(self.deadline())
-                await self.store.redis.zadd(
+                await self.store.queue.redis.zadd(
                     self.store.keys.workers, {self.worker_id: time.time() * 1000}
                 )
                 await self.reap()
@@ -135,7 +135,7 @@ class Leases:
         it to the next, which finds the job no longer that attempt running).
         """
         leases = self.store.keys.leases
-        lapsed = await self.store.redis.zrangebyscore(leases, "-inf", time.time() * 1000)
+        lapsed = await self.store.queue.redis.zrangebyscore(leases, "-inf", time.time() * 1000)
         recovered = 0
         for member in lapsed:
             arq_id = member.decode()
@@ -143,11 +143,11 @@ class Leases:
                 continue  # ours: the lease check just renewed or repaired it
             fields = await self._lapsed_job(arq_id)
             if fields is None or fields.get("arq_id") != arq_id or fields["status"] != "running":
-                await self.store.redis.zrem(leases, member)  # nothing left to recover
+                await self.store.queue.redis.zrem(leases, member)  # nothing left to recover
                 continue
             await self.recover(fields)
             await self.queue.forget(arq_id, fields.get("priority", "normal"), fields["tenant"])
-            await self.store.redis.zrem(leases, member)  # the attempt's transition is written
+            await self.store.queue.redis.zrem(leases, member)  # the attempt's transition is written
             recovered += 1
         return recovered
 

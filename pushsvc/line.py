@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -129,8 +129,11 @@ def place_frame(job_id: str, place: Place) -> Frame:
 class Line:
     """One API process's places in line: the watched jobs, the ticker, the batched asks."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, data: Any = None) -> None:
+        """``redis``: the queue plane's client; ``data``: the data plane's (the same Redis
+        when not given)."""
         self.redis, self.keys = redis, Keys(settings.namespace)
+        self.data = redis if data is None else data
         self.interval_s, self.window_s = settings.line_interval_s, settings.start_rate_window_s
         self._script = redis.register_script(
             (resources.files(__package__) / "lua" / "line.lua").read_text()
@@ -345,7 +348,7 @@ class Line:
     async def _read_batch(self, job_ids: list[JobKey]) -> dict[JobKey, Place]:
         """The jobs' states (each in its tenant's slot), then the places in line of the
         queued ones' attempts (the queue plane): two reads, as the planes may be two."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.data.pipeline(transaction=False) as pipe:
             for tenant, job_id in job_ids:
                 pipe.hmget(self.keys.job(tenant, job_id), STATE_FIELDS)
             rows: list[list[bytes | None]] = await pipe.execute()

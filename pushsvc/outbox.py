@@ -56,7 +56,7 @@ class Outbox:
         seconds, micros = await self.store.redis.time()
         before = int((seconds + micros / 1e6 - self.grace_s) * 1000)
         handed = 0
-        for raw in await self.store.redis.smembers(self.keys.tenants):  # type: ignore[misc]
+        for raw in await self.store.queue.redis.smembers(self.keys.tenants):  # type: ignore[misc]
             tenant = raw.decode()
             try:
                 handed += await self._sweep_one(tenant, before)
@@ -78,8 +78,8 @@ class Outbox:
         for arq_id, job_id, priority in zip(arq_ids, job_ids, priorities, strict=True):
             prio = (priority or b"normal").decode()
             enqueue = self.queue.prepare(arq_id, job_id, priority=prio, tenant=tenant)
-            plane = (outbox, self.keys.job(tenant, job_id))  # a Redis error ends this tenant's
-            if await self.queue.hand_over(enqueue, plane):
+            # A Redis error ends this tenant's sweep.
+            if await self.store.hand_over_now(tenant, job_id, enqueue):
                 logger.warning("job %s: an attempt was left in the outbox; queued", job_id)
                 handed += 1
         return handed

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PUSHSVC_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The data plane (job state, logs, sequences, pub/sub) on a Redis Cluster: some of
+    # its nodes as "host:port,host:port" (any node will do; the rest are found). Empty:
+    # the data plane is the Redis of ``redis_url``, with the queue.
+    data_cluster: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
     # "key=tenant,key2=tenant2"; empty means one local tenant without auth (loopback only).
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     secret: SecretStr = SecretStr("")
@@ -287,6 +291,19 @@ class Settings(BaseSettings):
             name, _, spec = entry.rpartition("=")  # a model's name may hold "=" or ":"
             limits[name.strip()] = ModelLimit.parse(name.strip(), spec)
         return limits
+
+    @field_validator("data_cluster", mode="before")
+    @classmethod
+    def _parse_cluster(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        nodes = []
+        for node in filter(None, (n.strip() for n in value.split(","))):
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"PUSHSVC_DATA_CLUSTER: {node!r} is not host:port")
+            nodes.append((host.strip("[]"), int(port)))
+        return tuple(nodes)
 
     @field_validator("job_modules", "cors_origins", "allowed_hosts", "admin_keys", mode="before")
     @classmethod

@@ -137,8 +137,11 @@ class StatsReader:
     The worker count and its alert are the service's, shown to everyone.
     """
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(self, redis: Redis, settings: Settings, data: Any = None) -> None:
+        """``redis``: the queue plane's client; ``data``: the data plane's (the same Redis
+        when not given)."""
         self.redis, self.settings, self.keys = redis, settings, Keys(settings.namespace)
+        self.data = redis if data is None else data
         self._reading: tuple[float, Reading] | None = None
         self._lock = asyncio.Lock()
 
@@ -167,7 +170,7 @@ class StatsReader:
         tenants = sorted(await self.redis.smembers(self.keys.tenants))  # type: ignore[misc]
         if not tenants:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.data.pipeline(transaction=False) as pipe:
             for tenant in tenants:
                 pipe.xrange(self.keys.tenant_stats(tenant.decode()), since_ms)
             streams = await pipe.execute()
@@ -284,7 +287,7 @@ class StatsReader:
         if not job_ids:
             return []
         owners = await self.redis.mget([self.keys.job_tenant(j) for j in job_ids])
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.data.pipeline(transaction=False) as pipe:
             for job_id, owner in zip(job_ids, owners, strict=True):
                 pipe.hmget(self.keys.job(owner.decode() if owner else "", job_id), names)
             return list(await pipe.execute())

@@ -6,12 +6,13 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from .batching import ScriptBatch
+from .data_plane import DataCluster, transaction
 from .epoch import StreamPosition, run_id_arg
 from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
@@ -49,22 +50,36 @@ class Created(NamedTuple):
 class JobStore:
     """Reads and writes job state; every write goes through one Lua publish path."""
 
-    def __init__(self, redis: Redis, settings: Settings, *, batched: bool = False) -> None:
-        """``batched``: publish calls made in the same turn of the event loop go to Redis
-        in one pipeline (a worker's many jobs flushing: ``batching.ScriptBatch``)."""
-        self.redis = redis
+    def __init__(
+        self,
+        redis: Redis | DataCluster,
+        settings: Settings,
+        *,
+        batched: bool = False,
+        queue: Queue | None = None,
+    ) -> None:
+        """``redis``: the data plane's client; ``queue``: the queue plane's (the same Redis
+        when not given). ``batched``: publish calls made in the same turn of the event
+        loop go to Redis in one pipeline (a worker's many jobs flushing:
+        ``batching.ScriptBatch``)."""
+        # The cluster client has the commands used here (and runs scripts by a key's slot).
+        self.redis = cast(Redis, redis)
         self.settings = settings
         self.keys = Keys(settings.namespace)
         fn = _lua("publish_fn.lua")
-        self._publish = redis.register_script(fn + _lua("publish.lua"))
-        self._create = redis.register_script(fn + _lua("create.lua"))
-        self._repair = redis.register_script(fn + _lua("repair.lua"))
-        self._read = redis.register_script(_lua("read.lua"))
-        self._scan = redis.register_script(_lua("scan.lua"))
-        self._batch = ScriptBatch(redis, self._publish) if batched else None
-        # The queue plane, where attempts waiting in an outbox are handed over: this
-        # Redis while job state and the queue are one.
-        self.queue = Queue(redis, settings)  # type: ignore[arg-type]
+        if isinstance(redis, DataCluster):  # each event goes to its slot's shard only
+            fn = fn.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+        self._publish = self.redis.register_script(fn + _lua("publish.lua"))
+        self._create = self.redis.register_script(fn + _lua("create.lua"))
+        self._repair = self.redis.register_script(fn + _lua("repair.lua"))
+        self._read = self.redis.register_script(_lua("read.lua"))
+        self._scan = self.redis.register_script(_lua("scan.lua"))
+        self._batch = ScriptBatch(self.redis, self._publish) if batched else None
+        # The queue plane, where attempts waiting in an outbox are handed over, and the
+        # keys without a tenant's tag (whose a job is, the tenants): this Redis while
+        # job state and the queue are one.
+        self.queue = queue or Queue(self.redis, settings)  # type: ignore[arg-type]
+        self.one_plane = self.queue.redis is self.redis
         self.published = 0  # events this process published (a worker's metric)
 
     async def create(
@@ -98,7 +113,7 @@ class JobStore:
         if created:
             return Created(job_id, None, found.decode())
         with contextlib.suppress(RedisError):  # a replay: no such job (else it expires)
-            await self.redis.delete(self.keys.job_tenant(job_id))
+            await self.queue.redis.delete(self.keys.job_tenant(job_id))
         earlier, _, fingerprint = found.decode().partition(" ")
         return Created(earlier, fingerprint)
 
@@ -108,9 +123,12 @@ class JobStore:
         """Whose the job is and the tenant's listing, then the creation script, in one
         round trip (not the tenant's slot, they are calls of their own on a cluster);
         written first, a crash after them leaves no job unlisted."""
+        if not self.one_plane:  # two planes: two round trips
+            await self.remember_tenant(tenant, job_id)
+            return await self._create(keys=keys, args=args)  # type: ignore[no-any-return]
         async with self.redis.pipeline(transaction=False) as pipe:
             self._list(pipe, tenant, job_id)
-            pipe.evalsha(self._create.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", self._create.sha, len(keys), *keys, *args)
             reply: list[Any] = (await pipe.execute())[-1]
         return reply
 
@@ -163,14 +181,30 @@ class JobStore:
         leaves the outbox in the same call while both are one Redis). False: not now (arq
         has it, its job no longer waits for it, or Redis failed: logged, and the outbox's
         sweeper hands it over later; outbox.py)."""
-        outbox = (self.keys.outbox(tenant), self.keys.job(tenant, job_id))
         try:
-            return await self.queue.hand_over(enqueue, outbox)
+            return await self.hand_over_now(tenant, job_id, enqueue)
         except (RedisError, OSError) as exc:
             logger.warning(
                 "job %s: not handed to the queue yet (%s); the outbox has it", job_id, exc
             )
             return False
+
+    async def hand_over_now(self, tenant: str, job_id: str, enqueue: Enqueue) -> bool:
+        """:meth:`hand_over`, its Redis errors raised (the sweeper's: outbox.py).
+
+        On two planes, three calls, each safe to repeat: is the attempt still the one
+        its job waits for (the data plane), hand it over (the queue: arq's record makes
+        a second hand-over a no-op), then it leaves the outbox. A crash between them
+        leaves the entry, and the sweeper makes the same calls again."""
+        outbox = self.keys.outbox(tenant)
+        job = self.keys.job(tenant, job_id)
+        if self.one_plane:  # one script, the outbox entry leaving in it
+            return await self.queue.hand_over(enqueue, (outbox, job))
+        status, arq_id = await self.redis.hmget(job, ["status", "arq_id"])  # type: ignore[misc]
+        waits = status == b"queued" and arq_id == enqueue.arq_id.encode()
+        handed = waits and await self.queue.hand_over(enqueue)
+        await self.redis.zrem(outbox, enqueue.arq_id)
+        return handed
 
     async def send(self, call: PublishCall) -> Reply:
         """Run one publish call (see :meth:`publish`)."""
@@ -207,16 +241,17 @@ class JobStore:
 
     async def load(self, tenant: str, job_id: str) -> dict[str, Any] | None:
         """All stored fields of the tenant's job (payload and arq id included), or None."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.job(tenant, job_id))
-            pipe.get(self.keys.job_output(tenant, job_id))
-            raw, output = await pipe.execute()
+        key = self.keys.job(tenant, job_id)
+        output_key = self.keys.job_output(tenant, job_id)
+        raw, output = await transaction(
+            self.redis, key, lambda p: (p.hgetall(key), p.get(output_key))
+        )
         return decode_fields(raw, output) if raw else None
 
     async def remember_tenant(self, tenant: str, job_id: str) -> None:
         """Note whose the job is, and list the tenant again (a Redis that came back empty
         forgot both)."""
-        async with self.redis.pipeline(transaction=False) as pipe:
+        async with self.queue.redis.pipeline(transaction=False) as pipe:
             self._list(pipe, tenant, job_id)
             await pipe.execute()
 
@@ -231,7 +266,7 @@ class JobStore:
         """Whose each job is (None: unknown, or expired), for readers that know only ids."""
         if not job_ids:
             return []
-        names = await self.redis.mget([self.keys.job_tenant(j) for j in job_ids])
+        names = await self.queue.redis.mget([self.keys.job_tenant(j) for j in job_ids])
         return [n.decode() if n is not None else None for n in names]
 
     async def load_by_id(self, job_id: str) -> dict[str, Any] | None:
@@ -241,11 +276,13 @@ class JobStore:
 
     async def load_many(self, tenant: str, job_ids: list[str]) -> list[dict[str, Any] | None]:
         """:meth:`load` of several of the tenant's jobs in one round trip."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Any) -> None:
             for job_id in job_ids:
                 pipe.hgetall(self.keys.job(tenant, job_id))
                 pipe.get(self.keys.job_output(tenant, job_id))
-            replies = await pipe.execute()
+
+        replies = await transaction(self.redis, self.keys.tenant_tag(tenant), build)
         return [
             decode_fields(raw, output) if raw else None
             for raw, output in zip(replies[::2], replies[1::2], strict=True)
@@ -267,11 +304,13 @@ class JobStore:
         self, tenant: str, job_ids: list[str]
     ) -> tuple[StreamPosition, dict[str, JobHead | None]]:
         """Atomically: the tenant's position and each job's head (None: unknown)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        def build(pipe: Any) -> None:
             pipe.hmget(self.keys.tenant_position(tenant), ["seq", "epoch"])
             for job_id in job_ids:
                 pipe.hmget(self.keys.job(tenant, job_id), ["tenant", "status", "seq", "epoch"])
-            (tseq, tepoch), *rows = await pipe.execute()
+
+        (tseq, tepoch), *rows = await transaction(self.redis, self.keys.tenant_tag(tenant), build)
         heads: dict[str, JobHead | None] = {}
         for job_id, (owner, status, seq, epoch) in zip(job_ids, rows, strict=True):
             heads[job_id] = None
@@ -284,11 +323,13 @@ class JobStore:
         self, tenant: str, job_id: str
     ) -> tuple[dict[str, Any], Frame | None] | None:
         """:meth:`load` and the job's last logged event, read together."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(self.keys.job(tenant, job_id))
-            pipe.get(self.keys.job_output(tenant, job_id))
-            pipe.xrevrange(self.keys.job_log(tenant, job_id), "+", "-", count=1)
-            raw, output, entries = await pipe.execute()
+        key = self.keys.job(tenant, job_id)
+        output_key, log = self.keys.job_output(tenant, job_id), self.keys.job_log(tenant, job_id)
+        raw, output, entries = await transaction(
+            self.redis,
+            key,
+            lambda p: (p.hgetall(key), p.get(output_key), p.xrevrange(log, "+", "-", count=1)),
+        )
         if not raw:
             return None
         return decode_fields(raw, output), _last_frame(job_id, entries)
@@ -303,7 +344,12 @@ class JobStore:
     async def grace_left(self) -> float | None:
         """Seconds left of the grace that the store's last recovery gives missing jobs
         (0 once it is over); None for a store no process knew before (a new deployment,
-        not a loss), or when no recovery was recorded yet."""
+        not a loss), or when no recovery was recorded yet. None on a cluster: the
+        store-wide epoch is one Redis's (each tenant's epoch still changes with its
+        shard, so streams are right; a job lost in a shard's failover answers 404 at
+        once, not 503 for the grace)."""
+        if isinstance(self.redis, DataCluster):
+            return None
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.epoch, ["id", "recovered", "recovered_at"])
             pipe.time()
@@ -326,10 +372,13 @@ class JobStore:
         """The job's logged events after ``after`` (the first ``limit``) and the job's
         epoch, or None when the log cannot continue from there: another epoch, a seq the
         store does not hold (ahead of it: history was rewound), or events no longer kept."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xrange(self.keys.job_log(tenant, job_id), f"({_sid(after.seq)}", "+", count=limit)
-            pipe.hmget(self.keys.job(tenant, job_id), ["seq", "epoch"])
-            entries, (seq_b, epoch_b) = await pipe.execute()
+        key = self.keys.job(tenant, job_id)
+        log, start = self.keys.job_log(tenant, job_id), f"({_sid(after.seq)}"
+        entries, (seq_b, epoch_b) = await transaction(
+            self.redis,
+            key,
+            lambda p: (p.xrange(log, start, "+", count=limit), p.hmget(key, ["seq", "epoch"])),
+        )
         epoch = (epoch_b or b"").decode()
         if not _continues(after, entries, int(seq_b or 0), epoch):
             return None
@@ -345,10 +394,13 @@ class JobStore:
         """The tenant's logged events after ``after`` (the first ``limit``) and the
         tenant's epoch, or None when the log cannot continue from there (as
         :meth:`events_after`)."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xrange(self.keys.tenant_log(tenant), f"({_sid(after.seq)}", "+", count=limit)
-            pipe.hmget(self.keys.tenant_position(tenant), ["seq", "epoch"])
-            entries, (seq_b, epoch_b) = await pipe.execute()
+        position = self.keys.tenant_position(tenant)
+        log, start = self.keys.tenant_log(tenant), f"({_sid(after.seq)}"
+        entries, (seq_b, epoch_b) = await transaction(
+            self.redis,
+            position,
+            lambda p: (p.xrange(log, start, "+", count=limit), p.hmget(position, ["seq", "epoch"])),
+        )
         tepoch = (epoch_b or b"").decode()
         if not _continues(after, entries, int(seq_b or 0), tepoch):
             return None

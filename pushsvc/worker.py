@@ -26,6 +26,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from . import transitions
 from .backoff import Delays, ExponentialBackoff, floored, jittered
 from .context import JobContext, Resources
+from .data_plane import connect_data
 from .errors import JobError
 from .jobs import JobType, Registry, load_job_modules
 from .leases import Leases, publish_as
@@ -50,8 +51,12 @@ class Runner:
 
     def __init__(self, settings: Settings, redis: ArqRedis, types: Registry) -> None:
         self.settings = settings
-        self.store = JobStore(redis, settings, batched=True)  # many jobs' flushes: one trip
         self.queue = Queue(redis, settings)
+        # The data plane's own client when it is a cluster (closed in :meth:`stop`).
+        self._data = connect_data(settings, socket_connect_timeout=2, socket_timeout=10)
+        data = redis if self._data is None else self._data
+        # Many jobs' flushes: one trip (batched).
+        self.store = JobStore(data, settings, batched=True, queue=self.queue)
         self.types = types
         self.running: dict[str, JobContext] = {}  # arq id -> its attempt, for the leases
         known = {settings.llm_model, *settings.llm_prices, *settings.model_limits}
@@ -67,6 +72,8 @@ class Runner:
     async def stop(self, _ctx: dict[str, Any]) -> None:
         await self.leases.stop()
         await self.resources.aclose()
+        if self._data is not None:
+            await self._data.aclose()
 
     async def run(self, ctx: dict[str, Any], job_id: str, tenant: str | None = None) -> None:
         arq_id: str = ctx["job_id"]

@@ -17,10 +17,13 @@ from redis.asyncio import Redis
 # (``jobs.load_job_modules``) having filled it.
 from pushsvc import llm_jobs, ticker  # noqa: F401
 from pushsvc.auth import LOCAL_TENANT
+from pushsvc.data_plane import connect_data
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
+from pushsvc.queue import Queue
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
+from pushsvc.tools.cluster import LocalCluster
 from pushsvc.worker import worker_session
 
 from .procs import Api, Proc, RedisServer, free_port, http_ok, wait_until
@@ -253,11 +256,27 @@ async def burst(env: dict[str, str], **update: Any) -> None:
 
 @asynccontextmanager
 async def open_store(redis_server: RedisServer, **overrides: Any) -> AsyncIterator[JobStore]:
-    """A job store on a namespace of its own in the test Redis."""
+    """A job store on a namespace of its own in the test Redis (its data plane on a
+    cluster when ``data_cluster`` is given: two planes)."""
     namespace = f"s{secrets.token_hex(3)}"
     settings = Settings(redis_url=redis_server.url, namespace=namespace, **overrides)
     redis = Redis.from_url(settings.redis_url)
+    data = connect_data(settings, socket_timeout=10)
     try:
-        yield JobStore(redis, settings)
+        if data is None:
+            yield JobStore(redis, settings)
+        else:
+            yield JobStore(data, settings, queue=Queue(redis, settings))  # type: ignore[arg-type]
     finally:
+        if data is not None:
+            await data.aclose()
         await redis.aclose()
+
+
+@pytest.fixture(scope="session")
+def data_cluster() -> Iterator[LocalCluster]:
+    """A Redis Cluster (3 primaries, 3 replicas) for tests of two planes; tests that
+    kill or move its parts start their own (scenarios/test_cluster.py)."""
+    cluster = LocalCluster().start()
+    yield cluster
+    cluster.stop()

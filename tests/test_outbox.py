@@ -45,15 +45,19 @@ async def left_long_ago(redis: Redis, keys: Keys, tenant: str, arq_id: str) -> N
     assert await redis.zadd(keys.outbox(tenant), {arq_id: ago}, xx=True, ch=True) == 1
 
 
-@pytest.fixture
-async def parts(redis_server: RedisServer) -> AsyncIterator[tuple[JobStore, Queue, Outbox]]:
-    async with open_store(redis_server, outbox_sweep_s=5) as store:
-        queue = Queue(store.redis, store.settings)  # type: ignore[arg-type]
-        yield store, queue, Outbox(store, queue)
+@pytest.fixture(params=["one Redis", "two planes"])
+async def parts(
+    request: pytest.FixtureRequest, redis_server: RedisServer
+) -> AsyncIterator[tuple[JobStore, Queue, Outbox]]:
+    """The store, the queue and the sweeper: on one Redis, or with the job state on a
+    Redis Cluster and the queue on the test Redis (where each hand-over is three calls)."""
+    seeds = request.getfixturevalue("data_cluster").seeds if request.param == "two planes" else ""
+    async with open_store(redis_server, outbox_sweep_s=5, data_cluster=seeds) as store:
+        yield store, store.queue, Outbox(store, store.queue)
 
 
 async def in_arq(store: JobStore, queue: Queue, arq_id: str) -> bool:
-    return await store.redis.zscore(queue.queue_name, arq_id) is not None
+    return await queue.redis.zscore(queue.queue_name, arq_id) is not None
 
 
 @pytest.mark.timeout(20)
@@ -90,7 +94,7 @@ async def test_an_attempt_whose_job_moved_on_or_arq_has_is_let_go(
     assert await store.redis.zcard(store.keys.outbox("t")) == 0
     assert not await in_arq(store, queue, cancelled["arq_id"])
     assert not await in_arq(store, queue, gone["arq_id"])
-    assert await store.redis.zcard(queue.queue_name) == 1  # the handed one, once
+    assert await queue.redis.zcard(queue.queue_name) == 1  # the handed one, once
     snap = await store.snapshot(cancelled["id"], "t")
     assert snap is not None and snap.status == JobStatus.CANCELLED
 

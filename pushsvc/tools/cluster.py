@@ -4,9 +4,11 @@ and their replicas as ``redis-server`` processes on free ports (``redis-server
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Self
 
@@ -48,6 +50,10 @@ class ClusterNode(RedisServer):
         pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
         return {k: v.strip() for k, v in pairs}
 
+    def replication(self) -> dict[str, object]:
+        with redis.Redis(port=self.port, socket_timeout=2) as client:
+            return dict(client.info("replication"))
+
 
 @dataclass
 class LocalCluster:
@@ -80,10 +86,12 @@ class LocalCluster:
         return self
 
     def ok(self) -> bool:
-        """Every node reachable, every slot served, and each node knows every other."""
+        """Every node reachable, every slot served, each node knows every other, and each
+        replica in sync with its primary (else it could not take over from it)."""
         want = str(len(self.nodes))
         try:
             infos = [n.cluster_info() for n in self.nodes]
+            links = [n.replication() for n in self.nodes]
         except redis.RedisError:
             return False
         return all(
@@ -91,9 +99,85 @@ class LocalCluster:
             and i.get("cluster_slots_ok") == "16384"
             and i.get("cluster_known_nodes") == want
             for i in infos
-        )
+        ) and all(r.get("role") == "master" or r.get("master_link_status") == "up" for r in links)
 
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
         self.nodes.clear()
+
+    def slot_owners(self) -> dict[tuple[int, int], int]:
+        """Each slot range and the port of the primary that serves it (CLUSTER SLOTS)."""
+        for node in self.nodes:
+            try:
+                with redis.Redis(port=node.port, socket_timeout=2) as client:
+                    rows = client.execute_command("CLUSTER", "SLOTS")
+            except redis.RedisError:
+                continue
+            return {(int(r[0]), int(r[1])): int(r[2][1]) for r in rows}
+        raise redis.ConnectionError("no node of the cluster answers")
+
+    def owner(self, slot: int) -> ClusterNode:
+        """The primary that serves ``slot`` now."""
+        port = next(p for (lo, hi), p in self.slot_owners().items() if lo <= slot <= hi)
+        return next(n for n in self.nodes if n.port == port)
+
+    def node_id(self, node: ClusterNode) -> str:
+        with redis.Redis(port=node.port, socket_timeout=2) as client:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+
+    def fail_over(self, node: ClusterNode, timeout: float = 30) -> ClusterNode:
+        """SIGKILL primary ``node`` and wait until its replica serves its slots; the new
+        primary. (The killed node stays down.)"""
+        slots = [lo for (lo, _), port in self.slot_owners().items() if port == node.port]
+        node.kill()
+        self.nodes.remove(node)
+
+        def promoted() -> bool:
+            try:
+                owners = self.slot_owners()
+            except redis.RedisError:
+                return False
+            live = {n.port for n in self.nodes}
+            return all(p in live for (lo, _), p in owners.items() if lo in slots) and all(
+                n.cluster_info().get("cluster_state") == "ok" for n in self.nodes
+            )
+
+        wait_until(promoted, timeout, "a replica serving the killed primary's slots")
+        return self.owner(slots[0])
+
+    def move_slot(
+        self,
+        slot: int,
+        target: ClusterNode,
+        batch: int = 10,
+        pause: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Move one slot to ``target`` as ``redis-cli --cluster reshard`` does: mark it
+        importing and migrating, MIGRATE its keys ``batch`` at a time (``pause`` between
+        batches: clients meet ASK redirects meanwhile), then give it to ``target``."""
+        source = self.owner(slot)
+        src_id, dst_id = self.node_id(source), self.node_id(target)
+        with (
+            redis.Redis(port=source.port, socket_timeout=10) as src,
+            redis.Redis(port=target.port, socket_timeout=10) as dst,
+        ):
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                src.execute_command(
+                    "MIGRATE", LOCALHOST, target.port, "", 0, 10000, "REPLACE", "KEYS", *keys
+                )
+                pause()
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+        for node in self.nodes:
+            if node.port not in (source.port, target.port):
+                with contextlib.suppress(redis.RedisError):
+                    with redis.Redis(port=node.port, socket_timeout=2) as client:
+                        client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+    def primary_nodes(self) -> list[ClusterNode]:
+        """The nodes that serve slots now."""
+        ports = set(self.slot_owners().values())
+        return [n for n in self.nodes if n.port in ports]

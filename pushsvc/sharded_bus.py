@@ -1,0 +1,220 @@
+"""The event bus on a Redis Cluster: sharded pub/sub (``SSUBSCRIBE``) through valkey-glide.
+
+A job's channel and its tenant's live in the tenant's slot (keys.py), and the publish
+script ``SPUBLISH``es there (store.py), so each event travels only within the shard
+that owns the slot. valkey-glide holds a connection to each node whatever the number of
+channels, subscribes each channel on the shard that owns its slot, and subscribes again
+by itself after a slot moves or a shard fails over (BENCHMARKS.md, "Choosing the Redis
+Cluster client").
+
+What it does not say is when messages were lost in between. Two things tell the
+streams: each tenant's epoch, which changes when its shard restarts or fails over (the
+publish script: a reset snapshot follows), and a ping this process sends itself each
+second on a channel of each tenant it has subscribed (so through the same shard): a
+ping that comes back after one that did not, or none for ``_LOST_AFTER_S``, tells that
+tenant's streams to refill from the logs, as a reconnect does on one Redis. A stream
+also reads the log when it sees a gap in a job's sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+from glide import (
+    GlideClusterClient,
+    GlideClusterClientConfiguration,
+    GlideError,
+    Logger,
+    LogLevel,
+    NodeAddress,
+)
+
+from .events import EventBus, _Channel
+from .settings import Settings
+
+logger = logging.getLogger(__name__)
+_Config = GlideClusterClientConfiguration
+_PING_S = 1.0
+_LOST_AFTER_S = 3.0  # a tenant's ping unanswered this long: its streams refill
+
+
+def _tag(channel: str) -> str:
+    """The hash tag of a tenant's channel, braces included ('' for none)."""
+    start = channel.find("{")
+    end = channel.find("}", start + 1)
+    return channel[start : end + 1] if start >= 0 and end > start else ""
+
+
+class ShardedBus(EventBus):
+    """:class:`EventBus` over valkey-glide's sharded subscriptions."""
+
+    def __init__(self, settings: Settings, on_event: Callable[[str], None] | None = None) -> None:
+        super().__init__(settings, on_event)
+        # glide's own log (unstructured, on stderr) warns of every redirect while a slot
+        # moves; what matters reaches pushsvc's log as errors of the calls.
+        Logger.set_logger_config(LogLevel.ERROR)
+        self._glide: GlideClusterClient | None = None
+        self._timeout_ms = int(settings.stream_subscribe_timeout_s * 1000)
+        self._pings: dict[str, _Ping] = {}  # tenant tag -> its ping channel's state
+        self._pinger: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> ShardedBus:
+        await super().__aenter__()
+        self._pinger = asyncio.create_task(self._ping_loop(), name="pushsvc-bus-ping")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            await asyncio.gather(self._pinger, return_exceptions=True)
+        await super().__aexit__(*exc)
+        if self._glide is not None:
+            with contextlib.suppress(Exception):
+                await self._glide.close()
+
+    async def _connect(self) -> None:
+        """A new glide client (the first, or after the last one failed): every channel is
+        subscribed on it, and the open streams refill from the logs."""
+        addresses = [NodeAddress(h, p) for h, p in self.settings.data_cluster]
+        subs = _Config.PubSubSubscriptions(
+            channels_and_patterns={_Config.PubSubChannelModes.Sharded: set()},
+            callback=None,
+            context=None,
+        )
+        config = _Config(addresses, request_timeout=self._timeout_ms, pubsub_subscriptions=subs)
+        try:
+            self._glide = await GlideClusterClient.create(config)
+        except GlideError as exc:  # a connection error: the base class's loop retries
+            raise ConnectionError(f"the data cluster is unreachable ({exc})") from exc
+        self._pings.clear()
+        for name, entry in list(self._channels.items()):
+            if entry.confirmed.done():  # confirmed on the old client: confirm again
+                self._channels[name] = _Channel(entry.queues, entry.by_job)
+        self.connected.set()
+        for name, entry in list(self._channels.items()):
+            await self._send_subscribe(name, entry)
+        if self.reconnects:
+            for queue in self._streams:
+                queue.mark_resync()
+        self.reconnects += 1
+
+    async def _read(self) -> None:
+        glide = self._glide
+        assert glide is not None
+        try:
+            while True:
+                msg = await glide.get_pubsub_message()
+                channel = msg.channel.decode() if isinstance(msg.channel, bytes) else msg.channel
+                data = msg.message if isinstance(msg.message, bytes) else msg.message.encode()
+                ping = self._pings.get(_tag(channel))
+                if ping is not None and channel == ping.channel:
+                    if ping.answered(int(data)):
+                        self._refill(_tag(channel))
+                    continue
+                self._route(channel, data)
+        except GlideError as exc:  # the client is closed or broken: the loop makes another
+            self._glide = None
+            with contextlib.suppress(Exception):
+                await glide.close()
+            raise ConnectionError(f"the sharded pub/sub client failed ({exc})") from exc
+
+    async def _send_subscribe(self, channel: str, entry: _Channel) -> None:
+        if self._glide is None:
+            return  # the next client subscribes it
+        try:
+            await self._glide.ssubscribe({channel}, timeout_ms=self._timeout_ms)
+        except (GlideError, TimeoutError) as exc:
+            # glide keeps it among the channels it wants, and subscribes it when the
+            # shard answers; the stream's wait for the confirmation gives up first.
+            logger.warning("sharded subscribe of %s not confirmed (%s)", channel, exc)
+            return
+        if self._channels.get(channel) is entry and not entry.confirmed.done():
+            entry.confirmed.set_result(None)
+
+    async def _send_unsubscribe(self, channel: str) -> None:
+        if self._glide is None:
+            return
+        with contextlib.suppress(GlideError, TimeoutError):
+            await self._glide.sunsubscribe({channel}, timeout_ms=self._timeout_ms)
+
+    # -- knowing when messages were lost ----------------------------------------
+
+    def _refill(self, tag: str) -> None:
+        """The streams of the tenant whose tag this is read what they missed from the logs."""
+        for name, entry in self._channels.items():
+            if _tag(name) == tag:
+                for queue in entry.queues:
+                    queue.mark_resync()
+                for targets in entry.by_job.values():
+                    for queue in targets:
+                        queue.mark_resync()
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_PING_S)
+            if self._glide is None:
+                continue
+            try:
+                await self._ping_all(self._glide)
+            except Exception:  # the pinger lives on; each tenant's next ping tells
+                logger.exception("the bus's pings failed")
+
+    async def _ping_all(self, glide: GlideClusterClient) -> None:
+        tags = {_tag(name) for name in self._channels} - {""}
+        for tag in set(self._pings) - tags:
+            ping = self._pings.pop(tag)
+            with contextlib.suppress(GlideError, TimeoutError):
+                await glide.sunsubscribe({ping.channel}, timeout_ms=self._timeout_ms)
+        for tag in tags:
+            known = self._pings.get(tag)
+            if known is None:
+                ping = _Ping(f"{self.keys.ns}:{tag}:bus:{self._control.rsplit(':', 1)[-1]}")
+                try:
+                    await glide.ssubscribe({ping.channel}, timeout_ms=self._timeout_ms)
+                except (GlideError, TimeoutError):
+                    continue  # the next round tries again
+                self._pings[tag] = ping
+            else:
+                ping = known
+            if ping.overdue():
+                self._refill(tag)
+            number = ping.send()
+            with contextlib.suppress(GlideError, TimeoutError):
+                await glide.publish(str(number), ping.channel, sharded=True)
+
+
+class _Ping:
+    """One tenant's ping channel: the pings sent, and whether they all came back."""
+
+    __slots__ = ("channel", "_sent", "_back", "_since")
+
+    def __init__(self, channel: str) -> None:
+        self.channel = channel
+        self._sent = 0  # the number of the last ping sent
+        self._back = 0  # the number of the last ping back
+        self._since = time.monotonic()  # when the oldest unanswered ping went out
+
+    def send(self) -> int:
+        if self._back == self._sent:
+            self._since = time.monotonic()
+        self._sent += 1
+        return self._sent
+
+    def answered(self, number: int) -> bool:
+        """Note ping ``number`` back; True when one before it never came (lost)."""
+        lost = number > self._back + 1
+        self._back = max(self._back, number)
+        if self._back == self._sent:
+            self._since = time.monotonic()
+        return lost
+
+    def overdue(self) -> bool:
+        """Unanswered for ``_LOST_AFTER_S`` (noted once: the clock starts again)."""
+        if self._back < self._sent and time.monotonic() - self._since >= _LOST_AFTER_S:
+            self._since = time.monotonic()
+            return True
+        return False

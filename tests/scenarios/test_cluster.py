@@ -1,0 +1,205 @@
+"""The data plane on a real Redis Cluster (3 primaries, 3 replicas, started here) and the
+queue on the test Redis (``PUSHSVC_DATA_CLUSTER``): an API and a worker, over real
+sockets, for tenants whose slots are on different shards."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.crc import key_slot
+
+from pushsvc.keys import Keys
+from pushsvc.models import TERMINAL
+from pushsvc.tools.cluster import LocalCluster
+
+from ..conftest import TENANTS, stack_env
+from ..procs import Api, Proc, RedisServer
+from ..sse import Stream, assert_gap_free
+from .test_redis_outages import assert_seamless, collect, describe, submit
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    local = LocalCluster().start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster_stack(redis_server: RedisServer, cluster: LocalCluster) -> Iterator[dict[str, Any]]:
+    env = stack_env(redis_server.url, f"c{secrets.token_hex(3)}", data_cluster=cluster.seeds)
+    worker = Proc(["worker"], env).start()
+    api = Api([], env).start()
+    yield {"api": api, "env": env}
+    api.stop()
+    worker.stop()
+
+
+def owners(cluster: LocalCluster, namespace: str) -> dict[str, int]:
+    """Each test API key's tenant's shard (the port of the primary owning its slot)."""
+    keys = Keys(namespace)
+    ranges = cluster.slot_owners()
+    out = {}
+    for key, tenant in TENANTS.items():
+        slot = key_slot(keys.tenant_tag(tenant).encode())
+        out[key] = next(port for (lo, hi), port in ranges.items() if lo <= slot <= hi)
+    return out
+
+
+@pytest.fixture
+async def http(cluster_stack: dict[str, Any]) -> AsyncIterator[Any]:
+    made: list[httpx.AsyncClient] = []
+
+    def client(key: str) -> httpx.AsyncClient:
+        c = httpx.AsyncClient(
+            base_url=cluster_stack["api"].url,
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+        made.append(c)
+        return c
+
+    yield client
+    for c in made:
+        await c.aclose()
+
+
+async def follow(http: httpx.AsyncClient, url: str, out: Stream, timeout: float = 60) -> Stream:
+    """Read ``url`` as EventSource does until a terminal event: when the server ends the
+    stream or refuses it (503 while a shard fails over), connect again with the last id."""
+    async with asyncio.timeout(timeout):
+        while not (out.events and out.events[-1].kind in TERMINAL):
+            headers = {"Last-Event-ID": out.resume_id} if out.events else {}
+            try:
+                await collect(http, url, headers=headers, out=out, timeout=timeout)
+            except httpx.HTTPStatusError as exc:
+                assert exc.response.status_code == 503, exc.response.text
+                out.status += 1  # counts the refusals
+                await asyncio.sleep(0.2)  # EventSource's retry delay
+    return out
+
+
+def tenant_of_shard(cluster: LocalCluster, namespace: str, port: int | None = None) -> str:
+    """The API key of a test tenant whose slot is on the primary at ``port`` (any)."""
+    return next(k for k, p in owners(cluster, namespace).items() if port in (None, p))
+
+
+async def test_jobs_stream_end_to_end_for_tenants_on_every_shard(
+    cluster: LocalCluster, cluster_stack: dict[str, Any], http: Any
+) -> None:
+    namespace = cluster_stack["env"]["PUSHSVC_NAMESPACE"]
+    by_shard: dict[int, str] = {}
+    for key, port in owners(cluster, namespace).items():
+        by_shard.setdefault(port, key)
+    assert len(by_shard) == 3, "the test tenants cover every shard"
+
+    async def one(key: str) -> None:
+        c = http(key)
+        job_id = await submit(c, {"steps": 20, "interval_ms": 20})
+        job, tenant = Stream(), Stream()
+        await asyncio.gather(
+            follow(c, f"/v1/jobs/{job_id}/events", job),
+            # The tenant's log from its start: every event of its jobs, in order.
+            collect(
+                c,
+                "/v1/events",
+                headers={"Last-Event-ID": "0"},
+                out=tenant,
+                stop=lambda s: any(e.kind in TERMINAL for e in s.of(job_id)),
+            ),
+        )
+        assert job.events[-1].kind == "completed" and job.status == 0
+        assert_seamless(job.events)
+        assert_gap_free(tenant, job_id)
+        assert [e.data["seq"] for e in tenant.of(job_id)] == list(
+            range(1, len(tenant.of(job_id)) + 1)
+        )
+        got = await c.get(f"/v1/jobs/{job_id}")
+        assert (
+            got.json()["status"] == "completed" and got.json()["seq"] == job.events[-1].data["seq"]
+        )
+        other = http(next(k for k in by_shard.values() if k != key))
+        assert (await other.get(f"/v1/jobs/{job_id}")).status_code == 404
+
+    await asyncio.gather(*(one(k) for k in by_shard.values()))
+
+
+async def mid_stream(
+    c: httpx.AsyncClient, fault: Callable[[], object], steps: int = 150
+) -> tuple[str, Stream, Stream]:
+    """A ticker job streamed (its own stream and its tenant's) with ``fault`` run in a
+    thread once it is well under way; both streams followed to the end."""
+    job_id = await submit(c, {"steps": steps, "interval_ms": 20})
+    job, tenant = Stream(), Stream()
+    warmed_up = asyncio.Event()
+
+    def progressing(s: Stream) -> bool:
+        if sum(e.kind == "progress" for e in s.events) >= 15:
+            warmed_up.set()
+        return False
+
+    tasks = [
+        asyncio.create_task(follow(c, f"/v1/jobs/{job_id}/events", job)),
+        asyncio.create_task(follow(c, f"/v1/events?job={job_id}", tenant)),
+        asyncio.create_task(collect(c, f"/v1/jobs/{job_id}/events", stop=progressing)),
+    ]
+    try:
+        async with asyncio.timeout(30):
+            await warmed_up.wait()
+        await asyncio.to_thread(fault)
+        await asyncio.gather(*tasks[:2])
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return job_id, job, tenant
+
+
+def check_after_fault(job_id: str, job: Stream, tenant: Stream, final: dict[str, Any]) -> None:
+    for stream in (job, tenant):
+        evs = stream.of(job_id) if stream is tenant else stream.events
+        assert evs[-1].kind == "completed", describe(evs)
+        assert_seamless(evs)
+        assert evs[-1].data["seq"] == final["seq"]
+    assert final["status"] == "completed" and final["progress"] == 100
+
+
+def a_tenant(cluster: LocalCluster, cluster_stack: dict[str, Any]) -> tuple[str, int]:
+    """A test tenant's API key, and its slot."""
+    namespace = cluster_stack["env"]["PUSHSVC_NAMESPACE"]
+    key = tenant_of_shard(cluster, namespace)
+    return key, key_slot(Keys(namespace).tenant_tag(TENANTS[key]).encode())
+
+
+async def test_a_primary_killed_mid_stream_loses_nothing(
+    cluster: LocalCluster, cluster_stack: dict[str, Any], http: Any
+) -> None:
+    key, slot = a_tenant(cluster, cluster_stack)
+    primary = cluster.owner(slot)
+    c = http(key)
+    job_id, job, tenant = await mid_stream(c, lambda: cluster.fail_over(primary))
+    assert cluster.owner(slot).port != primary.port
+    check_after_fault(job_id, job, tenant, (await c.get(f"/v1/jobs/{job_id}")).json())
+
+
+async def test_a_slot_moved_mid_stream_loses_nothing(
+    cluster: LocalCluster, cluster_stack: dict[str, Any], http: Any
+) -> None:
+    key, slot = a_tenant(cluster, cluster_stack)
+    source = cluster.owner(slot)
+    target = next(n for n in cluster.primary_nodes() if n.port != source.port)
+    c = http(key)
+    # One key at a time, a pause between: the slot is half moved for a while (ASK).
+    job_id, job, tenant = await mid_stream(
+        c, lambda: cluster.move_slot(slot, target, batch=1, pause=lambda: time.sleep(0.05))
+    )
+    assert cluster.owner(slot).port == target.port
+    check_after_fault(job_id, job, tenant, (await c.get(f"/v1/jobs/{job_id}")).json())

@@ -1,0 +1,100 @@
+"""The event bus on a real Redis Cluster (sharded_bus.py): channels of tenants on
+different shards, subscribed where their slots are; a broken pub/sub client replaced,
+every channel subscribed again and the streams told to refill; and the pings that tell
+a tenant's streams when messages may have been lost."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from pushsvc.events import QueueStats, StreamQueue, make_bus
+from pushsvc.keys import Keys
+from pushsvc.settings import Settings
+from pushsvc.sharded_bus import ShardedBus, _Ping
+from pushsvc.tools.cluster import LocalCluster
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def new_queue() -> StreamQueue:
+    return StreamQueue(100, 1000, 1_000_000, QueueStats())
+
+
+def tenants_on_each_shard(cluster: LocalCluster, keys: Keys) -> list[str]:
+    """One tenant name whose slot is on each primary."""
+    owners = cluster.slot_owners()
+    found: dict[int, str] = {}
+    for i in range(1000):
+        slot = key_slot(keys.tenant_tag(f"t{i}").encode())
+        port = next(p for (lo, hi), p in owners.items() if lo <= slot <= hi)
+        found.setdefault(port, f"t{i}")
+    assert len(found) == 3
+    return list(found.values())
+
+
+def message(job_id: str, seq: int) -> str:
+    """A published event as the publish script lays it out (frames.Frame.parse)."""
+    return f'{seq}.te {seq}.je progress {job_id} {{"seq": {seq}}}'
+
+
+def parts(cluster: LocalCluster) -> tuple[Keys, ShardedBus, RedisCluster]:
+    """The namespace's keys, a bus (as the API makes it) and a publisher, on the cluster."""
+    settings = Settings(namespace=f"b{secrets.token_hex(3)}", data_cluster=cluster.seeds)
+    bus = make_bus(settings)
+    assert isinstance(bus, ShardedBus)
+    publisher = RedisCluster.from_url(f"redis://{cluster.seeds.split(',')[0]}")
+    return Keys(settings.namespace), bus, publisher
+
+
+async def test_each_tenants_channels_are_delivered_from_its_shard(
+    data_cluster: LocalCluster,
+) -> None:
+    keys, bus, publisher = parts(data_cluster)
+    async with bus, publisher:
+        await asyncio.wait_for(bus.connected.wait(), 10)
+        for tenant in tenants_on_each_shard(data_cluster, keys):
+            queue = new_queue()
+            channel = keys.tenant_channel(tenant)
+            async with bus.subscription(channel, queue):
+                # Subscribed (confirmed) before it returns: published now, delivered.
+                assert await publisher.execute_command("SPUBLISH", channel, message("j", 1)) == 1
+                frames = await queue.get(10)
+                assert [(f.job_id, f.seq) for f in frames] == [("j", 1)]
+            assert bus.channel_count == 0
+
+
+async def test_a_broken_client_is_replaced_and_the_streams_refill(
+    data_cluster: LocalCluster,
+) -> None:
+    keys, bus, publisher = parts(data_cluster)
+    tenant = tenants_on_each_shard(data_cluster, keys)[0]
+    channel = keys.job_channel(tenant, "j")
+    queue = new_queue()
+    async with bus, publisher, bus.subscription(channel, queue, {"j"}):
+        assert bus.reconnects == 1
+        old = bus._glide
+        assert old is not None
+        await old.close()  # the reader's next read fails: a new client
+        # Woken when told to refill, which comes once every channel is subscribed again.
+        assert await queue.get(20) == [] and queue.resync
+        assert bus.reconnects == 2 and bus._glide is not old
+        queue.resync = False
+        assert await publisher.execute_command("SPUBLISH", channel, message("j", 2)) == 1
+        assert [f.seq for f in await queue.get(10)] == [2]
+
+
+def test_a_ping_that_did_not_come_back_tells_the_streams() -> None:
+    ping = _Ping("c")
+    assert ping.send() == 1 and not ping.answered(1)  # all back: nothing lost
+    ping.send()  # 2: lost
+    assert ping.send() == 3 and ping.answered(3)  # 3 back after 2 did not: lost
+    assert not ping.overdue()
+    ping.send()  # 4, unanswered: overdue only once _LOST_AFTER_S have passed
+    ping._since -= 10
+    assert ping.overdue() and not ping.overdue()
+    assert not ping.answered(4)
