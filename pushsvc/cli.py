@@ -130,7 +130,7 @@ def bench(
         typer.Argument(
             help="fanout | push-vs-poll | throughput | scaleout | chaos | neighbours"
             " | fairness | model-limits | queue-cost | token-latency | workers"
-            " | redis-ceiling"
+            " | redis-ceiling | cluster-publish"
         ),
     ],
     url: Annotated[

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from ...guard import is_loopback
 from .chaos import chaos_command
+from .cluster_publish import cluster_publish
 from .fairness import fairness
 from .load import Options, fanout, fanout_beside, scaleout, throughput
 from .model_limits import model_limits
@@ -51,6 +52,9 @@ DEFAULTS: dict[str, dict[str, float]] = {
     # jobs: the last paced step; rate: flushes/s per job; clients: load processes;
     # streams: pub/sub subscribers (API processes) in the second pass; redis_ceiling.py
     "redis-ceiling": dict(jobs=800, rate=10, clients=2, streams=4, duration_s=5),
+    # jobs: publishing flat out (32 a load process at most); clients: load processes;
+    # cluster_publish.py
+    "cluster-publish": dict(jobs=64, clients=2, duration_s=10),
 }
 LIMITS = dict(
     streams=20000,
@@ -128,6 +132,17 @@ async def run_scenario(
     return await SCENARIOS[name](target, o, log)
 
 
+# The scenarios that bring their own stack, never another's (--url).
+OWN_STACK: dict[str, Callable[[Options, Console], dict[str, Any]]] = {
+    "fairness": fairness,  # two stacks: two tenants, fair share on and off
+    "model-limits": model_limits,  # a rate-limited model
+    "queue-cost": queue_cost,  # no worker while the jobs queue up
+    "redis-ceiling": redis_ceiling,  # its own Redis and load processes, no API or worker
+    "cluster-publish": cluster_publish,  # its own Redis, cluster and load processes
+    **TOKEN_PATH,  # a model that stamps its tokens (tokens.py)
+}
+
+
 def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict[str, Any]:
     """The scenario's figures, on a private stack unless ``urls`` name running APIs."""
     head = {
@@ -137,26 +152,10 @@ def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict
     }
     if scenario == "neighbours":  # its own stack: three tenants (neighbours.py)
         return {**head, **neighbours(urls, o, log)}
-    if scenario == "fairness":  # its own stacks: two tenants, fair share on and off
-        if urls is not None:
-            raise BenchError("fairness runs on its own stacks (no --url)")
-        return {**head, **fairness(o, log)}
-    if scenario == "model-limits":  # its own stack: a rate-limited model (model_limits.py)
-        if urls is not None:
-            raise BenchError("model-limits runs on its own stack (no --url)")
-        return {**head, **model_limits(o, log)}
-    if scenario == "queue-cost":  # its own stack: no worker while the jobs queue up
-        if urls is not None:
-            raise BenchError("queue-cost runs on its own stack (no --url)")
-        return {**head, **queue_cost(o, log)}
-    if scenario == "redis-ceiling":  # its own Redis and load processes, no API or worker
-        if urls is not None:
-            raise BenchError("redis-ceiling runs on its own Redis (no --url)")
-        return {**head, **redis_ceiling(o, log)}
-    if scenario in TOKEN_PATH:  # its own stack: a model that stamps its tokens (tokens.py)
+    if scenario in OWN_STACK:
         if urls is not None:
             raise BenchError(f"{scenario} runs on its own stack (no --url)")
-        return {**head, **TOKEN_PATH[scenario](o, log)}
+        return {**head, **OWN_STACK[scenario](o, log)}
     if urls is not None:
         return {**head, **asyncio.run(run_scenario(scenario, attach(urls), o, log, own=False))}
     with own_stack(2 if scenario == "scaleout" else 1, o.workers, log) as target:

@@ -21,6 +21,7 @@ from typing import Any
 
 from ... import transitions
 from ...context import JobContext
+from ...data_plane import connect_data
 from ...publish import Published, Writer
 from ...queue import Queue, connect, new_arq_id
 from ...settings import Settings
@@ -36,6 +37,10 @@ POOL = 32  # Redis connections per load process (a blocking pool: a fixed number
 DELTA = " the quick brown fox jumps"  # a flush's text: ~6 tokens (50 tokens/s at 10 Hz)
 TENANT = "bench"
 ANSWER_S = 120.0  # a load process that has not answered by then is stuck
+# Where the jobs' state lives and whose they are: the data cluster's nodes ('' for the
+# queue's Redis) and the tenants the jobs take in turn.
+Spread = tuple[str, tuple[str, ...]]
+ONE_REDIS: Spread = ("", (TENANT,))
 
 
 @dataclass(frozen=True)
@@ -49,14 +54,13 @@ class Step:
     rate: float
 
 
-async def _running_job(store: JobStore, queue: Queue) -> JobContext:
+async def _running_job(store: JobStore, tenant: str = TENANT) -> JobContext:
     """A job created as the API creates one and started as a worker starts it."""
     job_id = str(uuid.uuid4())
     arq_id = new_arq_id(job_id)
     fields: dict[str, Any] = {
         "id": job_id,
         "type": "generate",
-        "tenant": TENANT,
         "status": "queued",
         "payload": {},
         "priority": "normal",
@@ -67,10 +71,11 @@ async def _running_job(store: JobStore, queue: Queue) -> JobContext:
         "created_at": time.time(),
         "output": "",
     }
-    await store.create(TENANT, fields, None)  # started below, without arq: not handed over
+    fields["tenant"] = tenant
+    await store.create(tenant, fields, None)  # started below, without arq: not handed over
     change = transitions.start(fields, secrets.token_hex(6), time.time())
     writer = Writer(arq_id)
-    started = await transitions.publish(store, job_id, TENANT, change, writer=writer)
+    started = await transitions.publish(store, job_id, tenant, change, writer=writer)
     if not isinstance(started, Published):
         raise BenchError(f"job {job_id} did not start: {started}")
     writer = Writer(arq_id, change.fields["owner"], started.position)
@@ -111,13 +116,21 @@ async def _publish_for(ctx: JobContext, step: Step, took: list[float]) -> None:
         due += period
 
 
-async def _serve(conn: Connection, redis_url: str, namespace: str, jobs: int) -> None:
-    settings = Settings.model_validate({"redis_url": redis_url, "namespace": namespace})
+async def _serve(
+    conn: Connection, redis_url: str, namespace: str, jobs: int, spread: Spread
+) -> None:
+    data_cluster, tenants = spread
+    settings = Settings.model_validate(
+        {"redis_url": redis_url, "namespace": namespace, "data_cluster": data_cluster}
+    )
     redis = connect(settings, max_connections=POOL)
+    data = connect_data(settings, socket_timeout=10)
     try:
-        store = JobStore(redis, settings, batched=True)  # as a worker's
         queue = Queue(redis, settings)
-        ctxs = await asyncio.gather(*(_running_job(store, queue) for _ in range(jobs)))
+        # As a worker's (batched), on the cluster when there is one.
+        store = JobStore(redis if data is None else data, settings, batched=True, queue=queue)
+        made = (_running_job(store, tenants[i % len(tenants)]) for i in range(jobs))
+        ctxs = await asyncio.gather(*made)
         conn.send(("ok", [c.job_id for c in ctxs]))
         while (step := await asyncio.to_thread(conn.recv)) is not None:
             took: list[float] = []
@@ -125,14 +138,18 @@ async def _serve(conn: Connection, redis_url: str, namespace: str, jobs: int) ->
             await asyncio.gather(*(_publish_for(c, step, took) for c in ctxs[: step.jobs]))
             conn.send(("ok", took))
     finally:
+        if data is not None:
+            await data.aclose()
         await redis.aclose()
 
 
-def load_process(conn: Connection, redis_url: str, namespace: str, jobs: int) -> None:
+def load_process(
+    conn: Connection, redis_url: str, namespace: str, jobs: int, spread: Spread
+) -> None:
     """A load process's body (spawned): create and start ``jobs`` jobs, send their ids,
     then run each Step received and send back every publish call's time (s)."""
     try:
-        asyncio.run(_serve(conn, redis_url, namespace, jobs))
+        asyncio.run(_serve(conn, redis_url, namespace, jobs, spread))
     except Exception as exc:  # the parent raises it as a BenchError
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
@@ -140,7 +157,9 @@ def load_process(conn: Connection, redis_url: str, namespace: str, jobs: int) ->
 class Loads:
     """The load processes, spawned (each its own interpreter: none shares a GIL)."""
 
-    def __init__(self, redis_url: str, namespace: str, shares: list[int]) -> None:
+    def __init__(
+        self, redis_url: str, namespace: str, shares: list[int], spread: Spread = ONE_REDIS
+    ) -> None:
         spawn = multiprocessing.get_context("spawn")
         self.namespace, self.shares = namespace, shares
         self.job_ids: list[str] = []
@@ -149,7 +168,9 @@ class Loads:
         for jobs in shares:
             mine, theirs = spawn.Pipe()
             proc = spawn.Process(
-                target=load_process, args=(theirs, redis_url, namespace, jobs), daemon=True
+                target=load_process,
+                args=(theirs, redis_url, namespace, jobs, spread),
+                daemon=True,
             )
             proc.start()
             theirs.close()  # so a dead load process reads as EOF here
@@ -193,9 +214,11 @@ class Loads:
 
 
 @contextlib.contextmanager
-def load_processes(redis_url: str, namespace: str, jobs: int, count: int) -> Iterator[Loads]:
+def load_processes(
+    redis_url: str, namespace: str, jobs: int, count: int, spread: Spread = ONE_REDIS
+) -> Iterator[Loads]:
     """``count`` load processes with ``jobs`` running jobs between them; stopped after."""
-    loads = Loads(redis_url, namespace, split(jobs, count))
+    loads = Loads(redis_url, namespace, split(jobs, count), spread)
     try:
         loads.job_ids = [i for ids in loads.answers() for i in ids]
         yield loads
