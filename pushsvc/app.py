@@ -231,7 +231,7 @@ def _lifespan(
                 yield
         finally:
             if data is not None:
-                await data.aclose()
+                await data.close_all()
             await redis.aclose()
 
     return lifespan

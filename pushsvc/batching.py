@@ -19,6 +19,8 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError, NoScriptError
 
+from .data_plane import unsettled
+
 Call = tuple[list[str], list[Any], asyncio.Future[Any]]
 # What packing a call raises for an argument it cannot send (redis-py's DataError for a
 # bool or None, a text hiredis and redis-py cannot encode): before any byte is written.
@@ -64,10 +66,28 @@ class ScriptBatch:
         except BaseException:
             _fail(batch, RedisConnectionError("stopped before Redis answered"))
             raise
-        missing = [call for call, r in zip(batch, replies, strict=True) if _no_script(r)]
-        _answer([(call, r) for call, r in zip(batch, replies, strict=True) if not _no_script(r)])
+        pairs = list(zip(batch, replies, strict=True))
+        missing = [call for call, r in pairs if _no_script(r)]
+        moving = [call for call, r in pairs if unsettled(r)]  # a slot moving, a failover
+        _answer([(call, r) for call, r in pairs if not (_no_script(r) or unsettled(r))])
+        if moving:  # each on its own, through the cluster client, which waits for it
+            await asyncio.gather(*(self._alone(call) for call in moving))
         if missing:  # a Redis that restarted or was flushed: load it, send those again
             await self._again(missing)
+
+    async def _alone(self, call: Call) -> None:
+        keys, args, _ = call
+        command = ("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        try:
+            try:
+                result = await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoScriptError:  # the slot's new owner never had it: load, once more
+                await self._redis.script_load(self._script.script)
+                result = await self._redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            _fail([call], exc)
+            return
+        _answer([(call, result)])
 
     async def _again(self, missing: list[Call]) -> None:
         """Calls that found no script (and so did not run): once more, after loading it."""

@@ -16,48 +16,93 @@ valkey-glide).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.asyncio.connection import Connection
+from redis.cluster import get_node_name
 from redis.exceptions import (
     AskError,
+    ClusterDownError,
     ClusterError,
+    RedisClusterException,
     ResponseError,
-    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .connections import packed_by_hiredis
 from .epoch import RunIdCheck
 from .settings import Settings
 
-# What a node answers for a key it does not hold (now): the map is refreshed and the
-# call made again, a little later for a slot being moved or a shard failing over.
-_REDIRECTS = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
-_ATTEMPTS = 8
-# What redis-py's cluster client raises while a slot moves or a shard fails over, when its
-# own redirects run out (ClusterError "TTL exhausted", CLUSTERDOWN, TRYAGAIN): the call
-# did not run. Ridden out for up to _SETTLE_S, then raised as a connection error, which
-# every caller treats as Redis being away for now (a worker keeps its writes pending,
-# the API answers 503).
-_UNSETTLED = (ClusterError, TryAgainError, AskError, SlotNotCoveredError)
+# What a node answers while a slot moves or a shard fails over (a key it does not hold
+# now, a slot half moved, the cluster down), and what redis-py's cluster client raises
+# when its own redirects run out (ClusterError "TTL exhausted") or it cannot map the
+# slots (RedisClusterException, which is no RedisError): the call did not run. Made
+# again for up to _SETTLE_S, then raised as a connection error, which every caller
+# treats as Redis being away for now (a worker keeps its writes pending, the API
+# answers 503).
+_UNSETTLED = (ClusterError, TryAgainError, AskError, RedisClusterException)
+_REDIRECT = re.compile(r"(?:^|error: )(MOVED|ASK|TRYAGAIN|CLUSTERDOWN) ")
+# A read-only script (lua/read.lua, scan.lua) that reads a job key it was not given,
+# while the tenant's slot is half moved: it wrote nothing, so it is made again too.
+_NON_LOCAL = "non local key"
 _SETTLE_S = 5.0
+
+
+def unsettled(reply: object) -> bool:
+    """Is ``reply`` (a pipelined call's) an error after which the call did not run, for
+    the cluster was unsettled (batching.py makes it again through :func:`settled`)?"""
+    if isinstance(reply, _UNSETTLED):
+        return True
+    return isinstance(reply, ResponseError) and bool(_REDIRECT.search(str(reply)))
+
+
+async def settled(call: Callable[[], Awaitable[Any]], *, reads_only: bool = False) -> Any:
+    """``call()``, made again while the cluster is unsettled (``_UNSETTLED``, a redirect
+    in a transaction's reply; with ``reads_only``, a script's non-local key), for up to
+    ``_SETTLE_S``; then a connection error. Never for an error after which the call may
+    have run (a connection lost, a timeout): those go to the caller as they are."""
+    delay, give_up = 0.05, time.monotonic() + _SETTLE_S
+    while True:
+        try:
+            return await call()
+        except _UNSETTLED as exc:
+            last: Exception = exc
+        except ResponseError as exc:
+            if not (_REDIRECT.search(str(exc)) or (reads_only and _NON_LOCAL in str(exc))):
+                raise
+            last = exc
+        if time.monotonic() > give_up:
+            raise RedisConnectionError(f"the data cluster did not settle: {last}") from last
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
 
 
 class DataCluster(RedisCluster):
     """redis-py's cluster client, its connections packed by hiredis and noting their
     node's run id (as connections.make_pool's do: each tenant's epoch is checked against
-    the node that holds its slot), with a client per primary for :func:`transaction`."""
+    the node that holds its slot), with a client per primary for :func:`transaction`.
+
+    redis-py's own retries are off: it would send a call again after a connection error
+    or a timeout, when the call may have run (a publish twice). :func:`settled` makes
+    again only the calls that did not run. Close it with :meth:`close_all` (redis-py
+    calls ``aclose`` itself to reset its map)."""
+
+    # What redis-py makes again itself (its default adds connection errors and timeouts).
+    ERRORS_ALLOW_RETRY = (ClusterDownError,)  # type: ignore[assignment]
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
-        seeds = [ClusterNode(host, port) for host, port in settings.data_cluster]
+        self._seeds = settings.data_cluster
+        seeds = [ClusterNode(host, port) for host, port in self._seeds]
+        # One try of a pipeline (0 would make none), and no connection-level retries.
+        kwargs.setdefault("cluster_error_retry_attempts", 1)
+        kwargs.setdefault("connection_error_retry_attempts", 0)
         super().__init__(startup_nodes=seeds, **kwargs)
         self.epoch_check = RunIdCheck()  # epoch.run_id_arg
         self.connection_class = packed_by_hiredis(Connection)
@@ -66,21 +111,32 @@ class DataCluster(RedisCluster):
         nodes.connection_kwargs["redis_connect_func"] = self.epoch_check.on_connect
         nodes.connection_kwargs["connection_class"] = self.connection_class
         for node in nodes.startup_nodes.values():
-            node.connection_kwargs["redis_connect_func"] = self.epoch_check.on_connect
-            node.connection_class = self.connection_class
+            self._fit(node)
         self._options = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
         self._by_node: dict[tuple[str, int], Redis] = {}
 
+    def _fit(self, node: ClusterNode) -> ClusterNode:
+        node.connection_kwargs["redis_connect_func"] = self.epoch_check.on_connect
+        node.connection_class = self.connection_class
+        return node
+
+    def _reseed(self) -> None:
+        """redis-py drops a node it could not reach from the nodes it starts from (and
+        redis-py 5 never adds it back): with none left it could not find the cluster
+        again. The configured ones are added back."""
+        startup = self.nodes_manager.startup_nodes
+        for host, port in self._seeds:
+            if get_node_name(host, port) not in startup:
+                node = ClusterNode(host, port, **self.nodes_manager.connection_kwargs)
+                startup[node.name] = node
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        delay, give_up = 0.05, time.monotonic() + _SETTLE_S
-        while True:
-            try:
-                return await super().execute_command(*args, **kwargs)
-            except _UNSETTLED as exc:
-                if time.monotonic() > give_up:
-                    raise RedisConnectionError(f"the data cluster did not settle: {exc}") from exc
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.5)
+        self._reseed()
+        return await settled(lambda: super(DataCluster, self).execute_command(*args, **kwargs))
+
+    def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
+        self._reseed()
+        return SettlingPipeline(self)  # type: ignore[abstract]  # redis-py's typing
 
     def node_client(self, host: str, port: int) -> Redis:
         """A plain client of one node (for MULTI/EXEC), made on first use."""
@@ -96,11 +152,25 @@ class DataCluster(RedisCluster):
             client = self._by_node[(host, port)] = Redis.from_pool(pool)
         return client
 
-    async def aclose(self) -> None:
+    async def close_all(self) -> None:
+        """Close every connection: the cluster client's and the per-node clients'."""
         clients, self._by_node = list(self._by_node.values()), {}
         for client in clients:
             await client.aclose()
-        await super().aclose()
+        await self.aclose()
+
+
+class SettlingPipeline(ClusterPipeline):
+    """A cluster pipeline whose failure to map the cluster, or to place its calls while
+    it is unsettled, is a connection error (the calls did not run). Calls that came back
+    with a redirect or CLUSTERDOWN as their reply (``raise_on_error=False``) are the
+    caller's to make again (batching.py does, through the client)."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        try:
+            return await super().execute(raise_on_error, allow_redirections)
+        except _UNSETTLED as exc:
+            raise RedisConnectionError(f"the data cluster is unsettled: {exc}") from exc
 
 
 def connect_data(settings: Settings, **kwargs: Any) -> DataCluster | None:
@@ -116,13 +186,13 @@ def connect_data(settings: Settings, **kwargs: Any) -> DataCluster | None:
 async def transaction(redis: Any, key: str, build: Callable[[Pipeline], object]) -> list[Any]:
     """Run the commands ``build`` queues on a pipeline as one MULTI/EXEC; every key they
     touch must be in ``key``'s slot. On a cluster, on the node that owns the slot, again
-    on the new owner when the slot moved or its shard failed over."""
+    on the new owner when the slot moved or its shard failed over (:func:`settled`)."""
     if not isinstance(redis, DataCluster):
         async with redis.pipeline(transaction=True) as pipe:
             build(pipe)
             return await pipe.execute()  # type: ignore[no-any-return]
-    delay = 0.05
-    for attempt in range(_ATTEMPTS):
+
+    async def attempt() -> list[Any]:
         try:
             await redis.initialize()
             node = redis.get_node_from_key(key)
@@ -131,12 +201,8 @@ async def transaction(redis: Any, key: str, build: Callable[[Pipeline], object])
                 build(pipe)
                 return await pipe.execute()
         except ResponseError as exc:
-            if attempt + 1 == _ATTEMPTS or not any(r in str(exc) for r in _REDIRECTS):
-                raise
-        except (RedisConnectionError, RedisTimeoutError, OSError):
-            if attempt + 1 == _ATTEMPTS:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
-        await redis.nodes_manager.initialize()  # the slots' owners, asked again
-    raise AssertionError("unreachable")
+            if _REDIRECT.search(str(exc)):
+                await redis.nodes_manager.initialize()  # the slots' owners, asked again
+            raise
+
+    return await settled(attempt)  # type: ignore[no-any-return]

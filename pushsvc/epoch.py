@@ -105,7 +105,7 @@ class EpochCheck:
 
 
 class RunIdCheck:
-    """The check of a Redis Cluster client's connections (connections.connect_data):
+    """The check of a Redis Cluster client's connections (data_plane.connect_data):
     each keeps the run id of the node it reached, as :class:`EpochCheck`'s do, for the
     publish script's check of each tenant's epoch. No store-wide epoch: a node holds only
     its own slots' keys, and each tenant's epoch is the one its slot knows."""

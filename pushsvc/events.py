@@ -188,9 +188,19 @@ class _Channel:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
 
+    def unconfirm(self) -> None:
+        """A new connection: the subscription is to be confirmed there (the same entry,
+        which its streams hold and remove when they end)."""
+        if self.confirmed.done():
+            self.confirmed = asyncio.get_running_loop().create_future()
+
 
 class EventBus:
     """One pub/sub connection for the whole process; owns its reader task."""
+
+    # Subscriptions are confirmed by the reader, later (a confirmation of a channel
+    # whose streams have gone is then one to skip); sharded_bus.py's, by the call.
+    confirms_later = True
 
     def __init__(self, settings: Settings, on_event: Callable[[str], None] | None = None) -> None:
         self.settings = settings
@@ -242,13 +252,14 @@ class EventBus:
         older than the first frame routed.
         """
         entry = self._channels.get(channel)
+        new = entry is None
         if entry is None:
             entry = self._channels[channel] = _Channel()
-            if self.connected.is_set():  # else the reader subscribes it once connected
-                await self._send_subscribe(channel, entry)
         _add(entry, queue, jobs)
         self._streams.add(queue)
-        try:
+        try:  # from here on, a stream stopped (cancelled) leaves nothing behind
+            if new and self.connected.is_set():  # else the reader subscribes it when it can
+                await self._send_subscribe(channel, entry)
             await self._wait_confirmed(entry)
             yield
         finally:
@@ -259,7 +270,9 @@ class EventBus:
                 del self._channels[channel]
                 if not entry.confirmed.done():
                     entry.confirmed.cancel()
-                    self._stale_confirms[channel] = self._stale_confirms.get(channel, 0) + 1
+                    if self.confirms_later:
+                        stale = self._stale_confirms.get(channel, 0) + 1
+                        self._stale_confirms[channel] = stale
                 await self._send_unsubscribe(channel)
 
     async def _wait_confirmed(self, entry: _Channel) -> None:
@@ -305,9 +318,8 @@ class EventBus:
             with contextlib.suppress(Exception):
                 await self._pubsub.aclose()  # type: ignore[no-untyped-call]
         self._stale_confirms.clear()
-        for name, entry in list(self._channels.items()):
-            if entry.confirmed.done():  # confirmed on the old connection: confirm again
-                self._channels[name] = _Channel(entry.queues, entry.by_job)
+        for entry in self._channels.values():
+            entry.unconfirm()  # confirmed on the old connection: confirm again
         self._pubsub = self._redis.pubsub()
         await self._pubsub.subscribe(self._control, *self._channels)
         self.connected.set()

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from glide import (
     GlideClusterClient,
@@ -52,6 +52,8 @@ def _tag(channel: str) -> str:
 class ShardedBus(EventBus):
     """:class:`EventBus` over valkey-glide's sharded subscriptions."""
 
+    confirms_later = False  # a subscribe returns once confirmed
+
     def __init__(self, settings: Settings, on_event: Callable[[str], None] | None = None) -> None:
         super().__init__(settings, on_event)
         # glide's own log (unstructured, on stderr) warns of every redirect while a slot
@@ -61,6 +63,7 @@ class ShardedBus(EventBus):
         self._timeout_ms = int(settings.stream_subscribe_timeout_s * 1000)
         self._pings: dict[str, _Ping] = {}  # tenant tag -> its ping channel's state
         self._pinger: asyncio.Task[None] | None = None
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # channel -> lock, its users
 
     async def __aenter__(self) -> ShardedBus:
         await super().__aenter__()
@@ -91,12 +94,19 @@ class ShardedBus(EventBus):
         except GlideError as exc:  # a connection error: the base class's loop retries
             raise ConnectionError(f"the data cluster is unreachable ({exc})") from exc
         self._pings.clear()
-        for name, entry in list(self._channels.items()):
-            if entry.confirmed.done():  # confirmed on the old client: confirm again
-                self._channels[name] = _Channel(entry.queues, entry.by_job)
+        for entry in self._channels.values():
+            entry.unconfirm()  # confirmed on the old client: confirm again
         self.connected.set()
-        for name, entry in list(self._channels.items()):
-            await self._send_subscribe(name, entry)
+        if names := set(self._channels):  # every channel at once: one call, not one each
+            try:
+                await self._glide.ssubscribe(names, timeout_ms=self._timeout_ms)
+            except (GlideError, TimeoutError) as exc:
+                logger.warning("sharded subscribes not confirmed (%s)", exc)
+            else:
+                for name in names:
+                    found = self._channels.get(name)
+                    if found is not None and not found.confirmed.done():
+                        found.confirmed.set_result(None)
         if self.reconnects:
             for queue in self._streams:
                 queue.mark_resync()
@@ -122,24 +132,44 @@ class ShardedBus(EventBus):
                 await glide.close()
             raise ConnectionError(f"the sharded pub/sub client failed ({exc})") from exc
 
-    async def _send_subscribe(self, channel: str, entry: _Channel) -> None:
-        if self._glide is None:
-            return  # the next client subscribes it
+    @contextlib.asynccontextmanager
+    async def _serial(self, channel: str) -> AsyncIterator[None]:
+        """One subscribe or unsubscribe of ``channel`` at a time, in the order asked: a
+        stream's subscribe made while the last stream's unsubscribe is under way would
+        be confirmed at once, then undone by it."""
+        lock, users = self._locks.get(channel, (asyncio.Lock(), 0))
+        self._locks[channel] = (lock, users + 1)
         try:
-            await self._glide.ssubscribe({channel}, timeout_ms=self._timeout_ms)
-        except (GlideError, TimeoutError) as exc:
-            # glide keeps it among the channels it wants, and subscribes it when the
-            # shard answers; the stream's wait for the confirmation gives up first.
-            logger.warning("sharded subscribe of %s not confirmed (%s)", channel, exc)
-            return
-        if self._channels.get(channel) is entry and not entry.confirmed.done():
-            entry.confirmed.set_result(None)
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[channel]
+            if users > 1:
+                self._locks[channel] = (lock, users - 1)
+            else:
+                del self._locks[channel]
+
+    async def _send_subscribe(self, channel: str, entry: _Channel) -> None:
+        async with self._serial(channel):
+            glide = self._glide
+            if glide is None or self._channels.get(channel) is not entry:
+                return  # the next client subscribes it; or its streams are gone
+            try:
+                await glide.ssubscribe({channel}, timeout_ms=self._timeout_ms)
+            except (GlideError, TimeoutError) as exc:
+                # glide keeps it among the channels it wants, and subscribes it when the
+                # shard answers; the stream's wait for the confirmation gives up first.
+                logger.warning("sharded subscribe of %s not confirmed (%s)", channel, exc)
+                return
+            if self._channels.get(channel) is entry and not entry.confirmed.done():
+                entry.confirmed.set_result(None)
 
     async def _send_unsubscribe(self, channel: str) -> None:
-        if self._glide is None:
-            return
-        with contextlib.suppress(GlideError, TimeoutError):
-            await self._glide.sunsubscribe({channel}, timeout_ms=self._timeout_ms)
+        async with self._serial(channel):
+            if self._glide is None or channel in self._channels:
+                return  # no client; or another stream wants it again: kept
+            with contextlib.suppress(GlideError, TimeoutError):
+                await self._glide.sunsubscribe({channel}, timeout_ms=self._timeout_ms)
 
     # -- knowing when messages were lost ----------------------------------------
 
@@ -177,6 +207,8 @@ class ShardedBus(EventBus):
                     await glide.ssubscribe({ping.channel}, timeout_ms=self._timeout_ms)
                 except (GlideError, TimeoutError):
                     continue  # the next round tries again
+                if glide is not self._glide:
+                    return  # a new client meanwhile: the next round starts on it
                 self._pings[tag] = ping
             else:
                 ping = known

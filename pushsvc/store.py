@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, RedisError
 
 from .batching import ScriptBatch
-from .data_plane import DataCluster, transaction
+from .data_plane import DataCluster, settled, transaction
 from .epoch import StreamPosition, run_id_arg
 from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
@@ -295,7 +295,11 @@ class JobStore:
         ``window`` (offset, count) there were, those whose job matches ``filters`` (status,
         type; '' matches any) as (id, score), and the ids of jobs gone."""
         args: list[str | int] = [self.keys.job(tenant, ""), max_score, *window, *filters]
-        scanned, matches, gone = await self._scan(keys=[self.keys.tenant_index(tenant)], args=args)
+        index = [self.keys.tenant_index(tenant)]
+        # It reads job keys it is not given: while the slot moves, one may be elsewhere.
+        scanned, matches, gone = await settled(
+            lambda: self._scan(keys=index, args=args), reads_only=True
+        )
         ids, scores = matches[::2], matches[1::2]
         found = [(m.decode(), int(float(s))) for m, s in zip(ids, scores, strict=True)]
         return int(scanned), found, [g.decode() for g in gone]
@@ -436,7 +440,9 @@ class JobStore:
             self.keys.job_output(tenant, ""),
             since_epoch,
         ]
-        reply = await self._read(keys=keys, args=[*prefixes, *job_ids])
+        reply = await settled(  # reads job keys it is not given, as scan_index
+            lambda: self._read(keys=keys, args=[*prefixes, *job_ids]), reads_only=True
+        )
         view: dict[str, dict[str, Any] | None] = {}
         for i in range(2, len(reply), 3):
             flat = reply[i + 1]

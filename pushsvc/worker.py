@@ -73,7 +73,7 @@ class Runner:
         await self.leases.stop()
         await self.resources.aclose()
         if self._data is not None:
-            await self._data.aclose()
+            await self._data.close_all()
 
     async def run(self, ctx: dict[str, Any], job_id: str, tenant: str | None = None) -> None:
         arq_id: str = ctx["job_id"]

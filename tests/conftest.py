@@ -269,7 +269,7 @@ async def open_store(redis_server: RedisServer, **overrides: Any) -> AsyncIterat
             yield JobStore(data, settings, queue=Queue(redis, settings))  # type: ignore[arg-type]
     finally:
         if data is not None:
-            await data.aclose()
+            await data.close_all()
         await redis.aclose()
 
 

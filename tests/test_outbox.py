@@ -154,11 +154,11 @@ async def test_a_late_hand_over_of_an_attempt_that_ran_is_refused(
     assert await in_arq(store, queue, fields["arq_id"])
     change = transitions.start(fields, "w1", time.time())
     await transitions.publish(store, fields["id"], "t", change, writer=Writer(fields["arq_id"]))
-    await store.redis.delete(enqueue.key)  # it ran: arq dropped its record ...
-    await store.redis.zrem(queue.queue_name, fields["arq_id"])  # ... and its place
+    await queue.redis.delete(enqueue.key)  # it ran: arq dropped its record ...
+    await queue.redis.zrem(queue.queue_name, fields["arq_id"])  # ... and its place
     await store.hand_over("t", fields["id"], enqueue)  # the API's mover, late
     assert not await in_arq(store, queue, fields["arq_id"])
-    assert not await store.redis.exists(enqueue.key)
+    assert not await queue.redis.exists(enqueue.key)
 
 
 @pytest.mark.timeout(20)
@@ -180,8 +180,8 @@ async def test_a_retry_the_queue_refused_waits_in_the_outbox_for_the_sweeper(
     )
     assert isinstance(started, Published)
     writer = Writer(fields["arq_id"], "w1", started.position)
-    await store.redis.delete(queue.queue_name)
-    await store.redis.set(queue.queue_name, "not a sorted set")  # the queue refuses
+    await queue.redis.delete(queue.queue_name)
+    await queue.redis.set(queue.queue_name, "not a sorted set")  # the queue refuses
     retry_id = new_arq_id(fields["id"])
     enqueue = queue.prepare(retry_id, fields["id"], tenant="t")
     error = JobError("the model went away", code="upstream_error", retryable=True)
@@ -189,7 +189,7 @@ async def test_a_retry_the_queue_refused_waits_in_the_outbox_for_the_sweeper(
     reply = await transitions.publish(store, fields["id"], "t", retry, writer=writer)
     assert isinstance(reply, Published) and reply.status == JobStatus.QUEUED
     assert await store.redis.zscore(store.keys.outbox("t"), retry_id) is not None
-    await store.redis.delete(queue.queue_name)  # the queue works again
+    await queue.redis.delete(queue.queue_name)  # the queue works again
     assert await outbox.sweep() == 0  # not yet due: its caller may still hand it over
     await left_long_ago(store.redis, store.keys, "t", retry_id)
     assert await outbox.sweep() == 1

@@ -75,17 +75,40 @@ async def test_a_broken_client_is_replaced_and_the_streams_refill(
     tenant = tenants_on_each_shard(data_cluster, keys)[0]
     channel = keys.job_channel(tenant, "j")
     queue = new_queue()
-    async with bus, publisher, bus.subscription(channel, queue, {"j"}):
-        assert bus.reconnects == 1
-        old = bus._glide
-        assert old is not None
-        await old.close()  # the reader's next read fails: a new client
-        # Woken when told to refill, which comes once every channel is subscribed again.
-        assert await queue.get(20) == [] and queue.resync
-        assert bus.reconnects == 2 and bus._glide is not old
-        queue.resync = False
-        assert await publisher.execute_command("SPUBLISH", channel, message("j", 2)) == 1
-        assert [f.seq for f in await queue.get(10)] == [2]
+    async with bus, publisher:
+        async with bus.subscription(channel, queue, {"j"}):
+            assert bus.reconnects == 1
+            old = bus._glide
+            assert old is not None
+            await old.close()  # the reader's next read fails: a new client
+            # Woken when told to refill, which comes once every channel is subscribed again.
+            assert await queue.get(20) == [] and queue.resync
+            assert bus.reconnects == 2 and bus._glide is not old
+            queue.resync = False
+            assert await publisher.execute_command("SPUBLISH", channel, message("j", 2)) == 1
+            assert [f.seq for f in await queue.get(10)] == [2]
+        assert bus.channel_count == 0  # its stream gone: unsubscribed on the new client
+        assert await publisher.execute_command("SPUBLISH", channel, message("j", 3)) == 0
+
+
+async def test_a_stream_that_comes_as_the_last_one_leaves_stays_subscribed(
+    data_cluster: LocalCluster,
+) -> None:
+    """The last stream of a channel leaves (its unsubscribe under way) as a new one
+    comes: the new one's subscribe waits for it, so the channel ends up subscribed."""
+    keys, bus, publisher = parts(data_cluster)
+    channel = keys.tenant_channel(tenants_on_each_shard(data_cluster, keys)[1])
+    async with bus, publisher:
+        await asyncio.wait_for(bus.connected.wait(), 10)
+        first, second = new_queue(), new_queue()
+        leaving = bus.subscription(channel, first)
+        await leaving.__aenter__()
+        left = asyncio.create_task(leaving.__aexit__(None, None, None))
+        await asyncio.sleep(0)  # one turn of the loop: its unsubscribe is sent
+        async with bus.subscription(channel, second):
+            await left
+            assert await publisher.execute_command("SPUBLISH", channel, message("j", 1)) == 1
+            assert [f.seq for f in await second.get(10)] == [1]
 
 
 def test_a_ping_that_did_not_come_back_tells_the_streams() -> None:

@@ -132,38 +132,52 @@ async def test_jobs_stream_end_to_end_for_tenants_on_every_shard(
     await asyncio.gather(*(one(k) for k in by_shard.values()))
 
 
+Followed = tuple[str, Stream, Stream]  # a job, its stream, its tenant's stream
+
+
 async def mid_stream(
-    c: httpx.AsyncClient, fault: Callable[[], object], steps: int = 150
-) -> tuple[str, Stream, Stream]:
-    """A ticker job streamed (its own stream and its tenant's) with ``fault`` run in a
-    thread once it is well under way; both streams followed to the end."""
-    job_id = await submit(c, {"steps": steps, "interval_ms": 20})
-    job, tenant = Stream(), Stream()
-    warmed_up = asyncio.Event()
+    clients: list[httpx.AsyncClient], fault: Callable[[], object], steps: int = 400
+) -> list[Followed]:
+    """A ticker job of each client's tenant streamed (its own stream and its tenant's),
+    ``fault`` run in a thread once every job is well under way, and every stream
+    followed to the end. No job may have finished when the fault is over."""
+    jobs = [await submit(c, {"steps": steps, "interval_ms": 20}) for c in clients]
+    followed = [(job_id, Stream(), Stream()) for job_id in jobs]
+    warm = [asyncio.Event() for _ in jobs]
 
-    def progressing(s: Stream) -> bool:
-        if sum(e.kind == "progress" for e in s.events) >= 15:
-            warmed_up.set()
-        return False
+    def progressing(ready: asyncio.Event) -> Callable[[Stream], bool]:
+        def stop(s: Stream) -> bool:
+            if sum(e.kind == "progress" for e in s.events) >= 15:
+                ready.set()
+            return False
 
-    tasks = [
-        asyncio.create_task(follow(c, f"/v1/jobs/{job_id}/events", job)),
-        asyncio.create_task(follow(c, f"/v1/events?job={job_id}", tenant)),
-        asyncio.create_task(collect(c, f"/v1/jobs/{job_id}/events", stop=progressing)),
-    ]
+        return stop
+
+    tasks = []
+    for c, (job_id, job, tenant), ready in zip(clients, followed, warm, strict=True):
+        tasks += [
+            asyncio.create_task(follow(c, f"/v1/jobs/{job_id}/events", job)),
+            asyncio.create_task(follow(c, f"/v1/events?job={job_id}", tenant)),
+        ]
+        watch = collect(c, f"/v1/jobs/{job_id}/events", stop=progressing(ready))
+        tasks.append(asyncio.create_task(watch))
     try:
         async with asyncio.timeout(30):
-            await warmed_up.wait()
+            await asyncio.gather(*(ready.wait() for ready in warm))
         await asyncio.to_thread(fault)
-        await asyncio.gather(*tasks[:2])
+        for _, job, _ in followed:  # else the fault did not happen mid-stream
+            assert not any(e.kind in TERMINAL for e in job.events), describe(job.events)
+        await asyncio.gather(*(t for i, t in enumerate(tasks) if i % 3 != 2))
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return job_id, job, tenant
+    return followed
 
 
-def check_after_fault(job_id: str, job: Stream, tenant: Stream, final: dict[str, Any]) -> None:
+async def check_after_fault(c: httpx.AsyncClient, followed: Followed) -> None:
+    job_id, job, tenant = followed
+    final = (await c.get(f"/v1/jobs/{job_id}")).json()
     for stream in (job, tenant):
         evs = stream.of(job_id) if stream is tenant else stream.events
         assert evs[-1].kind == "completed", describe(evs)
@@ -179,15 +193,24 @@ def a_tenant(cluster: LocalCluster, cluster_stack: dict[str, Any]) -> tuple[str,
     return key, key_slot(Keys(namespace).tenant_tag(TENANTS[key]).encode())
 
 
+def elsewhere(cluster: LocalCluster, cluster_stack: dict[str, Any], port: int) -> str:
+    """The API key of a test tenant on another shard than the primary at ``port``."""
+    namespace = cluster_stack["env"]["PUSHSVC_NAMESPACE"]
+    return next(k for k, p in owners(cluster, namespace).items() if p != port)
+
+
 async def test_a_primary_killed_mid_stream_loses_nothing(
     cluster: LocalCluster, cluster_stack: dict[str, Any], http: Any
 ) -> None:
+    """The tenant's shard fails over (its replica promoted) while its job and a job of a
+    tenant on another shard stream: both finish, every stream without a gap."""
     key, slot = a_tenant(cluster, cluster_stack)
     primary = cluster.owner(slot)
-    c = http(key)
-    job_id, job, tenant = await mid_stream(c, lambda: cluster.fail_over(primary))
+    clients = [http(key), http(elsewhere(cluster, cluster_stack, primary.port))]
+    followed = await mid_stream(clients, lambda: cluster.fail_over(primary))
     assert cluster.owner(slot).port != primary.port
-    check_after_fault(job_id, job, tenant, (await c.get(f"/v1/jobs/{job_id}")).json())
+    for c, one in zip(clients, followed, strict=True):
+        await check_after_fault(c, one)
 
 
 async def test_a_slot_moved_mid_stream_loses_nothing(
@@ -198,8 +221,8 @@ async def test_a_slot_moved_mid_stream_loses_nothing(
     target = next(n for n in cluster.primary_nodes() if n.port != source.port)
     c = http(key)
     # One key at a time, a pause between: the slot is half moved for a while (ASK).
-    job_id, job, tenant = await mid_stream(
-        c, lambda: cluster.move_slot(slot, target, batch=1, pause=lambda: time.sleep(0.05))
+    (followed,) = await mid_stream(
+        [c], lambda: cluster.move_slot(slot, target, batch=1, pause=lambda: time.sleep(0.05))
     )
     assert cluster.owner(slot).port == target.port
-    check_after_fault(job_id, job, tenant, (await c.get(f"/v1/jobs/{job_id}")).json())
+    await check_after_fault(c, followed)

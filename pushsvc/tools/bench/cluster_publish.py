@@ -48,7 +48,8 @@ def _read_node(port: int) -> NodeReading:
 
 
 def spread_tenants(cluster: LocalCluster | None, keys: Keys) -> tuple[str, ...]:
-    """Tenants for the jobs: ``TENANTS_PER_SHARD`` on each shard (3 x that on one Redis)."""
+    """Tenants for the jobs, taken in turn: ``TENANTS_PER_SHARD`` on each shard, one of
+    each shard after another (3 x that on one Redis)."""
     if cluster is None:
         return tuple(f"bench{i}" for i in range(3 * TENANTS_PER_SHARD))
     owners = cluster.slot_owners()
@@ -60,7 +61,7 @@ def spread_tenants(cluster: LocalCluster | None, keys: Keys) -> tuple[str, ...]:
         if len(by_port[port]) < TENANTS_PER_SHARD:
             by_port[port].append(f"bench{i}")
         i += 1
-    return tuple(t for tenants in by_port.values() for t in tenants)
+    return tuple(t for row in zip(*by_port.values(), strict=True) for t in row)
 
 
 def _pass(o: Options, log: Console, shards: int) -> dict[str, Any]:

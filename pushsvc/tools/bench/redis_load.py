@@ -139,7 +139,7 @@ async def _serve(
             conn.send(("ok", took))
     finally:
         if data is not None:
-            await data.aclose()
+            await data.close_all()
         await redis.aclose()
 
 
