@@ -132,14 +132,15 @@ async def run_scenario(
     return await SCENARIOS[name](target, o, log)
 
 
-# The scenarios that bring their own stack, never another's (--url).
-OWN_STACK: dict[str, Callable[[Options, Console], dict[str, Any]]] = {
-    "fairness": fairness,  # two stacks: two tenants, fair share on and off
-    "model-limits": model_limits,  # a rate-limited model
-    "queue-cost": queue_cost,  # no worker while the jobs queue up
-    "redis-ceiling": redis_ceiling,  # its own Redis and load processes, no API or worker
-    "cluster-publish": cluster_publish,  # its own Redis, cluster and load processes
-    **TOKEN_PATH,  # a model that stamps its tokens (tokens.py)
+# The scenarios that bring their own stack, never another's (--url): each with what it
+# brings (the error says).
+OWN_STACK: dict[str, tuple[Callable[[Options, Console], dict[str, Any]], str]] = {
+    "fairness": (fairness, "stacks"),  # two tenants, fair share on and off
+    "model-limits": (model_limits, "stack"),  # a rate-limited model
+    "queue-cost": (queue_cost, "stack"),  # no worker while the jobs queue up
+    "redis-ceiling": (redis_ceiling, "Redis"),  # and load processes, no API or worker
+    "cluster-publish": (cluster_publish, "Redis and cluster"),  # and load processes
+    **{name: (fn, "stack") for name, fn in TOKEN_PATH.items()},  # a model stamping tokens
 }
 
 
@@ -153,9 +154,10 @@ def run(scenario: str, urls: list[str] | None, o: Options, log: Console) -> dict
     if scenario == "neighbours":  # its own stack: three tenants (neighbours.py)
         return {**head, **neighbours(urls, o, log)}
     if scenario in OWN_STACK:
+        scenario_fn, brings = OWN_STACK[scenario]
         if urls is not None:
-            raise BenchError(f"{scenario} runs on its own stack (no --url)")
-        return {**head, **OWN_STACK[scenario](o, log)}
+            raise BenchError(f"{scenario} runs on its own {brings} (no --url)")
+        return {**head, **scenario_fn(o, log)}
     if urls is not None:
         return {**head, **asyncio.run(run_scenario(scenario, attach(urls), o, log, own=False))}
     with own_stack(2 if scenario == "scaleout" else 1, o.workers, log) as target:
