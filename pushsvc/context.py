@@ -335,7 +335,10 @@ class JobContext:
             verdict = self.verdict(row)
             if verdict == "ok":
                 async with self._store.queue.redis.pipeline(transaction=False) as pipe:
-                    pipe.zadd(keys.leases, {self.writer.arq_id: until_ms}, xx=True)
+                    # Added again if the queue's Redis lost it (job state being on
+                    # another: two planes); one the reaper took over from is not this
+                    # attempt's any more (the verdict), and is dropped if re-added.
+                    pipe.zadd(keys.leases, {self.writer.arq_id: until_ms})
                     # Whose it is, kept while it runs: the reaper's way to it (leases.py).
                     ttl = self._store.settings.job_ttl_s
                     pipe.set(keys.job_tenant(self.job_id), self.tenant, ex=ttl)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from redis.exceptions import RedisError
 
@@ -27,7 +28,10 @@ from .store import JobStore
 
 logger = logging.getLogger(__name__)
 
-BATCH = 500  # attempts one sweep takes from one tenant's outbox
+BATCH = 500  # attempts one sweep takes from one tenant's outbox (and jobs, its index)
+RECOVERED_RECENTLY_S = 600  # a recovery of the queue this recent is handled at start
+MAX_SCORE = 1 << 62  # above any index score (creation times in ms)
+QUEUED = ("queued", "")  # the index scan's filter: queued jobs of any type
 
 
 class Outbox:
@@ -37,6 +41,7 @@ class Outbox:
         self.store, self.queue, self.keys = store, queue, store.keys
         self.grace_s = store.settings.outbox_sweep_s
         self.swept = 0  # attempts the sweeper handed over (a crash or an error left them)
+        self._recovered: bytes | None = None  # the queue's last recovery handled
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Outbox:
@@ -56,8 +61,7 @@ class Outbox:
         seconds, micros = await self.store.redis.time()
         before = int((seconds + micros / 1e6 - self.grace_s) * 1000)
         handed = 0
-        for raw in await self.store.queue.redis.smembers(self.keys.tenants):  # type: ignore[misc]
-            tenant = raw.decode()
+        for tenant in await self.tenants():
             try:
                 handed += await self._sweep_one(tenant, before)
             except RedisError as exc:
@@ -84,10 +88,53 @@ class Outbox:
                 handed += 1
         return handed
 
+    async def tenants(self) -> list[str]:
+        raw = await self.store.redis.smembers(self.keys.tenants)  # type: ignore[misc]
+        return sorted(t.decode() for t in raw)
+
+    async def requeue_lost(self) -> int:
+        """After the queue's Redis lost what it held (it came back empty or from an older
+        snapshot, or failed over losing writes: its store-wide epoch was taken anew,
+        epoch.py), with job state on another Redis (two planes): hand over again the
+        attempt of every queued job, which arq may no longer hold (a hand-over is a
+        no-op for one it holds). A deferred retry is then queued without its wait.
+        On one Redis the jobs went with the queue: nothing to do. How many it queued."""
+        if self.store.one_plane:
+            return 0
+        epoch = self.keys.epoch
+        recovered, at = await self.queue.redis.hmget(epoch, ["recovered", "recovered_at"])  # type: ignore[misc]
+        if recovered is None or recovered == self._recovered:
+            return 0
+        first, self._recovered = self._recovered is None, recovered
+        if first and time.time() - int(at or 0) > RECOVERED_RECENTLY_S:
+            return 0  # handled before this process started
+        handed = 0
+        for tenant in await self.tenants():
+            handed += await self._requeue_tenant(tenant)
+        logger.warning("the queue's Redis lost its data: %d queued attempts queued again", handed)
+        return handed
+
+    async def _requeue_tenant(self, tenant: str) -> int:
+        handed = offset = 0
+        while True:
+            window = (offset, BATCH)
+            scanned, queued, _ = await self.store.scan_index(tenant, MAX_SCORE, window, QUEUED)
+            for job_id, _score in queued:
+                fields = await self.store.load(tenant, job_id)
+                if fields is None or fields.get("status") != "queued" or not fields.get("arq_id"):
+                    continue
+                prio = fields.get("priority") or "normal"
+                enqueue = self.queue.prepare(fields["arq_id"], job_id, priority=prio, tenant=tenant)
+                handed += await self.store.hand_over_now(tenant, job_id, enqueue)
+            if scanned < BATCH:
+                return handed
+            offset += scanned
+
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.grace_s)
             try:
+                await self.requeue_lost()
                 await self.sweep()
             except Exception:  # the sweeper lives on: a job left behind waits for it
                 logger.exception("the outbox sweep failed; trying again")

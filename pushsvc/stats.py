@@ -167,7 +167,7 @@ class StatsReader:
     async def _rows(self, since_ms: int) -> list[dict[bytes, bytes]]:
         """Every tenant's stats rows since ``since_ms``, oldest first (each tenant's stream
         lives in its own slot: one read each, pipelined; a cluster client splits them)."""
-        tenants = sorted(await self.redis.smembers(self.keys.tenants))  # type: ignore[misc]
+        tenants = sorted(await self.data.smembers(self.keys.tenants))  # type: ignore[misc]
         if not tenants:
             return []
         async with self.data.pipeline(transaction=False) as pipe:

@@ -251,16 +251,24 @@ class JobStore:
     async def remember_tenant(self, tenant: str, job_id: str) -> None:
         """Note whose the job is, and list the tenant again (a Redis that came back empty
         forgot both)."""
+        if self.one_plane:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                self._list(pipe, tenant, job_id)
+                await pipe.execute()
+            return
         async with self.queue.redis.pipeline(transaction=False) as pipe:
-            self._list(pipe, tenant, job_id)
+            self._list(pipe, tenant, job_id, tenants=False)
             await pipe.execute()
+        await self.redis.sadd(self.keys.tenants, tenant)  # type: ignore[misc]
 
-    def _list(self, pipe: Any, tenant: str, job_id: str) -> None:
-        """Whose the job is (keys.job_tenant), for as long as a job is kept, for readers
-        that know only its id; and the tenant in keys.tenants, whose outboxes and stats
-        are read."""
+    def _list(self, pipe: Any, tenant: str, job_id: str, *, tenants: bool = True) -> None:
+        """Whose the job is (keys.job_tenant: the queue plane's), for as long as a job is
+        kept, for readers that know only its id; and (``tenants``) the tenant in
+        keys.tenants (the data plane's: it lists whose job state there is), whose
+        outboxes, queued jobs and stats are read."""
         pipe.set(self.keys.job_tenant(job_id), tenant, ex=self.settings.job_ttl_s)
-        pipe.sadd(self.keys.tenants, tenant)
+        if tenants:
+            pipe.sadd(self.keys.tenants, tenant)
 
     async def tenants_of(self, job_ids: list[str]) -> list[str | None]:
         """Whose each job is (None: unknown, or expired), for readers that know only ids."""
