@@ -48,7 +48,8 @@ from .settings import Settings
 # treats as Redis being away for now (a worker keeps its writes pending, the API
 # answers 503).
 _UNSETTLED = (ClusterError, TryAgainError, AskError, RedisClusterException)
-_REDIRECT = re.compile(r"(?:^|error: )(MOVED|ASK|TRYAGAIN|CLUSTERDOWN) ")
+# The reply's code: first, or (a pipeline's) after "error: " and maybe "('".
+_REDIRECT = re.compile(r"(?:^|error: (?:\(')?)(MOVED|ASK|TRYAGAIN|CLUSTERDOWN) ")
 # A read-only script (lua/read.lua, scan.lua) that reads a job key it was not given,
 # while the tenant's slot is half moved: it wrote nothing, so it is made again too.
 _NON_LOCAL = "non local key"
