@@ -177,9 +177,14 @@ class MuxStream(_Stream):
 
     def _gap(self, frame: Frame) -> bool:
         """Did this stream miss events of the frame's job before it? (A snapshot
-        replaces what came before: it leaves no gap.)"""
+        replaces what came before: it leaves no gap.) A job this stream never sent
+        starts with a snapshot (its creation, a retry, a re-run; active ones came with
+        the view): any other first event means its snapshot was missed, the message lost
+        (a pub/sub reconnect, a shard failing over or a slot moving under it)."""
+        if frame.kind == "snapshot":
+            return False
         known = self.sent.get(frame.job_id)
-        return known is not None and frame.first_seq > known.seq + 1 and frame.kind != "snapshot"
+        return known is None or frame.first_seq > known.seq + 1
 
     def _placed(self, frame: Frame) -> list[Frame]:
         """A ``queue`` frame, sent when the client holds the job at the frame's seq, or

@@ -177,6 +177,13 @@ class LocalCluster:
                     with redis.Redis(port=node.port, socket_timeout=2) as client:
                         client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
+    def rejoin(self, node: ClusterNode, timeout: float = 60) -> None:
+        """Start a node killed by :meth:`fail_over` again (its ``nodes.conf`` kept): it
+        comes back as a replica of the node that took over, and is waited for in sync."""
+        node.start()
+        self.nodes.append(node)
+        wait_until(self.ok, timeout, f"node :{node.port} back in the cluster, in sync")
+
     def primary_nodes(self) -> list[ClusterNode]:
         """The nodes that serve slots now."""
         ports = set(self.slot_owners().values())

@@ -140,7 +140,8 @@ async def mid_stream(
 ) -> list[Followed]:
     """A ticker job of each client's tenant streamed (its own stream and its tenant's),
     ``fault`` run in a thread once every job is well under way, and every stream
-    followed to the end. No job may have finished when the fault is over."""
+    followed to the end. Every job must have ended after the fault began (it ran
+    through it), and been running when it did."""
     jobs = [await submit(c, {"steps": steps, "interval_ms": 20}) for c in clients]
     followed = [(job_id, Stream(), Stream()) for job_id in jobs]
     warm = [asyncio.Event() for _ in jobs]
@@ -164,10 +165,13 @@ async def mid_stream(
     try:
         async with asyncio.timeout(30):
             await asyncio.gather(*(ready.wait() for ready in warm))
-        await asyncio.to_thread(fault)
-        for _, job, _ in followed:  # else the fault did not happen mid-stream
+        for _, job, _ in followed:  # else the fault would not happen mid-stream
             assert not any(e.kind in TERMINAL for e in job.events), describe(job.events)
+        fault_at = time.time()
+        await asyncio.to_thread(fault)
         await asyncio.gather(*(t for i, t in enumerate(tasks) if i % 3 != 2))
+        for _, job, _ in followed:
+            assert job.events[-1].data["ts"] > fault_at, describe(job.events)
     finally:
         for task in tasks:
             task.cancel()

@@ -274,3 +274,21 @@ def test_a_stream_that_follows_a_job_run_again_after_a_loss_is_not_slow_to_end()
     assert "slow_end" not in rules, rules
     log.done_at = 70.0  # but it must still end soon after the end it was sent
     assert "slow_end" in [v.rule for v in check_run([log], ctx).violations]
+
+
+@pytest.mark.timeout(400)
+def test_a_short_real_run_on_a_cluster() -> None:
+    """Job state on a local Redis Cluster: a tenant's shard failing over (its old primary
+    back as a replica) and a tenant's slot moving, repeated, with a worker killed
+    between; the stack follows each without restarts. (The service's findings are the
+    run's, as above: BENCHMARKS.md has them.)"""
+    faults = ("shard-failover", "slot-move", "worker-kill")
+    plan = Plan(minutes=0.5, faults=faults, gap_s=(0.5, 1.0), job_s=(2, 4), hang_s=8, seed=7)
+    result = run_chaos(plan, Console(stderr=True))
+    if result["logs"]:
+        shutil.rmtree(result["logs"])
+    assert set(result["faults"]) == set(faults), result["faults"]
+    assert result["jobs"] >= 3 and result["events_checked"] > result["jobs"]
+    harness = {"submit_failed", "process_exited"}
+    assert not [v for v in result["violations"] if v["rule"] in harness], result["violations"]
+    print(json.dumps({k: result[k] for k in ("faults", "jobs", "violations", "fault_log")}))

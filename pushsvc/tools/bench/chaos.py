@@ -23,7 +23,7 @@ from rich.table import Table
 from ..fakeask import answer, read_ask
 from .check import Context, Outcome, Violation, check_run
 from .clients import PER_CLIENT, TERMINAL, Clients, http_client
-from .faults import FAULTS, TENANTS, ChaosStack, Injected, chaos_stack, inject
+from .faults import CLUSTER_FAULTS, FAULTS, TENANTS, ChaosStack, Injected, chaos_stack, inject
 from .invariants import WatchLog
 from .stack import BenchError
 from .watchers import Api, StreamWatcher, poll_job
@@ -323,7 +323,8 @@ def run_chaos(plan: Plan, log: Console) -> dict[str, Any]:
     unknown = set(plan.faults) - set(FAULTS)
     if unknown:
         raise BenchError(f"unknown fault kinds {sorted(unknown)}: known are {sorted(FAULTS)}")
-    with chaos_stack(plan.lease_s, log) as stack:
+    kinds = plan.faults or tuple(FAULTS)
+    with chaos_stack(plan.lease_s, log, cluster=bool(set(kinds) & set(CLUSTER_FAULTS))) as stack:
         run = ChaosRun(stack, plan, log)
         result = asyncio.run(run.run())
         stack.keep = bool(result["violations"])

@@ -2,7 +2,9 @@
 
 ``ChaosStack``: a Sentinel-managed Redis (``sentinel.SentinelSet``: a primary and a
 replica behind proxies, three sentinels; the processes reach it by a
-``redis+sentinel://`` URL), two API processes, two workers with a short lease and the
+``redis+sentinel://`` URL), with the faults of a Redis Cluster asked for, job state on a
+local cluster of 3 primaries and 3 replicas (``PUSHSVC_DATA_CLUSTER``: two planes), two
+API processes, two workers with a short lease and the
 offline model, each of which may be killed and started again in place. ``FAULTS``: one
 coroutine per kind of fault; a new kind is one more ``@fault`` function, plus whatever
 part of a stack it needs in ``ChaosStack``.
@@ -23,8 +25,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis.crc import key_slot
 from rich.console import Console
 
+from ...keys import Keys
+from ..cluster import LocalCluster
 from ..procs import free_port, http_ok, kill, spawn, stop_all, wait_until
 from .sentinel import SentinelSet
 from .stack import BenchError, stack_env, start_api, workers_seen
@@ -47,6 +52,7 @@ class ChaosStack:
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     others: list[subprocess.Popen[bytes]] = field(default_factory=list)  # the model
     keep: bool = False  # keep ``workdir`` (the processes' logs) after the run
+    cluster: LocalCluster | None = None  # job state's, when the run has cluster faults
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -77,6 +83,8 @@ class ChaosStack:
         named += [(f"worker{i}", p) for i, p in enumerate(self.workers)]
         named += [("fake-llm", p) for p in self.others]
         down = [f"{name} (exit {p.returncode})" for name, p in named if p.poll() is not None]
+        nodes = self.cluster.nodes if self.cluster is not None else []
+        down += [f"cluster node :{n.port}" for n in nodes if n.proc is None or n.proc.poll()]
         return down + self.redis.exited()
 
     def close(self) -> None:
@@ -85,12 +93,15 @@ class ChaosStack:
                 proc.send_signal(signal.SIGCONT)
         stop_all([*self.apis, *self.workers, *self.others])
         self.redis.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
 
 
 @contextlib.contextmanager
-def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
+def chaos_stack(lease_s: float, log: Console, cluster: bool = False) -> Iterator[ChaosStack]:
     """Start everything (blocking); stop it all after. The directory with the processes'
-    logs is removed, unless the run raised or set ``keep``."""
+    logs is removed, unless the run raised or set ``keep``. ``cluster``: job state on a
+    local Redis Cluster."""
     if shutil.which("redis-server") is None:
         raise BenchError("the chaos run needs redis-server (Debian's package: servers, sentinels)")
     workdir = Path(tempfile.mkdtemp(prefix="pushsvc-chaos-"))
@@ -108,6 +119,9 @@ def chaos_stack(lease_s: float, log: Console) -> Iterator[ChaosStack]:
     )
     stack = ChaosStack(workdir, sset, env, keys, lease_s)
     try:
+        if cluster:
+            stack.cluster = LocalCluster().start()
+            env["PUSHSVC_DATA_CLUSTER"] = stack.cluster.seeds
         _start_all(stack, model_port, log)
         yield stack
     except BaseException:
@@ -290,3 +304,43 @@ async def fail_over(stack: ChaosStack, rng: random.Random) -> tuple[str, tuple[f
     more, lost = await _settled(sset, (stopped_at, ended_at))
     lost_s = ended_at - stopped_at
     return f"{how}, {new} promoted: {lost_s:.1f} s ({lost_bytes} B) of writes lost{more}", lost
+
+
+# The Redis Cluster of job state (with ``cluster_stack``): the faults act on the shard of
+# a tenant of the run, so its streams and jobs live through them.
+
+CLUSTER_FAULTS = ("shard-failover", "slot-move")
+
+
+def _tenant_slot(stack: ChaosStack, rng: random.Random) -> tuple[LocalCluster, str, int]:
+    if stack.cluster is None:
+        raise BenchError("cluster faults need the run's job state on a cluster")
+    tenant = rng.choice(TENANTS)
+    tag = Keys(stack.env["PUSHSVC_NAMESPACE"]).tenant_tag(tenant)
+    return stack.cluster, tenant, key_slot(tag.encode())
+
+
+@fault("shard-failover")
+async def fail_over_shard(stack: ChaosStack, rng: random.Random) -> tuple[str, tuple[float, float]]:
+    """SIGKILL the primary of a tenant's shard; its replica is promoted (writes it had
+    not received are lost), then the killed node comes back as the new one's replica."""
+    cluster, tenant, slot = _tenant_slot(stack, rng)
+    primary = cluster.owner(slot)
+    killed_at = time.time()
+    promoted = await asyncio.to_thread(cluster.fail_over, primary)
+    await asyncio.to_thread(cluster.rejoin, primary)
+    took = time.time() - killed_at
+    detail = f"{tenant}'s shard: :{primary.port} killed, :{promoted.port} promoted in {took:.1f} s"
+    return detail, (killed_at - 1.0, killed_at)  # replication on loopback: well within 1 s
+
+
+@fault("slot-move")
+async def move_tenant_slot(stack: ChaosStack, rng: random.Random) -> tuple[str, None]:
+    """Move a tenant's slot to another primary, as ``redis-cli --cluster reshard`` does."""
+    cluster, tenant, slot = _tenant_slot(stack, rng)
+    source = cluster.owner(slot)
+    target = rng.choice([n for n in cluster.primary_nodes() if n.port != source.port])
+    began = time.time()
+    await asyncio.to_thread(cluster.move_slot, slot, target, 10)
+    took = time.time() - began
+    return f"{tenant}'s slot {slot}: :{source.port} to :{target.port} in {took:.1f} s", None
