@@ -16,6 +16,7 @@ valkey-glide).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -133,7 +134,19 @@ class DataCluster(RedisCluster):
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         self._reseed()
-        return await settled(lambda: super(DataCluster, self).execute_command(*args, **kwargs))
+        try:
+            return await settled(lambda: super(DataCluster, self).execute_command(*args, **kwargs))
+        except AttributeError as exc:
+            raise await self.mid_change(exc) from exc
+
+    async def mid_change(self, exc: AttributeError) -> RedisConnectionError:
+        """redis-py 5's cluster client can trip on its own map while a shard fails over
+        (a node it no longer has: ``'NoneType' object has no attribute 'name'``). The map
+        is dropped, to be asked again by the next call, and the caller sees Redis away
+        for now (the call may have run, as after a lost connection)."""
+        with contextlib.suppress(Exception):
+            await self.aclose()
+        return RedisConnectionError(f"the data cluster's map was changing: {exc}")
 
     def pipeline(self, transaction: Any = None, shard_hint: Any = None) -> ClusterPipeline:
         self._reseed()
@@ -172,6 +185,10 @@ class SettlingPipeline(ClusterPipeline):
             return await super().execute(raise_on_error, allow_redirections)
         except _UNSETTLED as exc:
             raise RedisConnectionError(f"the data cluster is unsettled: {exc}") from exc
+        except AttributeError as exc:
+            client = self._client
+            assert isinstance(client, DataCluster)
+            raise await client.mid_change(exc) from exc
 
 
 def connect_data(settings: Settings, **kwargs: Any) -> DataCluster | None:

@@ -24,6 +24,10 @@ from ..sse import Stream, assert_gap_free
 from .test_redis_outages import assert_seamless, collect, describe, submit
 
 pytestmark = pytest.mark.timeout(180)
+# An SSE client waits longer than the server's heartbeat (15 s) before it calls a stream
+# dead, as EventSource does: while a shard fails over (8 s and more on a busy machine)
+# its streams may carry nothing but heartbeats.
+PATIENCE = httpx.Timeout(10, read=40)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +66,7 @@ async def http(cluster_stack: dict[str, Any]) -> AsyncIterator[Any]:
         c = httpx.AsyncClient(
             base_url=cluster_stack["api"].url,
             headers={"Authorization": f"Bearer {key}"},
-            timeout=10,
+            timeout=PATIENCE,
         )
         made.append(c)
         return c

@@ -20,7 +20,7 @@ from pushsvc.tools.cluster import LocalCluster
 from ..conftest import stack_env, worker
 from ..procs import Api, RedisServer, wait_until
 from ..sse import Stream
-from .test_cluster import follow
+from .test_cluster import PATIENCE, follow
 from .test_redis_outages import assert_seamless, describe, submit
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,7 +44,7 @@ def planes(data_cluster: LocalCluster) -> Iterator[tuple[RedisServer, Api, dict[
 
 def http(api: Api) -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        base_url=api.url, headers={"Authorization": "Bearer key-a"}, timeout=10
+        base_url=api.url, headers={"Authorization": "Bearer key-a"}, timeout=PATIENCE
     )
 
 
