@@ -101,6 +101,21 @@ def assert_gap_free(stream: Stream, job_id: str) -> None:
         assert body == list(range(start + 1, start + 1 + len(body))), seqs
 
 
+def assert_ids_cover(events: list[Event], first: int, last: int) -> int:
+    """Ids ``first`` to ``last`` in order, each once; an id skipped only by a ``progress``
+    or ``output`` event, which the contract lets a slow reader's buffer merge into the
+    newest (its id is the newest it covers). Returns how many events were merged away."""
+    prev, skipped = first - 1, 0
+    for event in events:
+        assert event.id > prev, [e.id for e in events]
+        if event.id > prev + 1:
+            assert event.kind in ("progress", "output"), (prev, event.id, event.kind)
+            skipped += event.id - prev - 1
+        prev = event.id
+    assert prev == last, [e.id for e in events]
+    return skipped
+
+
 def output_of(stream: Stream) -> str:
     """The text a client rebuilds: snapshots replace ``output``, deltas append."""
     text = ""
