@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -245,11 +246,13 @@ class EventBus:
     @contextlib.asynccontextmanager
     async def subscription(
         self, channel: str, queue: StreamQueue, jobs: set[str] | None = None
-    ) -> AsyncIterator[None]:
+    ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
         """Route ``channel`` (only ``jobs``' frames, when given) to ``queue`` while inside.
 
-        Returns once Redis confirmed the subscription, so state read afterwards is not
-        older than the first frame routed.
+        Gives a wait for Redis to confirm the subscription: state read after it returns is
+        not older than the first frame routed. It raises a connection error after
+        ``stream_subscribe_timeout_s`` and may be awaited again (a stream sends heartbeats
+        meanwhile: a shard failing over takes seconds).
         """
         entry = self._channels.get(channel)
         new = entry is None
@@ -258,10 +261,10 @@ class EventBus:
         _add(entry, queue, jobs)
         self._streams.add(queue)
         try:  # from here on, a stream stopped (cancelled) leaves nothing behind
-            if new and self.connected.is_set():  # else the reader subscribes it when it can
+            # Else the reader subscribes it when it can; or (sharded) the wait does.
+            if new and self.connected.is_set() and self.confirms_later:
                 await self._send_subscribe(channel, entry)
-            await self._wait_confirmed(entry)
-            yield
+            yield functools.partial(self._confirmed, channel, entry)
         finally:
             self._streams.discard(queue)
             queue.clear()  # what it still held is gone with it (and off the byte gauge)
@@ -274,6 +277,9 @@ class EventBus:
                         stale = self._stale_confirms.get(channel, 0) + 1
                         self._stale_confirms[channel] = stale
                 await self._send_unsubscribe(channel)
+
+    async def _confirmed(self, channel: str, entry: _Channel) -> None:
+        await self._wait_confirmed(entry)
 
     async def _wait_confirmed(self, entry: _Channel) -> None:
         timeout = self.settings.stream_subscribe_timeout_s

@@ -32,6 +32,7 @@ from glide import (
     LogLevel,
     NodeAddress,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .events import EventBus, _Channel
 from .settings import Settings
@@ -149,16 +150,30 @@ class ShardedBus(EventBus):
             else:
                 del self._locks[channel]
 
+    async def _confirmed(self, channel: str, entry: _Channel) -> None:
+        """Subscribes now (a stream's first wait, or its next after one that failed:
+        glide's own retry is not reported), or waits for the next client to."""
+        if entry.confirmed.done():
+            return
+        if self._glide is None:
+            await self._wait_confirmed(entry)
+            return
+        await self._send_subscribe(channel, entry)
+        if not entry.confirmed.done():
+            raise RedisConnectionError("sharded subscription not confirmed")
+
     async def _send_subscribe(self, channel: str, entry: _Channel) -> None:
         async with self._serial(channel):
             glide = self._glide
             if glide is None or self._channels.get(channel) is not entry:
                 return  # the next client subscribes it; or its streams are gone
+            if entry.confirmed.done():
+                return  # by another stream of the channel, meanwhile
             try:
                 await glide.ssubscribe({channel}, timeout_ms=self._timeout_ms)
             except (GlideError, TimeoutError) as exc:
                 # glide keeps it among the channels it wants, and subscribes it when the
-                # shard answers; the stream's wait for the confirmation gives up first.
+                # shard answers, unannounced: the stream's next wait asks again.
                 logger.warning("sharded subscribe of %s not confirmed (%s)", channel, exc)
                 return
             if self._channels.get(channel) is entry and not entry.confirmed.done():

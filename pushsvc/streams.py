@@ -48,6 +48,10 @@ REDIS_PAUSE_S = 0.5  # between a stream's reads while Redis is unreachable
 logger = logging.getLogger(__name__)
 
 
+async def _never() -> None:
+    raise RuntimeError("a stream starts inside its subscription")
+
+
 class _Stream:
     by_tseq = False
     redis_wait_s = 30.0  # how long a stream waits for an unreachable Redis
@@ -74,6 +78,7 @@ class _Stream:
         self.behind = False  # a replay stopped at a full page: the log holds more
         self.holding: StoredJob | None = None  # a shared read whose frames it is sending
         self.writer: EventStream | None = None  # the response, for ``_direct`` writes
+        self._subscribed: Callable[[], Awaitable[None]] = _never
 
     def channel(self) -> str:
         raise NotImplementedError
@@ -170,9 +175,10 @@ class _Stream:
         # goes once the stream has started, or once it waits for Redis.
         first: bytes | None = f"retry: {self.settings.retry_ms}\n\n".encode()
         try:
-            async with self.bus.subscription(self.channel(), self.queue, self.jobs()):
+            async with self.bus.subscription(self.channel(), self.queue, self.jobs()) as ready:
                 self.queue.direct = self._direct
-                step: Callable[[], Awaitable[list[Frame] | None]] = self.start
+                self._subscribed = ready
+                step: Callable[[], Awaitable[list[Frame] | None]] = self._begin
                 failing_since: float | None = None
                 while True:
                     try:
@@ -192,7 +198,7 @@ class _Stream:
                     if out is None:
                         yield PING
                     else:
-                        self._tell_line(out, step == self.start)
+                        self._tell_line(out, step == self._begin)
                         for i, chunk in enumerate(chunks(f.sse(self.by_tseq) for f in out)):
                             if i:  # a write that did not pause returns at once: let others run
                                 await asyncio.sleep(0)
@@ -212,6 +218,12 @@ class _Stream:
             self.queue.direct = None
             if self.line is not None:
                 self.line.leave(self.queue)
+
+    async def _begin(self) -> list[Frame]:
+        """``start``, once Redis confirmed the subscription (a connection error until then:
+        the stream waits with heartbeats, as for an unreachable Redis)."""
+        await self._subscribed()
+        return await self.start()
 
     def followed(self) -> list[str]:
         """The jobs a started stream follows, whatever it sent (a resume may send none)."""
@@ -236,7 +248,7 @@ class _Stream:
         if time.monotonic() - failing_since > self.redis_wait_s:
             raise exc
         logger.info("stream waits for Redis (%s)", exc)
-        if step != self.start:  # the live frames it took: from the log
+        if step != self._begin:  # the live frames it took: from the log
             self.queue.resync = True
         return failing_since
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -146,15 +147,28 @@ class FailingReads:
 
 
 class FakeBus:
+    """Subscribes at once; or only at the wait after ``unconfirmed`` failed ones."""
+
     stats = QueueStats()
 
+    def __init__(self, unconfirmed: int = 0) -> None:
+        self.unconfirmed = unconfirmed
+
     def subscription(self, *_args: Any) -> Any:
-        return _Subscribed()
+        return _Subscribed(self)
 
 
 class _Subscribed:
-    async def __aenter__(self) -> None:
-        return None
+    def __init__(self, bus: FakeBus) -> None:
+        self.bus = bus
+
+    async def __aenter__(self) -> Callable[[], Awaitable[None]]:
+        return self.ready
+
+    async def ready(self) -> None:
+        if self.bus.unconfirmed:
+            self.bus.unconfirmed -= 1
+            raise RedisConnectionError("pub/sub subscription was not confirmed")
 
     async def __aexit__(self, *_exc: object) -> None:
         return None
@@ -230,6 +244,17 @@ async def test_what_one_stream_adds_after_a_shared_snapshot_stays_its_own() -> N
     assert store.reads == 1 and len(two) == 1 and two[0] is one[0]
 
 
+async def until_snapshot(stream: JobStream) -> list[bytes]:
+    """The stream's chunks up to the one with its snapshot."""
+    sent: list[bytes] = []
+    async with contextlib.aclosing(stream.frames()) as frames:
+        async for chunk in frames:
+            sent.append(chunk)
+            if b"event: snapshot" in chunk:
+                break
+    return sent
+
+
 class RestartingStore(LoggedStore):
     """Redis unreachable for the first two reads (restarting), then there again."""
 
@@ -249,11 +274,20 @@ async def test_a_started_stream_waits_for_redis_to_come_back() -> None:
     reads = BulkReads(cast(JobStore, store), Settings())
     stream = JobStream(reads, cast(Any, FakeBus()), Settings(), "t", "j", None)
     stream.channel = lambda: "channel"  # type: ignore[method-assign]
-    sent: list[bytes] = []
-    async with contextlib.aclosing(stream.frames()) as frames:
-        async for chunk in frames:
-            sent.append(chunk)
-            if b"event: snapshot" in chunk:
-                break
+    sent = await until_snapshot(stream)
     assert sent[1:3] == [PING, PING] and store.reads == 3
     assert b'"seq":5' in sent[3]
+
+
+@pytest.mark.timeout(10)
+async def test_a_stream_waits_for_its_subscription_to_be_confirmed() -> None:
+    """Was (the chaos run on a cluster): a stream whose subscription was not confirmed
+    in ``stream_subscribe_timeout_s`` (its shard failing over) answered 200 and ended
+    with nothing. Now it sends heartbeats while it waits again, then the snapshot."""
+    store = LoggedStore()
+    reads = BulkReads(cast(JobStore, store), Settings())
+    stream = JobStream(reads, cast(Any, FakeBus(unconfirmed=2)), Settings(), "t", "j", None)
+    stream.channel = lambda: "channel"  # type: ignore[method-assign]
+    sent = await until_snapshot(stream)
+    assert sent[0].startswith(b"retry:") and sent[1:3] == [PING, PING]
+    assert store.reads == 1 and b'"seq":5' in sent[3]  # read once, after the confirmation

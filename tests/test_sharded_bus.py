@@ -11,6 +11,7 @@ import secrets
 import pytest
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pushsvc.events import QueueStats, StreamQueue, make_bus
 from pushsvc.keys import Keys
@@ -60,8 +61,8 @@ async def test_each_tenants_channels_are_delivered_from_its_shard(
         for tenant in tenants_on_each_shard(data_cluster, keys):
             queue = new_queue()
             channel = keys.tenant_channel(tenant)
-            async with bus.subscription(channel, queue):
-                # Subscribed (confirmed) before it returns: published now, delivered.
+            async with bus.subscription(channel, queue) as ready:
+                await ready()  # confirmed: published now, delivered
                 assert await publisher.execute_command("SPUBLISH", channel, message("j", 1)) == 1
                 frames = await queue.get(10)
                 assert [(f.job_id, f.seq) for f in frames] == [("j", 1)]
@@ -76,7 +77,8 @@ async def test_a_broken_client_is_replaced_and_the_streams_refill(
     channel = keys.job_channel(tenant, "j")
     queue = new_queue()
     async with bus, publisher:
-        async with bus.subscription(channel, queue, {"j"}):
+        async with bus.subscription(channel, queue, {"j"}) as ready:
+            await ready()
             assert bus.reconnects == 1
             old = bus._glide
             assert old is not None
@@ -102,13 +104,55 @@ async def test_a_stream_that_comes_as_the_last_one_leaves_stays_subscribed(
         await asyncio.wait_for(bus.connected.wait(), 10)
         first, second = new_queue(), new_queue()
         leaving = bus.subscription(channel, first)
-        await leaving.__aenter__()
+        await (await leaving.__aenter__())()
         left = asyncio.create_task(leaving.__aexit__(None, None, None))
         await asyncio.sleep(0)  # one turn of the loop: its unsubscribe is sent
-        async with bus.subscription(channel, second):
+        async with bus.subscription(channel, second) as ready:
+            await ready()
             await left
             assert await publisher.execute_command("SPUBLISH", channel, message("j", 1)) == 1
             assert [f.seq for f in await second.get(10)] == [1]
+
+
+@pytest.mark.timeout(150)
+async def test_a_channel_subscribed_while_its_shard_fails_over_is_confirmed_once_it_is_back(
+    data_cluster: LocalCluster,
+) -> None:
+    """Subscribed after its shard's primary died: each wait raises a connection error
+    (the stream sends heartbeats) until the replica took over, then it is confirmed and
+    delivers. Regression: glide's own later subscribe was never reported, so the wait
+    never ended and streams opened during a failover ended empty."""
+    keys, bus, publisher = parts(data_cluster)
+    tenant = tenants_on_each_shard(data_cluster, keys)[2]
+    channel = keys.tenant_channel(tenant)
+    primary = data_cluster.owner(key_slot(keys.tenant_tag(tenant).encode()))
+    loop, killed = asyncio.get_running_loop(), asyncio.Event()
+    async with bus, publisher:
+        await asyncio.wait_for(bus.connected.wait(), 10)
+        failing = asyncio.ensure_future(
+            asyncio.to_thread(
+                data_cluster.fail_over,
+                primary,
+                on_kill=lambda: loop.call_soon_threadsafe(killed.set),
+            )
+        )
+        try:
+            await asyncio.wait_for(killed.wait(), 30)
+            queue = new_queue()
+            async with bus.subscription(channel, queue) as ready:
+                async with asyncio.timeout(90):
+                    while True:
+                        try:
+                            await ready()
+                            break
+                        except RedisConnectionError:
+                            continue  # a stream pauses, sends a heartbeat, waits again
+                await failing
+                assert await publisher.execute_command("SPUBLISH", channel, message("j", 1)) == 1
+                assert [f.seq for f in await queue.get(10)] == [1]
+        finally:
+            await asyncio.gather(failing, return_exceptions=True)
+            await asyncio.to_thread(data_cluster.rejoin, primary)
 
 
 def test_a_ping_that_did_not_come_back_tells_the_streams() -> None:

@@ -126,11 +126,14 @@ class LocalCluster:
         with redis.Redis(port=node.port, socket_timeout=2) as client:
             return str(client.execute_command("CLUSTER", "MYID").decode())
 
-    def fail_over(self, node: ClusterNode, timeout: float = 30) -> ClusterNode:
-        """SIGKILL primary ``node`` and wait until its replica serves its slots; the new
-        primary. (The killed node stays down.)"""
+    def fail_over(
+        self, node: ClusterNode, timeout: float = 30, on_kill: Callable[[], None] = lambda: None
+    ) -> ClusterNode:
+        """SIGKILL primary ``node`` (then ``on_kill()``) and wait until its replica serves
+        its slots; the new primary. (The killed node stays down.)"""
         slots = [lo for (lo, _), port in self.slot_owners().items() if port == node.port]
         node.kill()
+        on_kill()
         self.nodes.remove(node)
 
         def promoted() -> bool:
