@@ -212,7 +212,9 @@ def _lifespan(
         redis = connect(
             settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
         )
-        data = connect_data(settings, socket_connect_timeout=2, socket_timeout=10)
+        data = connect_data(
+            settings, settings.redis_pool_size, socket_connect_timeout=2, socket_timeout=10
+        )
         try:
             queue, auth = Queue(redis, settings), Authenticator(settings)
             store = JobStore(redis if data is None else data, settings, queue=queue)

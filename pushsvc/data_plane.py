@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -55,6 +56,8 @@ _REDIRECT = re.compile(r"(?:^|error: (?:\(')?)(MOVED|ASK|TRYAGAIN|CLUSTERDOWN) "
 # while the tenant's slot is half moved: it wrote nothing, so it is made again too.
 _NON_LOCAL = "non local key"
 _SETTLE_S = 5.0
+# Set while a task holds a place of DataCluster's gate (the calls it makes take none).
+_GATED: contextvars.ContextVar[bool] = contextvars.ContextVar("pushsvc_gated", default=False)
 
 
 def unsettled(reply: object) -> bool:
@@ -99,8 +102,13 @@ class DataCluster(RedisCluster):
     # What redis-py makes again itself (its default adds connection errors and timeouts).
     ERRORS_ALLOW_RETRY = (ClusterDownError,)  # type: ignore[assignment]
 
-    def __init__(self, settings: Settings, **kwargs: Any) -> None:
+    def __init__(self, settings: Settings, calls: int | None = None, **kwargs: Any) -> None:
         self._seeds = settings.data_cluster
+        # At most ``calls`` commands, pipelines and transactions in flight at once, across
+        # the shards (None: no limit): so at most that many connections to a node, each
+        # kind (redis-py makes one per overlapping call to a node, and refuses one past
+        # a limit rather than waiting for it, so the wait is here).
+        self._gate = asyncio.Semaphore(calls) if calls else None
         seeds = [ClusterNode(host, port) for host, port in self._seeds]
         # One try of a pipeline (0 would make none), and no connection-level retries.
         kwargs.setdefault("cluster_error_retry_attempts", 1)
@@ -114,7 +122,9 @@ class DataCluster(RedisCluster):
         nodes.connection_kwargs["connection_class"] = self.connection_class
         for node in nodes.startup_nodes.values():
             self._fit(node)
-        self._options = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+        self._options = {
+            k: v for k, v in kwargs.items() if k.startswith("socket_") or k == "client_name"
+        }
         self._by_node: dict[tuple[str, int], Redis] = {}
 
     def _fit(self, node: ClusterNode) -> ClusterNode:
@@ -132,10 +142,23 @@ class DataCluster(RedisCluster):
                 node = ClusterNode(host, port, **self.nodes_manager.connection_kwargs)
                 startup[node.name] = node
 
+    async def gated(self, call: Callable[[], Awaitable[Any]]) -> Any:
+        """``call()`` once one of the ``calls`` places is free (its own place, in the
+        calls it makes: a pipeline's redirected commands go one by one)."""
+        if self._gate is None or _GATED.get():
+            return await call()
+        async with self._gate:
+            token = _GATED.set(True)
+            try:
+                return await call()
+            finally:
+                _GATED.reset(token)
+
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         self._reseed()
+        run = super().execute_command
         try:
-            return await settled(lambda: super(DataCluster, self).execute_command(*args, **kwargs))
+            return await settled(lambda: self.gated(lambda: run(*args, **kwargs)))
         except AttributeError as exc:
             raise await self.mid_change(exc) from exc
 
@@ -181,24 +204,25 @@ class SettlingPipeline(ClusterPipeline):
     caller's to make again (batching.py does, through the client)."""
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self._client
+        assert isinstance(client, DataCluster)
+        run = super().execute
         try:
-            return await super().execute(raise_on_error, allow_redirections)
+            return await client.gated(lambda: run(raise_on_error, allow_redirections))
         except _UNSETTLED as exc:
             raise RedisConnectionError(f"the data cluster is unsettled: {exc}") from exc
         except AttributeError as exc:
-            client = self._client
-            assert isinstance(client, DataCluster)
             raise await client.mid_change(exc) from exc
 
 
-def connect_data(settings: Settings, **kwargs: Any) -> DataCluster | None:
+def connect_data(settings: Settings, calls: int | None = None, **kwargs: Any) -> DataCluster | None:
     """The data plane's own client when it is a cluster (``settings.data_cluster``); None
-    when it is the queue's Redis. Connections are made per node as calls overlap
-    (redis-py's cluster client refuses a call past a node's limit rather than waiting,
-    so none is set)."""
+    when it is the queue's Redis. ``calls``: at most that many in flight (connections
+    per node: that many for commands and that many for transactions), as the queue's
+    pool of that size bounds them on one Redis; None: made as calls overlap."""
     if not settings.data_cluster:
         return None
-    return DataCluster(settings, **kwargs)  # type: ignore[abstract]  # redis-py's typing
+    return DataCluster(settings, calls, **kwargs)  # type: ignore[abstract]  # redis-py's typing
 
 
 async def transaction(redis: Any, key: str, build: Callable[[Pipeline], object]) -> list[Any]:
@@ -223,4 +247,4 @@ async def transaction(redis: Any, key: str, build: Callable[[Pipeline], object])
                 await redis.nodes_manager.initialize()  # the slots' owners, asked again
             raise
 
-    return await settled(attempt)  # type: ignore[no-any-return]
+    return await settled(lambda: redis.gated(attempt))  # type: ignore[no-any-return]

@@ -8,6 +8,7 @@ import asyncio
 import secrets
 
 import pytest
+from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -57,3 +58,50 @@ async def test_a_call_the_cluster_keeps_refusing_is_a_connection_error(
 
     with pytest.raises(data_plane.ResponseError):
         await settled(refused)
+
+
+async def connections_named(cluster: LocalCluster, name: str) -> dict[int, int]:
+    """How many connections named ``name`` each node has (its ``CLIENT LIST``)."""
+    counts = {}
+    for node in cluster.nodes:
+        async with Redis(port=node.port) as client:
+            listed = await client.client_list()
+        counts[node.port] = sum(c.get("name") == name for c in listed)
+    return counts
+
+
+@pytest.mark.parametrize("calls", [2, None])
+async def test_calls_in_flight_bound_the_connections_to_each_node(
+    data_cluster: LocalCluster, calls: int | None
+) -> None:
+    """200 overlapping commands, pipelines and transactions over tenants on every shard:
+    with ``calls`` (the API's pool size), at most that many connections to a node for
+    commands and that many for transactions, all answered; without, one per overlap."""
+    name = f"gated-{secrets.token_hex(3)}"
+    settings = Settings(data_cluster=data_cluster.seeds)
+    data = connect_data(settings, calls, socket_timeout=5, client_name=name)
+    assert data is not None
+    keys = [f"{{gate-{secrets.token_hex(2)}-{i}}}:n" for i in range(12)]
+
+    async def work(i: int) -> object:
+        key = keys[i % len(keys)]
+        if i % 3 == 0:
+            return await data.incr(key)
+        if i % 3 == 1:
+            async with data.pipeline() as pipe:
+                pipe.incr(key).get(key)
+                return await pipe.execute()
+        return await transaction(data, key, lambda p: (p.incr(key), p.get(key)))
+
+    try:
+        answers = await asyncio.gather(*(work(i) for i in range(200)))
+        assert len(answers) == 200 and all(a is not None for a in answers)
+        total = sum([int(await data.get(key) or 0) for key in keys])
+        assert total == 200  # each incr once
+        counts = await connections_named(data_cluster, name)
+        if calls is None:
+            assert max(counts.values()) > 4, counts
+        else:
+            assert 0 < max(counts.values()) <= 2 * calls, counts
+    finally:
+        await data.close_all()
