@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,7 +124,7 @@ class JobContext:
         self._progress_dirty = False
         self._output: list[str] = []  # written, not yet published
         self._text: list[str] = []  # published this attempt: what a repair rewrites
-        self._last_flush = 0.0
+        self._last_flush = -math.inf  # the first write flushes at once (uptime may be short)
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one flush at a time
         self._write_lock = asyncio.Lock()  # one write (and repair) at a time
