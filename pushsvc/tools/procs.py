@@ -6,6 +6,8 @@ and waiting for another process (nothing to await across processes but its answe
 from __future__ import annotations
 
 import contextlib
+import os
+import random
 import shutil
 import signal
 import socket
@@ -31,11 +33,75 @@ class StartFailed(OSError):
     a start fails."""
 
 
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on (now)."""
+# Ports handed out here, one file each, so that two processes on this machine (tests and
+# the stacks they start) never get the same one between choosing it and binding it.
+_TAKEN = Path(tempfile.gettempdir()) / "pushsvc-ports"
+_HELD_S = 600.0  # a port handed out is not handed out again for this long
+_BELOW_EPHEMERAL = 12000  # how many ports under the kernel's ephemeral range to use
+
+
+def free_port(offset: int = 0) -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on (now), nor ``offset`` above it.
+
+    Chosen under the kernel's ephemeral range, so that no outgoing connection of any
+    process takes it before its server binds it, and noted in ``_TAKEN`` so that no
+    other caller gets it meanwhile (a server restarted on its port keeps it)."""
+    ephemeral = _ephemeral_low()
+    low, high = max(1024, ephemeral - _BELOW_EPHEMERAL - offset), ephemeral - 1 - offset
+    if high - low < 1000:  # no room under the ephemeral ports: the kernel's choice
+        return _kernel_port(offset)
+    _TAKEN.mkdir(exist_ok=True)
+    for _ in range(2000):
+        port = random.randint(low, high)
+        ports = (port, port + offset) if offset else (port,)
+        if all(_bindable(p) for p in ports) and all(_take(p) for p in ports):
+            return port
+    raise StartFailed(f"no free port pair {offset} apart in {low}-{high + offset}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _kernel_port(offset: int) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind((LOCALHOST, 0))
+            port = int(sock.getsockname()[1])
+        if not offset or (port + offset <= 65535 and _bindable(port + offset)):
+            return port
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind((LOCALHOST, 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind((LOCALHOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _take(port: int) -> bool:
+    """Note ``port`` as handed out; False when it was, less than ``_HELD_S`` ago."""
+    path = _TAKEN / str(port)
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        pass
+    try:
+        if time.time() - path.stat().st_mtime < _HELD_S:
+            return False
+        # Stale: whoever renames it away first takes it (the rename happens once).
+        os.rename(path, _TAKEN / f"{port}.{os.getpid()}.{random.getrandbits(32)}.old")
+    except FileNotFoundError:
+        return False
+    for old in _TAKEN.glob(f"{port}.*.old"):
+        old.unlink(missing_ok=True)
+    return _take(port)
 
 
 def wait_until(
