@@ -218,10 +218,11 @@ def _not_found(job_id: str) -> NotFound:
     return NotFound(f"no job {job_id!r}", code="job_not_found")
 
 
-async def missing_job(svc: Services, job_id: str) -> ApiError:
-    """What to answer for a job the store does not hold: 404, or 503 while the store is
-    recovering from a restart or failover (the job's worker may still repair it)."""
-    if _job_id_valid(job_id) and await svc.store.recovering():
+async def missing_job(svc: Services, tenant: str, job_id: str) -> ApiError:
+    """What to answer for a job the store does not hold: 404, or 503 while the store (on
+    a cluster, the tenant's shard) is recovering from a restart or failover (the job's
+    worker may still repair it)."""
+    if _job_id_valid(job_id) and await svc.store.recovering(tenant):
         return Unavailable(
             "the job store came back from a restart or failover moments ago and may not "
             "hold this job again yet; try again",
@@ -233,7 +234,7 @@ async def missing_job(svc: Services, job_id: str) -> ApiError:
 async def get_owned_job(svc: Services, tenant: str, job_id: str) -> JobSnapshot:
     snap = await svc.store.snapshot(job_id, tenant) if _job_id_valid(job_id) else None
     if snap is None:
-        raise await missing_job(svc, job_id)
+        raise await missing_job(svc, tenant, job_id)
     return snap
 
 
@@ -254,7 +255,7 @@ async def get_owned_head(svc: Services, tenant: str, job_id: str) -> JobHead:
     _, heads = await svc.reads.heads(tenant, [job_id])
     head = heads[job_id]
     if head is None:
-        raise await missing_job(svc, job_id)
+        raise await missing_job(svc, tenant, job_id)
     if head.tenant != tenant:
         raise _not_found(job_id)
     return head

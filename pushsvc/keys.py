@@ -64,7 +64,9 @@ class Keys:
     def tenant_epoch(self, tenant: str) -> str:
         """Hash: the store's epoch as the tenant's slot knows it (``id``) and the Redis run
         id it was taken on (``run``): on a Redis Cluster each shard's restart or failover
-        starts new histories for its own tenants only (lua/publish_fn.lua)."""
+        starts new histories for its own tenants only (lua/publish_fn.lua); and when it
+        was last taken over from another run (``recovered_at``, epoch seconds: the
+        tenant's grace for missing jobs on a cluster, lua/grace.lua)."""
         return f"{self.tenant_tag(tenant)}:epoch"
 
     def tenant_log(self, tenant: str) -> str:

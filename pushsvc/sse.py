@@ -192,7 +192,7 @@ async def many_events(request: Request) -> Response:
     tpos, heads = await svc.reads.heads(tenant, job_ids)
     for job_id, head in heads.items():
         if head is None and last_id is None:
-            raise await missing_job(svc, job_id)
+            raise await missing_job(svc, tenant, job_id)
     # A resume may name a job the store lost, never another tenant's.
     unknown = [job_id for job_id, head in heads.items() if head is None]
     if unknown and (foreign := await not_theirs(svc, tenant, unknown)):

@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .batching import ScriptBatch
 from .data_plane import DataCluster, settled, transaction
-from .epoch import StreamPosition, run_id_arg
+from .epoch import StreamPosition, new_epoch, run_id_arg
 from .fields import EVENT_EXCLUDE, decode_fields, to_snapshot
 from .frames import Frame
 from .keys import Keys
@@ -74,6 +74,7 @@ class JobStore:
         self._repair = self.redis.register_script(fn + _lua("repair.lua"))
         self._read = self.redis.register_script(_lua("read.lua"))
         self._scan = self.redis.register_script(_lua("scan.lua"))
+        self._grace = self.redis.register_script(_lua("grace.lua"))
         self._batch = ScriptBatch(self.redis, self._publish) if batched else None
         # The queue plane, where attempts waiting in an outbox are handed over, and the
         # keys without a tenant's tag (whose a job is, the tenants): this Redis while
@@ -346,22 +347,25 @@ class JobStore:
             return None
         return decode_fields(raw, output), _last_frame(job_id, entries)
 
-    async def recovering(self) -> bool:
-        """Did the store start a new epoch (a restart, a failover, an empty Redis) less
-        than ``state_lost_grace_s`` ago? Then a missing job may still be repaired by the
-        worker running it: it is not known to be gone yet."""
-        left = await self.grace_left()
+    async def recovering(self, tenant: str) -> bool:
+        """Did the store (on a cluster: the tenant's shard) start a new epoch (a restart,
+        a failover, an empty Redis) less than ``state_lost_grace_s`` ago? Then a missing
+        job may still be repaired by the worker running it: it is not known to be gone
+        yet."""
+        left = await self.grace_left(tenant)
         return left is not None and left > 0
 
-    async def grace_left(self) -> float | None:
+    async def grace_left(self, tenant: str) -> float | None:
         """Seconds left of the grace that the store's last recovery gives missing jobs
         (0 once it is over); None for a store no process knew before (a new deployment,
-        not a loss), or when no recovery was recorded yet. None on a cluster: the
-        store-wide epoch is one Redis's (each tenant's epoch still changes with its
-        shard, so streams are right; a job lost in a shard's failover answers 404 at
-        once, not 503 for the grace)."""
+        not a loss), or when no recovery was recorded yet. On a cluster, the tenant's
+        shard's last failover or restart with data (lua/grace.lua: the store-wide epoch
+        is one Redis's; a shard that came back empty is a new tenant's to it)."""
         if isinstance(self.redis, DataCluster):
-            return None
+            key = self.keys.tenant_epoch(tenant)
+            args = [run_id_arg(self.redis), new_epoch()]
+            since = int(await self._grace(keys=[key], args=args))
+            return None if since < 0 else max(0.0, self.settings.state_lost_grace_s - since)
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.epoch, ["id", "recovered", "recovered_at"])
             pipe.time()

@@ -149,7 +149,7 @@ class _Stream:
         new = [job_id for job_id in job_ids if job_id not in self.missing]
         if not new:
             return
-        left = await self.store.grace_left()
+        left = await self.store.grace_left(self.tenant)
         due = time.monotonic() + (self.settings.state_lost_grace_s if left is None else left)
         for job_id in new:
             self.missing[job_id] = due

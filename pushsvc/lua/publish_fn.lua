@@ -43,6 +43,9 @@ local function store_epoch()
   local cur = redis.call('HMGET', K_EPOCH, 'id', 'run')
   if cur[1] and (A_RUN_ID == '' or cur[2] == A_RUN_ID) then return cur[1] end
   redis.call('HSET', K_EPOCH, 'id', A_FRESH_EPOCH, 'run', A_RUN_ID)
+  if cur[1] then  -- another Redis than it was taken on: missing jobs get a grace (grace.lua)
+    redis.call('HSET', K_EPOCH, 'recovered_at', redis.call('TIME')[1])
+  end
   return A_FRESH_EPOCH
 end
 

@@ -113,6 +113,15 @@ class LocalCluster:
         port = next(p for (lo, hi), p in self.slot_owners().items() if lo <= slot <= hi)
         return next(n for n in self.nodes if n.port == port)
 
+    def replicas_of(self, node: ClusterNode) -> list[ClusterNode]:
+        """The nodes replicating primary ``node`` now (each one's INFO replication)."""
+        found = []
+        for other in self.nodes:
+            info = other.replication()
+            if info.get("role") == "slave" and info.get("master_port") == node.port:
+                found.append(other)
+        return found
+
     def node_id(self, node: ClusterNode) -> str:
         with redis.Redis(port=node.port, socket_timeout=2) as client:
             return str(client.execute_command("CLUSTER", "MYID").decode())

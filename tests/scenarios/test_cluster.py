@@ -5,18 +5,22 @@ sockets, for tenants whose slots are on different shards."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.tools.cluster import LocalCluster
+from pushsvc.tools.procs import wait_until
 
 from ..conftest import TENANTS, stack_env
 from ..procs import Api, Proc, RedisServer
@@ -234,3 +238,72 @@ async def test_a_slot_moved_mid_stream_loses_nothing(
     )
     assert cluster.owner(slot).port == target.port
     await check_after_fault(c, followed)
+
+
+async def test_a_job_a_shard_lost_in_its_failover_is_recovering_for_the_grace_then_gone(
+    cluster: LocalCluster, redis_server: RedisServer
+) -> None:
+    """A job written to its shard's primary only (the replica stopped, SIGSTOP, and its
+    link cut), then the primary killed and the replica promoted: the job is gone. As on
+    one Redis, GET answers 503 ``state_recovering`` for ``PUSHSVC_STATE_LOST_GRACE_S``
+    (its worker may still write it again; none runs here), then 404; a job the replica
+    had stays.
+    Was: 404 at once (the grace was the store-wide epoch's, one Redis's)."""
+    grace = 4.0
+    namespace = f"g{secrets.token_hex(3)}"
+    env = stack_env(
+        redis_server.url, namespace, data_cluster=cluster.seeds, state_lost_grace_s=str(grace)
+    )
+    key = next(
+        k
+        for k, port in owners(cluster, namespace).items()
+        if cluster.replicas_of(next(n for n in cluster.nodes if n.port == port))
+    )
+    slot = key_slot(Keys(namespace).tenant_tag(TENANTS[key]).encode())
+    primary = cluster.owner(slot)
+    replica = cluster.replicas_of(primary)[0]
+    api = Api([], env).start()  # no worker: nothing writes the lost job again
+    try:
+        async with httpx.AsyncClient(
+            base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=PATIENCE
+        ) as c:
+            kept = await submit(c, {"steps": 1})  # and the tenant's epoch, on the replica too
+            await asyncio.to_thread(wait_until, cluster.ok, 30, "the replicas in sync")
+            assert replica.proc is not None
+            replica.proc.send_signal(signal.SIGSTOP)
+            try:
+                # Its link cut too (else the kernel holds what is sent for it): the replica
+                # cannot come back for it while stopped.
+                async with Redis(port=primary.port) as client:
+                    assert await client.client_kill_filter(_type="slave") == 1
+                lost = await submit(c, {"steps": 1})
+            finally:  # once the primary is gone, the replica goes on and takes over
+                resume = functools.partial(replica.proc.send_signal, signal.SIGCONT)
+                await asyncio.to_thread(cluster.fail_over, primary, on_kill=resume)
+            answers = await answers_until_gone(c, lost, within=grace + 30)
+            assert (await c.get(f"/v1/jobs/{kept}")).status_code == 200
+    finally:
+        api.stop()
+        await asyncio.to_thread(cluster.rejoin, primary)
+    recovering = [at for at, code in answers if code == "state_recovering"]
+    assert recovering, answers  # 503 first, while the grace lasts
+    assert answers[-1][1] == "job_not_found" and answers[-1][0] - recovering[0] >= grace - 1.5
+    assert [code for _, code in answers if code != "redis_unavailable"] == [
+        *["state_recovering"] * len(recovering),
+        "job_not_found",
+    ], answers
+
+
+async def answers_until_gone(
+    c: httpx.AsyncClient, job_id: str, within: float
+) -> list[tuple[float, str]]:
+    """GET the job (as a poller does, 0.2 s apart) until it answers 404: when each answer
+    came, and its error code (503s while the shard fails over or recovers)."""
+    answers: list[tuple[float, str]] = []
+    async with asyncio.timeout(within):
+        while not answers or answers[-1][1] != "job_not_found":
+            resp = await c.get(f"/v1/jobs/{job_id}")
+            assert resp.status_code in (404, 503), (resp.status_code, resp.text)
+            answers.append((time.monotonic(), resp.json()["error"]["code"]))
+            await asyncio.sleep(0.2)
+    return answers
