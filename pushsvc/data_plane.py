@@ -110,6 +110,9 @@ class DataCluster(RedisCluster):
         # a limit rather than waiting for it, so the wait is here).
         self._gate = asyncio.Semaphore(calls) if calls else None
         seeds = [ClusterNode(host, port) for host, port in self._seeds]
+        if password := settings.data_cluster_password.get_secret_value():
+            kwargs.setdefault("password", password)
+            kwargs.setdefault("username", settings.data_cluster_username or None)
         # One try of a pipeline (0 would make none), and no connection-level retries.
         kwargs.setdefault("cluster_error_retry_attempts", 1)
         kwargs.setdefault("connection_error_retry_attempts", 0)
@@ -123,7 +126,9 @@ class DataCluster(RedisCluster):
         for node in nodes.startup_nodes.values():
             self._fit(node)
         self._options = {
-            k: v for k, v in kwargs.items() if k.startswith("socket_") or k == "client_name"
+            k: v
+            for k, v in kwargs.items()
+            if k.startswith("socket_") or k in ("client_name", "username", "password")
         }
         self._by_node: dict[tuple[str, int], Redis] = {}
 

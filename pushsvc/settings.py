@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     # its nodes as "host:port,host:port" (any node will do; the rest are found). Empty:
     # the data plane is the Redis of ``redis_url``, with the queue.
     data_cluster: Annotated[tuple[tuple[str, int], ...], NoDecode] = ()
+    # The cluster's AUTH, for commands and pub/sub alike (an ACL user, or "" for the
+    # default one; no password: no AUTH).
+    data_cluster_username: str = ""
+    data_cluster_password: SecretStr = SecretStr("")
     # "key=tenant,key2=tenant2"; empty means one local tenant without auth (loopback only).
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     secret: SecretStr = SecretStr("")

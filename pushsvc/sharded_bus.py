@@ -31,6 +31,7 @@ from glide import (
     Logger,
     LogLevel,
     NodeAddress,
+    ServerCredentials,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -89,7 +90,18 @@ class ShardedBus(EventBus):
             callback=None,
             context=None,
         )
-        config = _Config(addresses, request_timeout=self._timeout_ms, pubsub_subscriptions=subs)
+        password = self.settings.data_cluster_password.get_secret_value()
+        credentials = (
+            ServerCredentials(password, self.settings.data_cluster_username or None)
+            if password
+            else None
+        )
+        config = _Config(
+            addresses,
+            credentials=credentials,
+            request_timeout=self._timeout_ms,
+            pubsub_subscriptions=subs,
+        )
         try:
             self._glide = await GlideClusterClient.create(config)
         except GlideError as exc:  # a connection error: the base class's loop retries

@@ -5,6 +5,7 @@ and their replicas as ``redis-server`` processes on free ports (``redis-server
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -35,14 +36,14 @@ class ClusterNode(RedisServer):
     )  # fmt: skip
 
     def cluster_info(self) -> dict[str, str]:
-        with redis.Redis(port=self.port, socket_timeout=2) as client:
+        with self.client() as client:
             text = client.execute_command("CLUSTER", "INFO")
         text = text.decode() if isinstance(text, bytes) else str(text)
         pairs = (line.split(":", 1) for line in text.splitlines() if ":" in line)
         return {k: v.strip() for k, v in pairs}
 
     def replication(self) -> dict[str, object]:
-        with redis.Redis(port=self.port, socket_timeout=2) as client:
+        with self.client() as client:
             return dict(client.info("replication"))
 
 
@@ -52,6 +53,7 @@ class LocalCluster:
 
     primaries: int = 3
     replicas: int = 1
+    password: str = ""  # every node's (AUTH), when set
     nodes: list[ClusterNode] = field(default_factory=list)
     cli: str = field(default_factory=lambda: shutil.which("redis-cli") or "redis-cli")
 
@@ -64,10 +66,11 @@ class LocalCluster:
         """Start the nodes, join them, and wait until each says the cluster is ok."""
         try:
             for _ in range(self.primaries * (1 + self.replicas)):
-                self.nodes.append(ClusterNode().start())
+                self.nodes.append(ClusterNode(password=self.password).start())
             args = [self.cli, "--cluster", "create", *self.seeds.split(",")]
             args += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
-            done = subprocess.run(args, capture_output=True, timeout=timeout, check=False)
+            env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
+            done = subprocess.run(args, capture_output=True, timeout=timeout, check=False, env=env)
             if done.returncode != 0:
                 raise StartFailed(f"redis-cli --cluster create failed: {done.stdout[-2000:]!r}")
             wait_until(self.ok, timeout, "every node saying cluster_state:ok")
@@ -101,7 +104,7 @@ class LocalCluster:
         """Each slot range and the port of the primary that serves it (CLUSTER SLOTS)."""
         for node in self.nodes:
             try:
-                with redis.Redis(port=node.port, socket_timeout=2) as client:
+                with node.client() as client:
                     rows = client.execute_command("CLUSTER", "SLOTS")
             except redis.RedisError:
                 continue
@@ -123,7 +126,7 @@ class LocalCluster:
         return found
 
     def node_id(self, node: ClusterNode) -> str:
-        with redis.Redis(port=node.port, socket_timeout=2) as client:
+        with node.client() as client:
             return str(client.execute_command("CLUSTER", "MYID").decode())
 
     def fail_over(
@@ -162,14 +165,15 @@ class LocalCluster:
         source = self.owner(slot)
         src_id, dst_id = self.node_id(source), self.node_id(target)
         with (
-            redis.Redis(port=source.port, socket_timeout=10) as src,
-            redis.Redis(port=target.port, socket_timeout=10) as dst,
+            source.client(10) as src,
+            target.client(10) as dst,
         ):
             dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
             src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
             while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
+                auth = ("AUTH", self.password) if self.password else ()
                 src.execute_command(
-                    "MIGRATE", LOCALHOST, target.port, "", 0, 10000, "REPLACE", "KEYS", *keys
+                    "MIGRATE", LOCALHOST, target.port, "", 0, 10000, "REPLACE", *auth, "KEYS", *keys
                 )
                 pause()
             dst.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
@@ -177,7 +181,7 @@ class LocalCluster:
         for node in self.nodes:
             if node.port not in (source.port, target.port):
                 with contextlib.suppress(redis.RedisError):
-                    with redis.Redis(port=node.port, socket_timeout=2) as client:
+                    with node.client() as client:
                         client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
 
     def rejoin(self, node: ClusterNode, timeout: float = 60) -> None:

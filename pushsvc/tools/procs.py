@@ -171,11 +171,15 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def pings(port: int) -> bool:
+def pings(port: int, password: str = "") -> bool:
     """Does the Redis on ``port`` of 127.0.0.1 answer PING (not LOADING, not down)?"""
     try:
         with redis.Redis(
-            host=LOCALHOST, port=port, socket_connect_timeout=0.5, socket_timeout=1
+            host=LOCALHOST,
+            port=port,
+            password=password or None,
+            socket_connect_timeout=0.5,
+            socket_timeout=1,
         ) as client:
             return bool(client.ping())
     except redis.RedisError:
@@ -188,13 +192,15 @@ class RedisServer:
 
     No automatic saves, but BGSAVE and SAVE work, and :meth:`start` after :meth:`kill`
     comes back on the same port with whatever the directory holds. ``persistence``: the
-    append-only file's options (off; a subclass may turn it on).
+    append-only file's options (off; a subclass may turn it on). ``password``: AUTH
+    required (and given to a primary it replicates).
     """
 
     port: int = field(default_factory=free_port)
     dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="pushsvc-redis-"))
     exe: str = field(default_factory=lambda: shutil.which("redis-server") or "redis-server")
     proc: subprocess.Popen[bytes] | None = None
+    password: str = ""
     persistence: ClassVar[tuple[str, ...]] = ("--appendonly", "no")
 
     @property
@@ -205,6 +211,8 @@ class RedisServer:
         """Start it and wait until it answers (it is killed again when it does not)."""
         args = [self.exe, "--port", str(self.port), "--bind", LOCALHOST, "--save", ""]
         args += [*self.persistence, "--dir", self.dir]
+        if self.password:
+            args += ["--requirepass", self.password, "--masterauth", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             # PING answers LOADING (an error) until an RDB or append-only file is read back.
@@ -220,7 +228,11 @@ class RedisServer:
         return self.answers()
 
     def answers(self) -> bool:
-        return pings(self.port)
+        return pings(self.port, self.password)
+
+    def client(self, timeout: float = 2) -> redis.Redis:
+        """A client of it (a ``with`` closes it)."""
+        return redis.Redis(port=self.port, password=self.password or None, socket_timeout=timeout)
 
     def kill(self) -> None:
         """SIGKILL: nothing is saved on the way out; the directory stays."""

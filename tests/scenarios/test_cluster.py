@@ -307,3 +307,38 @@ async def answers_until_gone(
             answers.append((time.monotonic(), resp.json()["error"]["code"]))
             await asyncio.sleep(0.2)
     return answers
+
+
+async def test_a_cluster_that_requires_auth_serves_jobs_and_their_streams(
+    redis_server: RedisServer,
+) -> None:
+    """Every node with ``requirepass``: the API and the worker AUTH with
+    ``PUSHSVC_DATA_CLUSTER_PASSWORD`` on commands, transactions and sharded pub/sub
+    alike (a job made, run and streamed to its end), and the password is in no log."""
+    password = f"pw-{secrets.token_hex(8)}"
+    cluster = LocalCluster(replicas=0, password=password).start()
+    namespace = f"a{secrets.token_hex(3)}"
+    env = stack_env(
+        redis_server.url,
+        namespace,
+        data_cluster=cluster.seeds,
+        data_cluster_password=password,
+        log_level="debug",
+    )
+    worker, api = Proc(["worker"], env).start(), Api([], env).start()
+    try:
+        key = tenant_of_shard(cluster, namespace)
+        async with httpx.AsyncClient(
+            base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=PATIENCE
+        ) as c:
+            job_id = await submit(c, {"steps": 5, "interval_ms": 10})
+            stream = await follow(c, f"/v1/jobs/{job_id}/events", Stream())
+            assert stream.events[-1].kind == "completed" and stream.status == 0
+            assert_seamless(stream.events)
+            assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
+    finally:
+        api.stop()
+        worker.stop()
+        cluster.stop()
+    for proc in (api, worker):
+        assert password not in proc.output()
