@@ -152,12 +152,17 @@ class DataCluster(RedisCluster):
         calls it makes: a pipeline's redirected commands go one by one)."""
         if self._gate is None or _GATED.get():
             return await call()
-        async with self._gate:
-            token = _GATED.set(True)
-            try:
-                return await call()
-            finally:
-                _GATED.reset(token)
+        try:  # as long as one Redis's blocking pool waits for a connection
+            async with asyncio.timeout(_SETTLE_S):
+                await self._gate.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("no data-plane call place came free in 5 s") from None
+        token = _GATED.set(True)
+        try:
+            return await call()
+        finally:
+            _GATED.reset(token)
+            self._gate.release()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         self._reseed()

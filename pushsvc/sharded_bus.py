@@ -66,6 +66,7 @@ class ShardedBus(EventBus):
         self._pings: dict[str, _Ping] = {}  # tenant tag -> its ping channel's state
         self._pinger: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # channel -> lock, its users
+        self._subscribing: dict[str, asyncio.Task[None]] = {}  # channel -> its subscribe
 
     async def __aenter__(self) -> ShardedBus:
         await super().__aenter__()
@@ -76,6 +77,10 @@ class ShardedBus(EventBus):
         if self._pinger is not None:
             self._pinger.cancel()
             await asyncio.gather(self._pinger, return_exceptions=True)
+        sending = list(self._subscribing.values())
+        for task in sending:
+            task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
         await super().__aexit__(*exc)
         if self._glide is not None:
             with contextlib.suppress(Exception):
@@ -170,9 +175,23 @@ class ShardedBus(EventBus):
         if self._glide is None:
             await self._wait_confirmed(entry)
             return
-        await self._send_subscribe(channel, entry)
+        # One subscribe at a time per channel, which all its waiting streams share: each
+        # waits at most stream_subscribe_timeout_s, however many wait (they send
+        # heartbeats in between, and time out their wait for Redis).
+        sending = self._subscribing.get(channel)
+        if sending is None or sending.done():
+            sending = asyncio.create_task(self._send_subscribe(channel, entry))
+            self._subscribing[channel] = sending
+            sending.add_done_callback(lambda done: self._sent(channel, done))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.stream_subscribe_timeout_s):
+                await asyncio.shield(sending)
         if not entry.confirmed.done():
             raise RedisConnectionError("sharded subscription not confirmed")
+
+    def _sent(self, channel: str, done: asyncio.Task[None]) -> None:
+        if self._subscribing.get(channel) is done:
+            del self._subscribing[channel]
 
     async def _send_subscribe(self, channel: str, entry: _Channel) -> None:
         async with self._serial(channel):

@@ -101,15 +101,22 @@ def assert_gap_free(stream: Stream, job_id: str) -> None:
         assert body == list(range(start + 1, start + 1 + len(body))), seqs
 
 
-def assert_ids_cover(events: list[Event], first: int, last: int) -> int:
-    """Ids ``first`` to ``last`` in order, each once; an id skipped only by a ``progress``
-    or ``output`` event, which the contract lets a slow reader's buffer merge into the
-    newest (its id is the newest it covers). Returns how many events were merged away."""
+def assert_ids_cover(events: list[Event], first: int, last: int, logged: dict[int, str]) -> int:
+    """Ids ``first`` to ``last`` in order, each once; ids skipped only where a ``progress``
+    or ``output`` event stands for the ones before it, of its kind in the job's log
+    (``logged``: id -> kind), which the contract lets a slow reader's buffer merge into the
+    newest. Returns how many events were merged away."""
     prev, skipped = first - 1, 0
     for event in events:
         assert event.id > prev, [e.id for e in events]
         if event.id > prev + 1:
-            assert event.kind in ("progress", "output"), (prev, event.id, event.kind)
+            kinds = {logged[i] for i in range(prev + 1, event.id)}
+            assert event.kind in ("progress", "output") and kinds == {event.kind}, (
+                prev,
+                event.id,
+                event.kind,
+                kinds,
+            )
             skipped += event.id - prev - 1
         prev = event.id
     assert prev == last, [e.id for e in events]

@@ -12,4 +12,4 @@ if cur[1] and ARGV[1] ~= '' and cur[2] ~= ARGV[1] then
   return 0
 end
 if not cur[3] then return -1 end
-return now - tonumber(cur[3])
+return math.max(0, now - tonumber(cur[3]))  -- noted by another node: its clock may lead

@@ -14,7 +14,7 @@ from typing import ClassVar, Self
 
 import redis
 
-from .procs import LOCALHOST, RedisServer, StartFailed, free_port, wait_until
+from .procs import LOCALHOST, RedisServer, StartFailed, free_port, hold_port, wait_until
 
 BUS_OFFSET = 10000  # a node's cluster bus listens this many ports above its own
 
@@ -34,6 +34,10 @@ class ClusterNode(RedisServer):
         "--appendonly", "no", "--cluster-enabled", "yes",
         "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
     )  # fmt: skip
+
+    def start(self, timeout: float = 30) -> Self:
+        hold_port(self.port + BUS_OFFSET)
+        return super().start(timeout)
 
     def cluster_info(self) -> dict[str, str]:
         with self.client() as client:

@@ -50,13 +50,23 @@ def free_port(offset: int = 0) -> int:
     low, high = max(1024, ephemeral - _BELOW_EPHEMERAL - offset), ephemeral - 1 - offset
     if high - low < 1000:  # no room under the ephemeral ports: the kernel's choice
         return _kernel_port(offset)
-    _TAKEN.mkdir(exist_ok=True)
-    for _ in range(2000):
-        port = random.randint(low, high)
-        ports = (port, port + offset) if offset else (port,)
-        if all(_bindable(p) for p in ports) and all(_take(p) for p in ports):
-            return port
+    try:
+        _TAKEN.mkdir(exist_ok=True)
+        for _ in range(2000):
+            port = random.randint(low, high)
+            ports = (port, port + offset) if offset else (port,)
+            if all(_bindable(p) for p in ports) and all(_take(p) for p in ports):
+                return port
+    except PermissionError:  # another user's notes: the kernel's choice
+        return _kernel_port(offset)
     raise StartFailed(f"no free port pair {offset} apart in {low}-{high + offset}")
+
+
+def hold_port(port: int) -> None:
+    """Note ``port`` as handed out again, from now (a server started or restarted on it:
+    while it is down, no other caller gets it)."""
+    with contextlib.suppress(OSError):
+        (_TAKEN / str(port)).touch()
 
 
 def _ephemeral_low() -> int:
@@ -211,6 +221,7 @@ class RedisServer:
         """Start it and wait until it answers (it is killed again when it does not)."""
         args = [self.exe, "--port", str(self.port), "--bind", LOCALHOST, "--save", ""]
         args += [*self.persistence, "--dir", self.dir]
+        hold_port(self.port)
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,7 +20,6 @@ from redis.crc import key_slot
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.tools.cluster import LocalCluster
-from pushsvc.tools.procs import wait_until
 
 from ..conftest import TENANTS, stack_env
 from ..procs import Api, Proc, RedisServer
@@ -223,6 +222,7 @@ async def test_a_primary_killed_mid_stream_loses_nothing(
     assert cluster.owner(slot).port != primary.port
     for c, one in zip(clients, followed, strict=True):
         await check_after_fault(c, one)
+    await asyncio.to_thread(cluster.rejoin, primary)  # the cluster whole, for the next test
 
 
 async def test_a_slot_moved_mid_stream_loses_nothing(
@@ -268,18 +268,18 @@ async def test_a_job_a_shard_lost_in_its_failover_is_recovering_for_the_grace_th
             base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=PATIENCE
         ) as c:
             kept = await submit(c, {"steps": 1})  # and the tenant's epoch, on the replica too
-            await asyncio.to_thread(wait_until, cluster.ok, 30, "the replicas in sync")
             assert replica.proc is not None
-            replica.proc.send_signal(signal.SIGSTOP)
-            try:
-                # Its link cut too (else the kernel holds what is sent for it): the replica
-                # cannot come back for it while stopped.
-                async with Redis(port=primary.port) as client:
+            async with Redis(port=primary.port) as client:
+                assert await client.execute_command("WAIT", 1, 10000) == 1  # the replica has it
+                replica.proc.send_signal(signal.SIGSTOP)
+                try:
+                    # Its link cut too (else the kernel holds what is sent for it): the
+                    # replica cannot come back for it while stopped.
                     assert await client.client_kill_filter(_type="slave") == 1
-                lost = await submit(c, {"steps": 1})
-            finally:  # once the primary is gone, the replica goes on and takes over
-                resume = functools.partial(replica.proc.send_signal, signal.SIGCONT)
-                await asyncio.to_thread(cluster.fail_over, primary, on_kill=resume)
+                    lost = await submit(c, {"steps": 1})
+                finally:  # once the primary is gone, the replica goes on and takes over
+                    resume = functools.partial(replica.proc.send_signal, signal.SIGCONT)
+                    await asyncio.to_thread(cluster.fail_over, primary, on_kill=resume)
             answers = await answers_until_gone(c, lost, within=grace + 30)
             assert (await c.get(f"/v1/jobs/{kept}")).status_code == 200
     finally:

@@ -273,6 +273,9 @@ async def test_noisy_streams_and_reads_leave_another_tenant_served(
             merged = metric(figures, "pushsvc_frames_merged")
             final = await get_job(http, "key-a", jobs.noisy)
             replay_final = await get_job(http, "key-c", jobs.replayed)
+            # The job's log from the herd's position: what each herd stream stood for.
+            resume = {**auth("key-a"), "Last-Event-ID": jobs.resume}
+            logged = await collect(streams, f"/v1/jobs/{jobs.noisy}/events", headers=resume)
             await until_metric(http, "pushsvc_open_streams", 0, within=20)
         api_log = api.output()
 
@@ -292,9 +295,11 @@ async def test_noisy_streams_and_reads_leave_another_tenant_served(
         assert line not in api_log, f"the API log has {line!r}"
     assert final["status"] == "cancelled"
     first, skipped = int(jobs.resume.partition(".")[0]) + 1, 0
+    assert [e.id for e in logged.events] == list(range(first, final["seq"] + 1))
+    kinds = {e.id: e.kind for e in logged.events}
     for stream in seen.herd:  # each resumed where it was, on to the terminal event
         assert stream.closed, describe(stream.events[-3:])
-        skipped += assert_ids_cover(stream.events, first, final["seq"])
+        skipped += assert_ids_cover(stream.events, first, final["seq"], kinds)
         assert stream.events[-1].kind == "cancelled"
     assert skipped <= merged, f"{skipped} events merged away, {merged:.0f} merges counted"
     for stream in seen.late:  # the whole 10 MiB snapshot, intact, after the wait
