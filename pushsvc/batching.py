@@ -66,10 +66,19 @@ class ScriptBatch:
         except BaseException:
             _fail(batch, RedisConnectionError("stopped before Redis answered"))
             raise
-        pairs = list(zip(batch, replies, strict=True))
-        missing = [call for call, r in pairs if _no_script(r)]
-        moving = [call for call, r in pairs if unsettled(r)]  # a slot moving, a failover
-        _answer([(call, r) for call, r in pairs if not (_no_script(r) or unsettled(r))])
+        answered: list[tuple[Call, Any]] = []
+        missing: list[Call] = []
+        moving: list[Call] = []  # a slot moving, a failover
+        for call, reply in zip(batch, replies, strict=True):
+            if not isinstance(reply, Exception):  # nearly every reply: one test
+                answered.append((call, reply))
+            elif _no_script(reply):
+                missing.append(call)
+            elif unsettled(reply):
+                moving.append(call)
+            else:
+                answered.append((call, reply))
+        _answer(answered)
         if moving:  # each on its own, through the cluster client, which waits for it
             await asyncio.gather(*(self._alone(call) for call in moving))
         if missing:  # a Redis that restarted or was flushed: load it, send those again

@@ -64,6 +64,7 @@ class ShardedBus(EventBus):
         self._glide: GlideClusterClient | None = None
         self._timeout_ms = int(settings.stream_subscribe_timeout_s * 1000)
         self._pings: dict[str, _Ping] = {}  # tenant tag -> its ping channel's state
+        self._ping_tags: dict[str, str] = {}  # ping channel -> its tenant tag
         self._pinger: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # channel -> lock, its users
         self._subscribing: dict[str, asyncio.Task[None]] = {}  # channel -> its subscribe
@@ -112,6 +113,7 @@ class ShardedBus(EventBus):
         except GlideError as exc:  # a connection error: the base class's loop retries
             raise ConnectionError(f"the data cluster is unreachable ({exc})") from exc
         self._pings.clear()
+        self._ping_tags.clear()
         for entry in self._channels.values():
             entry.unconfirm()  # confirmed on the old client: confirm again
         self.connected.set()
@@ -138,10 +140,10 @@ class ShardedBus(EventBus):
                 msg = await glide.get_pubsub_message()
                 channel = msg.channel.decode() if isinstance(msg.channel, bytes) else msg.channel
                 data = msg.message if isinstance(msg.message, bytes) else msg.message.encode()
-                ping = self._pings.get(_tag(channel))
-                if ping is not None and channel == ping.channel:
-                    if ping.answered(int(data)):
-                        self._refill(_tag(channel))
+                tag = self._ping_tags.get(channel)
+                if tag is not None:
+                    if self._pings[tag].answered(int(data)):
+                        self._refill(tag)
                     continue
                 self._route(channel, data)
         except GlideError as exc:  # the client is closed or broken: the loop makes another
@@ -242,9 +244,12 @@ class ShardedBus(EventBus):
     async def _ping_all(self, glide: GlideClusterClient) -> None:
         tags = {_tag(name) for name in self._channels} - {""}
         for tag in set(self._pings) - tags:
-            ping = self._pings.pop(tag)
+            gone = self._pings.pop(tag, None)
+            if gone is None:
+                continue  # a new client meanwhile cleared them
+            self._ping_tags.pop(gone.channel, None)
             with contextlib.suppress(GlideError, TimeoutError):
-                await glide.sunsubscribe({ping.channel}, timeout_ms=self._timeout_ms)
+                await glide.sunsubscribe({gone.channel}, timeout_ms=self._timeout_ms)
         for tag in tags:
             known = self._pings.get(tag)
             if known is None:
@@ -256,6 +261,7 @@ class ShardedBus(EventBus):
                 if glide is not self._glide:
                     return  # a new client meanwhile: the next round starts on it
                 self._pings[tag] = ping
+                self._ping_tags[ping.channel] = tag
             else:
                 ping = known
             if ping.overdue():
