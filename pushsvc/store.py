@@ -252,15 +252,11 @@ class JobStore:
     async def remember_tenant(self, tenant: str, job_id: str) -> None:
         """Note whose the job is, and list the tenant again (a Redis that came back empty
         forgot both)."""
-        if self.one_plane:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                self._list(pipe, tenant, job_id)
-                await pipe.execute()
-            return
         async with self.queue.redis.pipeline(transaction=False) as pipe:
-            self._list(pipe, tenant, job_id, tenants=False)
+            self._list(pipe, tenant, job_id, tenants=self.one_plane)
             await pipe.execute()
-        await self.redis.sadd(self.keys.tenants, tenant)  # type: ignore[misc]
+        if not self.one_plane:  # the tenants are the data plane's
+            await self.redis.sadd(self.keys.tenants, tenant)  # type: ignore[misc]
 
     def _list(self, pipe: Any, tenant: str, job_id: str, *, tenants: bool = True) -> None:
         """Whose the job is (keys.job_tenant: the queue plane's), for as long as a job is

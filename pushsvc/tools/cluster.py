@@ -174,8 +174,8 @@ class LocalCluster:
         ):
             dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
             src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            auth = ("AUTH", self.password) if self.password else ()
             while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch):
-                auth = ("AUTH", self.password) if self.password else ()
                 src.execute_command(
                     "MIGRATE", LOCALHOST, target.port, "", 0, 10000, "REPLACE", *auth, "KEYS", *keys
                 )
