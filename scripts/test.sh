@@ -22,4 +22,7 @@ PY=${PYTHON:-python3}
 
 .venv/bin/ruff check pushsvc tests
 .venv/bin/mypy
-.venv/bin/pytest "$@"
+# Two processes, each test file whole on one of them (its module fixtures start once);
+# each process has its own Redis, ports are reserved across them (tests/procs.free_port).
+# Arguments after the script's name override these: `bash scripts/test.sh -n 0 tests/x.py`.
+.venv/bin/pytest -n 2 --dist loadfile "$@"
