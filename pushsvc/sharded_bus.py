@@ -68,6 +68,7 @@ class ShardedBus(EventBus):
         self._pinger: asyncio.Task[None] | None = None
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # channel -> lock, its users
         self._subscribing: dict[str, asyncio.Task[None]] = {}  # channel -> its subscribe
+        self._mending: dict[str, asyncio.Task[None]] = {}  # tenant tag -> its re-subscribe
 
     async def __aenter__(self) -> ShardedBus:
         await super().__aenter__()
@@ -78,7 +79,7 @@ class ShardedBus(EventBus):
         if self._pinger is not None:
             self._pinger.cancel()
             await asyncio.gather(self._pinger, return_exceptions=True)
-        sending = list(self._subscribing.values())
+        sending = [*self._subscribing.values(), *self._mending.values()]
         for task in sending:
             task.cancel()
         await asyncio.gather(*sending, return_exceptions=True)
@@ -102,15 +103,15 @@ class ShardedBus(EventBus):
             if password
             else None
         )
-        config = _Config(
-            addresses,
-            credentials=credentials,
-            request_timeout=self._timeout_ms,
-            pubsub_subscriptions=subs,
-        )
         try:
+            config = _Config(
+                addresses,
+                credentials=credentials,
+                request_timeout=self._timeout_ms,
+                pubsub_subscriptions=subs,
+            )
             self._glide = await GlideClusterClient.create(config)
-        except GlideError as exc:  # a connection error: the base class's loop retries
+        except (GlideError, OSError) as exc:  # the base class's loop retries
             raise ConnectionError(f"the data cluster is unreachable ({exc})") from exc
         self._pings.clear()
         self._ping_tags.clear()
@@ -143,7 +144,7 @@ class ShardedBus(EventBus):
                 tag = self._ping_tags.get(channel)
                 if tag is not None:
                     if self._pings[tag].answered(int(data)):
-                        self._refill(tag)
+                        self._trouble(tag)
                     continue
                 self._route(channel, data)
         except GlideError as exc:  # the client is closed or broken: the loop makes another
@@ -221,6 +222,48 @@ class ShardedBus(EventBus):
 
     # -- knowing when messages were lost ----------------------------------------
 
+    def _trouble(self, tag: str) -> None:
+        """Messages of the tenant whose tag this is may have been lost (a ping lost or
+        overdue, or one of its channels no longer subscribed): its streams read the logs
+        now, and again once each of its channels is subscribed for sure. After a failover
+        glide subscribes them again by itself, unannounced, one by one, and may do the
+        tenant's ping channel well before its streams' channels: events published in
+        between reach no stream, and nothing else would tell."""
+        self._refill(tag)
+        mending = self._mending.get(tag)
+        if mending is None or mending.done():
+            self._mending[tag] = asyncio.create_task(self._mend(tag), name="pushsvc-bus-mend")
+
+    async def _mend(self, tag: str) -> None:
+        """Subscribe each of the tenant's channels, waiting for each to be confirmed (one
+        already subscribed is confirmed at once), then refill its streams; again after a
+        ping's time while the shard does not answer. A new client does the same for every
+        channel itself (:meth:`_connect`)."""
+        try:
+            while (glide := self._glide) is not None:
+                try:
+                    for channel in [n for n in self._channels if _tag(n) == tag]:
+                        async with self._serial(channel):
+                            if channel in self._channels and glide is self._glide:
+                                await glide.ssubscribe({channel}, timeout_ms=self._timeout_ms)
+                except (GlideError, TimeoutError):
+                    await asyncio.sleep(_PING_S)
+                    continue
+                if glide is self._glide:
+                    self._refill(tag)
+                return
+        finally:
+            if self._mending.get(tag) is asyncio.current_task():
+                del self._mending[tag]
+
+    def _unsubscribed(self, actual: set[str]) -> set[str]:
+        """The tags of tenants with a channel confirmed once and not subscribed now."""
+        return {
+            _tag(name)
+            for name, entry in self._channels.items()
+            if name not in actual and entry.confirmed.done() and _tag(name)
+        }
+
     def _refill(self, tag: str) -> None:
         """The streams of the tenant whose tag this is read what they missed from the logs."""
         for name, entry in self._channels.items():
@@ -265,10 +308,17 @@ class ShardedBus(EventBus):
             else:
                 ping = known
             if ping.overdue():
-                self._refill(tag)
+                self._trouble(tag)
             number = ping.send()
             with contextlib.suppress(GlideError, TimeoutError):
                 await glide.publish(str(number), ping.channel, sharded=True)
+        try:  # what glide holds now (no call to the cluster)
+            state = await glide.get_subscriptions()
+        except GlideError:
+            return
+        actual = state.actual_subscriptions.get(_Config.PubSubChannelModes.Sharded, set())
+        for tag in self._unsubscribed(actual) - self._mending.keys():
+            self._trouble(tag)
 
 
 class _Ping:

@@ -155,6 +155,35 @@ async def test_a_channel_subscribed_while_its_shard_fails_over_is_confirmed_once
             await asyncio.to_thread(data_cluster.rejoin, primary)
 
 
+async def test_a_channel_glide_no_longer_holds_is_subscribed_again_and_its_streams_refill(
+    data_cluster: LocalCluster,
+) -> None:
+    """A stream's channel no longer subscribed while its tenant's pings come back (after
+    a failover glide subscribes channels again one by one, the ping channel maybe well
+    before a stream's; here the channel is dropped behind the bus's back): the bus
+    subscribes it again, then tells its streams to refill (what was published meanwhile
+    reached no one). Was: nothing told them, and the stream waited for events forever."""
+    keys, bus, publisher = parts(data_cluster)
+    tenant = tenants_on_each_shard(data_cluster, keys)[0]
+    channel = keys.job_channel(tenant, "j")
+    queue = new_queue()
+    async with bus, publisher:
+        async with bus.subscription(channel, queue, {"j"}) as ready:
+            await ready()
+            glide = bus._glide
+            assert glide is not None
+            await glide.sunsubscribe({channel}, timeout_ms=5000)
+            assert await publisher.execute_command("SPUBLISH", channel, message("j", 1)) == 0
+            told = 0
+            async with asyncio.timeout(20):
+                while not told or bus._mending:  # told at once, and once subscribed again
+                    assert await queue.get(20) == [] and queue.resync
+                    queue.resync, told = False, told + 1
+            assert await publisher.execute_command("SPUBLISH", channel, message("j", 2)) == 1
+            assert [f.seq for f in await queue.get(10)] == [2] and not queue.resync
+            assert bus.reconnects == 1  # on the same client
+
+
 def test_a_ping_that_did_not_come_back_tells_the_streams() -> None:
     ping = _Ping("c")
     assert ping.send() == 1 and not ping.answered(1)  # all back: nothing lost
