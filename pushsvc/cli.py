@@ -10,6 +10,7 @@ import logging
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from .guard import is_loopback
 from .logs import configure_logging, settings_secrets
@@ -24,7 +25,18 @@ RedisUrl = Annotated[str | None, typer.Option(help="Redis URL [PUSHSVC_REDIS_URL
 
 
 def build_settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """The settings, or a usage error (exit 2) naming each bad variable and what is wrong,
+    without its value (a value may be a key or a password)."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            message = error["msg"].removeprefix("Value error, ")
+            if error["loc"] and not message.startswith("PUSHSVC_"):
+                message = f"PUSHSVC_{str(error['loc'][0]).upper()}: {message}"
+            problems.append(message)
+        raise typer.BadParameter("; ".join(problems)) from None
 
 
 def _setup_logging(settings: Settings) -> None:
