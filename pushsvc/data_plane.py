@@ -19,14 +19,15 @@ import asyncio
 import contextlib
 import contextvars
 import re
+import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.cluster import get_node_name
 from redis.exceptions import (
     AskError,
@@ -118,7 +119,8 @@ class DataCluster(RedisCluster):
         kwargs.setdefault("connection_error_retry_attempts", 0)
         super().__init__(startup_nodes=seeds, **kwargs)
         self.epoch_check = RunIdCheck()  # epoch.run_id_arg
-        self.connection_class = packed_by_hiredis(Connection)
+        context = settings.data_cluster_tls_context()
+        self.connection_class = packed_by_hiredis(Connection if context is None else _tls(context))
         nodes = self.nodes_manager
         # The nodes found later are made from these options; the seeds were made already.
         nodes.connection_kwargs["redis_connect_func"] = self.epoch_check.on_connect
@@ -223,6 +225,18 @@ class SettlingPipeline(ClusterPipeline):
             raise RedisConnectionError(f"the data cluster is unsettled: {exc}") from exc
         except AttributeError as exc:
             raise await client.mid_change(exc) from exc
+
+
+def _tls(context: ssl.SSLContext) -> type[SSLConnection]:
+    """redis-py's TLS connection with ``context``, one for all the client's connections
+    (redis-py would build one per connection from file names, each adding the system's
+    CAs to the CA file's)."""
+
+    class TlsConnection(SSLConnection):
+        def _connection_arguments(self) -> Mapping[str, Any]:
+            return {**Connection._connection_arguments(self), "ssl": context}
+
+    return TlsConnection
 
 
 def connect_data(settings: Settings, calls: int | None = None, **kwargs: Any) -> DataCluster | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Annotated
 
 from pydantic import (
@@ -12,6 +13,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -59,6 +61,14 @@ class Settings(BaseSettings):
     # default one; no password: no AUTH).
     data_cluster_username: str = ""
     data_cluster_password: SecretStr = SecretStr("")
+    # TLS to every node (commands, transactions and pub/sub alike), each node's name (an
+    # IP when the cluster announces IPs) checked against its certificate: the CA that
+    # signed the nodes' certificates (a PEM file, its CAs only; none: the system's), and
+    # this client's certificate and key, for nodes that ask for one (tls-auth-clients).
+    data_cluster_tls: bool = False
+    data_cluster_tls_ca_file: str = ""
+    data_cluster_tls_cert_file: str = ""
+    data_cluster_tls_key_file: str = ""
     # "key=tenant,key2=tenant2"; empty means one local tenant without auth (loopback only).
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     secret: SecretStr = SecretStr("")
@@ -315,6 +325,45 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [m.strip() for m in value.split(",") if m.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _check_cluster_tls(self) -> Settings:
+        files = {
+            "PUSHSVC_DATA_CLUSTER_TLS_CA_FILE": self.data_cluster_tls_ca_file,
+            "PUSHSVC_DATA_CLUSTER_TLS_CERT_FILE": self.data_cluster_tls_cert_file,
+            "PUSHSVC_DATA_CLUSTER_TLS_KEY_FILE": self.data_cluster_tls_key_file,
+        }
+        given = [name for name, path in files.items() if path]
+        if given and not self.data_cluster_tls:
+            raise ValueError(f"{given[0]} is set but PUSHSVC_DATA_CLUSTER_TLS is not")
+        if self.data_cluster_tls and not self.data_cluster:
+            raise ValueError(
+                "PUSHSVC_DATA_CLUSTER_TLS is set but PUSHSVC_DATA_CLUSTER is not (the queue's"
+                " Redis takes TLS in its URL: rediss://)"
+            )
+        if bool(self.data_cluster_tls_cert_file) != bool(self.data_cluster_tls_key_file):
+            raise ValueError(
+                "PUSHSVC_DATA_CLUSTER_TLS_CERT_FILE and _KEY_FILE go together (or neither)"
+            )
+        try:  # loaded once here, so that a bad file stops the process at its start
+            self.data_cluster_tls_context()
+        except OSError as exc:  # ssl.SSLError too
+            raise ValueError(
+                f"{' and '.join(given)}: cannot load {'it' if len(given) == 1 else 'them'}"
+                f" ({exc.strerror or exc})"
+            ) from None
+        return self
+
+    def data_cluster_tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context of the cluster's clients (None: no TLS): the CA file's CAs only
+        when it is given (else the system's), each node's certificate and name checked,
+        this client's certificate shown when given. Reads the files."""
+        if not self.data_cluster_tls:
+            return None
+        context = ssl.create_default_context(cafile=self.data_cluster_tls_ca_file or None)
+        if self.data_cluster_tls_cert_file:
+            context.load_cert_chain(self.data_cluster_tls_cert_file, self.data_cluster_tls_key_file)
+        return context
 
     @property
     def auth_enabled(self) -> bool:

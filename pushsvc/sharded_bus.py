@@ -23,8 +23,10 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from glide import (
+    AdvancedGlideClusterClientConfiguration,
     GlideClusterClient,
     GlideClusterClientConfiguration,
     GlideError,
@@ -32,6 +34,7 @@ from glide import (
     LogLevel,
     NodeAddress,
     ServerCredentials,
+    TlsAdvancedConfiguration,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -42,6 +45,20 @@ logger = logging.getLogger(__name__)
 _Config = GlideClusterClientConfiguration
 _PING_S = 1.0
 _LOST_AFTER_S = 3.0  # a tenant's ping unanswered this long: its streams refill
+
+
+def _tls_config(settings: Settings) -> AdvancedGlideClusterClientConfiguration | None:
+    """glide's TLS files, as data_plane.tls_options gives redis-py's (glide checks each
+    node's certificate and name itself; with no CA file, against the system's CAs)."""
+    if not settings.data_cluster_tls:
+        return None
+    ca = settings.data_cluster_tls_ca_file
+    tls = TlsAdvancedConfiguration(
+        root_pem_cacerts=Path(ca).read_bytes() if ca else None,
+        client_cert_path=settings.data_cluster_tls_cert_file or None,
+        client_key_path=settings.data_cluster_tls_key_file or None,
+    )
+    return AdvancedGlideClusterClientConfiguration(tls_config=tls)
 
 
 def _tag(channel: str) -> str:
@@ -106,9 +123,11 @@ class ShardedBus(EventBus):
         try:
             config = _Config(
                 addresses,
+                use_tls=self.settings.data_cluster_tls,
                 credentials=credentials,
                 request_timeout=self._timeout_ms,
                 pubsub_subscriptions=subs,
+                advanced_config=_tls_config(self.settings),  # reads the CA file again
             )
             self._glide = await GlideClusterClient.create(config)
         except (GlideError, OSError) as exc:  # the base class's loop retries

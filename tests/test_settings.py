@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import trustme
 from pydantic import ValidationError
 
 from pushsvc.settings import Settings
@@ -69,6 +72,52 @@ def test_bad_values_are_refused(env: pytest.MonkeyPatch, name: str, value: str) 
     env.setenv(name, value)
     with pytest.raises(ValidationError):
         Settings()
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(
+    ("given", "refused_for"),
+    [
+        ({"_TLS_CA_FILE": "{ca}"}, "PUSHSVC_DATA_CLUSTER_TLS is not"),
+        ({"_TLS": "1", "_TLS_CERT_FILE": "{cert}"}, "go together"),
+        ({"_TLS": "1", "_TLS_CA_FILE": "{gone}"}, "_CA_FILE: cannot load it"),
+        ({"_TLS": "1", "_TLS_CA_FILE": "{key}"}, "_CA_FILE: cannot load it"),  # not a certificate
+        (
+            {"_TLS": "1", "_TLS_CERT_FILE": "{cert}", "_TLS_KEY_FILE": "{ca}"},
+            "_KEY_FILE: cannot load",
+        ),
+        ({"_TLS": "1", "": ""}, "PUSHSVC_DATA_CLUSTER is not"),
+    ],
+)
+def test_cluster_tls_files_need_tls_each_other_and_to_load(
+    env: pytest.MonkeyPatch, tmp_path: Path, given: dict[str, str], refused_for: str
+) -> None:
+    """Refused at the start, naming the variables, not later on every connection."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("pushsvc@example.com")
+    paths = {
+        "ca": str(tmp_path / "ca.pem"),
+        "cert": str(tmp_path / "c.pem"),
+        "key": str(tmp_path / "c.key"),
+        "gone": str(tmp_path / "gone.pem"),
+    }
+    ca.cert_pem.write_to_path(paths["ca"])
+    issued.cert_chain_pems[0].write_to_path(paths["cert"])
+    issued.private_key_pem.write_to_path(paths["key"])
+    env.setenv("PUSHSVC_DATA_CLUSTER", "127.0.0.1:7000")
+    for name, value in given.items():  # PUSHSVC_DATA_CLUSTER{name}
+        env.setenv(f"PUSHSVC_DATA_CLUSTER{name}", value.format(**paths))
+    with pytest.raises(ValidationError, match=refused_for):
+        Settings()
+    env.setenv("PUSHSVC_DATA_CLUSTER", "127.0.0.1:7000")
+    env.setenv("PUSHSVC_DATA_CLUSTER_TLS", "1")
+    env.setenv("PUSHSVC_DATA_CLUSTER_TLS_CA_FILE", paths["ca"])
+    env.setenv("PUSHSVC_DATA_CLUSTER_TLS_CERT_FILE", paths["cert"])
+    env.setenv("PUSHSVC_DATA_CLUSTER_TLS_KEY_FILE", paths["key"])
+    context = Settings().data_cluster_tls_context()  # all of them, and loadable: taken
+    assert context is not None and context.check_hostname
+    # The CA file's CA only, not the system's besides.
+    assert context.cert_store_stats()["x509_ca"] == 1
 
 
 @pytest.mark.timeout(10)

@@ -14,7 +14,15 @@ from typing import ClassVar, Self
 
 import redis
 
-from .procs import LOCALHOST, RedisServer, StartFailed, free_port, hold_port, wait_until
+from .procs import (
+    LOCALHOST,
+    RedisServer,
+    StartFailed,
+    TlsFiles,
+    free_port,
+    hold_port,
+    wait_until,
+)
 
 BUS_OFFSET = 10000  # a node's cluster bus listens this many ports above its own
 
@@ -58,6 +66,7 @@ class LocalCluster:
     primaries: int = 3
     replicas: int = 1
     password: str = ""  # every node's (AUTH), when set
+    tls: TlsFiles | None = None  # every node speaks TLS only, with these files, when set
     nodes: list[ClusterNode] = field(default_factory=list)
     cli: str = field(default_factory=lambda: shutil.which("redis-cli") or "redis-cli")
 
@@ -70,8 +79,9 @@ class LocalCluster:
         """Start the nodes, join them, and wait until each says the cluster is ok."""
         try:
             for _ in range(self.primaries * (1 + self.replicas)):
-                self.nodes.append(ClusterNode(password=self.password).start())
-            args = [self.cli, "--cluster", "create", *self.seeds.split(",")]
+                self.nodes.append(ClusterNode(password=self.password, tls=self.tls).start())
+            args = [self.cli, *(self.tls.cli_args() if self.tls else [])]
+            args += ["--cluster", "create", *self.seeds.split(",")]
             args += ["--cluster-replicas", str(self.replicas), "--cluster-yes"]
             env = {**os.environ, "REDISCLI_AUTH": self.password} if self.password else None
             done = subprocess.run(args, capture_output=True, timeout=timeout, check=False, env=env)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Self
+from urllib.parse import urlencode
 
 import httpx
 import redis
@@ -181,7 +182,45 @@ def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def pings(port: int, password: str = "") -> bool:
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for Redis over TLS: the CA that signed every certificate, and one side's
+    certificate and key (a server's is also its client certificate toward its primary
+    and the other nodes of its cluster)."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def server_args(self) -> list[str]:
+        """TLS only (no plain port), clients required to show a certificate the CA signed,
+        replication and the cluster bus over TLS too."""
+        return [
+            "--tls-cert-file", self.cert, "--tls-key-file", self.key,
+            "--tls-ca-cert-file", self.ca, "--tls-auth-clients", "yes",
+            "--tls-replication", "yes", "--tls-cluster", "yes",
+        ]  # fmt: skip
+
+    def client_kwargs(self) -> dict[str, object]:
+        """redis-py's options for a client of such a server (its name checked too)."""
+        return {
+            "ssl": True,
+            "ssl_ca_certs": self.ca,
+            "ssl_certfile": self.cert,
+            "ssl_keyfile": self.key,
+            "ssl_check_hostname": True,
+        }
+
+    def cli_args(self) -> list[str]:
+        return ["--tls", "--cacert", self.ca, "--cert", self.cert, "--key", self.key]
+
+    def query(self) -> str:
+        """The same options as a ``rediss://`` URL's query."""
+        files = {"ssl_ca_certs": self.ca, "ssl_certfile": self.cert, "ssl_keyfile": self.key}
+        return urlencode({**files, "ssl_check_hostname": "true"})
+
+
+def pings(port: int, password: str = "", tls: TlsFiles | None = None) -> bool:
     """Does the Redis on ``port`` of 127.0.0.1 answer PING (not LOADING, not down)?"""
     try:
         with redis.Redis(
@@ -190,6 +229,7 @@ def pings(port: int, password: str = "") -> bool:
             password=password or None,
             socket_connect_timeout=0.5,
             socket_timeout=1,
+            **(tls.client_kwargs() if tls else {}),  # type: ignore[arg-type]
         ) as client:
             return bool(client.ping())
     except redis.RedisError:
@@ -203,7 +243,8 @@ class RedisServer:
     No automatic saves, but BGSAVE and SAVE work, and :meth:`start` after :meth:`kill`
     comes back on the same port with whatever the directory holds. ``persistence``: the
     append-only file's options (off; a subclass may turn it on). ``password``: AUTH
-    required (and given to a primary it replicates).
+    required (and given to a primary it replicates). ``tls``: it speaks TLS only, on
+    ``port`` (its clients, replicas and cluster peers show certificates too).
     """
 
     port: int = field(default_factory=free_port)
@@ -211,19 +252,31 @@ class RedisServer:
     exe: str = field(default_factory=lambda: shutil.which("redis-server") or "redis-server")
     proc: subprocess.Popen[bytes] | None = None
     password: str = ""
+    tls: TlsFiles | None = None
     persistence: ClassVar[tuple[str, ...]] = ("--appendonly", "no")
 
     @property
     def url(self) -> str:
-        return f"redis://{LOCALHOST}:{self.port}/0"
+        """Its URL (redis-py's, and PUSHSVC_REDIS_URL's), with the TLS files a client
+        needs, when it has them."""
+        if self.tls is None:
+            return f"redis://{LOCALHOST}:{self.port}/0"
+        return f"rediss://{LOCALHOST}:{self.port}/0?{self.tls.query()}"
 
     def start(self, timeout: float = 30) -> Self:
         """Start it and wait until it answers (it is killed again when it does not)."""
-        args = [self.exe, "--port", str(self.port), "--bind", LOCALHOST, "--save", ""]
+        port = (
+            ["--port", "0", "--tls-port", str(self.port)]
+            if self.tls
+            else ["--port", str(self.port)]
+        )
+        args = [self.exe, *port, "--bind", LOCALHOST, "--save", ""]
         args += [*self.persistence, "--dir", self.dir]
         hold_port(self.port)
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
+        if self.tls:
+            args += self.tls.server_args()
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             # PING answers LOADING (an error) until an RDB or append-only file is read back.
@@ -239,11 +292,17 @@ class RedisServer:
         return self.answers()
 
     def answers(self) -> bool:
-        return pings(self.port, self.password)
+        return pings(self.port, self.password, self.tls)
 
     def client(self, timeout: float = 2) -> redis.Redis:
         """A client of it (a ``with`` closes it)."""
-        return redis.Redis(port=self.port, password=self.password or None, socket_timeout=timeout)
+        return redis.Redis(
+            host=LOCALHOST,
+            port=self.port,
+            password=self.password or None,
+            socket_timeout=timeout,
+            **(self.tls.client_kwargs() if self.tls else {}),  # type: ignore[arg-type]
+        )
 
     def kill(self) -> None:
         """SIGKILL: nothing is saved on the way out; the directory stays."""

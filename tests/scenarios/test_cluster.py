@@ -10,16 +10,25 @@ import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import trustme
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
+from pushsvc.data_plane import connect_data
+from pushsvc.events import make_bus
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
+from pushsvc.settings import Settings
+from pushsvc.sharded_bus import ShardedBus
 from pushsvc.tools.cluster import LocalCluster
+from pushsvc.tools.procs import LOCALHOST, TlsFiles
 
 from ..conftest import TENANTS, stack_env
 from ..procs import Api, Proc, RedisServer
@@ -309,6 +318,18 @@ async def answers_until_gone(
     return answers
 
 
+async def a_job_runs_and_streams(api: Api, key: str) -> None:
+    """A job made, run and streamed to its end at once (no 503 while it streamed)."""
+    async with httpx.AsyncClient(
+        base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=PATIENCE
+    ) as c:
+        job_id = await submit(c, {"steps": 5, "interval_ms": 10})
+        stream = await follow(c, f"/v1/jobs/{job_id}/events", Stream())
+        assert stream.events[-1].kind == "completed" and stream.status == 0
+        assert_seamless(stream.events)
+        assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
+
+
 async def test_a_cluster_that_requires_auth_serves_jobs_and_their_streams(
     redis_server: RedisServer,
 ) -> None:
@@ -328,17 +349,105 @@ async def test_a_cluster_that_requires_auth_serves_jobs_and_their_streams(
     worker, api = Proc(["worker"], env).start(), Api([], env).start()
     try:
         key = tenant_of_shard(cluster, namespace)
-        async with httpx.AsyncClient(
-            base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=PATIENCE
-        ) as c:
-            job_id = await submit(c, {"steps": 5, "interval_ms": 10})
-            stream = await follow(c, f"/v1/jobs/{job_id}/events", Stream())
-            assert stream.events[-1].kind == "completed" and stream.status == 0
-            assert_seamless(stream.events)
-            assert (await c.get(f"/v1/jobs/{job_id}")).json()["status"] == "completed"
+        await a_job_runs_and_streams(api, key)
     finally:
         api.stop()
         worker.stop()
         cluster.stop()
     for proc in (api, worker):
         assert password not in proc.output()
+
+
+def certificates(into: Path) -> dict[str, TlsFiles]:
+    """One CA's files for the servers (127.0.0.1), for pushsvc's processes (a client
+    certificate) and for servers under a name they do not have; and another CA's."""
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(into / "ca.pem")
+    other.cert_pem.write_to_path(into / "other-ca.pem")
+    files = {}
+    for name, identity in (
+        ("server", "127.0.0.1"),
+        ("client", "pushsvc@example.com"),
+        ("misnamed", "redis.example.com"),
+    ):
+        issued = ca.issue_cert(identity)
+        issued.cert_chain_pems[0].write_to_path(into / f"{name}.pem")
+        issued.private_key_pem.write_to_path(into / f"{name}.key")
+        files[name] = TlsFiles(
+            str(into / "ca.pem"), str(into / f"{name}.pem"), str(into / f"{name}.key")
+        )
+    files["other"] = TlsFiles(str(into / "other-ca.pem"), files["client"].cert, files["client"].key)
+    return files
+
+
+async def refused(settings: Settings, node: tuple[str, int]) -> None:
+    """Commands, transactions and pub/sub each refuse to talk to the cluster."""
+    data = connect_data(settings)
+    assert data is not None
+    try:
+        with pytest.raises(RedisClusterException):
+            await data.initialize()  # the slots' owners, asked of the seeds
+        with pytest.raises(RedisConnectionError, match="certificate verify failed"):
+            await data.node_client(*node).ping()
+    finally:
+        await data.close_all()
+    bus = make_bus(settings)
+    assert isinstance(bus, ShardedBus)
+    with pytest.raises(ConnectionError, match="unreachable"):
+        await bus._connect()
+
+
+async def test_a_cluster_over_tls_serves_jobs_and_refuses_a_node_it_cannot_trust(
+    tmp_path: Path,
+) -> None:
+    """Every node speaks TLS only and wants a client certificate, and so does the queue's
+    Redis (``rediss://``). With ``PUSHSVC_DATA_CLUSTER_TLS`` and the CA, certificate and
+    key, the API and the worker make, run and stream a job: commands, transactions and
+    sharded pub/sub over TLS. Told to trust another CA, or facing nodes whose
+    certificates name another host, every client refuses them."""
+    tls = certificates(tmp_path)
+    queue, cluster = RedisServer(tls=tls["server"]), LocalCluster(replicas=0, tls=tls["server"])
+    procs: list[Proc] = []
+    try:
+        queue.start()
+        cluster.start()
+        namespace = f"t{secrets.token_hex(3)}"
+        client = tls["client"]
+        env = stack_env(
+            f"rediss://127.0.0.1:{queue.port}/0?{client.query()}",
+            namespace,
+            data_cluster=cluster.seeds,
+            data_cluster_tls="true",
+            data_cluster_tls_ca_file=client.ca,
+            data_cluster_tls_cert_file=client.cert,
+            data_cluster_tls_key_file=client.key,
+        )
+        procs += [Proc(["worker"], env), api := Api([], env)]
+        for proc in procs:
+            proc.start()
+        key = tenant_of_shard(cluster, namespace)
+        await a_job_runs_and_streams(api, key)
+
+        def trusting(files: TlsFiles) -> Settings:
+            return Settings(
+                namespace=namespace,
+                data_cluster=cluster.seeds,
+                data_cluster_tls=True,
+                data_cluster_tls_ca_file=files.ca,
+                data_cluster_tls_cert_file=files.cert,
+                data_cluster_tls_key_file=files.key,
+            )
+
+        node = (LOCALHOST, cluster.nodes[0].port)
+        await refused(trusting(tls["other"]), node)
+        misnamed = tls["misnamed"]
+        for server in cluster.nodes:  # new connections get a certificate for another name
+            with server.client() as admin:
+                pair = ("tls-cert-file", misnamed.cert, "tls-key-file", misnamed.key)
+                admin.execute_command("CONFIG", "SET", *pair)
+        await refused(trusting(client), node)
+    finally:
+        for proc in procs:
+            proc.stop()
+        cluster.stop()
+        queue.stop()
