@@ -1,8 +1,11 @@
 """The only module that knows arq: JSON serialization, enqueue, abort, the worker.
 
 arq is in maintenance-only mode upstream, so it stays behind this boundary. pushsvc
-uses it as a delayed queue: every attempt of a job is its own arq job (``max_tries=1``),
-and attempts, retries and crash recovery are pushsvc's (see worker.py).
+uses it as a delayed queue: every attempt of a job is its own arq job, and attempts,
+retries and crash recovery are pushsvc's (see worker.py). arq makes a delivery again only
+when the worker asks (:func:`deliver_again`: the job's state was unreachable before the
+attempt started), up to ``MAX_DELIVERIES`` times; a delivery of an attempt that is not
+queued any more does nothing.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from arq.constants import (
 )
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
-from arq.worker import Worker, func
+from arq.worker import Retry, Worker, func
 
 from .connections import make_pool
 from .keys import Keys
 from .settings import Settings
 
 RUN_FUNCTION = "pushsvc.run"
+# Deliveries of one arq job (arq's job_try): every try of an attempt whose job state was
+# unreachable, and every delivery after a worker stopped mid-run (then a no-op). With
+# deliver_again's delays, capped at 30 s, some 8 hours of a job state unreachable.
+MAX_DELIVERIES = 1000
 ABORT_KEEP_MS = 3_600_000
 
 
@@ -271,6 +278,11 @@ class Queue:
             await pipe.execute()
 
 
+def deliver_again(delay_s: float) -> Retry:
+    """What a run raises for arq to deliver its arq job again in ``delay_s`` seconds."""
+    return Retry(defer=delay_s)
+
+
 def make_worker(
     settings: Settings,
     redis: ArqRedis,
@@ -287,7 +299,13 @@ def make_worker(
     return Worker(
         functions=[
             # pushsvc enforces each type's timeout itself; arq's is a backstop above it.
-            func(run, name=RUN_FUNCTION, max_tries=1, keep_result=0, timeout=max_timeout_s + 30)
+            func(
+                run,
+                name=RUN_FUNCTION,
+                max_tries=MAX_DELIVERIES,
+                keep_result=0,
+                timeout=max_timeout_s + 30,
+            )
         ],
         redis_pool=redis,
         queue_name=Keys(settings.namespace).queue,

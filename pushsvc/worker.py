@@ -33,7 +33,7 @@ from .leases import Leases, publish_as
 from .logs import bind_job
 from .metrics import WorkerMetrics
 from .publish import Published, Throttled, Writer
-from .queue import Enqueue, Queue, connect, make_worker, new_arq_id
+from .queue import Enqueue, Queue, connect, deliver_again, make_worker, new_arq_id
 from .settings import Settings
 from .store import JobStore
 from .transitions import Transition
@@ -76,6 +76,29 @@ class Runner:
             await self._data.close_all()
 
     async def run(self, ctx: dict[str, Any], job_id: str, tenant: str | None = None) -> None:
+        """One delivery of an attempt. Until the attempt has started, Redis away (the job
+        state's: a shard failing over, with the queue's Redis up) hands the delivery back
+        to arq, to be made again later: else arq would count it done, and the job would
+        wait for it, queued, for ever."""
+        running: list[JobContext] = []
+        try:
+            await self._run(ctx, job_id, tenant, running)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if running:
+                raise
+            tries: int = ctx.get("job_try") or 1
+            delay = jittered(min(30.0, 0.25 * 2 ** min(tries, 7)))
+            logger.warning(
+                "job %s: its state is unreachable (%s); delivered again in %.1f s",
+                job_id,
+                exc,
+                delay,
+            )
+            raise deliver_again(delay) from exc
+
+    async def _run(
+        self, ctx: dict[str, Any], job_id: str, tenant: str | None, running: list[JobContext]
+    ) -> None:
         arq_id: str = ctx["job_id"]
         if tenant is None:  # queued by a version before the tenant-tagged keys
             logger.warning("job %s: queued by an earlier version; not found in this one", job_id)
@@ -98,6 +121,7 @@ class Runner:
                     other_run = await self._running_elsewhere(fields, arq_id)
                     return
                 self.running[arq_id] = attempt
+                running.append(attempt)
                 try:
                     await self._attempt(self.types.get(fields["type"]), attempt)
                 finally:

@@ -28,7 +28,7 @@ from pushsvc.models import TERMINAL
 from pushsvc.settings import Settings
 from pushsvc.sharded_bus import ShardedBus
 from pushsvc.tools.cluster import LocalCluster
-from pushsvc.tools.procs import LOCALHOST, TlsFiles
+from pushsvc.tools.procs import LOCALHOST, TlsFiles, wait_until
 
 from ..conftest import TENANTS, stack_env
 from ..procs import Api, Proc, RedisServer
@@ -454,3 +454,44 @@ async def test_a_cluster_over_tls_serves_jobs_and_refuses_a_node_it_cannot_trust
             proc.stop()
         cluster.stop()
         queue.stop()
+
+
+async def test_an_attempt_delivered_while_its_shard_is_down_runs_once_it_is_back(
+    redis_server: RedisServer,
+) -> None:
+    """The queue's Redis up, the job's shard down (its only node killed, its data saved)
+    when a worker takes the attempt: the worker cannot read the job, so it hands the
+    delivery back to arq, which makes it again later; once the shard is back the job
+    runs to its end. Was (a chaos run): arq counted the delivery done, and the job
+    stayed queued for ever."""
+    cluster = LocalCluster(replicas=0).start()
+    namespace = f"d{secrets.token_hex(3)}"
+    env = stack_env(redis_server.url, namespace, data_cluster=cluster.seeds)
+    api, worker = Api([], env), Proc(["worker"], env)
+    try:
+        api.start()
+        key = tenant_of_shard(cluster, namespace)
+        shard = cluster.owner(key_slot(Keys(namespace).tenant_tag(TENANTS[key]).encode()))
+        async with httpx.AsyncClient(
+            base_url=api.url, headers={"Authorization": f"Bearer {key}"}, timeout=PATIENCE
+        ) as c:
+            job_id = await submit(c, {"steps": 3, "interval_ms": 10})  # no worker yet
+            with shard.client() as node:
+                node.save()
+            shard.kill()
+            worker.start()
+            again = f"job {job_id}: its state is unreachable"
+            await asyncio.to_thread(wait_until, lambda: again in worker.output(), 60, again)
+            await asyncio.to_thread(shard.start)  # its data back from the save
+            await asyncio.to_thread(wait_until, cluster.ok, 60, "the cluster whole again")
+            async with asyncio.timeout(60):
+                while (resp := await c.get(f"/v1/jobs/{job_id}")).status_code != 200 or (
+                    resp.json()["status"] not in TERMINAL
+                ):
+                    await asyncio.sleep(0.2)
+            assert resp.json()["status"] == "completed", resp.text
+            assert resp.json()["attempt"] == 1  # the same attempt, delivered again
+    finally:
+        worker.stop()
+        api.stop()
+        cluster.stop()
