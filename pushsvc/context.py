@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any
@@ -123,6 +124,9 @@ class JobContext:
         self._llm: dict[str, Any] | None = None  # the model call's telemetry
         self._progress_dirty = False
         self._output: list[str] = []  # written, not yet published
+        # A flush whose write failed, and its token: sent again as it was before anything
+        # newer, so that one Redis ran already (its reply lost) is not made twice.
+        self._unsent: tuple[Transition, str] | None = None
         self._text: list[str] = []  # published this attempt: what a repair rewrites
         self._last_flush = -math.inf  # the first write flushes at once (uptime may be short)
         self._timer: asyncio.Task[None] | None = None
@@ -246,46 +250,47 @@ class JobContext:
         }
 
     async def _send_pending(self) -> None:
+        """The flush that failed last, as it was (its token says to the script whether it
+        ran: a reply lost after Redis ran it is not made twice), then what is pending."""
+        if self._unsent is not None:
+            await self._write(*self._unsent)
+            self._unsent = None
         data = self._progress_data() if self._progress_dirty else None
         delta, self._output = "".join(self._output), []
         self._progress_dirty = False
         change = transitions.flush(data, delta)
         if change is None:
             return
-        try:
-            await self._write(change)
-        except Exception:  # kept for the next flush. A reply lost after Redis ran the
-            # call sends the text twice: the script cannot tell yet (no per-call token).
-            self._progress_dirty = self._progress_dirty or data is not None
-            if delta:
-                self._output.insert(0, delta)
-            raise
+        self._unsent = (change, secrets.token_hex(8))  # until it is known to be made
+        await self._write(*self._unsent)
+        self._unsent = None
 
-    async def _write(self, change: Transition) -> None:
+    async def _write(self, change: Transition, call: str) -> None:
         """One flushed write, finished even if the flush is cancelled midway (the job
-        ending, a cancel): whether it reached Redis is then unknown, and sending the
-        same delta again would publish the text twice."""
-        await asyncio.shield(asyncio.ensure_future(self.apply(change)))
+        ending, a cancel): whether it reached Redis is then unknown."""
+        await asyncio.shield(asyncio.ensure_future(self.apply(change, call)))
 
-    async def apply(self, change: Transition) -> Reply:
+    async def apply(self, change: Transition, call: str = "") -> Reply:
         """Publish ``change`` as this attempt; repair the stored job first when the store
-        lost or rewound it, and stop the attempt when it is no longer this worker's."""
+        lost or rewound it, and stop the attempt when it is no longer this worker's.
+        ``call``: the change's token, the same when it is sent again (lua/publish.lua)."""
         async with self._write_lock:
-            reply = await self._send(change)
+            reply = await self._send(change, call)
             if isinstance(reply, Diverged) or reply is None:
                 repaired = await self._repair(pending=change.text)
                 if not isinstance(repaired, Published) or change.text:
                     return repaired  # an output delta went into the repaired text
-                reply = await self._send(change)
+                reply = await self._send(change, call)
             if isinstance(reply, Published):
                 self._note(reply, change.text)
             elif isinstance(reply, Rejected):
                 self.supersede()
             return reply
 
-    async def _send(self, change: Transition) -> Reply:
+    async def _send(self, change: Transition, call: str = "") -> Reply:
+        writer = dataclasses.replace(self.writer, call=call) if call else self.writer
         return await transitions.publish(
-            self._store, self.job_id, self.tenant, change, writer=self.writer
+            self._store, self.job_id, self.tenant, change, writer=writer
         )
 
     def _note(self, reply: Published, delta: str) -> None:

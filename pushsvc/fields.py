@@ -10,6 +10,7 @@ from .models import JobSnapshot
 # Hash fields kept as raw strings (Lua reads or appends them); all others hold JSON.
 RAW_FIELDS = frozenset(
     {"status", "tenant", "arq_id", "cancel", "type", "priority", "epoch", "gen", "owner", "tep"}
+    | {"wcall"}  # a worker's last call's token (lua/publish.lua)
 )
 INT_FIELDS = frozenset({"seq", "attempt", "max_attempts", "run", "updated_at"})
 SNAPSHOT_FIELDS = frozenset(JobSnapshot.model_fields)

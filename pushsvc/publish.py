@@ -55,12 +55,15 @@ Reply = Published | Rejected | Throttled | Diverged | None
 
 @dataclass(frozen=True)
 class Writer:
-    """A running attempt as a writer: its arq id, the worker run that owns it, and the
-    last position it published (``known``), which the store must still hold."""
+    """A running attempt as a writer: its arq id, the worker run that owns it, the last
+    position it published (``known``), which the store must still hold, and the token
+    of this call (``call``: sent again unchanged after a lost reply, it is not made
+    twice; '' for none)."""
 
     arq_id: str
     owner: str = ""
     known: StreamPosition | None = None
+    call: str = ""
 
 
 @dataclass(frozen=True)
@@ -152,5 +155,6 @@ class PublishCall:
             self._body(then.data) if then else "",
             then.delta if then else "",
             run_id,
+            writer.call if writer else "",
             *encode_fields(fields),
         ]

@@ -271,7 +271,8 @@ class Runner:
             change = await self._requeue(fields, error, delay, next_attempt=True)
         else:
             change = transitions.fail(error)
-        await self._reliably(lambda: ctx.apply(change))
+        call = secrets.token_hex(8)  # sent again after a lost reply: not made twice
+        await self._reliably(lambda: ctx.apply(change, call))
 
     def _count(
         self, fields: dict[str, Any], error: JobError | None, job_type: JobType[Any] | None

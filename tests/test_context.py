@@ -3,11 +3,13 @@ against a real Redis."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 
 from pushsvc.context import JobContext
 from pushsvc.epoch import StreamPosition
@@ -107,3 +109,63 @@ async def test_progress_never_decreases_within_an_attempt(store: JobStore) -> No
     await ctx.flush()
     snap = await store.snapshot(job["id"], "t")
     assert snap is not None and snap.progress == 100
+
+
+class ReplyCutter:
+    """A TCP proxy to a Redis: once ``armed``, the next reply does not come back, and the
+    connection is cut instead (the command ran; its caller sees a connection error)."""
+
+    def __init__(self, target: int) -> None:
+        self.target, self.armed, self.cut, self.port = target, False, 0, 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> ReplyCutter:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
+            while data := await src.read(65536):
+                if replies and self.armed:
+                    self.armed, self.cut = False, self.cut + 1
+                    writer.transport.abort()
+                    up_writer.transport.abort()
+                    return
+                dst.write(data)
+                await dst.drain()
+
+        await asyncio.gather(
+            pump(reader, up_writer, False), pump(up_reader, writer, True), return_exceptions=True
+        )
+
+
+async def test_a_flush_whose_reply_was_lost_is_sent_again_and_made_once(
+    store: JobStore,
+) -> None:
+    """The script ran, its reply was lost (the connection cut): the flush is sent again
+    as it was, with its token, and the script answers it as made, so the text is
+    written once. Was: the text sent again with the next, written twice (a chaos run on
+    a cluster, a reply lost as a shard failed over)."""
+    job = await new_job(store)
+    async with ReplyCutter(store.redis.connection_pool.connection_kwargs["port"]) as proxy:
+        cut = JobStore(Redis(port=proxy.port), store.settings)
+        ctx = JobContext(cut, job, rate_hz=0.001)  # the first write flushes, later ones wait
+        await ctx.output("ab")
+        proxy.armed = True
+        await ctx.output("cd")
+        await ctx.flush(final=False)  # made, its reply lost: kept
+        assert proxy.cut == 1
+        await ctx.output("ef")
+        await ctx.flush()  # the lost one again (answered as made), then the new text
+        await ctx.close()
+        await cut.redis.aclose()
+    snap = await store.snapshot(job["id"], "t")
+    assert snap is not None and snap.output == "abcdef"
+    assert not ctx.superseded

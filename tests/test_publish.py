@@ -40,7 +40,7 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
         {"stage": "half"},
         expect=(JobStatus.RUNNING,),
         delta="text",
-        writer=Writer("arq-1", owner="w1", known=known),
+        writer=Writer("arq-1", owner="w1", known=known, call="c1"),
         max_running=3,
     )
     keys, args = call.layout(Keys("ns"), Settings(job_ttl_s=99), "run-1")
@@ -62,6 +62,7 @@ def test_the_layout_puts_each_value_where_the_script_reads_it() -> None:
         "A_OWNER": "w1",
         "A_KNOWN_EPOCH": "ep0ch",
         "A_KNOWN_SEQ": 7,
+        "A_CALL": "c1",
     }
     assert {name: args[a[name]] for name in expected} == expected
     assert args[fields_from - 1 :] == ["stage", '"half"']

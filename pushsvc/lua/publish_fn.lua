@@ -18,7 +18,10 @@ local A_KNOWN_SEQ = ARGV[21]
 local A_KIND2, A_BODY2, A_DELTA2 = ARGV[22], ARGV[23], ARGV[24]
 -- The run id of the Redis the caller's connection check found ('' for none: epoch.py).
 local A_RUN_ID = ARGV[25]
-local FIELDS_FROM = 26  -- ARGV[26..]: field/value pairs to HSET
+-- A worker's token for this call ('' for none), the same when it sends the call again
+-- after its reply was lost: publish.lua answers a call it already made as it did.
+local A_CALL = ARGV[26]
+local FIELDS_FROM = 27  -- ARGV[27..]: field/value pairs to HSET
 local TERMINAL = {completed = true, failed = true, cancelled = true}
 
 -- The attempt the change queues (A_NEXT_ARQ_ID: a retry, a re-run, a throttled start)
