@@ -254,7 +254,6 @@ class JobContext:
         ran: a reply lost after Redis ran it is not made twice), then what is pending."""
         if self._unsent is not None:
             await self._write(*self._unsent)
-            self._unsent = None
         data = self._progress_data() if self._progress_dirty else None
         delta, self._output = "".join(self._output), []
         self._progress_dirty = False
@@ -263,12 +262,17 @@ class JobContext:
             return
         self._unsent = (change, secrets.token_hex(8))  # until it is known to be made
         await self._write(*self._unsent)
-        self._unsent = None
 
     async def _write(self, change: Transition, call: str) -> None:
         """One flushed write, finished even if the flush is cancelled midway (the job
-        ending, a cancel): whether it reached Redis is then unknown."""
-        await asyncio.shield(asyncio.ensure_future(self.apply(change, call)))
+        ending, a cancel); once made, it is no longer the one to send again."""
+
+        async def write() -> None:
+            await self.apply(change, call)
+            if self._unsent is not None and self._unsent[1] == call:
+                self._unsent = None
+
+        await asyncio.shield(asyncio.ensure_future(write()))
 
     async def apply(self, change: Transition, call: str = "") -> Reply:
         """Publish ``change`` as this attempt; repair the stored job first when the store

@@ -39,8 +39,9 @@ from .settings import Settings
 
 RUN_FUNCTION = "pushsvc.run"
 # Deliveries of one arq job (arq's job_try): every try of an attempt whose job state was
-# unreachable, and every delivery after a worker stopped mid-run (then a no-op). With
-# deliver_again's delays, capped at 30 s, some 8 hours of a job state unreachable.
+# unreachable, and every delivery after a worker stopped mid-run (then a no-op). With the
+# worker's pauses before each (at most 8 s, 4 to 8 once past the first few), over an hour
+# of a job state unreachable.
 MAX_DELIVERIES = 1000
 ABORT_KEEP_MS = 3_600_000
 
@@ -278,9 +279,11 @@ class Queue:
             await pipe.execute()
 
 
-def deliver_again(delay_s: float) -> Retry:
-    """What a run raises for arq to deliver its arq job again in ``delay_s`` seconds."""
-    return Retry(defer=delay_s)
+def deliver_again() -> Retry:
+    """What a run raises for arq to deliver its arq job again, in its turn: no delay
+    (arq's would give it a score of a time, which the mover takes for an old arq job's
+    and re-queues at once, out of its class and turn; the run waits instead)."""
+    return Retry()
 
 
 def make_worker(

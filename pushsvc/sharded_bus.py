@@ -43,6 +43,7 @@ from .settings import Settings
 
 logger = logging.getLogger(__name__)
 _Config = GlideClusterClientConfiguration
+_SHARDED = _Config.PubSubChannelModes.Sharded
 _PING_S = 1.0
 _LOST_AFTER_S = 3.0  # a tenant's ping unanswered this long: its streams refill
 
@@ -86,6 +87,7 @@ class ShardedBus(EventBus):
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # channel -> lock, its users
         self._subscribing: dict[str, asyncio.Task[None]] = {}  # channel -> its subscribe
         self._mending: dict[str, asyncio.Task[None]] = {}  # tenant tag -> its re-subscribe
+        self._closing = False  # no new re-subscribes once set
 
     async def __aenter__(self) -> ShardedBus:
         await super().__aenter__()
@@ -93,6 +95,7 @@ class ShardedBus(EventBus):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
         if self._pinger is not None:
             self._pinger.cancel()
             await asyncio.gather(self._pinger, return_exceptions=True)
@@ -104,6 +107,7 @@ class ShardedBus(EventBus):
         if self._glide is not None:
             with contextlib.suppress(Exception):
                 await self._glide.close()
+            self._glide = None
 
     async def _connect(self) -> None:
         """A new glide client (the first, or after the last one failed): every channel is
@@ -250,18 +254,21 @@ class ShardedBus(EventBus):
         between reach no stream, and nothing else would tell."""
         self._refill(tag)
         mending = self._mending.get(tag)
-        if mending is None or mending.done():
+        if not self._closing and (mending is None or mending.done()):
             self._mending[tag] = asyncio.create_task(self._mend(tag), name="pushsvc-bus-mend")
 
     async def _mend(self, tag: str) -> None:
-        """Subscribe each of the tenant's channels, waiting for each to be confirmed (one
-        already subscribed is confirmed at once), then refill its streams; again after a
+        """Subscribe each of the tenant's channels glide does not hold subscribed now,
+        waiting for each to be confirmed, then refill the tenant's streams; again after a
         ping's time while the shard does not answer. A new client does the same for every
         channel itself (:meth:`_connect`)."""
         try:
-            while (glide := self._glide) is not None:
+            while (glide := self._glide) is not None and not self._closing:
                 try:
-                    for channel in [n for n in self._channels if _tag(n) == tag]:
+                    state = await glide.get_subscriptions()  # no call to the cluster
+                    actual = state.actual_subscriptions.get(_SHARDED, set())
+                    missing = [n for n in self._channels if _tag(n) == tag and n not in actual]
+                    for channel in missing:
                         async with self._serial(channel):
                             if channel in self._channels and glide is self._glide:
                                 await glide.ssubscribe({channel}, timeout_ms=self._timeout_ms)
@@ -335,7 +342,7 @@ class ShardedBus(EventBus):
             state = await glide.get_subscriptions()
         except GlideError:
             return
-        actual = state.actual_subscriptions.get(_Config.PubSubChannelModes.Sharded, set())
+        actual = state.actual_subscriptions.get(_SHARDED, set())
         for tag in self._unsubscribed(actual) - self._mending.keys():
             self._trouble(tag)
 

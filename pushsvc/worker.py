@@ -78,8 +78,9 @@ class Runner:
     async def run(self, ctx: dict[str, Any], job_id: str, tenant: str | None = None) -> None:
         """One delivery of an attempt. Until the attempt has started, Redis away (the job
         state's: a shard failing over, with the queue's Redis up) hands the delivery back
-        to arq, to be made again later: else arq would count it done, and the job would
-        wait for it, queued, for ever."""
+        to arq after a pause (0.25 s doubling to 8 s, here: arq's own delay would move
+        it out of its turn), to be made again: else arq would count it done, and the job
+        would wait for it, queued, for ever."""
         running: list[JobContext] = []
         try:
             await self._run(ctx, job_id, tenant, running)
@@ -87,14 +88,11 @@ class Runner:
             if running:
                 raise
             tries: int = ctx.get("job_try") or 1
-            delay = jittered(min(30.0, 0.25 * 2 ** min(tries, 7)))
-            logger.warning(
-                "job %s: its state is unreachable (%s); delivered again in %.1f s",
-                job_id,
-                exc,
-                delay,
-            )
-            raise deliver_again(delay) from exc
+            delay = jittered(min(8.0, 0.5 * 2 ** min(tries - 1, 4)))
+            again = "job %s: its state is unreachable (%s); delivered again in %.1f s"
+            logger.warning(again, job_id, exc, delay)
+            await asyncio.sleep(delay)
+            raise deliver_again() from exc
 
     async def _run(
         self, ctx: dict[str, Any], job_id: str, tenant: str | None, running: list[JobContext]
@@ -114,11 +112,18 @@ class Runner:
             return  # its start would be refused; a lease of that attempt is not this run's
         with bind_job(job_id, fields["tenant"], fields["type"], fields["attempt"]):
             await self.leases.take(arq_id)  # before the start: no job runs without one
-            other_run = False
+            keep_lease = False
             try:
-                attempt = await self._start(fields, arq_id)
-                if attempt is None:
-                    other_run = await self._running_elsewhere(fields, arq_id)
+                try:
+                    attempt = await self._start(fields, arq_id)
+                except (RedisConnectionError, RedisTimeoutError):
+                    # The start may have been made, its reply lost: the lease stays, to
+                    # lapse unless a delivery again starts it; the reaper then takes a
+                    # running attempt over, and drops the lease of one still queued.
+                    keep_lease = True
+                    raise
+                if attempt is None:  # another delivery's lease is the same member: kept
+                    keep_lease = await self._running_elsewhere(fields, arq_id)
                     return
                 self.running[arq_id] = attempt
                 running.append(attempt)
@@ -127,7 +132,7 @@ class Runner:
                 finally:
                     self.running.pop(arq_id, None)
             finally:
-                if not other_run:
+                if not keep_lease:
                     await asyncio.shield(self.leases.drop(arq_id))
 
     async def _running_elsewhere(self, fields: dict[str, Any], arq_id: str) -> bool:

@@ -3,16 +3,20 @@ against a real Redis."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 
+from pushsvc import transitions
 from pushsvc.context import JobContext
 from pushsvc.epoch import StreamPosition
+from pushsvc.publish import Published
 from pushsvc.store import JobStore
 
 from .conftest import open_store
@@ -111,39 +115,21 @@ async def test_progress_never_decreases_within_an_attempt(store: JobStore) -> No
     assert snap is not None and snap.progress == 100
 
 
-class ReplyCutter:
-    """A TCP proxy to a Redis: once ``armed``, the next reply does not come back, and the
-    connection is cut instead (the command ran; its caller sees a connection error)."""
+class LosesAReply(Connection):
+    """A connection that, once ``armed``, reads the next reply and drops it, cut as if the
+    network failed: the command ran on the real Redis, its caller sees a connection
+    error."""
 
-    def __init__(self, target: int) -> None:
-        self.target, self.armed, self.cut, self.port = target, False, 0, 0
-        self._server: asyncio.Server | None = None
+    armed = False
+    cut = 0
 
-    async def __aenter__(self) -> ReplyCutter:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, replies: bool) -> None:
-            while data := await src.read(65536):
-                if replies and self.armed:
-                    self.armed, self.cut = False, self.cut + 1
-                    writer.transport.abort()
-                    up_writer.transport.abort()
-                    return
-                dst.write(data)
-                await dst.drain()
-
-        await asyncio.gather(
-            pump(reader, up_writer, False), pump(up_reader, writer, True), return_exceptions=True
-        )
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        reply = await super().read_response(*args, **kwargs)
+        if LosesAReply.armed:
+            LosesAReply.armed, LosesAReply.cut = False, LosesAReply.cut + 1
+            await self.disconnect()
+            raise RedisConnectionError("the reply was lost (test)")
+        return reply
 
 
 async def test_a_flush_whose_reply_was_lost_is_sent_again_and_made_once(
@@ -154,18 +140,28 @@ async def test_a_flush_whose_reply_was_lost_is_sent_again_and_made_once(
     written once. Was: the text sent again with the next, written twice (a chaos run on
     a cluster, a reply lost as a shard failed over)."""
     job = await new_job(store)
-    async with ReplyCutter(store.redis.connection_pool.connection_kwargs["port"]) as proxy:
-        cut = JobStore(Redis(port=proxy.port), store.settings)
+    port = store.redis.connection_pool.connection_kwargs["port"]
+    pool = ConnectionPool(port=port, connection_class=LosesAReply)
+    cut = JobStore(Redis(connection_pool=pool), store.settings)
+    try:
         ctx = JobContext(cut, job, rate_hz=0.001)  # the first write flushes, later ones wait
         await ctx.output("ab")
-        proxy.armed = True
+        LosesAReply.armed = True
         await ctx.output("cd")
         await ctx.flush(final=False)  # made, its reply lost: kept
-        assert proxy.cut == 1
+        assert LosesAReply.cut == 1
         await ctx.output("ef")
         await ctx.flush()  # the lost one again (answered as made), then the new text
         await ctx.close()
-        await cut.redis.aclose()
+        # The end, its reply lost too: sent again, it is answered as made (not refused
+        # as a change of a job no longer running, which would stop the attempt).
+        LosesAReply.armed = True
+        with pytest.raises(RedisConnectionError):
+            await ctx.apply(transitions.complete({"n": 1}), "end-1")
+        again = await ctx.apply(transitions.complete({"n": 1}), "end-1")
+        assert isinstance(again, Published) and again.status == "completed"
+    finally:
+        await pool.aclose()  # a pool given to a client is not closed with it
     snap = await store.snapshot(job["id"], "t")
-    assert snap is not None and snap.output == "abcdef"
+    assert snap is not None and snap.output == "abcdef" and snap.result == {"n": 1}
     assert not ctx.superseded

@@ -13,7 +13,9 @@ if cur[1] and cur[4] == g
 end
 local seq = math.max(tonumber(cur[5] or '0'), tonumber(A_KNOWN_SEQ))
 redis.call('HSET', K_JOB, 'seq', seq)
-redis.call('HDEL', K_JOB, 'epoch')
+-- The text is rewritten from what the worker knows was made: a call it sends again
+-- after this (its reply was lost) is made again, not taken for made.
+redis.call('HDEL', K_JOB, 'epoch', 'wcall')
 redis.call('DEL', K_LOG)
 local reply = apply()
 redis.call('ZADD', K_INDEX, A_INDEX_SCORE, A_JOB_ID)
