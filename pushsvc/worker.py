@@ -78,8 +78,8 @@ class Runner:
     async def run(self, ctx: dict[str, Any], job_id: str, tenant: str | None = None) -> None:
         """One delivery of an attempt. Until the attempt has started, Redis away (the job
         state's: a shard failing over, with the queue's Redis up) hands the delivery back
-        to arq after a pause (0.25 s doubling to 8 s, here: arq's own delay would move
-        it out of its turn), to be made again: else arq would count it done, and the job
+        to arq after a pause (up to 0.5 s, doubling to 8 s, here: arq's own delay would
+        move it out of its turn), to be made again: else arq would count it done, and the job
         would wait for it, queued, for ever."""
         running: list[JobContext] = []
         try:
