@@ -49,7 +49,7 @@ _LOST_AFTER_S = 3.0  # a tenant's ping unanswered this long: its streams refill
 
 
 def _tls_config(settings: Settings) -> AdvancedGlideClusterClientConfiguration | None:
-    """glide's TLS files, as data_plane.tls_options gives redis-py's (glide checks each
+    """glide's TLS files, those of Settings.data_cluster_tls_context (glide checks each
     node's certificate and name itself; with no CA file, against the system's CAs)."""
     if not settings.data_cluster_tls:
         return None
