@@ -9,6 +9,13 @@ may have been lost, so a position from another epoch is never compared by its nu
   checked on every new connection, before any command: a Redis that restarted (from an
   older snapshot, or empty) or failed over to a replica has another run id, so the
   store gets a new epoch before anything is read or written there.
+- The "run id" pushsvc notes is a digest of the server's ``run_id`` *and* its
+  replication ID (``master_replid``): a server promoted again, after it was a replica
+  for a while, keeps its run id but not its replication ID (a new one at every
+  promotion), and its data is then another's, which may lack what was written while
+  it followed (a failover back that lost writes). By its run id alone it would pass for
+  the server the epochs were taken on, and a worker's repair of the job it runs would
+  be refused as if another attempt had taken the job over.
 - Each tenant keeps the store's epoch as its slot knows it (``Keys.tenant_epoch``, with
   the run id it was taken on): the publish script takes a new one when the run id the
   caller's connection check found is another (a restart or failover of the Redis that
@@ -20,6 +27,7 @@ may have been lost, so a position from another epoch is never compared by its nu
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 from dataclasses import dataclass
@@ -42,6 +50,7 @@ end
 return id
 """
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.M)
+_REPLID = re.compile(rb"^master_replid:([0-9a-f]+)", re.M)
 # A position as an SSE id: "<seq>" or "<seq>.<epoch>", ASCII digits and letters only.
 _POSITION = re.compile(r"([0-9]{1,18})(?:\.([0-9A-Za-z]{1,32}))?", re.ASCII)
 
@@ -116,13 +125,32 @@ class RunIdCheck:
 
 
 async def _note_run_id(conn: Any) -> str:
-    """Ask ``conn``'s server for its run id; ``conn`` keeps it as ``pushsvc_run_id``."""
+    """Ask ``conn``'s server who it is (:func:`server_run_id`); ``conn`` keeps the answer
+    as ``pushsvc_run_id``. Two sections, two commands in one round trip (``INFO`` takes
+    several sections only from Redis 7)."""
     await conn.send_command("INFO", "server")
-    info = await conn.read_response()
-    found = _RUN_ID.search(info if isinstance(info, bytes) else str(info).encode())
-    run_id = found.group(1).decode() if found else ""
-    conn.pushsvc_run_id = run_id.encode() if len(run_id) == 40 else NO_RUN_ID
-    return run_id
+    await conn.send_command("INFO", "replication")
+    server, replication = await conn.read_response(), await conn.read_response()
+    run_id, replid = _RUN_ID.search(_as_bytes(server)), _REPLID.search(_as_bytes(replication))
+    noted = server_run_id(
+        run_id.group(1).decode() if run_id else "", replid.group(1).decode() if replid else ""
+    )
+    conn.pushsvc_run_id = noted.encode() if noted else NO_RUN_ID
+    return noted
+
+
+def _as_bytes(info: Any) -> bytes:
+    return info if isinstance(info, bytes) else str(info).encode()
+
+
+def server_run_id(run_id: str, replid: str) -> str:
+    """The "run id" pushsvc records epochs with: 40 hex digits, a digest of the server's
+    ``run_id`` and its replication ID (``master_replid``), so that a restart (another
+    run id) and a promotion (another replication ID) each make it another (see the
+    module's docstring). '' for a server that gives no run id."""
+    if len(run_id) != 40:
+        return ""
+    return hashlib.sha1(f"{run_id}:{replid}".encode(), usedforsecurity=False).hexdigest()
 
 
 def run_id_arg(redis: Any) -> str | bytes:

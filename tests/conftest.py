@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from pushsvc import llm_jobs, ticker  # noqa: F401
 from pushsvc.auth import LOCAL_TENANT
 from pushsvc.data_plane import connect_data
+from pushsvc.epoch import server_run_id
 from pushsvc.keys import Keys
 from pushsvc.models import TERMINAL
 from pushsvc.queue import Queue
@@ -283,6 +284,12 @@ async def open_store(redis_server: RedisServer, **overrides: Any) -> AsyncIterat
         if data is not None:
             await data.close_all()
         await redis.aclose()
+
+
+async def noted_run_id(client: Redis) -> str:
+    """The run id pushsvc notes for the server ``client`` reaches (epoch.server_run_id)."""
+    server, replication = await client.info("server"), await client.info("replication")
+    return server_run_id(server["run_id"], replication["master_replid"])
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 
 from pushsvc.connections import HiredisPacking, SentinelURL, make_pool, primary_only
+from pushsvc.epoch import server_run_id
 from pushsvc.keys import Keys
 from pushsvc.settings import Settings
 from pushsvc.tools.dev import redis_answers
@@ -130,7 +131,8 @@ async def test_sentinel_managed_connections_run_the_epoch_check(sentinels: Senti
         await pool.aclose()
     with redis.Redis(port=sentinels.primary.port) as primary:
         epoch = primary.hgetall(Keys(ns).epoch)
-        run_id = primary.info("server")["run_id"]
+        server, replication = primary.info("server"), primary.info("replication")
+    run_id = server_run_id(server["run_id"], replication["master_replid"])
     assert epoch[b"run"].decode() == run_id, epoch
 
 

@@ -4,23 +4,32 @@ each tenant's epoch following the Redis it was taken on."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 
+from pushsvc import transitions
 from pushsvc.connections import make_pool
+from pushsvc.context import JobContext
 from pushsvc.epoch import EpochCheck, StreamPosition, new_epoch
 from pushsvc.keys import Keys
-from pushsvc.publish import PublishCall, Published
+from pushsvc.publish import PublishCall, Published, Writer
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 
-from .conftest import open_store
-from .procs import DurableRedis, RedisServer
+from .conftest import noted_run_id, open_store
+from .procs import DurableRedis, RedisServer, SentinelSet
+from .test_store import new_job
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -84,12 +93,12 @@ async def checked_store(url: str) -> AsyncIterator[JobStore]:
         yield JobStore(client, settings)
     finally:
         await client.aclose()
-        await pool.disconnect()
+        await pool.aclose()  # a sentinel pool: its sentinels' connections too
 
 
 async def recorded_run(store: JobStore, tenant: str) -> bool:
     """Is the tenant's epoch taken on the server the store reaches now?"""
-    run_id = (await store.redis.info("server"))["run_id"]
+    run_id = await noted_run_id(store.redis)
     return bool(await store.redis.hget(store.keys.tenant_epoch(tenant), "run") == run_id.encode())
 
 
@@ -149,3 +158,54 @@ async def test_the_first_call_after_a_restart_carries_the_new_servers_run_id() -
             assert await recorded_run(store, "a")
     finally:
         server.shutdown()
+
+
+async def when_up(call: Callable[[], Awaitable[T]]) -> T:
+    """``call``'s answer once the primary the sentinels name takes it (after a failover
+    the first calls meet connections to the old one, or none yet)."""
+    async with asyncio.timeout(30):
+        while True:
+            try:
+                return await call()
+            except (RedisConnectionError, ReadOnlyError):
+                await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+async def test_a_server_promoted_again_starts_new_histories_and_the_worker_repairs() -> None:
+    """Was (a chaos run of Sentinel failovers, CI): a server promoted again, after it had
+    followed the other for a while, keeps its run id. A tenant whose epoch was taken on
+    it before looked current there, though a job's start, made on the other server
+    meanwhile, was lost in the failover back: the worker's next write found the job
+    queued, its repair was refused as if another attempt had taken the job, the attempt
+    stopped, and the job waited, queued, for ever. A promotion renews the server's
+    replication ID, which the run id pushsvc notes now includes: the tenant starts new
+    histories there, and the worker rewrites its job and goes on."""
+    sset = SentinelSet().start()
+    try:
+        async with checked_store(sset.url) as store:
+            job = await new_job(store, status="queued")  # the tenant's epoch: taken on X
+            first = sset.primary
+            await asyncio.to_thread(sset.failover)  # to Y, nothing lost; X follows Y
+            await asyncio.to_thread(sset.hold_replication)  # X misses what comes next
+            change = transitions.start(job, "owner-1", time.time())
+            writer = Writer(job["arq_id"])
+            started = await when_up(
+                lambda: transitions.publish(store, job["id"], "t", change, writer=writer)
+            )
+            assert isinstance(started, Published)  # made on Y only
+            position = Writer(job["arq_id"], "owner-1", started.position)
+            ctx = JobContext(store, job, rate_hz=0.001, writer=position)
+            await asyncio.to_thread(sset.failover_losing_writes)  # back to X: the start lost
+            assert sset.primary is first
+            lost = await when_up(lambda: store.load("t", job["id"]))
+            assert lost is not None and lost["status"] == "queued"  # as X last had it
+            await ctx.output("abc")
+            await when_up(ctx.flush)
+            assert not ctx.superseded
+            snap = await store.snapshot(job["id"], "t")
+            assert snap is not None and (snap.status, snap.output) == ("running", "abc")
+            assert snap.epoch != started.position.epoch  # a new history, as a reset
+            assert await recorded_run(store, "t")
+    finally:
+        sset.stop()

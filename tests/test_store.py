@@ -18,7 +18,7 @@ from pushsvc.publish import Diverged, PublishCall, Published, Rejected, Writer
 from pushsvc.queue import Queue
 from pushsvc.store import JobStore
 
-from .conftest import open_store
+from .conftest import noted_run_id, open_store
 from .procs import RedisServer
 
 
@@ -243,7 +243,7 @@ async def test_every_new_connection_checks_the_store_epoch(
     try:
         await client.ping()
         recorded = await client.hgetall(store.keys.epoch)
-        assert recorded[b"run"] == (await client.info("server"))["run_id"].encode()
+        assert recorded[b"run"] == (await noted_run_id(client)).encode()
         await client.ping()  # same connection: nothing changes
         assert await client.hgetall(store.keys.epoch) == recorded
         await client.hset(store.keys.epoch, "run", "a-server-that-is-gone")
