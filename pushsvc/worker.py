@@ -131,9 +131,19 @@ class Runner:
                     await self._attempt(self.types.get(fields["type"]), attempt)
                 finally:
                     self.running.pop(arq_id, None)
+                if attempt.superseded and await self._queued_for(fields, arq_id):
+                    # Not another attempt's: its start was lost, unseen by the epochs.
+                    # Else arq would count this delivery done, and the job wait for ever.
+                    logger.warning("job %s: its start was lost; delivered again", job_id)
+                    raise deliver_again()
             finally:
                 if not keep_lease:
                     await asyncio.shield(self.leases.drop(arq_id))
+
+    async def _queued_for(self, fields: dict[str, Any], arq_id: str) -> bool:
+        """Does the job wait, queued, for this very attempt (``arq_id``)?"""
+        now = await self.store.load(fields["tenant"], fields["id"])
+        return now is not None and now["status"] == "queued" and now.get("arq_id") == arq_id
 
     async def _running_elsewhere(self, fields: dict[str, Any], arq_id: str) -> bool:
         """Did another delivery of the same attempt start it meanwhile (its lease is the
