@@ -31,7 +31,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .epoch import NO_RUN_ID, RUN_ID_MARK, EpochCheck
+from .epoch import NO_RUN_ID, RUN_ID_MARK, EpochCheck, renote
 from .settings import Settings
 
 SENTINEL_SCHEME = "redis+sentinel"
@@ -198,12 +198,16 @@ class HiredisPacking:
             await self.connect()  # type: ignore[attr-defined]
         elif check_health:
             await self.check_health()  # type: ignore[attr-defined]
-        run_id = getattr(self, "pushsvc_run_id", NO_RUN_ID)
-        if isinstance(command, bytes):
-            if RUN_ID_MARK in command:
-                command = command.replace(RUN_ID_MARK, run_id)
-        elif not isinstance(command, str):
-            command = [c.replace(RUN_ID_MARK, run_id) if RUN_ID_MARK in c else c for c in command]
+        if isinstance(command, str):
+            parts: list[bytes] = []
+        else:
+            parts = [command] if isinstance(command, bytes) else list(command)
+        if any(RUN_ID_MARK in part for part in parts):
+            if not await renote(self):  # its server was promoted since it connected
+                await self.disconnect()  # type: ignore[attr-defined]
+                await self.connect()  # type: ignore[attr-defined]
+            run_id = getattr(self, "pushsvc_run_id", NO_RUN_ID)
+            command = [part.replace(RUN_ID_MARK, run_id) for part in parts]
         await super().send_packed_command(command, check_health=False)  # type: ignore[misc]
 
 
@@ -218,8 +222,9 @@ def primary_only(hook: Callable[[Any], Awaitable[None]]) -> Callable[[Any], Awai
     """``hook``, then refuse the connection unless the server is a primary.
 
     For about a second after a failover the sentinels still name the old primary; once
-    demoted it is a replica that answers reads from what it last had (and, its run id
-    unchanged, passes the epoch check without a write). A connection made there would
+    demoted it is a replica that answers reads from what it last had (and may pass the
+    epoch check, which writes only when the recorded run id is not its own; when it
+    writes, READONLY fails it as Redis unavailable too). A connection made there would
     serve stale reads until its first write failed, so it is refused: the caller sees
     Redis unavailable (503, retry) until the sentinels name the new primary.
     """

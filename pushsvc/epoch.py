@@ -9,13 +9,18 @@ may have been lost, so a position from another epoch is never compared by its nu
   checked on every new connection, before any command: a Redis that restarted (from an
   older snapshot, or empty) or failed over to a replica has another run id, so the
   store gets a new epoch before anything is read or written there.
-- The "run id" pushsvc notes is a digest of the server's ``run_id`` *and* its
-  replication ID (``master_replid``): a server promoted again, after it was a replica
-  for a while, keeps its run id but not its replication ID (a new one at every
-  promotion), and its data is then another's, which may lack what was written while
-  it followed (a failover back that lost writes). By its run id alone it would pass for
-  the server the epochs were taken on, and a worker's repair of the job it runs would
-  be refused as if another attempt had taken the job over.
+- The "run id" pushsvc notes for a server (:func:`server_run_id`) is its ``run_id``,
+  until it is promoted from replica: then a digest of its ``run_id`` and its new
+  replication ID. A server promoted again, after it followed another for a while, keeps
+  its ``run_id``, but its data is then the other's, which may lack what was written
+  while it followed (a failover back that lost writes). By its ``run_id`` alone it
+  would pass for the server the epochs were taken on, and a worker's repair of the job
+  it runs would be refused as if another attempt had taken the job over. (A primary
+  never promoted keeps its ``run_id`` as its run id: its replication ID also changes
+  when a first replica attaches, which loses nothing.) A connection notes it again
+  before a publish call at most every ``RENOTE_S``, and reconnects when it changed
+  (:func:`renote`): a promotion without a reconnection (``CLUSTER FAILOVER``) is then
+  seen within that time.
 - Each tenant keeps the store's epoch as its slot knows it (``Keys.tenant_epoch``, with
   the run id it was taken on): the publish script takes a new one when the run id the
   caller's connection check found is another (a restart or failover of the Redis that
@@ -30,8 +35,12 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError
 
 from .keys import Keys
 
@@ -51,6 +60,8 @@ return id
 """
 _RUN_ID = re.compile(rb"^run_id:([0-9a-f]+)", re.M)
 _REPLID = re.compile(rb"^master_replid:([0-9a-f]+)", re.M)
+_SECOND_OFFSET = re.compile(rb"^second_repl_offset:(-?[0-9]+)", re.M)
+RENOTE_S = 1.0  # how long a connection's noted run id serves before it is asked again
 # A position as an SSE id: "<seq>" or "<seq>.<epoch>", ASCII digits and letters only.
 _POSITION = re.compile(r"([0-9]{1,18})(?:\.([0-9A-Za-z]{1,32}))?", re.ASCII)
 
@@ -109,7 +120,11 @@ class EpochCheck:
         await conn.on_connect()
         run_id = await _note_run_id(conn)
         await conn.send_command("EVAL", _ENSURE, 1, self.key, run_id, new_epoch(), self._seen)
-        current = await conn.read_response()
+        try:
+            current = await conn.read_response()
+        except ReadOnlyError as exc:  # a replica: a primary just demoted, or a wrong URL
+            where = f"{conn.host}:{conn.port}"
+            raise RedisConnectionError(f"{where} is not the primary (now): {exc}") from exc
         self._seen = current.decode() if isinstance(current, bytes) else str(current)
 
 
@@ -124,33 +139,60 @@ class RunIdCheck:
         await _note_run_id(conn)
 
 
-async def _note_run_id(conn: Any) -> str:
-    """Ask ``conn``'s server who it is (:func:`server_run_id`); ``conn`` keeps the answer
-    as ``pushsvc_run_id``. Two sections, two commands in one round trip (``INFO`` takes
-    several sections only from Redis 7)."""
+async def _ask_run_id(conn: Any) -> str:
+    """Ask ``conn``'s server for its run id (:func:`server_run_id`). Two sections, two
+    commands in one round trip (``INFO`` takes several sections only from Redis 7)."""
     await conn.send_command("INFO", "server")
     await conn.send_command("INFO", "replication")
-    server, replication = await conn.read_response(), await conn.read_response()
-    run_id, replid = _RUN_ID.search(_as_bytes(server)), _REPLID.search(_as_bytes(replication))
-    noted = server_run_id(
-        run_id.group(1).decode() if run_id else "", replid.group(1).decode() if replid else ""
+    server, replication = (
+        _as_bytes(await conn.read_response()),
+        _as_bytes(await conn.read_response()),
     )
+    run_id, replid = _RUN_ID.search(server), _REPLID.search(replication)
+    second = _SECOND_OFFSET.search(replication)
+    return server_run_id(
+        run_id.group(1).decode() if run_id else "",
+        replid.group(1).decode() if replid else "",
+        promoted=second is not None and int(second.group(1)) >= 0,
+    )
+
+
+async def _note_run_id(conn: Any) -> str:
+    """Note ``conn``'s server's run id on it (``pushsvc_run_id``, and when:
+    ``pushsvc_noted_at``); returns it."""
+    noted = await _ask_run_id(conn)
     conn.pushsvc_run_id = noted.encode() if noted else NO_RUN_ID
+    conn.pushsvc_noted_at = time.monotonic()
     return noted
+
+
+async def renote(conn: Any) -> bool:
+    """Before a publish call: is the run id ``conn`` noted still its server's? Asked at
+    most every ``RENOTE_S`` (a connection that noted none is not asked). When it is not,
+    the caller reconnects (the epoch check runs again)."""
+    noted_at = getattr(conn, "pushsvc_noted_at", None)
+    if noted_at is None or time.monotonic() - noted_at < RENOTE_S:
+        return True
+    now = await _ask_run_id(conn)
+    conn.pushsvc_noted_at = time.monotonic()
+    return bool((now.encode() if now else NO_RUN_ID) == conn.pushsvc_run_id)
 
 
 def _as_bytes(info: Any) -> bytes:
     return info if isinstance(info, bytes) else str(info).encode()
 
 
-def server_run_id(run_id: str, replid: str) -> str:
-    """The "run id" pushsvc records epochs with: 40 hex digits, a digest of the server's
-    ``run_id`` and its replication ID (``master_replid``), so that a restart (another
-    run id) and a promotion (another replication ID) each make it another (see the
-    module's docstring). '' for a server that gives no run id."""
-    if len(run_id) != 40:
-        return ""
-    return hashlib.sha1(f"{run_id}:{replid}".encode(), usedforsecurity=False).hexdigest()
+def server_run_id(run_id: str, replid: str, promoted: bool) -> str:
+    """The run id pushsvc records epochs with: the server's ``run_id``, or, once it was
+    promoted from replica (``promoted``: ``INFO replication`` gives a
+    ``second_repl_offset``), a digest of it and the replication ID it took then, which
+    every promotion renews (see the module's docstring). 40 hex digits either way (a
+    ``run_id`` of another length is digested too: the stand-in it replaces in a packed
+    command has 40); '' for a server that gives no run id."""
+    if not run_id or (len(run_id) == 40 and not promoted):
+        return run_id
+    both = f"{run_id}:{replid}" if promoted else run_id
+    return hashlib.sha1(both.encode(), usedforsecurity=False).hexdigest()
 
 
 def run_id_arg(redis: Any) -> str | bytes:

@@ -351,6 +351,12 @@ class JobStore:
         left = await self.grace_left(tenant)
         return left is not None and left > 0
 
+    async def new_histories(self, tenant: str) -> None:
+        """Start new histories for the tenant at its next write, as after a failover
+        (its epoch forgets the server it was taken on: lua/publish_fn.lua): for a loss
+        the epochs did not see, whose positions streams may hold."""
+        await self.redis.hdel(self.keys.tenant_epoch(tenant), "run")  # type: ignore[misc]
+
     async def grace_left(self, tenant: str) -> float | None:
         """Seconds left of the grace that the store's last recovery gives missing jobs
         (0 once it is over); None for a store no process knew before (a new deployment,

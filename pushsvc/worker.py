@@ -131,19 +131,27 @@ class Runner:
                     await self._attempt(self.types.get(fields["type"]), attempt)
                 finally:
                     self.running.pop(arq_id, None)
-                if attempt.superseded and await self._queued_for(fields, arq_id):
-                    # Not another attempt's: its start was lost, unseen by the epochs.
-                    # Else arq would count this delivery done, and the job wait for ever.
-                    logger.warning("job %s: its start was lost; delivered again", job_id)
+                if attempt.superseded:
+                    await self._after_superseded(fields, arq_id)
+                    # Made again: a no-op unless the job waits for this very attempt,
+                    # which arq would otherwise count done, and the job wait for ever.
                     raise deliver_again()
             finally:
                 if not keep_lease:
                     await asyncio.shield(self.leases.drop(arq_id))
 
-    async def _queued_for(self, fields: dict[str, Any], arq_id: str) -> bool:
-        """Does the job wait, queued, for this very attempt (``arq_id``)?"""
-        now = await self.store.load(fields["tenant"], fields["id"])
-        return now is not None and now["status"] == "queued" and now.get("arq_id") == arq_id
+    async def _after_superseded(self, fields: dict[str, Any], arq_id: str) -> None:
+        """An attempt stopped as superseded whose job waits, queued, for it: nothing took
+        it over, its start was lost unseen by the epochs. Streams may hold positions of
+        what was lost, in the same history: the tenant starts new ones."""
+        tenant, job_id = fields["tenant"], fields["id"]
+        try:
+            now = await self.store.load(tenant, job_id)
+            if now is not None and now["status"] == "queued" and now.get("arq_id") == arq_id:
+                logger.warning("job %s: its start was lost; it runs again", job_id)
+                await self.store.new_histories(tenant)
+        except RedisError as exc:
+            logger.warning("job %s: superseded; not checked further (%s)", job_id, exc)
 
     async def _running_elsewhere(self, fields: dict[str, Any], arq_id: str) -> bool:
         """Did another delivery of the same attempt start it meanwhile (its lease is the

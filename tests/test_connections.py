@@ -15,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import DataError
 
 from pushsvc.connections import HiredisPacking, SentinelURL, make_pool, primary_only
-from pushsvc.epoch import server_run_id
+from pushsvc.epoch import EpochCheck, server_run_id
 from pushsvc.keys import Keys
 from pushsvc.settings import Settings
 from pushsvc.tools.dev import redis_answers
@@ -132,7 +132,9 @@ async def test_sentinel_managed_connections_run_the_epoch_check(sentinels: Senti
     with redis.Redis(port=sentinels.primary.port) as primary:
         epoch = primary.hgetall(Keys(ns).epoch)
         server, replication = primary.info("server"), primary.info("replication")
-    run_id = server_run_id(server["run_id"], replication["master_replid"])
+    run_id = server_run_id(
+        server["run_id"], replication["master_replid"], replication["second_repl_offset"] >= 0
+    )
     assert epoch[b"run"].decode() == run_id, epoch
 
 
@@ -157,6 +159,20 @@ async def test_a_connection_to_a_replica_is_refused(sentinels: SentinelSet) -> N
                 assert await Redis(connection_pool=pool).ping()
         finally:
             await pool.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_the_epoch_check_on_a_replica_is_a_connection_error(sentinels: SentinelSet) -> None:
+    """A replica refuses the epoch check's write (READONLY): that is Redis unavailable
+    for the caller (retried: a worker hands its delivery back), not an error answer."""
+    assert sentinels.replica is not None
+    check = EpochCheck(f"c{secrets.token_hex(3)}")
+    pool = ConnectionPool(port=sentinels.replica.port, redis_connect_func=check.on_connect)
+    try:
+        with pytest.raises(RedisConnectionError, match="not the primary"):
+            await Redis(connection_pool=pool).ping()
+    finally:
+        await pool.aclose()
 
 
 @pytest.mark.timeout(30)

@@ -12,21 +12,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.connection import Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError
 
-from pushsvc import transitions
-from pushsvc.connections import make_pool
+from pushsvc import epoch, transitions
+from pushsvc.connections import make_pool, packed_by_hiredis
 from pushsvc.context import JobContext
-from pushsvc.epoch import EpochCheck, StreamPosition, new_epoch
+from pushsvc.epoch import RUN_ID_MARK, EpochCheck, RunIdCheck, StreamPosition, new_epoch
 from pushsvc.keys import Keys
 from pushsvc.publish import PublishCall, Published, Writer
 from pushsvc.settings import Settings
 from pushsvc.store import JobStore
 
 from .conftest import noted_run_id, open_store
-from .procs import DurableRedis, RedisServer, SentinelSet
+from .procs import DurableRedis, RedisServer, SentinelSet, info, wait_until
 from .test_store import new_job
 
 T = TypeVar("T")
@@ -209,3 +210,41 @@ async def test_a_server_promoted_again_starts_new_histories_and_the_worker_repai
             assert await recorded_run(store, "t")
     finally:
         sset.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_a_connection_notes_its_servers_promotion_before_its_next_publish_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server promoted while a connection to it stays open (CLUSTER FAILOVER keeps
+    clients; so does REPLICAOF NO ONE): the connection's next call that carries the run
+    id (a publish call) asks again, at most every RENOTE_S, and reconnects with the
+    promoted server's. Before its promotion the server's run id is its ``run_id``."""
+    primary, replica = RedisServer().start(), RedisServer().start()
+    pool = ConnectionPool(
+        port=replica.port,
+        redis_connect_func=RunIdCheck().on_connect,
+        connection_class=packed_by_hiredis(Connection),
+    )
+    client = Redis(connection_pool=pool)
+    try:
+        with replica.client() as sync:
+            sync.replicaof("127.0.0.1", primary.port)
+            linked = lambda: info(replica.port, "replication")["master_link_status"] == "up"  # noqa: E731
+            wait_until(linked, 20, "the replica following the primary")
+            run_id = sync.info("server")["run_id"]
+        before = await client.execute_command("ECHO", RUN_ID_MARK)
+        assert before == run_id.encode() == (await noted_run_id(client)).encode()
+        ident = await client.client_id()
+        with replica.client() as sync:
+            sync.replicaof("NO", "ONE")  # promoted; the connection stays
+        assert await client.execute_command("ECHO", RUN_ID_MARK) == before  # not asked yet
+        monkeypatch.setattr(epoch, "RENOTE_S", 0.0)
+        after = await client.execute_command("ECHO", RUN_ID_MARK)
+        assert after != before and after == (await noted_run_id(client)).encode()
+        assert await client.client_id() != ident  # another connection: checked again
+    finally:
+        await client.aclose()
+        await pool.aclose()
+        primary.stop()
+        replica.stop()
