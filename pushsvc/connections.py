@@ -207,7 +207,9 @@ class HiredisPacking:
                 await self.disconnect()  # type: ignore[attr-defined]
                 await self.connect()  # type: ignore[attr-defined]
             run_id = getattr(self, "pushsvc_run_id", NO_RUN_ID)
-            command = [part.replace(RUN_ID_MARK, run_id) for part in parts]
+            parts = [part.replace(RUN_ID_MARK, run_id) for part in parts]
+        if not isinstance(command, str):
+            command = parts  # an iterator given is read once, above
         await super().send_packed_command(command, check_health=False)  # type: ignore[misc]
 
 

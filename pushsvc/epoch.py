@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import ReadOnlyError, ResponseError
 
 from .keys import Keys
 
@@ -122,7 +122,9 @@ class EpochCheck:
         await conn.send_command("EVAL", _ENSURE, 1, self.key, run_id, new_epoch(), self._seen)
         try:
             current = await conn.read_response()
-        except ReadOnlyError as exc:  # a replica: a primary just demoted, or a wrong URL
+        except ResponseError as exc:  # a replica: a primary just demoted, or a wrong URL
+            if not isinstance(exc, ReadOnlyError) and "READONLY" not in str(exc):
+                raise  # (Redis 6 wraps a script's READONLY in a script error)
             where = f"{conn.host}:{conn.port}"
             raise RedisConnectionError(f"{where} is not the primary (now): {exc}") from exc
         self._seen = current.decode() if isinstance(current, bytes) else str(current)

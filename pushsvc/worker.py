@@ -145,11 +145,15 @@ class Runner:
         it over, its start was lost unseen by the epochs. Streams may hold positions of
         what was lost, in the same history: the tenant starts new ones."""
         tenant, job_id = fields["tenant"], fields["id"]
-        try:
+
+        async def check() -> None:
             now = await self.store.load(tenant, job_id)
             if now is not None and now["status"] == "queued" and now.get("arq_id") == arq_id:
                 logger.warning("job %s: its start was lost; it runs again", job_id)
                 await self.store.new_histories(tenant)
+
+        try:
+            await self._reliably(check)  # through an outage, as the attempt's last writes
         except RedisError as exc:
             logger.warning("job %s: superseded; not checked further (%s)", job_id, exc)
 

@@ -165,7 +165,8 @@ async def test_a_connection_to_a_replica_is_refused(sentinels: SentinelSet) -> N
 async def test_the_epoch_check_on_a_replica_is_a_connection_error(sentinels: SentinelSet) -> None:
     """A replica refuses the epoch check's write (READONLY): that is Redis unavailable
     for the caller (retried: a worker hands its delivery back), not an error answer."""
-    assert sentinels.replica is not None
+    sentinels.wait_healthy()  # a starved primary may have been failed over meanwhile
+    assert sentinels.replica is not None and sentinels.replica.role() == "slave"
     check = EpochCheck(f"c{secrets.token_hex(3)}")
     pool = ConnectionPool(port=sentinels.replica.port, redis_connect_func=check.on_connect)
     try:
