@@ -198,18 +198,23 @@ class HiredisPacking:
             await self.connect()  # type: ignore[attr-defined]
         elif check_health:
             await self.check_health()  # type: ignore[attr-defined]
-        if isinstance(command, str):
-            parts: list[bytes] = []
+        parts: list[bytes] = []
+        if isinstance(command, bytes):
+            marked = RUN_ID_MARK in command
+        elif isinstance(command, str):
+            marked = False
         else:
-            parts = [command] if isinstance(command, bytes) else list(command)
-        if any(RUN_ID_MARK in part for part in parts):
+            command = parts = list(command)  # an iterator given is read once, here
+            marked = any(RUN_ID_MARK in part for part in parts)
+        if marked:
             if not await renote(self):  # its server was promoted since it connected
                 await self.disconnect()  # type: ignore[attr-defined]
                 await self.connect()  # type: ignore[attr-defined]
             run_id = getattr(self, "pushsvc_run_id", NO_RUN_ID)
-            parts = [part.replace(RUN_ID_MARK, run_id) for part in parts]
-        if not isinstance(command, str):
-            command = parts  # an iterator given is read once, above
+            if isinstance(command, bytes):
+                command = command.replace(RUN_ID_MARK, run_id)
+            else:
+                command = [part.replace(RUN_ID_MARK, run_id) for part in parts]
         await super().send_packed_command(command, check_health=False)  # type: ignore[misc]
 
 
