@@ -175,7 +175,11 @@ async def renote(conn: Any) -> bool:
     noted_at = getattr(conn, "pushsvc_noted_at", None)
     if noted_at is None or time.monotonic() - noted_at < RENOTE_S:
         return True
-    now = await _ask_run_id(conn)
+    try:
+        now = await _ask_run_id(conn)
+    except Exception:  # an answer may be left unread: the connection is not to be used
+        await conn.disconnect()
+        raise
     conn.pushsvc_noted_at = time.monotonic()
     return bool((now.encode() if now else NO_RUN_ID) == conn.pushsvc_run_id)
 

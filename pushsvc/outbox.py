@@ -95,12 +95,12 @@ class Outbox:
     async def requeue_lost(self) -> int:
         """After the queue's Redis lost what it held (it came back empty or from an older
         snapshot, or failed over losing writes: its store-wide epoch was taken anew,
-        epoch.py), with job state on another Redis (two planes): hand over again the
-        attempt of every queued job, which arq may no longer hold (a hand-over is a
-        no-op for one it holds). A deferred retry is then queued without its wait.
-        On one Redis the jobs went with the queue: nothing to do. How many it queued."""
-        if self.store.one_plane:
-            return 0
+        epoch.py), for every queued job: with job state on another Redis (two planes),
+        hand over again its attempt, which arq may no longer hold (a hand-over is a
+        no-op for one it holds; a deferred retry is then queued without its wait); on
+        one Redis or two, drop arq's mark that a worker picked it, where the attempt
+        holds no lease (``Queue.unmark_picked``: a pick restored without its start).
+        How many it queued or unmarked."""
         epoch = self.keys.epoch
         recovered, at = await self.queue.redis.hmget(epoch, ["recovered", "recovered_at"])  # type: ignore[misc]
         if recovered is None or recovered == self._recovered:
@@ -111,7 +111,9 @@ class Outbox:
         handed = 0
         for tenant in await self.tenants():
             handed += await self._requeue_tenant(tenant)
-        logger.warning("the queue's Redis lost its data: %d queued attempts queued again", handed)
+        logger.warning(
+            "the queue's Redis lost writes: %d queued attempts queued or unmarked", handed
+        )
         return handed
 
     async def _requeue_tenant(self, tenant: str) -> int:
@@ -123,9 +125,12 @@ class Outbox:
                 fields = await self.store.load(tenant, job_id)
                 if fields is None or fields.get("status") != "queued" or not fields.get("arq_id"):
                     continue
-                prio = fields.get("priority") or "normal"
-                enqueue = self.queue.prepare(fields["arq_id"], job_id, priority=prio, tenant=tenant)
-                handed += await self.store.hand_over_now(tenant, job_id, enqueue)
+                arq_id = fields["arq_id"]
+                if not self.store.one_plane:
+                    prio = fields.get("priority") or "normal"
+                    enqueue = self.queue.prepare(arq_id, job_id, priority=prio, tenant=tenant)
+                    handed += await self.store.hand_over_now(tenant, job_id, enqueue)
+                handed += await self.queue.unmark_picked(arq_id)
             if scanned < BATCH:
                 return handed
             offset += scanned

@@ -172,6 +172,14 @@ def _mend_arq_log() -> None:
         arq_log.addFilter(ArqDelayFilter())
 
 
+# arq's mark of a delivery under way, dropped when the attempt holds no lease (KEYS: the
+# mark, the leases; ARGV: the arq id); 1 when dropped.
+_UNMARK = """
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
+
 class Queue:
     """Prepares, hands over and aborts attempts (the store hands over what ``prepare``
     makes, after the change that queued it: store.py, outbox.py)."""
@@ -186,6 +194,7 @@ class Queue:
         self._move = redis.register_script(turns + (lua / "move.lua").read_text())
         self._enqueue = redis.register_script(turns + (lua / "enqueue.lua").read_text())
         self._started = redis.register_script(turns + (lua / "started.lua").read_text())
+        self._unmark = redis.register_script(_UNMARK)
 
     def prepare(
         self,
@@ -254,6 +263,18 @@ class Queue:
         counter = self.keys.starts(int(time.time()))
         keys = [self.keys.turns, self.queue_name, owner_line, counter]
         await self._started(keys=keys, args=[priority, arq_id, STARTS_TTL_S])
+
+    async def unmark_picked(self, arq_id: str) -> bool:
+        """After the queue's Redis lost writes: arq's mark that a worker picked the
+        attempt, where the attempt holds no lease and its job still waits, queued, for
+        it, was restored from a history whose start was lost (a snapshot taken between
+        the pick and the start). arq would deliver it again only once the mark expires
+        (the longest job timeout and more): it goes, and arq delivers the attempt now.
+        A delivery under way that has not taken its lease yet (it takes it before its
+        start) is then made twice; the start lets one through (worker.py). True when it
+        went."""
+        keys = [in_progress_key_prefix + arq_id, self.keys.leases]
+        return bool(await self._unmark(keys=keys, args=[arq_id]))
 
     async def tenant_of(self, arq_id: str) -> str | None:
         """The tenant an attempt's arq job names (its arguments: job id, tenant), while

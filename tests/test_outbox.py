@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from pushsvc import actions, transitions
@@ -97,6 +98,31 @@ async def test_an_attempt_whose_job_moved_on_or_arq_has_is_let_go(
     assert await queue.redis.zcard(queue.queue_name) == 1  # the handed one, once
     snap = await store.snapshot(cancelled["id"], "t")
     assert snap is not None and snap.status == JobStatus.CANCELLED
+
+
+@pytest.mark.timeout(20)
+async def test_after_a_loss_a_pick_restored_without_its_start_is_unmarked(
+    parts: tuple[JobStore, Queue, Outbox],
+) -> None:
+    """A snapshot taken between a worker's pick and its start (a chaos run restored
+    one): the job waits, queued, for the attempt arq marks as picked, until the mark
+    expires, minutes later. Once the queue's Redis recovered, the sweeper drops the
+    mark, unless the attempt holds a lease (a worker runs it), and arq delivers it."""
+    store, queue, outbox = parts
+    lost, leased = new_fields("t"), new_fields("t")
+    for fields in (lost, leased):
+        await store.create("t", fields, None)
+        enqueue = queue.prepare(fields["arq_id"], fields["id"], tenant="t")
+        assert await store.hand_over_now("t", fields["id"], enqueue)
+        await queue.redis.set(in_progress_key_prefix + fields["arq_id"], b"1", px=300_000)
+    await queue.redis.zadd(store.keys.leases, {leased["arq_id"]: time.time() * 1000 + 60_000})
+    assert await outbox.requeue_lost() == 0  # no recovery: nothing to do
+    recovered = {"recovered": "e2", "recovered_at": int(time.time())}
+    await queue.redis.hset(store.keys.epoch, mapping=recovered)  # type: ignore[arg-type]
+    assert await outbox.requeue_lost() == 1
+    assert not await queue.redis.exists(in_progress_key_prefix + lost["arq_id"])
+    assert await queue.redis.exists(in_progress_key_prefix + leased["arq_id"])
+    assert await in_arq(store, queue, lost["arq_id"])  # still queued in arq, delivered next
 
 
 @pytest.mark.timeout(60)
