@@ -178,7 +178,7 @@ async def renote(conn: Any) -> bool:
     try:
         now = await _ask_run_id(conn)
     except Exception:  # an answer may be left unread: the connection is not to be used
-        await conn.disconnect()
+        await conn.disconnect(nowait=True)
         raise
     conn.pushsvc_noted_at = time.monotonic()
     return bool((now.encode() if now else NO_RUN_ID) == conn.pushsvc_run_id)

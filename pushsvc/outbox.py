@@ -105,12 +105,13 @@ class Outbox:
         recovered, at = await self.queue.redis.hmget(epoch, ["recovered", "recovered_at"])  # type: ignore[misc]
         if recovered is None or recovered == self._recovered:
             return 0
-        first, self._recovered = self._recovered is None, recovered
-        if first and time.time() - int(at or 0) > RECOVERED_RECENTLY_S:
+        if self._recovered is None and time.time() - int(at or 0) > RECOVERED_RECENTLY_S:
+            self._recovered = recovered
             return 0  # handled before this process started
         handed = 0
         for tenant in await self.tenants():
             handed += await self._requeue_tenant(tenant)
+        self._recovered = recovered  # a pass a Redis error cut is made again, whole
         logger.warning(
             "the queue's Redis lost writes: %d queued attempts queued or unmarked", handed
         )

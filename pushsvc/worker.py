@@ -151,6 +151,11 @@ class Runner:
             if now is not None and now["status"] == "queued" and now.get("arq_id") == arq_id:
                 logger.warning("job %s: its start was lost; it runs again", job_id)
                 await self.store.new_histories(tenant)
+                # arq may have let it go meanwhile (another delivery, refused a start,
+                # finished it): a no-op while arq holds it.
+                prio = now.get("priority") or "normal"
+                enqueue = self.queue.prepare(arq_id, job_id, priority=prio, tenant=tenant)
+                await self.store.hand_over_now(tenant, job_id, enqueue)
 
         try:
             await self._reliably(check)  # through an outage, as the attempt's last writes

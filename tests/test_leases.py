@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from arq.constants import in_progress_key_prefix
 
 from pushsvc.errors import JobError
 from pushsvc.leases import Leases
@@ -83,8 +84,9 @@ async def test_a_lapsed_lease_of_an_attempt_that_never_started_is_only_dropped(
     store: JobStore,
 ) -> None:
     """A worker takes an attempt's lease before its start transition; one that died
-    between left a lease whose job still waits for that attempt (arq runs it again):
-    the reaper lets the lease go and leaves the job alone."""
+    between left a lease whose job still waits for that attempt: the reaper lets the
+    lease go and leaves the job alone, and drops arq's mark of the pick, so that arq
+    delivers the attempt again now, not once the mark expires (minutes)."""
     job_id = secrets.token_hex(8)
     arq_id = f"{job_id}.1"
     fields = {
@@ -96,7 +98,10 @@ async def test_a_lapsed_lease_of_an_attempt_that_never_started_is_only_dropped(
     await store.create("t", fields, None)
     await queue.hand_over(queue.prepare(arq_id, job_id, tenant="t"))
     await store.redis.zadd(store.keys.leases, {arq_id: 1})
+    picked = in_progress_key_prefix + arq_id
+    await store.redis.set(picked, b"1", px=300_000)  # arq's mark: the dead worker's pick
     assert await leases_of(store).reap() == 0
+    assert not await store.redis.exists(picked)
     snap = await store.snapshot(job_id, "t")
     assert snap is not None and snap.status == "queued" and snap.seq == 1
     assert await store.redis.zscore(store.keys.leases, arq_id) is None

@@ -275,6 +275,21 @@ def test_warnings_and_uncaught_exceptions_are_structured_and_redacted() -> None:
         (f"{JOB_ID}.deadbeef", f"{JOB_ID}.deadbeef"),
         ("10.0.0.12:6379 v1.2.3 README.md", "10.0.0.12:6379 v1.2.3 README.md"),
     ],
+    # Named: a stream token holds the time it was made, and the two test processes
+    # (xdist) must collect the same names.
+    ids=[
+        "token-in-query",
+        "access-token",
+        "bearer",
+        "basic",
+        "authorization-field",
+        "token-alone",
+        "jwt",
+        "key-and-secret",
+        "logger-names",
+        "job-id",
+        "addresses",
+    ],  # fmt: skip
 )
 def test_redactor_masks_credentials_and_leaves_ordinary_text(text: str, expected: str) -> None:
     assert Redactor(SECRETS).text(text) == expected
