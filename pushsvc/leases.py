@@ -145,9 +145,9 @@ class Leases:
             if fields is None or fields.get("arq_id") != arq_id or fields["status"] != "running":
                 await self.store.queue.redis.zrem(leases, member)  # nothing left to recover
                 if fields is not None and fields.get("arq_id") == arq_id:
-                    # Still queued for it: its worker stopped before the start (or a
-                    # snapshot caught one there). arq delivers it again now, not once
-                    # its mark of the pick expires.
+                    # Its job still names the attempt, not running it: queued, its
+                    # worker stopped before the start (or a snapshot caught one there).
+                    # arq delivers it again now, not once its mark of the pick expires.
                     await self.queue.unmark_picked(arq_id)
                 continue
             await self.recover(fields)
