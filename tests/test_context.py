@@ -50,12 +50,28 @@ async def test_throttle_merges_progress_and_loses_no_output(store: JobStore) -> 
     assert snap.progress == pytest.approx(4999 / 50)
 
 
+@pytest.fixture
+async def own_store() -> AsyncIterator[JobStore]:
+    """A store on a Redis of its own: script calls are counted server-wide, and on the
+    shared one another test's processes may call scripts meanwhile (a worker's mover
+    does, each poll; a CI run counted two more than the test made)."""
+    server = RedisServer().start()
+    try:
+        async with open_store(server, job_ttl_s=600) as opened:
+            yield opened
+    finally:
+        server.stop()
+
+
 async def script_calls(store: JobStore) -> int:
     stats = await store.redis.info("commandstats")
     return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
-async def test_a_flush_sends_progress_and_the_text_since_as_one_call(store: JobStore) -> None:
+async def test_a_flush_sends_progress_and_the_text_since_as_one_call(
+    own_store: JobStore,
+) -> None:
+    store = own_store
     job = await new_job(store)
     ctx = JobContext(store, job, rate_hz=0.001)  # the first write flushes, later ones wait
     await ctx.progress(10)
